@@ -1,0 +1,262 @@
+"""Training options: one dataclass, filled from defaults <- YAML (--config) <- command-line flags.
+
+Every flag of the released `finetune_unlikelihood.py` keeps its name and meaning; the rest are
+what users of the Hugging Face stack expect. YAML keys are exactly the field names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model / data
+    base_model: str = _f("", "Hugging Face model folder or name of any causal LM (required).")
+    data_path: str = _f("", "Judgment data: .json list, .jsonl, or a `datasets` folder / name (required).")
+    output_dir: str = _f("saved_models/cut-lora", "Where the adapter (or full model), config and metrics go.")
+    # training hyper-parameters
+    batch_size: int = _f(128, "Global batch size in records: micro_batch_size x accumulation x processes.")
+    micro_batch_size: int = _f(8, "Records per process per forward (a negative record is two sequences).")
+    num_epochs: float = _f(1.0, "Training epochs.")
+    learning_rate: float = _f(3e-4, "Peak learning rate.")
+    cutoff_len: int = _f(4096, "Maximum tokens of one sequence; prompts are cut from the left to fit.")
+    val_set_size: float = _f(0, "Held-out records for evaluation: a count, or a fraction if < 1. 0 = none.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers scheduler name).")
+    warmup_steps: int = _f(100, "Linear warm-up steps.")
+    # lora
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = _f(
+        ["gate_proj", "down_proj", "up_proj"],
+        "Module names LoRA wraps, e.g. [q_proj,v_proj]; 'all-linear' for every linear layer but the head.",
+    )
+    full_finetune: bool = _f(False, "Train all weights instead of a LoRA adapter.")
+    # llm
+    train_on_inputs: bool = _f(False, "Also apply MLE to prompt tokens of the MLE contexts.")
+    add_eos_token: bool = _f(True, "End every response with the tokenizer's EOS token.")
+    group_by_length: bool = _f(False, "Batch records of similar length together (less padding).")
+    prompt_template_name: str = _f(
+        "alpaca", "alpaca | chat (the tokenizer's chat template) | path to a .json template."
+    )
+    # cut
+    weight_unlike: float = _f(0.1, "alpha: weight of the unlikelihood term on flagged tokens.")
+    threshold: float = _f(1.1, "A plain-context token is flagged when p(y|x,j) / p(y|x) exceeds this.")
+    downsample: float = _f(-1, "Keep r x n_negatives positives (sampled with the seed); -1 keeps all.")
+    combine: str = _f(
+        "mean", "mean: (MLE+UL)/2 as the released code; sum: MLE+UL as the paper.", choices=("mean", "sum")
+    )
+    gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
+    score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
+    on_failed_judgment: str = _f(
+        "drop",
+        "Records whose judgment failed ('$ERROR$', empty): drop, or train them as positives.",
+        choices=("drop", "positive"),
+    )
+    # logging
+    wandb_project: str = _f("", "Weights & Biases project; setting it turns wandb reporting on.")
+    wandb_run_name: str = _f("", "Run name for wandb / tensorboard.")
+    wandb_watch: str = _f("", "wandb watch: false | gradients | all.")
+    wandb_log_model: str = _f("", "wandb log model: false | true.")
+    report_to: str = _f("none", "none | wandb | tensorboard | wandb,tensorboard.")
+    logging_steps: int = _f(1, "Log every N optimiser steps.")
+    # run
+    resume_from_checkpoint: str = _f(
+        "", "A checkpoint folder of this output_dir, or 'true' for the latest one."
+    )
+    deepspeed: str = _f("", "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
+    precision: str = _f(
+        "auto",
+        "auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 | fp32.",
+        choices=("auto", "bf16", "fp16", "fp32"),
+    )
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    seed: int = _f(42, "Seed for sampling, splits, shuffling and initialisation.")
+    max_steps: int = _f(-1, "Stop after N optimiser steps (overrides num_epochs when > 0).")
+    save_steps: int = _f(200, "Save a checkpoint every N steps.")
+    save_total_limit: int = _f(2, "Keep at most N checkpoints.")
+    eval_steps: int = _f(200, "Evaluate the validation split every N steps (when val_set_size > 0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    optim: str = _f("adamw_torch", "Optimiser name as transformers spells it.")
+    logits_chunk_size: int = _f(0, "Target tokens per chunk of the output head; 0 = about 64 MiB of logits.")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    attn_implementation: str = _f("", "eager | sdpa | flash_attention_2; empty = the model's default.")
+    trust_remote_code: bool = _f(False, "Allow model code from the model folder (off unless you ask).")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = _parse_list(self.lora_target_modules)
+
+    def validate(self) -> None:
+        """Cross-field checks; called before anything is loaded."""
+        missing = [n for n in ("base_model", "data_path", "output_dir") if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be >= micro_batch_size ({self.micro_batch_size}) >= 1"
+            )
+        if self.threshold <= 0:
+            raise ConfigError(f"threshold must be > 0, got {self.threshold}")
+        if self.weight_unlike < 0:
+            raise ConfigError(f"weight_unlike must be >= 0, got {self.weight_unlike}")
+        if self.downsample != -1 and self.downsample < 0:
+            raise ConfigError(f"downsample must be -1 (off) or >= 0, got {self.downsample}")
+        if self.cutoff_len < 2:
+            raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
+        for name in ("combine", "on_failed_judgment", "precision"):
+            choices = _meta(name).get("choices")
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size x processes ({per_step})"
+            )
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _meta(name: str) -> dict[str, Any]:
+    return dict(FIELDS[name].metadata)
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    text = str(value).strip()
+    if text.startswith("["):
+        try:
+            return [str(v) for v in json.loads(text)]
+        except json.JSONDecodeError:
+            text = text[1:-1]  # fire style: [q_proj,v_proj]
+    return [p.strip().strip("'\"") for p in text.split(",") if p.strip()]
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a YAML / CLI value into the field's type; fire-style looks (--tag=001) do not leak."""
+    tp = _field_type(name)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
+    try:
+        if origin is list:
+            return _parse_list(value)
+        if tp is bool:
+            return _parse_bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"not an integer: {value!r}")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"option {name}: {err}") from None
+    return value
+
+
+def coerce_fields(cfg: TrainConfig) -> None:
+    for name in FIELDS:
+        setattr(cfg, name, coerce(name, getattr(cfg, name)))
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return {k: coerce(k, v) for k, v in data.items()}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Contrastive Unlikelihood Training. Flags override --config; unknown flags are errors.",
+        argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file whose keys are option names.")
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+    )  # deepspeed launcher
+    for name, f in FIELDS.items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default!r})", "metavar": name.upper()}
+        if _field_type(name) is bool:
+            kw.update(nargs="?", const="true")
+        parser.add_argument(f"--{name}", **kw)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "cut.train") -> TrainConfig:
+    """defaults <- YAML <- flags, each value coerced to its field's type."""
+    args = vars(build_parser(prog).parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+    values.update({k: coerce(k, v) for k, v in args.items()})
+    return TrainConfig(**values)

@@ -1,0 +1,134 @@
+"""The CUT objective as pure functions of per-token log-probs (Xu et al., arXiv 2312.14591).
+
+The model never appears here: the trainer runs one forward over all sequences of a micro-batch,
+gathers the hidden state that predicts each target token, and hands this module a flat vector of
+target tokens. Each target token has a role:
+
+    ALIGN_P     x -> y for a positive record              MLE
+    ALIGN_N     (x, j) -> y for a negative record          MLE
+    MISALIGN_N  x -> y for a negative record               UL where the judgment explains the token,
+                                                           MLE elsewhere
+
+and every MISALIGN_N token names its `partner`: the index of the same response token in the
+judged context, so p(y_t|x,j) / p(y_t|x) is one subtraction of log-probs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+ALIGN_P, ALIGN_N, MISALIGN_N = 0, 1, 2
+COMBINES = ("mean", "sum")
+
+# one chunk of logits holds at most this many float32 elements (64 MiB)
+CHUNK_ELEMENTS = 1 << 24
+# 1 - p is floored here before the log, as the released code nudges exact zeros by 1e-5
+ONE_MINUS_P_FLOOR = 1e-5
+
+
+class CUTLoss(NamedTuple):
+    loss: Tensor  # scalar, carries the gradient
+    mle: Tensor  # mean -log p over ALIGN_P and ALIGN_N tokens (detached)
+    ul: Tensor  # mean Misalign-N term over MISALIGN_N tokens (detached); 0 without negatives
+    flagged: Tensor  # fraction of MISALIGN_N tokens flagged as inappropriate (detached)
+    n_mle_tokens: Tensor
+    n_ul_tokens: Tensor
+
+
+def log1mexp(logp: Tensor) -> Tensor:
+    """log(1 - exp(logp)) for logp <= 0, accurate at both ends (Maechler 2012), 1-p floored."""
+    ln_half = -0.6931471805599453
+    near_one = (-torch.expm1(logp)).clamp_min(ONE_MINUS_P_FLOOR).log()  # p > 1/2
+    small = torch.log1p(-torch.exp(logp.clamp_max(ln_half)))  # p <= 1/2; clamped so no nan grad
+    return torch.where(logp > ln_half, near_one, small)
+
+
+def cut_loss(
+    logp: Tensor,
+    role: Tensor,
+    partner: Tensor,
+    threshold: float = 1.1,
+    weight_unlike: float = 1.0,
+    combine: str = "mean",
+    gamma: float = 0.0,
+) -> CUTLoss:
+    """CUT loss over a flat vector of target tokens.
+
+    logp:    (N,) float, log p(y_t | context) of each target token
+    role:    (N,) long, ALIGN_P / ALIGN_N / MISALIGN_N
+    partner: (N,) long, for MISALIGN_N tokens the index of the same token in the judged context
+             (ignored for other roles)
+    combine: "mean" reproduces the released code: (MLE + UL) / 2 when the micro-batch holds a
+             negative, MLE alone otherwise. "sum" is the paper's objective, MLE + UL.
+    gamma:   weights the unlikelihood of a flagged token by p(y_t|x,j)^gamma (detached); 0 = off.
+    """
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    logp = logp.float()
+    mle_mask = role != MISALIGN_N
+    ul_mask = role == MISALIGN_N
+    zero = logp.sum() * 0.0  # keeps the graph connected when a part is empty
+
+    n_mle = mle_mask.sum()
+    mle = -logp[mle_mask].sum() / n_mle.clamp_min(1) if bool(n_mle) else zero  # Eq. 4 / Eq. 5
+
+    n_ul = ul_mask.sum()
+    if bool(n_ul):
+        lp_plain = logp[ul_mask]  # log p(y_t | x)
+        lp_judged = logp[partner[ul_mask]]  # log p(y_t | x, j)
+        ratio = (lp_judged - lp_plain).detach().exp()
+        flag = ratio > threshold  # the judgment explains the token: it is the inappropriate one
+        scale = weight_unlike * (lp_judged.detach().exp() ** gamma if gamma else 1.0)
+        # Eq. 6: -alpha * log(1 - p(y_t|x)) on flagged tokens, -log p(y_t|x) elsewhere
+        per_token = torch.where(flag, -scale * log1mexp(lp_plain), -lp_plain)
+        ul = per_token.mean()
+        flagged = flag.float().mean()
+    else:
+        ul, flagged = zero, zero.detach()
+
+    if combine == "sum":
+        loss = mle + ul
+    else:
+        loss = (mle + ul) / 2 if bool(n_ul) else mle
+    return CUTLoss(loss, mle.detach(), ul.detach(), flagged.detach(), n_mle, n_ul)
+
+
+def _label_logp_chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, transform) -> Tensor:
+    logits = head(hidden).float()  # (C, V): one chunk only
+    if transform is not None:
+        logits = transform(logits)
+    # log-softmax at the label, never log(softmax)
+    return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def label_logprobs(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    vocab_size: int,
+    chunk_size: int = 0,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """log p(label) for each row of `hidden` (N, H), without materialising (N, V) logits.
+
+    The output head runs over chunks of rows; each chunk's float32 logits live only inside that
+    chunk and are recomputed in backward (activation checkpointing), so peak extra memory is one
+    chunk of `chunk_size x vocab_size` floats instead of N x V. `head` is called as a module so
+    that ZeRO-3 gathers its weight and LoRA on the head still applies.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if chunk_size <= 0:
+        chunk_size = max(1, CHUNK_ELEMENTS // vocab_size)
+    out = []
+    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+        if torch.is_grad_enabled():
+            out.append(checkpoint(_label_logp_chunk, head, h, y, transform, use_reentrant=False))
+        else:
+            out.append(_label_logp_chunk(head, h, y, transform))
+    return torch.cat(out)

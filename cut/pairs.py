@@ -1,0 +1,127 @@
+"""Tokenised pairs and the collator.
+
+A positive becomes one sequence, plain prompt + response. A negative becomes two sequences that
+share the very same response ids: judged prompt + response and plain prompt + response. Prompt
+and response are tokenised apart and concatenated, so the response ids cannot differ between
+the two contexts. Over-long examples lose prompt tokens from the left (the first token, a BOS,
+is kept); an example whose response cannot fit is dropped and counted.
+
+The collator flattens a micro-batch into sequences plus a flat list of target tokens (position
+of the hidden state that predicts it, its id, its role and, for Misalign-N tokens, the index of
+the same token in the judged context): exactly what `cut.loss.cut_loss` consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .loss import ALIGN_N, ALIGN_P, MISALIGN_N
+from .records import Example
+from .templates import Template
+
+
+def tokenize_example(
+    example: Example,
+    template: Template,
+    tokenizer,
+    cutoff_len: int,
+    add_eos_token: bool = True,
+) -> dict[str, Any] | None:
+    """{prompt_ids, judged_ids, response_ids, length}; None when the response cannot fit."""
+    plain, judged = template.prompts(example.record, example.judgment)
+    special = template.adds_special_tokens
+    response = tokenizer(example.record.output, add_special_tokens=False)["input_ids"]
+    if (
+        add_eos_token
+        and tokenizer.eos_token_id is not None
+        and (not response or response[-1] != tokenizer.eos_token_id)
+    ):
+        response = response + [tokenizer.eos_token_id]
+    prompt = _fit(
+        tokenizer(plain, add_special_tokens=special)["input_ids"], len(response), cutoff_len, tokenizer
+    )
+    judged_ids: list[int] = []
+    if judged is not None:
+        judged_ids = _fit(
+            tokenizer(judged, add_special_tokens=special)["input_ids"], len(response), cutoff_len, tokenizer
+        )
+        if judged_ids is None:
+            return None
+    if prompt is None:
+        return None
+    length = len(prompt) + len(response) + (len(judged_ids) + len(response) if judged_ids else 0)
+    return {"prompt_ids": prompt, "judged_ids": judged_ids, "response_ids": response, "length": length}
+
+
+def _fit(prompt: list[int], n_response: int, cutoff_len: int, tokenizer) -> list[int] | None:
+    room = cutoff_len - n_response
+    if room < 1 or not prompt:
+        return None  # at least one prompt token must predict the first response token
+    if len(prompt) <= room:
+        return prompt
+    keep_first = prompt[0] in (tokenizer.bos_token_id,) and tokenizer.bos_token_id is not None and room >= 2
+    if keep_first:
+        return prompt[:1] + prompt[len(prompt) - room + 1 :]
+    return prompt[len(prompt) - room :]
+
+
+@dataclass
+class CUTCollator:
+    pad_token_id: int
+    train_on_inputs: bool = False
+    pad_to_multiple_of: int = 8
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs: list[list[int]] = []
+        seq_role: list[int] = []
+        pos: list[list[int]] = []  # per target: (sequence, position of the predicting hidden state)
+        tgt_ids: list[int] = []
+        tgt_role: list[int] = []
+        tgt_partner: list[int] = []
+
+        def add(prompt: list[int], response: list[int], role: int, partner_start: int = -1) -> int:
+            s = len(seqs)
+            seqs.append(prompt + response)
+            seq_role.append(role)
+            if self.train_on_inputs and role != MISALIGN_N:
+                for t in range(1, len(prompt)):
+                    pos.append([s, t - 1])
+                    tgt_ids.append(prompt[t])
+                    tgt_role.append(role)
+                    tgt_partner.append(-1)
+            start = len(tgt_ids)
+            for k, tok in enumerate(response):
+                pos.append([s, len(prompt) + k - 1])
+                tgt_ids.append(tok)
+                tgt_role.append(role)
+                tgt_partner.append(partner_start + k if partner_start >= 0 else -1)
+            return start
+
+        for f in features:
+            if f["judged_ids"]:
+                start = add(f["judged_ids"], f["response_ids"], ALIGN_N)
+                add(f["prompt_ids"], f["response_ids"], MISALIGN_N, partner_start=start)
+            else:
+                add(f["prompt_ids"], f["response_ids"], ALIGN_P)
+
+        m = self.pad_to_multiple_of
+        width = max(len(s) for s in seqs)
+        width = (width + m - 1) // m * m if m > 1 else width
+        input_ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention_mask[i, : len(s)] = 1
+        pos_t = torch.tensor(pos, dtype=torch.long).view(-1, 2)
+        return {
+            "input_ids": input_ids,  # (S, T), right-padded
+            "attention_mask": attention_mask,
+            "tgt_pos": pos_t[:, 0] * width + pos_t[:, 1],  # (N,) into the flattened (S*T) hidden states
+            "tgt_ids": torch.tensor(tgt_ids, dtype=torch.long),
+            "tgt_role": torch.tensor(tgt_role, dtype=torch.long),
+            "tgt_partner": torch.tensor(tgt_partner, dtype=torch.long),
+            "seq_role": torch.tensor(seq_role, dtype=torch.long),
+        }

@@ -1,0 +1,216 @@
+"""Judgment records: load, validate, classify, downsample.
+
+A record is {instruction, input?, output, judgment?, score?}. Which records are positives:
+  - judgment null / missing, or
+  - a 'score' >= score_threshold (7, as in the released code), or
+  - a judgment that only says the response is perfect: after lower-casing and dropping
+    surrounding spaces and final punctuation it reads "perfect", or "the/this response/answer/
+    output is perfect" (the verdict the judge prompt asks for).
+A judgment that failed ('$ERROR$', an empty string, or a truthy 'judge_error' field) is never
+training text: such records are dropped, or trained as positives if asked, and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FAILED_JUDGMENTS = {"$ERROR$"}
+PERFECT = re.compile(r"^(?:(?:the|this) (?:response|answer|output) is )?perfect$")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the record and the field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+    judgment: str | None
+    score: float | None = None
+    index: int = -1  # position in the source file
+    judge_error: str | None = None  # why the judge failed (cut.judge writes it); never training text
+
+
+@dataclass(frozen=True)
+class Example:
+    """A record ready for training: judgment is None for positives."""
+
+    record: Record
+    judgment: str | None
+
+    @property
+    def is_negative(self) -> bool:
+        return self.judgment is not None
+
+
+def read_raw(path: str) -> tuple[list[Any], str]:
+    """The raw records of a .json list, a .jsonl file, or a `datasets` folder / name."""
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(_read_text(p).splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}: line {lineno} (record {len(rows)}): not valid JSON: {err.msg}"
+                ) from None
+        return rows, path
+    if p.suffix == ".json":
+        try:
+            data = json.loads(_read_text(p))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+            ) from None
+        if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: expected a JSON list of records")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        return data, path
+    return _read_datasets(path), path
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"{p}: cannot read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: not UTF-8 text: {err.reason} at byte {err.start}") from None
+
+
+def _read_datasets(path: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        if Path(path).is_dir() and any(
+            (Path(path) / f).exists() for f in ("dataset_info.json", "dataset_dict.json")
+        ):
+            ds = datasets.load_from_disk(path)
+        else:
+            ds = datasets.load_dataset(path)
+    except Exception as err:  # datasets raises many types; name the path
+        raise DataError(f"{path}: cannot load as a datasets folder or name: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: dataset has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    return ds.to_list()
+
+
+def _text(source: str, i: int, raw: dict, name: str, required: bool) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{source}: record {i}, field '{name}': missing")
+        return None
+    if not isinstance(value, str):
+        raise DataError(
+            f"{source}: record {i}, field '{name}': expected a string, got {type(value).__name__}"
+        )
+    if required and not value.strip():
+        raise DataError(f"{source}: record {i}, field '{name}': empty")
+    return value
+
+
+def validate(rows: Iterable[Any], source: str) -> list[Record]:
+    records = []
+    for i, raw in enumerate(rows):
+        if not isinstance(raw, dict):
+            raise DataError(f"{source}: record {i}: expected an object, got {type(raw).__name__}")
+        score = raw.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise DataError(
+                f"{source}: record {i}, field 'score': expected a number, got {type(score).__name__}"
+            )
+        records.append(
+            Record(
+                instruction=_text(source, i, raw, "instruction", True),
+                input=_text(source, i, raw, "input", False) or "",
+                output=_text(source, i, raw, "output", True),
+                judgment=_text(source, i, raw, "judgment", False),
+                score=None if score is None else float(score),
+                index=i,
+                judge_error=str(raw["judge_error"]) if raw.get("judge_error") else None,
+            )
+        )
+    if not records:
+        raise DataError(f"{source}: no records")
+    return records
+
+
+def load_records(path: str) -> list[Record]:
+    rows, source = read_raw(path)
+    return validate(rows, source)
+
+
+def says_perfect(judgment: str) -> bool:
+    text = re.sub(r"\s+", " ", judgment.strip().lower()).rstrip(".!")
+    return bool(PERFECT.match(text))
+
+
+def classify(record: Record, score_threshold: float = 7.0) -> str:
+    """'positive', 'negative' or 'failed'."""
+    j = record.judgment
+    if record.judge_error or (j is not None and (j.strip() in FAILED_JUDGMENTS or not j.strip())):
+        return "failed"
+    if record.judgment is None or says_perfect(record.judgment):
+        return "positive"
+    if record.score is not None and record.score >= score_threshold:
+        return "positive"
+    return "negative"
+
+
+def build_examples(
+    records: list[Record],
+    score_threshold: float = 7.0,
+    on_failed_judgment: str = "drop",
+    downsample: float = -1,
+    seed: int = 42,
+) -> tuple[list[Example], dict[str, int]]:
+    """Classify records into training examples; counts say what was kept, turned or dropped."""
+    counts = {
+        "records": len(records),
+        "positive": 0,
+        "negative": 0,
+        "failed_judgment": 0,
+        "downsampled_away": 0,
+    }
+    examples = []
+    for r in records:
+        kind = classify(r, score_threshold)
+        if kind == "failed":
+            counts["failed_judgment"] += 1
+            if on_failed_judgment == "positive":
+                examples.append(Example(r, None))
+            continue
+        examples.append(Example(r, r.judgment if kind == "negative" else None))
+    counts["positive"] = sum(not e.is_negative for e in examples)
+    counts["negative"] = sum(e.is_negative for e in examples)
+    if downsample != -1:
+        n_keep = int(counts["negative"] * downsample)
+        positives = [i for i, e in enumerate(examples) if not e.is_negative]
+        if n_keep < len(positives):
+            keep = set(random.Random(seed).sample(positives, n_keep))
+            drop = set(positives) - keep
+            examples = [e for i, e in enumerate(examples) if i not in drop]
+            counts["downsampled_away"] = len(drop)
+            counts["positive"] -= len(drop)
+    return examples, counts

@@ -1,0 +1,284 @@
+"""CUT training: judgment data -> paired contexts -> CUT loss -> LoRA (or full) training.
+
+    torchrun --nproc_per_node=N -m cut.train --base_model PATH --data_path FILE \
+        --output_dir DIR --threshold 1.1 --weight_unlike 1
+    python -m cut.train --config configs/demo.yaml --num_epochs 2
+    deepspeed --num_gpus 8 -m cut.train ... --deepspeed configs/deepspeed/zero3.json
+
+Bad data stops before any model is loaded. The resolved config is written to
+output_dir/cut_config.yaml first; the adapter (or full model), tokenizer and metrics.json last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainConfig, parse_config
+from .pairs import CUTCollator, tokenize_example
+from .records import DataError, build_examples, load_records
+from .templates import load_template
+from .trainer import CUTTrainer, install_cut_forward
+
+logger = logging.getLogger("cut.train")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """Records -> tokenised features, split into train / validation, with counts of what was dropped."""
+    records = load_records(cfg.data_path)
+    examples, counts = build_examples(
+        records, cfg.score_threshold, cfg.on_failed_judgment, cfg.downsample, cfg.seed
+    )
+    template = load_template(cfg.prompt_template_name, tokenizer)
+    features = []
+    counts["too_long"] = 0
+    for ex in tqdm(examples, desc="tokenising", disable=_rank() != 0, leave=False):
+        feat = tokenize_example(ex, template, tokenizer, cfg.cutoff_len, cfg.add_eos_token)
+        if feat is None:
+            counts["too_long"] += 1
+            if counts["too_long"] <= 3:
+                logger.warning(
+                    "record %d: response does not fit cutoff_len=%d, dropped", ex.record.index, cfg.cutoff_len
+                )
+            continue
+        features.append(feat)
+    if not features:
+        raise DataError(f"{cfg.data_path}: no trainable examples left ({counts})")
+
+    n_val = int(cfg.val_set_size * len(features)) if 0 < cfg.val_set_size < 1 else int(cfg.val_set_size)
+    if n_val >= len(features):
+        raise ConfigError(
+            f"val_set_size={cfg.val_set_size} leaves no training examples ({len(features)} in all)"
+        )
+    order = list(range(len(features)))
+    random.Random(cfg.seed).shuffle(order)
+    val = [features[i] for i in sorted(order[:n_val])]
+    train = [features[i] for i in sorted(order[n_val:])]
+    counts.update(train_examples=len(train), val_examples=len(val))
+    counts["train_negatives"] = sum(bool(f["judged_ids"]) for f in train)
+    return train, val, counts
+
+
+def _dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if cfg.precision == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+def resolve_precision(cfg: TrainConfig) -> None:
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_model(cfg: TrainConfig):
+    from transformers import AutoModelForCausalLM
+
+    # LoRA keeps the frozen base in the training dtype; full fine-tuning keeps fp32 master weights
+    dtype = torch.float32 if cfg.full_finetune else _dtype(cfg)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+    model.config.use_cache = False
+    lm = model
+    if not cfg.full_finetune:
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = cfg.lora_target_modules
+        if targets == ["all-linear"]:
+            targets = "all-linear"
+        else:
+            names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+            if not set(targets) & names:
+                linear = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                )
+                raise ConfigError(
+                    f"lora_target_modules {targets} match no module of {cfg.base_model}; "
+                    f"its linear layers are {linear} (or use all-linear)"
+                )
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        lm = model.get_base_model()
+    install_cut_forward(lm, cfg.threshold, cfg.weight_unlike, cfg.combine, cfg.gamma, cfg.logits_chunk_size)
+    return model
+
+
+def _report_to(cfg: TrainConfig) -> list[str]:
+    targets = [t.strip() for t in cfg.report_to.split(",") if t.strip() and t.strip() != "none"]
+    if cfg.wandb_project and "wandb" not in targets:
+        targets.append("wandb")
+    if "wandb" in targets:
+        for env, value in (
+            ("WANDB_PROJECT", cfg.wandb_project),
+            ("WANDB_WATCH", cfg.wandb_watch),
+            ("WANDB_LOG_MODEL", cfg.wandb_log_model),
+        ):
+            if value:
+                os.environ[env] = value
+    if "tensorboard" in targets:
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(cfg.output_dir) / "runs"))
+    return targets
+
+
+def training_arguments(cfg: TrainConfig, has_val: bool):
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.micro_batch_size,
+        per_device_eval_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(_world_size()),
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        use_cpu=not on_gpu,
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=cfg.eval_steps if has_val else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False if _world_size() > 1 else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        deepspeed=cfg.deepspeed or None,
+        report_to=_report_to(cfg),
+        run_name=cfg.wandb_run_name or None,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def _resume(cfg: TrainConfig, model) -> str | bool | None:
+    """A Trainer checkpoint resumes fully; a bare adapter folder only seeds the LoRA weights."""
+    value = cfg.resume_from_checkpoint
+    if not value:
+        return None
+    if value.lower() == "true":
+        return True
+    path = Path(value)
+    if (path / "trainer_state.json").exists():
+        return str(path)
+    adapter = path / "adapter_model.safetensors"
+    if adapter.exists() and not cfg.full_finetune:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(adapter)))
+        logger.info("seeded the LoRA weights from %s; optimiser and schedule start fresh", adapter)
+        return None
+    raise ConfigError(f"resume_from_checkpoint={value}: neither a Trainer checkpoint nor an adapter folder")
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, set_seed
+
+    cfg.validate()
+    resolve_precision(cfg)
+    cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:  # pads never get a target and are masked from attention
+        tokenizer.pad_token = tokenizer.eos_token
+    train, val, counts = prepare_data(cfg, tokenizer)
+    if _rank() == 0:
+        cfg.save(out / "cut_config.yaml")
+        logger.info(
+            "data: %(records)d records -> %(positive)d positives, %(negative)d negatives; "
+            "failed judgments %(failed_judgment)d; downsampled away %(downsampled_away)d; "
+            "too long %(too_long)d; train %(train_examples)d, validation %(val_examples)d",
+            counts,
+        )
+        if counts["failed_judgment"]:
+            action = "dropped" if cfg.on_failed_judgment == "drop" else "trained as positives"
+            logger.info("%d records with a failed judgment were %s", counts["failed_judgment"], action)
+
+    model = load_model(cfg)
+    if _rank() == 0 and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    trainer = CUTTrainer(
+        model=model,
+        args=training_arguments(cfg, bool(val)),
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(val) if val else None,
+        data_collator=CUTCollator(tokenizer.pad_token_id, cfg.train_on_inputs),
+        processing_class=tokenizer,
+    )
+    resume = _resume(cfg, model)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if val else {}
+    trainer.save_model(cfg.output_dir)
+    metrics = {
+        "counts": counts,
+        "train": result.metrics,
+        "eval": final_eval,
+        "wall_s": round(time.time() - start, 2),
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        tmp = out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        tmp.replace(out / "metrics.json")
+        logger.info("saved %s to %s", "model" if cfg.full_finetune else "adapter", out)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg = parse_config(argv)
+        run(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"cut.train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""A thin `transformers.Trainer` for CUT.
+
+The loss is computed inside the causal LM's own forward: the Trainer wraps the model (a PeftModel
+or the plain LM) in DDP / DeepSpeed, and that wrapped call must produce the loss so that gradients
+are synchronised and ZeRO-3 gathers every weight it touches. `install_cut_forward` gives the LM
+instance a forward that runs the decoder once over all sequences of the micro-batch, takes the
+hidden states at the target positions only, and scores them with the chunked output head. No
+full-vocabulary logits are built and no sequence is run that the loss does not use.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .loss import ALIGN_N, ALIGN_P, cut_loss, label_logprobs
+
+METRICS = ("mle", "ul", "flagged")
+
+
+def _logit_transform(config) -> Any:
+    """The few heads that post-process logits (Gemma softcap, Cohere / Granite scaling)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    granite = getattr(config, "logits_scaling", None)
+    if softcap:
+        return lambda z: softcap * torch.tanh(z / softcap)
+    if scale and scale != 1:
+        return lambda z: z * scale
+    if granite and granite != 1:
+        return lambda z: z / granite
+    return None
+
+
+def install_cut_forward(
+    model: torch.nn.Module,
+    threshold: float,
+    weight_unlike: float,
+    combine: str = "mean",
+    gamma: float = 0.0,
+    chunk_size: int = 0,
+) -> None:
+    """Make `model(input_ids, attention_mask, tgt_*...)` return the CUT loss and its metrics.
+
+    `model` is the causal LM itself (under a PeftModel, `peft_model.get_base_model()`, whose
+    LoRA layers are already in place). Generation and plain calls without `tgt_ids` keep the
+    original forward.
+    """
+    original_forward = model.forward
+    transform = _logit_transform(model.config)
+    vocab_size = model.config.get_text_config().vocab_size
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        tgt_pos=None,
+        tgt_ids=None,
+        tgt_role=None,
+        tgt_partner=None,
+        seq_role=None,
+        **kwargs,
+    ):
+        if tgt_ids is None:
+            return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        hidden = hidden.flatten(0, 1).index_select(0, tgt_pos)  # (N, H): target positions only
+        logp = label_logprobs(
+            hidden, self.get_output_embeddings(), tgt_ids, vocab_size, chunk_size, transform
+        )
+        out = cut_loss(logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma)
+        return {
+            "loss": out.loss,
+            "mle": out.mle,
+            "ul": out.ul,
+            "flagged": out.flagged,
+            "n_ul_tokens": out.n_ul_tokens,
+            "positives": (seq_role == ALIGN_P).sum(),
+            "negatives": (seq_role == ALIGN_N).sum(),
+        }
+
+    model.forward = types.MethodType(forward, model)
+
+
+class CUTTrainer(Trainer):
+    """Trainer whose compute_loss reads the CUT forward's output and keeps its metrics."""
+
+    # cut_loss averages within the micro-batch, as the released code: scale by accumulation
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        mode = "train" if model.training else "eval"
+        m = self._metrics[mode]
+        for key in METRICS:
+            m[key].append(out[key].detach().float())
+        m["ul_tokens"].append(out["n_ul_tokens"].detach().float())
+        m["positives"].append(out["positives"].detach().float())
+        m["negatives"].append(out["negatives"].detach().float())
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        m = self._metrics[mode]
+        if m:
+            prefix = "eval_" if mode == "eval" else ""
+            stacked = {k: self.accelerator.gather(torch.stack(v)) for k, v in m.items()}
+            for key in METRICS:
+                if key == "mle":
+                    logs[prefix + key] = stacked[key].mean().item()
+                else:  # ul and flagged are averaged over the micro-batches that have negatives
+                    has_neg = stacked["ul_tokens"] > 0
+                    logs[prefix + key] = stacked[key][has_neg].mean().item() if has_neg.any() else 0.0
+            logs[prefix + "positives"] = int(stacked["positives"].sum().item())
+            logs[prefix + "negatives"] = int(stacked["negatives"].sum().item())
+            m.clear()
+        super().log(logs, start_time)

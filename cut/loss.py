@@ -126,7 +126,7 @@ def label_logprobs(
     if chunk_size <= 0:
         chunk_size = max(1, CHUNK_ELEMENTS // vocab_size)
     out = []
-    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size)):
+    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size), strict=True):
         if torch.is_grad_enabled():
             out.append(checkpoint(_label_logp_chunk, head, h, y, transform, use_reentrant=False))
         else:

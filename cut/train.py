@@ -209,7 +209,8 @@ def _resume(cfg: TrainConfig, model) -> str | bool | None:
     raise ConfigError(f"resume_from_checkpoint={value}: neither a Trainer checkpoint nor an adapter folder")
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
+def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
+    """Validate, prepare the data, load the model and wire the Trainer; nothing trains yet."""
     from datasets import Dataset
     from transformers import AutoTokenizer, set_seed
 
@@ -245,10 +246,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         data_collator=CUTCollator(tokenizer.pad_token_id, cfg.train_on_inputs),
         processing_class=tokenizer,
     )
-    resume = _resume(cfg, model)
+    return trainer, counts
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate, save; returns (and writes to output_dir/metrics.json) the run's metrics."""
+    trainer, counts = build_trainer(cfg)
+    out = Path(cfg.output_dir)
+    resume = _resume(cfg, trainer.model)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    final_eval = trainer.evaluate() if val else {}
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(cfg.output_dir)
     metrics = {
         "counts": counts,

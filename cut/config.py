@@ -200,10 +200,17 @@ def coerce(name: str, value: Any) -> Any:
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"not an integer: {value!r}")
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, str) and "e" in value.lower():  # 1e3 from YAML / CLI
+                as_float = float(value)
+                if not as_float.is_integer():
+                    raise ValueError(f"not an integer: {value!r}")
+                return int(as_float)
+            return int(value)
         if tp is float:
             return float(value)
         if tp is str:
+            if isinstance(value, bool):  # YAML `false` means unset, not the string "False"
+                return "true" if value else ""
             return "" if value is None else str(value)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"option {name}: {err}") from None

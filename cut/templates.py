@@ -93,12 +93,14 @@ def load_template(name: str, tokenizer=None) -> Template:
         formats = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: cannot read template: {err}") from None
+    if not isinstance(formats, dict):
+        raise ValueError(f"{path}: a template must be a JSON object with keys {', '.join(TEMPLATE_KEYS)}")
     missing = [k for k in TEMPLATE_KEYS if not isinstance(formats.get(k), str)]
     if missing:
         raise ValueError(f"{path}: template lacks string field(s): {', '.join(missing)}")
     for key in TEMPLATE_KEYS:
         try:
             formats[key].format(instruction="", input="", judgment="")
-        except (KeyError, IndexError, ValueError) as err:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
             raise ValueError(f"{path}: field '{key}': bad format string: {err!r}") from None
     return Template(str(path), {k: formats[k] for k in TEMPLATE_KEYS})

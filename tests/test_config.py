@@ -201,11 +201,6 @@ def test_bad_value_names_the_option(argv, option):
         parse_config(argv)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="coerce() turns an int string with an exponent through int(float(...)), "
-    "so '1.5e0' is silently truncated to 1 instead of being rejected like '1.5'",
-)
 def test_fractional_exponent_int_is_rejected():
     with pytest.raises(ConfigError, match="micro_batch_size"):
         parse_config(["--micro_batch_size", "1.5e0"])

@@ -175,11 +175,6 @@ def test_bad_format_string_names_file_and_key(tmp_path, bad):
     assert path in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_template only catches KeyError/IndexError/ValueError from str.format; an attribute "
-    "lookup such as {instruction.x} raises AttributeError, which escapes unnamed",
-)
 def test_attribute_format_field_names_the_file(tmp_path):
     path = write_template(tmp_path, {**SHORT, "prompt_no_input": "Q: {instruction.x}\nA: "})
     with pytest.raises(ValueError, match="prompt_no_input") as err:
@@ -187,11 +182,6 @@ def test_attribute_format_field_names_the_file(tmp_path):
     assert path in str(err.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a .json template whose top level is not an object hits formats.get() and raises "
-    "AttributeError instead of a ValueError naming the file",
-)
 def test_template_file_that_is_not_an_object(tmp_path):
     path = write_template(tmp_path, [SHORT])
     with pytest.raises(ValueError) as err:

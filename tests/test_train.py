@@ -1,0 +1,183 @@
+"""cut.train on a tiny model built on the spot: the real Trainer, peft and the CUT forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cut.config import TrainConfig, load_yaml
+from cut.loss import cut_loss
+from cut.train import build_trainer, main, run
+
+
+def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
+    base = dict(
+        base_model=str(tiny_model),
+        data_path=str(data),
+        output_dir=str(out),
+        batch_size=8,
+        micro_batch_size=8,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        lora_target_modules=["all-linear"],
+        lora_dropout=0.0,
+        max_steps=4,
+        save_steps=1000,
+        cutoff_len=128,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_path):
+    """The chunked, target-only forward equals log_softmax over full logits, gathered by hand."""
+    cfg = tiny_config(
+        tiny_model, tiny_data, tmp_path / "out", threshold=1.0, weight_unlike=0.5, logits_chunk_size=5
+    )
+    trainer, _ = build_trainer(cfg)
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    out = model(**batch)
+
+    lm = model.get_base_model()
+    with torch.no_grad():
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (S, T, V)
+    logp_all = F.log_softmax(logits.float(), -1).flatten(0, 1)  # (S*T, V)
+    ref_logp = logp_all[batch["tgt_pos"], batch["tgt_ids"]]
+    ref = cut_loss(ref_logp, batch["tgt_role"], batch["tgt_partner"], threshold=1.0, weight_unlike=0.5)
+    print("cut forward loss", out["loss"].item(), "reference", ref.loss.item())
+    assert torch.allclose(out["loss"], ref.loss, atol=1e-5)
+    assert torch.allclose(out["mle"], ref.mle, atol=1e-5)
+    assert torch.allclose(out["ul"], ref.ul, atol=1e-5)
+    assert out["negatives"].item() == (batch["seq_role"] == 1).sum().item() > 0
+    # a plain forward (no targets) still returns ordinary logits, for generation
+    assert lm(input_ids=batch["input_ids"][:1]).logits.shape[-1] == lm.config.vocab_size
+
+
+def test_lora_trains_adapter_only_and_loss_falls(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(
+        tiny_model, tiny_data, tmp_path / "out", max_steps=40, learning_rate=1e-2, weight_unlike=1.0
+    )
+    trainer, counts = build_trainer(cfg)
+    assert counts["failed_judgment"] == 1 and counts["negative"] == 3 and counts["positive"] == 4
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    base = [n for n in before if "lora_" not in n]
+    assert lora and base
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(before[n], after[n]) for n in base), "a base weight moved"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print("losses", [round(x, 3) for x in losses])
+    assert losses[-1] < 0.85 * losses[0]
+    logged = [h for h in trainer.state.log_history if "mle" in h]
+    assert {"mle", "ul", "flagged", "positives", "negatives"} <= set(logged[0])
+    assert all(h["positives"] + h["negatives"] == 7 for h in logged)  # all 7 examples in each step
+
+
+def test_run_writes_adapter_config_metrics_and_evaluates(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        tiny_model,
+        tiny_data,
+        out,
+        val_set_size=2,
+        eval_steps=2,
+        max_steps=4,
+        micro_batch_size=2,
+        batch_size=4,
+    )
+    metrics = run(cfg)
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    assert (out / "tokenizer.json").exists()
+    assert load_yaml(out / "cut_config.yaml") == cfg.to_dict()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["counts"]["val_examples"] == 2 and saved["counts"]["train_examples"] == 5
+    evals = [h for h in saved["log_history"] if "eval_loss" in h]
+    assert len(evals) >= 2 and all(
+        "eval_mle" in h for h in evals
+    )  # evaluated at steps 2 and 4, and at the end
+    assert metrics["eval"]["eval_loss"] > 0
+    assert not list(out.glob("*.tmp"))
+
+
+def test_full_finetune_and_gradient_checkpointing(tiny_model, tiny_data, tmp_path):
+    cfg = tiny_config(
+        tiny_model,
+        tiny_data,
+        tmp_path / "out",
+        full_finetune=True,
+        gradient_checkpointing=True,
+        max_steps=2,
+        learning_rate=1e-3,
+    )
+    trainer, _ = build_trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(moved) > len(before) // 2
+
+
+def test_chat_template_and_group_by_length(tiny_chat_model, tiny_data, tmp_path):
+    cfg = tiny_config(
+        tiny_chat_model,
+        tiny_data,
+        tmp_path / "out",
+        prompt_template_name="chat",
+        group_by_length=True,
+        micro_batch_size=2,
+        batch_size=2,
+        max_steps=3,
+    )
+    metrics = run(cfg)
+    assert metrics["train"]["train_loss"] > 0
+
+
+def test_yaml_config_with_cli_override(tiny_model, tiny_data, tmp_path):
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump(tiny_config(tiny_model, tiny_data, tmp_path / "a").to_dict()))
+    assert main(["--config", str(conf), "--output_dir", str(tmp_path / "b"), "--max_steps", "1"]) == 0
+    assert (tmp_path / "b" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "a").exists()
+    assert load_yaml(tmp_path / "b" / "cut_config.yaml")["max_steps"] == 1
+
+
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"instruction": "", "output": "x"}, "instruction"),
+        ({"instruction": "Say hi.", "output": 3}, "output"),
+        ({"instruction": "Say hi.", "output": "hi", "judgment": ["bad"]}, "judgment"),
+    ],
+)
+def test_bad_data_stops_before_training_and_writes_nothing(tiny_model, tmp_path, capsys, record, field):
+    data = tmp_path / "bad.json"
+    good = {"instruction": "Say hi.", "input": "", "output": "hi", "judgment": None}
+    data.write_text(json.dumps([good, good, record]))
+    out = tmp_path / "out"
+    assert main(["--base_model", str(tiny_model), "--data_path", str(data), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(data) in err and "record 2" in err and f"'{field}'" in err
+    assert not out.exists()
+
+
+def test_unknown_lora_target_is_a_clear_error(tiny_model, tiny_data, tmp_path, capsys):
+    args = [
+        "--base_model",
+        str(tiny_model),
+        "--data_path",
+        str(tiny_data),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--lora_target_modules",
+        "[c_attn]",
+    ]
+    assert main(args) == 2
+    assert "match no module" in capsys.readouterr().err

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from cut.merge import main as merge_main

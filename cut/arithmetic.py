@@ -1,0 +1,117 @@
+"""Arithmetic word problems with known answers: a pool for the online loop and a real teacher.
+
+    python -m cut.arithmetic --pool data/arithmetic_pool.json --heldout data/arithmetic_heldout.json
+
+Problems are generated from templates with a seed, so the shipped files can be remade exactly.
+`extract_final_answer` reads the last number a response states; `answers_match` compares it
+with the reference numerically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemi", "Liam", "Mei", "Noah"]
+ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "coins", "stamps", "shells", "cards"]
+
+
+def _problem(rng: random.Random) -> tuple[str, int]:
+    name, other = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    kind = rng.randrange(8)
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    if kind == 0:
+        return f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b
+    if kind == 1:
+        a = a + b
+        return f"{name} had {a} {item} and gave {b} to {other}. How many {item} does {name} have left?", a - b
+    if kind == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        return f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total?", a * b
+    if kind == 3:
+        b = rng.randint(2, 9)
+        q = rng.randint(2, 15)
+        return f"{name} shares {b * q} {item} equally among {b} friends. How many {item} does each friend get?", q
+    if kind == 4:
+        c = rng.randint(2, 30)
+        return f"What is {a} + {b} - {c}?", a + b - c
+    if kind == 5:
+        a, b = rng.randint(2, 25), rng.randint(2, 25)
+        return f"What is {a} times {b}?", a * b
+    if kind == 6:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 30)
+        return f"Compute {a} * {b} + {c}.", a * b + c
+    price, n = rng.randint(2, 15), rng.randint(2, 9)
+    return f"One {item[:-1]} costs {price} dollars. How many dollars do {n} {item} cost?", price * n
+
+
+def make_problems(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]:
+    """n distinct problems {id, instruction, input, reference}; none whose text is in `exclude`."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    out: list[dict] = []
+    while len(out) < n:
+        text, answer = _problem(rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append({"id": f"arith-{seed}-{len(out)}", "instruction": text, "input": "", "reference": str(answer)})
+    return out
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The last number stated in a response ('... so the answer is 1,234.' -> '1234'), or None."""
+    matches = _NUMBER.findall(text or "")
+    if not matches:
+        return None
+    return matches[-1].replace(",", "").rstrip(".")
+
+
+def _value(s: str) -> Fraction | None:
+    try:
+        return Fraction(s.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(predicted: str | None, reference: str) -> bool:
+    if predicted is None:
+        return False
+    p, r = _value(predicted), _value(reference)
+    return p is not None and r is not None and p == r
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cut.arithmetic", description="Write the arithmetic pool and held-out set.")
+    p.add_argument("--pool", default="data/arithmetic_pool.json")
+    p.add_argument("--heldout", default="data/arithmetic_heldout.json")
+    p.add_argument("--n_pool", type=int, default=600)
+    p.add_argument("--n_heldout", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    heldout = make_problems(args.n_heldout, seed=args.seed + 1)
+    pool = make_problems(args.n_pool, seed=args.seed, exclude={r["instruction"] for r in heldout})
+    _write(Path(args.heldout), heldout)
+    _write(Path(args.pool), pool)
+    print(f"wrote {len(pool)} pool problems to {args.pool}, {len(heldout)} held-out to {args.heldout}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

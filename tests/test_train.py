@@ -181,3 +181,11 @@ def test_unknown_lora_target_is_a_clear_error(tiny_model, tiny_data, tmp_path, c
     ]
     assert main(args) == 2
     assert "match no module" in capsys.readouterr().err
+
+
+def test_tensorboard_reporting(tiny_model, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=2, report_to="tensorboard"))
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

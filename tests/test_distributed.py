@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,7 +22,14 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def torchrun(tiny_model, data, out, *extra, port: int) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tiny_model, data, out, *extra) -> subprocess.CompletedProcess:
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -74,7 +82,7 @@ def ddp_run(tiny_model, tmp_path_factory):
     data = root / "data.json"
     data.write_text(json.dumps(TINY_RECORDS))
     out = root / "ddp"
-    torchrun(tiny_model, data, out, port=29611)
+    torchrun(tiny_model, data, out)
     return data, out
 
 
@@ -98,7 +106,7 @@ def test_ddp_two_processes(tiny_model, ddp_run, tmp_path):
 def test_deepspeed_zero2_matches_ddp(tiny_model, ddp_run, tmp_path):
     data, ddp_out = ddp_run
     out = tmp_path / "zero2"
-    torchrun(tiny_model, data, out, "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"), port=29612)
+    torchrun(tiny_model, data, out, "--deepspeed", str(REPO / "configs/deepspeed/zero2.json"))
     print("ddp", losses(ddp_out), "zero2", losses(out))
     assert losses(out) == pytest.approx(losses(ddp_out), rel=1e-4)
     a = load_file(str(ddp_out / "adapter_model.safetensors"))
@@ -115,7 +123,7 @@ def test_deepspeed_zero3_matches_ddp(tiny_model, ddp_run, tmp_path):
     """ZeRO-3 partitions every weight; the CUT forward calls the head as a module so it is gathered."""
     data, ddp_out = ddp_run
     out = tmp_path / "zero3"
-    torchrun(tiny_model, data, out, "--deepspeed", str(REPO / "configs/deepspeed/zero3.json"), port=29613)
+    torchrun(tiny_model, data, out, "--deepspeed", str(REPO / "configs/deepspeed/zero3.json"))
     assert losses(out) == pytest.approx(losses(ddp_out), rel=1e-4)
     a = load_file(str(ddp_out / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))

@@ -1,0 +1,582 @@
+"""Answer instructions with a model and write them in the AlpacaEval format.
+
+    python -m cut.generate --model PATH --data_path FILE --output_file FILE \
+        [--prompt_template_name chat] [--batch_size 8] [--max_new_tokens 256] [--temperature 0] \
+        [--top_p 1.0] [--repetition_penalty 1.0] [--seed 42] [--engine hf|vllm] [--limit N]
+
+Input: a .json list, a .jsonl file or a `datasets` folder of records with a non-empty string
+`instruction` and an optional string `input`; every other field (id, reference, ...) is copied to
+the output. The prompt is the plain prompt of cut.templates, exactly as in training.
+
+Output: a JSON list that alpaca_eval reads as is, one record per instruction, in input order:
+{instruction, input, output, generator, dataset, temperature, top_p, repetition_penalty,
+max_new_tokens, seed, prompt_template, ...pass-through fields}. Fields the output sets replace
+input fields of the same name. The file is rewritten (temp file + rename) after every batch; a
+rerun keeps the records already answered (key: instruction + input) and generates the rest;
+answers made with another generator or other settings stop it, and earlier answers that match
+no input record are kept at the end. Greedy answers of a resumed run equal those of one run;
+sampled ones are reproducible run for run, but batches (and so seeds) differ after a resume.
+
+--model may also be a LoRA adapter folder written by cut.train (hf engine only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import zlib
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .records import DataError, read_raw
+from .templates import load_template
+
+logger = logging.getLogger("cut.generate")
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENGINES = ("hf", "vllm")
+SETTINGS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed", "prompt_template")
+VLLM_MISSING = "--engine vllm needs the vllm package (pip install vllm); use --engine hf"
+VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
+
+OnBatch = Callable[[list[int], list[str]], None]
+
+
+class EngineError(RuntimeError):
+    """The requested engine cannot run here (e.g. vllm is not installed)."""
+
+
+# ---------------------------------------------------------------- generation
+
+
+def batch_seed(seed: int, key: str) -> int:
+    """A seed that depends on the data, not on how many batches ran before: reruns reproduce."""
+    return seed + zlib.crc32(key.encode("utf-8")) % 2**31
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def _generation_config(
+    model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float
+):
+    from transformers import GenerationConfig
+
+    sample = temperature > 0
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        # greedy: neutral values, so a model's own sampling defaults raise no warnings
+        temperature=temperature if sample else 1.0,
+        top_p=top_p if sample else 1.0,
+        top_k=0 if sample else None,  # only top_p truncates, as in vllm
+        repetition_penalty=repetition_penalty,
+        pad_token_id=_pad_id(tokenizer),
+        eos_token_id=_eos_ids(model, tokenizer) or None,
+        use_cache=True,
+    )
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = [[pad_id] * (width - len(r)) + r for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, rows: list[list[int]], gen_config) -> list[str]:
+    """One left-padded batch -> the decoded new text of each row."""
+    device = next(model.parameters()).device
+    input_ids, mask = _left_pad(rows, gen_config.pad_token_id)
+    out = model.generate(
+        input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
+    )
+    eos = set(_eos_ids(model, tokenizer))
+    new = [_cut_at_eos(r, eos) for r in out[:, input_ids.shape[1] :].tolist()]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _run_batches(
+    order: list[int],
+    size: int,
+    run: Callable[[list[int]], list[str]],
+    on_batch: OnBatch | None,
+    progress: bool,
+) -> dict[int, str]:
+    done: dict[int, str] = {}
+    with tqdm(total=len(order), desc="generating", unit="prompt", disable=None if progress else True) as bar:
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            texts = run(idx)
+            done.update(zip(idx, texts, strict=True))
+            if on_batch is not None:
+                on_batch(idx, texts)
+            bar.update(len(idx))
+    return done
+
+
+def _length_order(rows: list[list[int]]) -> list[int]:
+    # longest first: similar lengths share a batch, and an out-of-memory shows at once
+    return sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    add_special_tokens: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 42,
+    on_batch: OnBatch | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Answer prompts with a transformers model, in batches; returns texts in prompt order.
+
+    Prompts are batched by token length; each batch is seeded from `seed` and its first prompt.
+    `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and the
+    global torch RNG are restored afterwards, so an evaluator may call this mid-training.
+    """
+    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
+    rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+    gen_config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, repetition_penalty)
+    device = next(model.parameters()).device
+
+    def run(idx: list[int]) -> list[str]:
+        torch.manual_seed(batch_seed(seed, prompts[idx[0]]))
+        return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            done = _run_batches(_length_order(rows), batch_size, run, on_batch, progress)
+    finally:
+        model.train(was_training)
+    return [done[i] for i in range(len(prompts))]
+
+
+def require_vllm():
+    try:
+        return importlib.import_module("vllm")
+    except ImportError:
+        raise EngineError(VLLM_MISSING) from None
+
+
+def generate_texts_vllm(
+    llm,
+    tokenizer,
+    prompts: list[str],
+    *,
+    add_special_tokens: bool = True,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 42,
+    on_batch: OnBatch | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """The same as generate_texts with a vllm.LLM; token ids go in, so prompts match exactly."""
+    vllm = require_vllm()
+    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
+    rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+
+    def params(i: int):
+        # a seed per request: the output does not depend on which prompts share a call
+        return vllm.SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            max_tokens=max_new_tokens,
+            seed=batch_seed(seed, prompts[i]),
+            skip_special_tokens=True,
+        )
+
+    def run(idx: list[int]) -> list[str]:
+        outs = llm.generate(
+            [{"prompt_token_ids": rows[i]} for i in idx], [params(i) for i in idx], use_tqdm=False
+        )
+        return [o.outputs[0].text.strip() for o in outs]
+
+    done = _run_batches(_length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
+    return [done[i] for i in range(len(prompts))]
+
+
+def check_settings(
+    batch_size: int, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float
+) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if DTYPES[dtype] is not None:
+        return DTYPES[dtype]
+    # auto: bf16 where the GPU runs it natively; float32 on CPU (half precision is slow there)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _adapter_base(model: str) -> str | None:
+    cfg = Path(model) / "adapter_config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text())["base_model_name_or_path"]
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    base = _adapter_base(model)
+    source = model if base is None or (Path(model) / "tokenizer_config.json").exists() else base
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def load_model(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
+    """A model folder or name, or a LoRA adapter folder (its base is loaded under it)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
+    if _adapter_base(model) is not None:
+        from peft import AutoPeftModelForCausalLM
+
+        lm = AutoPeftModelForCausalLM.from_pretrained(model, **kwargs)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    return lm.to(dev).eval()
+
+
+def _load_vllm(model: str, dtype: str, seed: int, trust_remote_code: bool):
+    vllm = require_vllm()
+    if _adapter_base(model) is not None:
+        raise EngineError(
+            f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
+        )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return vllm.LLM(model=model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code)
+
+
+# ---------------------------------------------------------------- records and the output file
+
+
+def _string(source: str, i: int, raw: dict, name: str, required: bool) -> str:
+    value = raw.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{source}: record {i}, field '{name}': missing")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{source}: record {i}, field '{name}': expected a string, got {type(value).__name__}"
+        )
+    if required and not value.strip():
+        raise DataError(f"{source}: record {i}, field '{name}': empty")
+    return value
+
+
+def validate_instructions(rows: Sequence[Any], source: str) -> list[dict[str, Any]]:
+    """Check every record (instruction: non-empty string, input: string) before any model loads."""
+    out = []
+    for i, raw in enumerate(rows):
+        if not isinstance(raw, dict):
+            raise DataError(f"{source}: record {i}: expected an object, got {type(raw).__name__}")
+        instruction = _string(source, i, raw, "instruction", True)
+        out.append({**raw, "instruction": instruction, "input": _string(source, i, raw, "input", False)})
+    if not out:
+        raise DataError(f"{source}: no records")
+    return out
+
+
+def _key(rec: dict[str, Any]) -> tuple[str, str]:
+    return rec["instruction"], rec.get("input") or ""
+
+
+def write_json_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write to a temp file and rename: the file is always a whole JSON list, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of an earlier run, checked to come from the same model and settings."""
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: existing output file is not valid JSON ({err}); move it away") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: existing output file is not a JSON list; move it away")
+    # greedy answers do not depend on the seed
+    fields = ["generator", *[f for f in SETTINGS if f != "seed" or meta["temperature"] > 0]]
+    for j, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)):
+            raise DataError(f"{path}: record {j}: not an answer record; move the file away")
+        if not isinstance(row.get("output"), str):
+            raise DataError(f"{path}: record {j}, field 'output': missing; move the file away")
+        for f in fields:
+            if row.get(f) != meta[f]:
+                raise DataError(
+                    f"{path}: record {j} was made with {f}={row.get(f)!r}, this run uses {meta[f]!r}; "
+                    "use another --output_file or remove it"
+                )
+    return rows
+
+
+def match_answers(
+    inputs: list[dict[str, Any]], answers: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any] | None], list[dict[str, Any]]]:
+    """Pair earlier answers with inputs by (instruction, input); repeated keys pair in order."""
+    pool: dict[tuple[str, str], deque[dict[str, Any]]] = defaultdict(deque)
+    for row in answers:
+        pool[_key(row)].append(row)
+    matched = [pool[_key(rec)].popleft() if pool.get(_key(rec)) else None for rec in inputs]
+    extras = [row for rows in pool.values() for row in rows]
+    return matched, extras
+
+
+def _answer(rec: dict[str, Any], text: str, meta: dict[str, Any]) -> dict[str, Any]:
+    head = {"instruction": rec["instruction"], "input": rec["input"], "output": text, **meta}
+    return {**head, **{k: v for k, v in rec.items() if k not in head}}
+
+
+def _check_model_path(model: str) -> None:
+    # a path that is not there would otherwise reach the hub as a confusing "repo id" error
+    if not Path(model).exists() and (
+        Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+    ):
+        raise ValueError(f"{model}: model folder not found")
+
+
+def _model_name(model: str) -> str:
+    p = Path(model)
+    return p.resolve().name if p.exists() else model.rstrip("/").rsplit("/", 1)[-1]
+
+
+def generate_file(
+    model: str,
+    data_path: str | None,
+    output_file: str,
+    *,
+    prompt_template_name: str = "chat",
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int = 42,
+    engine: str = "hf",
+    generator: str | None = None,
+    dataset: str | None = None,
+    limit: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    records: list[dict] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Answer every instruction of data_path (or `records`) into output_file; returns its records.
+
+    Everything is checked (settings, records, an existing output file, the engine) before the
+    model loads. Records already answered in output_file are kept, not regenerated.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
+    _check_model_path(model)
+    if records is None:
+        if data_path is None:
+            raise ValueError("give data_path or records")
+        raw, source = read_raw(data_path)
+    else:
+        raw, source = records, data_path or "records"
+    inputs = validate_instructions(raw, source)[:limit]
+    if engine == "vllm":
+        require_vllm()
+
+    meta = {
+        "generator": generator or _model_name(model),
+        "dataset": dataset or (Path(data_path).stem if data_path else "records"),
+        "temperature": temperature,
+        "top_p": top_p,
+        "repetition_penalty": repetition_penalty,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    template = load_template(prompt_template_name, tokenizer)
+    meta["prompt_template"] = template.name
+    _warn_replaced_fields(inputs, meta)
+
+    out = Path(output_file)
+    matched, extras = match_answers(inputs, read_answers(out, meta))
+    if extras:
+        logger.warning("%s: %d earlier answers match no input record; kept at the end", out, len(extras))
+    pending = [i for i, row in enumerate(matched) if row is None]
+    logger.info(
+        "%d of %d records already answered in %s, skipped; %d to generate",
+        len(inputs) - len(pending),
+        len(inputs),
+        out,
+        len(pending),
+    )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> list[dict[str, Any]]:
+        rows = [row for row in matched if row is not None] + extras
+        write_json_atomic(out, rows)
+        return rows
+
+    if not pending:
+        return save()
+
+    def on_batch(idx: list[int], texts: list[str]) -> None:
+        for j, text in zip(idx, texts, strict=True):
+            matched[pending[j]] = _answer(inputs[pending[j]], text, meta)
+        save()
+
+    prompts = [template.plain(inputs[i]["instruction"], inputs[i]["input"]) for i in pending]
+    settings = dict(
+        add_special_tokens=template.adds_special_tokens,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        on_batch=on_batch,
+        progress=progress,
+    )
+    if engine == "vllm":
+        llm = _load_vllm(model, dtype, seed, trust_remote_code)
+        generate_texts_vllm(llm, tokenizer, prompts, **settings)
+    else:
+        lm = load_model(model, dtype, device, trust_remote_code)
+        generate_texts(lm, tokenizer, prompts, **settings)
+    logger.info("wrote %d answers to %s", len(inputs), out)
+    return save()
+
+
+def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    clash = sorted({k for rec in inputs for k in rec} & ({"output"} | set(meta)))
+    if clash:
+        logger.warning("input fields %s are replaced by the generated ones in the output", ", ".join(clash))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cut.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
+    p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
+    p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
+    p.add_argument("--prompt_template_name", default="chat", help="alpaca | chat | path to a .json template")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts generated at once")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42, help="sampling seed; a rerun reproduces the outputs")
+    p.add_argument("--engine", default="hf", choices=ENGINES)
+    p.add_argument("--generator", default=None, help="name in the output (default: the model folder's)")
+    p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto: bfloat16 on GPU, else fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = vars(build_parser().parse_args(argv))
+    try:
+        generate_file(args.pop("model"), args.pop("data_path"), args.pop("output_file"), **args)
+    except (DataError, ValueError, EngineError) as err:
+        print(f"cut.generate: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a model that cannot be loaded, a disk that cannot be written
+        print(f"cut.generate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

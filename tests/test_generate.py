@@ -1,0 +1,294 @@
+"""cut.generate on the tiny model: batching, resuming, crashes, the output format, bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import cut.generate as gen
+from cut.generate import EngineError, generate_file, generate_texts, main
+from cut.records import DataError
+from cut.templates import load_template
+
+# prompts of quite different lengths, so a batch of 4 holds real left padding
+INSTRUCTIONS = [
+    ("Hi", ""),
+    (
+        "What is the capital of France? Answer in one word, and say why it is Paris and not Lyon, "
+        "Marseille or any other city of the country.",
+        "",
+    ),
+    ("Add the numbers.", "3 and 4"),
+    ("Name a primary colour.", ""),
+    ("Say what the judgment says about the number, in full.", "The answer 8 is wrong; it is 7."),
+    ("x", ""),
+    ("Write a response that appropriately completes the request.", ""),
+]
+# cpu + float32: greedy ties and seeded samples do not depend on the hardware
+FAST = dict(max_new_tokens=10, progress=False, device="cpu", dtype="float32")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the tiny model gains nothing from threads, and they thrash on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _records() -> list[dict]:
+    return [
+        {"id": f"q{i}", "instruction": ins, "input": inp, "reference": f"ref {i}"}
+        for i, (ins, inp) in enumerate(INSTRUCTIONS)
+    ]
+
+
+@pytest.fixture()
+def questions(tmp_path):
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps(_records()))
+    return path
+
+
+def _read(path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def _no_tmp(folder) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_batched_greedy_equals_one_by_one(tiny_chat_model, questions, tmp_path, template):
+    one = generate_file(
+        str(tiny_chat_model), str(questions), str(tmp_path / "one.json"), batch_size=1,
+        prompt_template_name=template, **FAST,
+    )  # fmt: skip
+    many = generate_file(
+        str(tiny_chat_model), str(questions), str(tmp_path / "many.json"), batch_size=4,
+        prompt_template_name=template, **FAST,
+    )  # fmt: skip
+    assert [r["output"] for r in many] == [r["output"] for r in one]
+    assert len({r["output"] for r in one}) > 1, "every prompt got the same answer; the test is void"
+    assert [r["id"] for r in many] == [f"q{i}" for i in range(len(INSTRUCTIONS))]
+
+
+def _count_prompts(monkeypatch) -> list[int]:
+    """Wrap the batch generator to count the prompts each call generates."""
+    seen: list[int] = []
+    real = gen._generate_batch
+
+    def counting(model, tokenizer, rows, gen_config):
+        seen.append(len(rows))
+        return real(model, tokenizer, rows, gen_config)
+
+    monkeypatch.setattr(gen, "_generate_batch", counting)
+    return seen
+
+
+def test_resume_keeps_answered_records(tiny_model, questions, tmp_path, monkeypatch, caplog):
+    out = tmp_path / "answers.json"
+    args = (str(tiny_model), str(questions), str(out))
+    kw = dict(prompt_template_name="alpaca", batch_size=2, **FAST)
+    generate_file(*args, limit=3, **kw)
+    first = _read(out)
+    assert [r["id"] for r in first] == ["q0", "q1", "q2"]
+
+    seen = _count_prompts(monkeypatch)
+    with caplog.at_level("INFO", logger="cut.generate"):
+        generate_file(*args, **kw)
+    assert sum(seen) == len(INSTRUCTIONS) - 3, "answered records were generated again"
+    assert "3 of 7 records already answered" in caplog.text
+    final = _read(out)
+    assert [r["id"] for r in final] == [f"q{i}" for i in range(len(INSTRUCTIONS))]  # order, no dupes
+    assert [json.dumps(r) for r in final[:3]] == [json.dumps(r) for r in first]
+    assert _no_tmp(tmp_path)
+
+    # a third run has nothing to do and changes nothing
+    seen.clear()
+    assert generate_file(*args, **kw) == final and not seen
+
+
+def test_crash_after_first_batch_keeps_that_batch(tiny_model, questions, tmp_path, monkeypatch):
+    kw = dict(prompt_template_name="alpaca", batch_size=3, **FAST)
+    clean = generate_file(str(tiny_model), str(questions), str(tmp_path / "clean.json"), **kw)
+
+    real, calls = gen._generate_batch, []
+
+    def crash_second(*a):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("simulated crash")
+        return real(*a)
+
+    monkeypatch.setattr(gen, "_generate_batch", crash_second)
+    out = tmp_path / "answers.json"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        generate_file(str(tiny_model), str(questions), str(out), **kw)
+    partial = _read(out)
+    assert len(partial) == 3 and all(isinstance(r["output"], str) for r in partial)
+    ids = [r["id"] for r in partial]
+    assert ids == sorted(ids, key=lambda i: int(i[1:])), "the saved batch is not in input order"
+    assert _no_tmp(tmp_path)
+
+    monkeypatch.setattr(gen, "_generate_batch", real)
+    done = generate_file(str(tiny_model), str(questions), str(out), **kw)
+    assert done == _read(out) == clean
+
+
+def test_cli_writes_alpaca_eval_fields(tiny_model, tmp_path):
+    path = tmp_path / "eval_set.jsonl"  # jsonl in; a JSON list out
+    rows = _records()[:3]
+    rows[0]["output"] = "a reference answer the generated one replaces"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out" / "answers.json"
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    argv += ["--prompt_template_name", "alpaca", "--max_new_tokens", "6", "--batch_size", "2"]
+    assert main(argv) == 0
+    got = _read(out)
+    assert [r["instruction"] for r in got] == [r["instruction"] for r in rows]
+    first = got[0]
+    assert list(first)[:11] == [
+        "instruction", "input", "output", "generator", "dataset", "temperature", "top_p",
+        "repetition_penalty", "max_new_tokens", "seed", "prompt_template",
+    ]  # fmt: skip
+    assert first["generator"] == tiny_model.name and first["dataset"] == "eval_set"
+    assert (first["temperature"], first["top_p"], first["repetition_penalty"]) == (0.0, 1.0, 1.0)
+    assert (first["max_new_tokens"], first["seed"], first["prompt_template"]) == (6, 42, "alpaca")
+    assert (first["id"], first["reference"]) == ("q0", "ref 0")
+    assert first["output"] != rows[0]["output"] and all(isinstance(r["output"], str) for r in got)
+    assert got[2]["input"] == "3 and 4"
+
+    named = tmp_path / "named.json"
+    argv[5] = str(named)
+    assert main([*argv, "--generator", "my-model", "--dataset", "my-set", "--limit", "1"]) == 0
+    assert [(r["generator"], r["dataset"]) for r in _read(named)] == [("my-model", "my-set")]
+
+
+def test_seeded_sampling_is_reproducible(tiny_model, questions, tmp_path):
+    def sample(name: str, seed: int) -> list[str]:
+        rows = generate_file(
+            str(tiny_model), str(questions), str(tmp_path / name), prompt_template_name="alpaca",
+            batch_size=3, temperature=1.0, top_p=0.95, seed=seed, **FAST,
+        )  # fmt: skip
+        return [r["output"] for r in rows]
+
+    a, b, c = sample("a.json", 7), sample("b.json", 7), sample("c.json", 8)
+    assert a == b
+    assert a != c, "another seed gave the same samples; sampling is not on"
+
+
+def test_generate_texts_leaves_rng_and_train_mode(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).train()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [load_template("alpaca").plain(ins, inp) for ins, inp in INSTRUCTIONS[:3]]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    texts = generate_texts(model, tok, prompts, batch_size=2, temperature=1.0, seed=1, max_new_tokens=5)
+    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
+    assert torch.equal(torch.get_rng_state(), state), "generation moved the caller's RNG"
+    assert model.training, "generation left a training model in eval mode"
+
+
+def test_adapter_folder_is_loaded_under_its_base(tiny_model, questions, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(adapter)  # fresh LoRA: B = 0, so it answers exactly as the base does
+    kw = dict(prompt_template_name="alpaca", batch_size=4, limit=3, **FAST)
+    plain = generate_file(str(tiny_model), str(questions), str(tmp_path / "base.json"), **kw)
+    tuned = generate_file(str(adapter), str(questions), str(tmp_path / "lora.json"), **kw)
+    assert [r["output"] for r in tuned] == [r["output"] for r in plain]
+    assert tuned[0]["generator"] == "adapter"
+
+
+def test_vllm_missing_fails_at_once(tiny_model, questions, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises, installed or not
+    out = tmp_path / "answers.json"
+    with pytest.raises(EngineError, match=r"needs the vllm package \(pip install vllm\); use --engine hf"):
+        generate_file(str(tiny_model), str(questions), str(out), engine="vllm")
+    argv = ["--model", str(tiny_model), "--data_path", str(questions), "--output_file", str(out)]
+    assert main([*argv, "--engine", "vllm"]) == 2
+    assert "--engine vllm needs the vllm package" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_path, monkeypatch):
+    """A stand-in vllm module records what cut.generate hands it."""
+    calls: dict = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.setdefault("prompts", []).extend(prompts)
+            calls.setdefault("params", []).extend(params)
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text=f" n={len(p['prompt_token_ids'])} ")]) for p in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    rows = generate_file(
+        str(tiny_chat_model), str(questions), str(tmp_path / "v.json"), engine="vllm",
+        temperature=0.5, top_p=0.9, max_new_tokens=7, seed=3, dtype="bfloat16",
+    )  # fmt: skip
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    template = load_template("chat", tok)
+    want = [tok(template.plain(i, n), add_special_tokens=False)["input_ids"] for i, n in INSTRUCTIONS]
+    assert [r["output"] for r in rows] == [f"n={len(ids)}" for ids in want]
+    assert sorted(p["prompt_token_ids"] for p in calls["prompts"]) == sorted(want)
+    assert calls["init"]["dtype"] == "bfloat16" and calls["init"]["seed"] == 3
+    p = calls["params"][0]
+    assert (p["temperature"], p["top_p"], p["max_tokens"]) == (0.5, 0.9, 7)
+    assert len({p["seed"] for p in calls["params"]}) == len(INSTRUCTIONS), "one seed per request"
+
+
+@pytest.mark.parametrize(
+    "index, patch, message",
+    [
+        (1, {"instruction": None}, "record 1, field 'instruction': missing"),
+        (2, {"input": 3}, "record 2, field 'input': expected a string, got int"),
+        (0, {"instruction": "  "}, "record 0, field 'instruction': empty"),
+    ],
+)
+def test_bad_input_names_file_record_and_field(tiny_model, tmp_path, capsys, index, patch, message):
+    rows = _records()
+    rows[index].update(patch)
+    if patch.get("instruction", "") is None:
+        del rows[index]["instruction"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    out = tmp_path / "answers.json"
+    with pytest.raises(DataError, match=message) as err:
+        generate_file(str(tiny_model), str(path), str(out))
+    assert str(path) in str(err.value)
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_refuses_answers_made_with_other_settings(tiny_model, questions, tmp_path, capsys):
+    out = tmp_path / "answers.json"
+    generate_file(str(tiny_model), str(questions), str(out), prompt_template_name="alpaca", limit=1, **FAST)
+    before = out.read_text()
+    argv = ["--model", str(tiny_model), "--data_path", str(questions), "--output_file", str(out)]
+    argv += ["--prompt_template_name", "alpaca", "--max_new_tokens", "10"]
+    assert main([*argv, "--temperature", "0.7"]) == 2
+    assert "made with temperature=0.0, this run uses 0.7" in capsys.readouterr().err
+    assert main([*argv, "--batch_size", "0"]) == 2
+    argv[1] = str(tmp_path / "no_such_model")
+    assert main(argv) == 2
+    assert "no_such_model: model folder not found" in capsys.readouterr().err
+    assert out.read_text() == before

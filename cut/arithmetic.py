@@ -17,7 +17,22 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jon", "Kemi", "Liam", "Mei", "Noah"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jon",
+    "Kemi",
+    "Liam",
+    "Mei",
+    "Noah",
+]
 ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "coins", "stamps", "shells", "cards"]
 
 
@@ -37,7 +52,10 @@ def _problem(rng: random.Random) -> tuple[str, int]:
     if kind == 3:
         b = rng.randint(2, 9)
         q = rng.randint(2, 15)
-        return f"{name} shares {b * q} {item} equally among {b} friends. How many {item} does each friend get?", q
+        return (
+            f"{name} shares {b * q} {item} equally among {b} friends. How many {item} does each friend get?",
+            q,
+        )
     if kind == 4:
         c = rng.randint(2, 30)
         return f"What is {a} + {b} - {c}?", a + b - c
@@ -61,7 +79,9 @@ def make_problems(n: int, seed: int, exclude: set[str] | None = None) -> list[di
         if text in seen:
             continue
         seen.add(text)
-        out.append({"id": f"arith-{seed}-{len(out)}", "instruction": text, "input": "", "reference": str(answer)})
+        out.append(
+            {"id": f"arith-{seed}-{len(out)}", "instruction": text, "input": "", "reference": str(answer)}
+        )
     return out
 
 
@@ -98,7 +118,9 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cut.arithmetic", description="Write the arithmetic pool and held-out set.")
+    p = argparse.ArgumentParser(
+        prog="cut.arithmetic", description="Write the arithmetic pool and held-out set."
+    )
     p.add_argument("--pool", default="data/arithmetic_pool.json")
     p.add_argument("--heldout", default="data/arithmetic_heldout.json")
     p.add_argument("--n_pool", type=int, default=600)

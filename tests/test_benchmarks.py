@@ -1,0 +1,29 @@
+"""The benchmark script's fast suite: tiny sizes, so the script cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.run import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_fast_suite_writes_tables_chart_and_agreeing_losses(tmp_path):
+    assert main(["--suite", "fast", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "results.md").read_text()
+    for heading in ("## 1. One CUT step", "## 2. One epoch", "## 3. Scaling", "## Targets"):
+        assert heading in text
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    res = json.loads((tmp_path / "results.json").read_text())
+    thr = res["throughput"]
+    assert abs(thr["loss_cut"] - thr["loss_original"]) < 1e-4  # same loss, or speed means nothing
+    assert set(thr["variants"]) == {"cut", "original", "sft", "trl"}
+    for row in res["memory"]:
+        assert abs(row["cut"]["loss"] - row["original"]["loss"]) < 1e-4
+        # (a) runs fewer sequences than (b) for the same negatives: 4 real rows, never padding rows
+        assert row["cut"]["tokens"] == row["original"]["tokens"]
+    # cut processes n_pos + 2 n_neg sequences; SFT one per record
+    assert thr["variants"]["cut"]["tokens"] > thr["variants"]["sft"]["tokens"]

@@ -1,0 +1,470 @@
+"""Online CUT: generate -> judge -> CUT-train -> merge, round after round, resumable.
+
+    python -m cut.online --config configs/online_demo.yaml      (or: bash scripts/online_loop.sh)
+
+Each round r works in output_dir/round_r/ and records every stage in manifest.json:
+
+    sample    N instructions from the pool (seeded permutation; rounds never share one)
+    generate  the current model answers them                 -> responses.json (AlpacaEval format)
+    judge     one judgment per response                      -> judged.json (failures recorded)
+    build     the training file, failed judgments left out   -> train.json
+    train     torchrun -m cut.train from the current model    -> adapter/
+    merge     the adapter folded into the current model      -> model/ (next round's model)
+    eval      accuracy on the held-out set (when one is given) -> eval.json
+
+Rerunning the same command continues from the last completed stage: a stage marked done in the
+manifest is never redone; a stage that was cut off is redone cleanly (generation and judging keep
+what was already answered or paid for; training and merging start again from nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import FIELDS as TRAIN_FIELDS
+from .config import ConfigError, coerce
+
+logger = logging.getLogger("cut.online")
+
+STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
+GENERATE_KEYS = {
+    "prompt_template_name",
+    "batch_size",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "engine",
+    "dtype",
+}
+JUDGE_KEYS = {
+    "kind",
+    "base_url",
+    "model",
+    "api_key_env",
+    "prompt_file",
+    "concurrency",
+    "timeout",
+    "max_retries",
+    "max_tokens",
+    "batch_size",
+    "max_new_tokens",
+}
+TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
+
+
+@dataclass
+class OnlineConfig:
+    base_model: str = ""  # the round-1 model
+    output_dir: str = "saved_models/online"
+    pool: str = (
+        ""  # instructions to sample from (JSON / JSONL; a `reference` field feeds the reference judge)
+    )
+    heldout: str = ""  # optional: problems with `reference`, scored after each round
+    rounds: int = 2
+    instructions_per_round: int = 64
+    seed: int = 0
+    nproc_per_node: int = 1  # training processes (torchrun); 1 runs plain python
+    merge_dtype: str = "auto"
+    eval_max_new_tokens: int = 64
+    eval_batch_size: int = 16
+    generate: dict[str, Any] = field(default_factory=dict)
+    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "reference"})
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("base_model", "pool"):
+            if not getattr(self, name):
+                raise ConfigError(f"online: missing required option {name}")
+        if self.rounds < 1 or self.instructions_per_round < 1:
+            raise ConfigError("online: rounds and instructions_per_round must be >= 1")
+        for section, allowed in (("generate", GENERATE_KEYS), ("judge", JUDGE_KEYS)):
+            unknown = set(getattr(self, section)) - allowed
+            if unknown:
+                raise ConfigError(f"online: unknown {section} option(s): {', '.join(sorted(unknown))}")
+        unknown = set(self.train) - set(TRAIN_FIELDS)
+        if unknown:
+            raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
+        owned = set(self.train) & TRAIN_OWNED
+        if owned:
+            raise ConfigError(
+                f"online: train option(s) {', '.join(sorted(owned))} are set by the loop per round"
+            )
+        self.train = {k: coerce(k, v) for k, v in self.train.items()}
+        if self.judge.get("kind", "reference") not in ("reference", "openai", "local"):
+            raise ConfigError(
+                f"online: judge kind must be reference, openai or local, got {self.judge.get('kind')!r}"
+            )
+
+
+def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    known = {f.name for f in dataclasses.fields(OnlineConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(unknown))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = OnlineConfig(**data)
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------- files and the manifest
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def read_rows(path: str) -> list[dict]:
+    from .records import read_raw
+
+    rows, _ = read_raw(path)
+    return rows
+
+
+class Round:
+    """One round's folder and manifest; stage status lives only in manifest.json."""
+
+    def __init__(self, root: Path, index: int, model_in: str):
+        self.dir = root / f"round_{index}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.path = self.dir / "manifest.json"
+        self.manifest = (
+            json.loads(self.path.read_text())
+            if self.path.exists()
+            else {
+                "round": index,
+                "model_in": model_in,
+                "stages": {},
+                "counts": {},
+                "outputs": {},
+            }
+        )
+        if self.manifest["model_in"] != model_in:
+            raise RuntimeError(f"{self.path}: was started from {self.manifest['model_in']}, not {model_in}")
+
+    def done(self, stage: str) -> bool:
+        return self.manifest["stages"].get(stage, {}).get("status") == "done"
+
+    def save(self) -> None:
+        write_json(self.path, self.manifest)
+
+    def run(self, stage: str, fn) -> None:
+        if self.done(stage):
+            return
+        entry = self.manifest["stages"].setdefault(stage, {})
+        entry["attempts"] = entry.get("attempts", 0) + 1
+        if entry.get("status") == "running":
+            logger.info("round %d: stage %s was cut off; redoing it", self.index, stage)
+        entry["status"] = "running"
+        self.save()
+        start = time.time()
+        logger.info("round %d: %s", self.index, stage)
+        result = fn() or {}
+        entry.update(status="done", wall_s=round(time.time() - start, 2))
+        for key in ("counts", "outputs"):
+            self.manifest[key].update(result.get(key, {}))
+        for key in ("train_metrics", "accuracy"):
+            if key in result:
+                self.manifest[key] = result[key]
+        self.save()
+
+
+# ---------------------------------------------------------------- stages
+
+
+def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int) -> list[dict]:
+    """Round r takes slice r of one seeded permutation: no instruction is reused across rounds."""
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    lo, hi = (round_index - 1) * n, round_index * n
+    if hi > len(pool):
+        raise ConfigError(f"the pool has {len(pool)} instructions; {round_index} rounds of {n} need {hi}")
+    return [pool[i] for i in order[lo:hi]]
+
+
+def make_judge(spec: dict[str, Any], cache_file: Path):
+    from . import judge as J
+
+    kind = spec.get("kind", "reference")
+    if kind == "reference":
+        return J.ReferenceJudge()
+    prompt = J.load_prompt(spec.get("prompt_file"))
+    if kind == "openai":
+        keys = ("concurrency", "timeout", "max_retries", "max_tokens", "api_key_env")
+        return J.OpenAIJudge(
+            spec["base_url"],
+            spec["model"],
+            prompt=prompt,
+            cache_file=str(cache_file),
+            **{k: spec[k] for k in keys if k in spec},
+        )
+    return J.LocalJudge(
+        spec["model"], prompt=prompt, **{k: spec[k] for k in ("batch_size", "max_new_tokens") if k in spec}
+    )
+
+
+def build_training_file(judged: Path, out: Path) -> dict[str, Any]:
+    rows = json.loads(judged.read_text())
+    keep = [r for r in rows if not r.get("judge_error")]
+    write_json(out, keep)
+    neg = sum(1 for r in keep if r.get("judgment") is not None)
+    return {
+        "counts": {
+            "train_records": len(keep),
+            "failed_left_out": len(rows) - len(keep),
+            "train_negatives": neg,
+            "train_positives": len(keep) - neg,
+        }
+    }
+
+
+def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
+    adapter = rnd.dir / "adapter"
+    if adapter.exists():  # a half-done training run is redone from nothing
+        shutil.rmtree(adapter)
+    train_cfg = {
+        **cfg.train,
+        "base_model": model_in,
+        "data_path": str(rnd.dir / "train.json"),
+        "output_dir": str(adapter),
+    }
+    conf = rnd.dir / "train_config.yaml"
+    conf.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
+    if cfg.nproc_per_node > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={cfg.nproc_per_node}",
+            "-m",
+            "cut.train",
+            "--config",
+            str(conf),
+        ]
+    else:
+        cmd = [sys.executable, "-m", "cut.train", "--config", str(conf)]
+    logger.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    metrics = json.loads((adapter / "metrics.json").read_text())
+    steps = [h for h in metrics["log_history"] if "mle" in h and "loss" in h]
+    summary = {
+        "train_loss": metrics["train"].get("train_loss"),
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
+        "mean_flagged": sum(h["flagged"] for h in steps) / len(steps) if steps else None,
+        "steps": len(steps),
+        "data": metrics["counts"],
+    }
+    return {"train_metrics": summary, "outputs": {"adapter": str(adapter)}}
+
+
+def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[str, Any]:
+    """Greedy answers to the held-out problems; accuracy of their final numbers."""
+    from .arithmetic import answers_match, extract_final_answer
+    from .generate import generate_texts, load_model, load_tokenizer
+    from .templates import load_template
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path)
+    template = load_template(cfg.generate.get("prompt_template_name", "chat"), tokenizer)
+    prompts = [template.plain(r["instruction"], r.get("input") or "") for r in heldout]
+    texts = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        add_special_tokens=template.adds_special_tokens,
+        batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        temperature=0.0,
+    )
+    right = [
+        answers_match(extract_final_answer(t), str(r["reference"]))
+        for t, r in zip(texts, heldout, strict=True)
+    ]
+    return {
+        "accuracy": sum(right) / len(right),
+        "correct": sum(right),
+        "total": len(right),
+        "answers": [
+            {"instruction": r["instruction"], "output": t, "reference": r["reference"], "correct": ok}
+            for r, t, ok in zip(heldout, texts, right, strict=True)
+        ],
+    }
+
+
+def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], heldout: list[dict]) -> Round:
+    from .generate import generate_file
+    from .judge import judge_file
+    from .merge import merge
+
+    rnd = Round(Path(cfg.output_dir), index, model_in)
+    d = rnd.dir
+    rnd.run(
+        "sample",
+        lambda: (
+            write_json(
+                d / "instructions.json",
+                sample_instructions(pool, cfg.instructions_per_round, index, cfg.seed),
+            ),
+            {
+                "counts": {"instructions": cfg.instructions_per_round},
+                "outputs": {"instructions": str(d / "instructions.json")},
+            },
+        )[1],
+    )
+
+    def generate():
+        gen = {"prompt_template_name": "chat", **cfg.generate}
+        gen["seed"] = gen.get("seed", cfg.seed) + index  # fresh samples each round, reproducible
+        rows = generate_file(
+            model_in,
+            str(d / "instructions.json"),
+            str(d / "responses.json"),
+            generator=f"round_{index - 1}" if index > 1 else Path(model_in).name,
+            dataset="online-pool",
+            **gen,
+        )
+        return {"counts": {"responses": len(rows)}, "outputs": {"responses": str(d / "responses.json")}}
+
+    def judge():
+        counts = judge_file(
+            str(d / "responses.json"), str(d / "judged.json"), make_judge(cfg.judge, d / "judge_cache.jsonl")
+        )
+        return {
+            "counts": {
+                "positive": counts["positive"],
+                "negative": counts["negative"],
+                "failed_judgments": counts["failed"],
+                "failed_reasons": counts["failed_reasons"],
+            },
+            "outputs": {"judged": str(d / "judged.json")},
+        }
+
+    def merge_stage():
+        out = merge(model_in, str(d / "adapter"), str(d / "model"), cfg.merge_dtype)
+        return {"outputs": {"model": str(out)}}
+
+    def eval_stage():
+        if not heldout:
+            return {}
+        res = evaluate(str(d / "model"), heldout, cfg)
+        write_json(d / "eval.json", res)
+        return {"accuracy": res["accuracy"], "outputs": {"eval": str(d / "eval.json")}}
+
+    rnd.run("generate", generate)
+    rnd.run("judge", judge)
+    rnd.run("build", lambda: build_training_file(d / "judged.json", d / "train.json"))
+    rnd.run("train", lambda: train_round(cfg, rnd, model_in))
+    rnd.run("merge", merge_stage)
+    rnd.run("eval", eval_stage)
+    return rnd
+
+
+def baseline_accuracy(cfg: OnlineConfig, heldout: list[dict]) -> float | None:
+    """Held-out accuracy of the round-1 model, computed once and kept in round_0/eval.json."""
+    if not heldout:
+        return None
+    path = Path(cfg.output_dir) / "round_0" / "eval.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, evaluate(cfg.base_model, heldout, cfg))
+    return json.loads(path.read_text())["accuracy"]
+
+
+def run(cfg: OnlineConfig) -> dict[str, Any]:
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(root / "online_config.json", dataclasses.asdict(cfg))
+    pool = read_rows(cfg.pool)
+    heldout = read_rows(cfg.heldout) if cfg.heldout else []
+    start = time.time()
+    acc0 = baseline_accuracy(cfg, heldout)
+    if acc0 is not None:
+        print(f"round 0 (the starting model): held-out accuracy {acc0:.1%}", flush=True)
+    model = cfg.base_model
+    rounds = []
+    for r in range(1, cfg.rounds + 1):
+        rnd = run_round(cfg, r, model, pool, heldout)
+        m = rnd.manifest
+        model = m["outputs"]["model"]
+        walls = {s: m["stages"][s].get("wall_s") for s in STAGES}
+        rounds.append(
+            {
+                "round": r,
+                "accuracy": m.get("accuracy"),
+                "counts": m["counts"],
+                "train": m.get("train_metrics"),
+                "wall_s": walls,
+            }
+        )
+        c = m["counts"]
+        acc = f"held-out accuracy {m['accuracy']:.1%}; " if m.get("accuracy") is not None else ""
+        print(
+            f"round {r}: {acc}{c.get('positive', 0)} positives, {c.get('negative', 0)} negatives, "
+            f"{c.get('failed_judgments', 0)} failed judgments; stage seconds "
+            + ", ".join(f"{s} {w:.0f}" for s, w in walls.items() if w is not None),
+            flush=True,
+        )
+    summary = {
+        "baseline_accuracy": acc0,
+        "rounds": rounds,
+        "final_model": model,
+        "wall_s": round(time.time() - start, 1),
+    }
+    write_json(root / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(prog="cut.online", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--config", required=True, help="YAML: OnlineConfig fields, with generate / judge / train sections"
+    )
+    p.add_argument("--output_dir", help="override the config's output_dir")
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--base_model", help="override the round-1 model")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(
+            args.config, {"output_dir": args.output_dir, "rounds": args.rounds, "base_model": args.base_model}
+        )
+        if (
+            cfg.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
+            and not Path(cfg.base_model).exists()
+        ):
+            from .smollm import ensure_smollm2
+
+            ensure_smollm2(cfg.base_model)
+        run(cfg)
+    except ConfigError as err:
+        print(f"cut.online: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

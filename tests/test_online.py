@@ -1,0 +1,138 @@
+"""cut.online with a tiny model: two rounds, a kill in the middle of a stage, and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cut.arithmetic import make_problems
+from cut.online import sample_instructions
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp: Path, tiny_model: Path) -> Path:
+    pool = tmp / "pool.json"
+    pool.write_text(json.dumps(make_problems(40, seed=3)))
+    heldout = tmp / "heldout.json"
+    heldout.write_text(json.dumps(make_problems(6, seed=4)))
+    conf = {
+        "base_model": str(tiny_model),
+        "output_dir": str(tmp / "online"),
+        "pool": str(pool),
+        "heldout": str(heldout),
+        "rounds": 2,
+        "instructions_per_round": 8,
+        "seed": 1,
+        "eval_max_new_tokens": 6,
+        "eval_batch_size": 4,
+        "generate": {
+            "prompt_template_name": "alpaca",
+            "batch_size": 4,
+            "max_new_tokens": 8,
+            "temperature": 1.0,
+        },
+        "judge": {"kind": "reference"},
+        "train": {
+            "prompt_template_name": "alpaca",
+            "cutoff_len": 128,
+            "batch_size": 4,
+            "micro_batch_size": 4,
+            "max_steps": 2,
+            "lora_target_modules": ["all-linear"],
+            "save_steps": 1,
+            "learning_rate": 0.01,
+        },
+    }
+    path = tmp / "online.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def launch(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cut.online", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def manifest(root: Path, r: int) -> dict:
+    path = root / f"round_{r}" / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"stages": {}}
+
+
+def test_sampling_is_seeded_and_never_reuses():
+    pool = [{"instruction": str(i)} for i in range(30)]
+    rounds = [sample_instructions(pool, 10, r, seed=5) for r in (1, 2, 3)]
+    seen = [x["instruction"] for rnd in rounds for x in rnd]
+    assert len(set(seen)) == 30
+    assert rounds[0] == sample_instructions(pool, 10, 1, seed=5) != sample_instructions(pool, 10, 1, seed=6)
+    with pytest.raises(ValueError):
+        sample_instructions(pool, 10, 4, seed=5)
+
+
+def test_two_rounds_killed_mid_stage_then_resumed(tiny_model, tmp_path):
+    config = write_config(tmp_path, tiny_model)
+    root = tmp_path / "online"
+    proc = launch(config)
+    deadline = time.time() + 240
+    # kill the whole process group while round 2 is training (torchrun / cut.train child included)
+    while time.time() < deadline and proc.poll() is None:
+        if manifest(root, 2)["stages"].get("train", {}).get("status") == "running":
+            time.sleep(0.3)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    m2 = manifest(root, 2)
+    assert m2["stages"]["train"]["status"] == "running" and "merge" not in m2["stages"]
+    done_before = {s: v["wall_s"] for s, v in manifest(root, 1)["stages"].items()}
+
+    proc = launch(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "round 2: held-out accuracy" in out and "was cut off; redoing it" in out
+
+    # round 1 was complete and is not redone; round 2's train stage ran twice, the rest once
+    m1, m2 = manifest(root, 1), manifest(root, 2)
+    assert {s: v["wall_s"] for s, v in m1["stages"].items()} == done_before
+    assert all(v["status"] == "done" for m in (m1, m2) for v in m["stages"].values())
+    assert m2["stages"]["train"]["attempts"] == 2 and m2["stages"]["generate"]["attempts"] == 1
+    assert m2["model_in"] == m1["outputs"]["model"]
+
+    seen = []
+    for r in (1, 2):
+        d = root / f"round_{r}"
+        instr = [x["instruction"] for x in json.loads((d / "instructions.json").read_text())]
+        resp = [x["instruction"] for x in json.loads((d / "responses.json").read_text())]
+        judged = json.loads((d / "judged.json").read_text())
+        assert len(instr) == len(set(instr)) == 8
+        assert resp == instr  # every instruction answered exactly once, in order
+        assert sorted(x["instruction"] for x in judged) == sorted(instr)
+        for rec in json.loads((d / "train.json").read_text()):
+            assert not rec.get("judge_error")
+        c = json.loads((d / "manifest.json").read_text())["counts"]
+        assert c["positive"] + c["negative"] + c["failed_judgments"] == 8
+        assert (d / "model" / "model.safetensors").exists() and (d / "eval.json").exists()
+        seen += instr
+    assert len(set(seen)) == 16  # no instruction reused across rounds
+    summary = json.loads((root / "summary.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert 0.0 <= summary["baseline_accuracy"] <= 1.0

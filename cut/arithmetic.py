@@ -10,12 +10,12 @@ with the reference numerically.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 import sys
 from fractions import Fraction
-from pathlib import Path
+
+from .io import write_json_atomic
 
 NAMES = [
     "Ana",
@@ -110,13 +110,6 @@ def answers_match(predicted: str | None, reference: str) -> bool:
     return p is not None and r is not None and p == r
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="cut.arithmetic", description="Write the arithmetic pool and held-out set."
@@ -129,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     heldout = make_problems(args.n_heldout, seed=args.seed + 1)
     pool = make_problems(args.n_pool, seed=args.seed, exclude={r["instruction"] for r in heldout})
-    _write(Path(args.heldout), heldout)
-    _write(Path(args.pool), pool)
+    write_json_atomic(args.heldout, heldout)
+    write_json_atomic(args.pool, pool)
     print(f"wrote {len(pool)} pool problems to {args.pool}, {len(heldout)} held-out to {args.heldout}")
     return 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import load_yaml
+from .io import write_json_atomic
 from .loss import label_logprobs
 from .pairs import tokenize_example
 from .records import build_examples, load_records
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     _stage("4/4 what changed")
     summary = report(cfg, Path(args.merged_dir))
     summary["wall_s"] = round(time.time() - start, 1)
-    (Path(cfg["output_dir"]).parent / "report.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(Path(cfg["output_dir"]).parent / "report.json", summary)
     print(
         f"\ndemo finished in {summary['wall_s']:.0f} s; report in {Path(cfg['output_dir']).parent / 'report.json'}"
     )

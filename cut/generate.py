@@ -26,7 +26,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 import zlib
 from collections import defaultdict, deque
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .io import write_json_atomic
 from .records import DataError, read_raw
 from .templates import load_template
 
@@ -354,20 +354,6 @@ def validate_instructions(rows: Sequence[Any], source: str) -> list[dict[str, An
 
 def _key(rec: dict[str, Any]) -> tuple[str, str]:
     return rec["instruction"], rec.get("input") or ""
-
-
-def write_json_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write to a temp file and rename: the file is always a whole JSON list, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:

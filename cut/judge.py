@@ -37,7 +37,6 @@ import os
 import random
 import string
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -51,6 +50,7 @@ from typing import Any, NamedTuple, Protocol, TextIO
 from tqdm.auto import tqdm
 
 from .arithmetic import answers_match, extract_final_answer
+from .io import write_json_atomic
 from .records import DataError, read_raw, says_perfect
 
 logger = logging.getLogger("cut.judge")
@@ -511,23 +511,6 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
         row["judge_error"] = verdict.error or "unknown failure"
     row.update({k: v for k, v in record.items() if k not in OWN_FIELDS | STALE_FIELDS})
     return row
-
-
-def write_json_atomic(path: str, rows: list[dict]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_output_path(path: str) -> None:

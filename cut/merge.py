@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .io import build_dir_atomic
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,25 +40,14 @@ def merge(
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base_model)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust_remote_code)
 
-    out = Path(output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    meta = {"base_model": str(base_model), "adapter": str(adapter_dir), "dtype": str(target)}
+
+    def build(tmp: Path) -> None:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "cut_merge.json").write_text(
-            json.dumps(
-                {"base_model": str(base_model), "adapter": str(adapter_dir), "dtype": str(target)}, indent=1
-            )
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+        (tmp / "cut_merge.json").write_text(json.dumps(meta, indent=1))
+
+    return build_dir_atomic(output_dir, build)
 
 
 def _config_dtype(base_model: str) -> torch.dtype:

@@ -37,6 +37,7 @@ import yaml
 
 from .config import FIELDS as TRAIN_FIELDS
 from .config import ConfigError, coerce
+from .io import write_json_atomic
 
 logger = logging.getLogger("cut.online")
 
@@ -130,12 +131,6 @@ def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
 # ---------------------------------------------------------------- files and the manifest
 
 
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-
-
 def read_rows(path: str) -> list[dict]:
     from .records import read_raw
 
@@ -169,7 +164,7 @@ class Round:
         return self.manifest["stages"].get(stage, {}).get("status") == "done"
 
     def save(self) -> None:
-        write_json(self.path, self.manifest)
+        write_json_atomic(self.path, self.manifest)
 
     def run(self, stage: str, fn) -> None:
         if self.done(stage):
@@ -229,7 +224,7 @@ def make_judge(spec: dict[str, Any], cache_file: Path):
 def build_training_file(judged: Path, out: Path) -> dict[str, Any]:
     rows = json.loads(judged.read_text())
     keep = [r for r in rows if not r.get("judge_error")]
-    write_json(out, keep)
+    write_json_atomic(out, keep)
     neg = sum(1 for r in keep if r.get("judgment") is not None)
     return {
         "counts": {
@@ -325,7 +320,7 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
     rnd.run(
         "sample",
         lambda: (
-            write_json(
+            write_json_atomic(
                 d / "instructions.json",
                 sample_instructions(pool, cfg.instructions_per_round, index, cfg.seed),
             ),
@@ -371,7 +366,7 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
         if not heldout:
             return {}
         res = evaluate(str(d / "model"), heldout, cfg)
-        write_json(d / "eval.json", res)
+        write_json_atomic(d / "eval.json", res)
         return {"accuracy": res["accuracy"], "outputs": {"eval": str(d / "eval.json")}}
 
     rnd.run("generate", generate)
@@ -390,14 +385,14 @@ def baseline_accuracy(cfg: OnlineConfig, heldout: list[dict]) -> float | None:
     path = Path(cfg.output_dir) / "round_0" / "eval.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, evaluate(cfg.base_model, heldout, cfg))
+        write_json_atomic(path, evaluate(cfg.base_model, heldout, cfg))
     return json.loads(path.read_text())["accuracy"]
 
 
 def run(cfg: OnlineConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "online_config.json", dataclasses.asdict(cfg))
+    write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
     pool = read_rows(cfg.pool)
     heldout = read_rows(cfg.heldout) if cfg.heldout else []
     start = time.time()
@@ -434,7 +429,7 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
         "final_model": model,
         "wall_s": round(time.time() - start, 1),
     }
-    write_json(root / "summary.json", summary)
+    write_json_atomic(root / "summary.json", summary)
     return summary
 
 

@@ -11,7 +11,6 @@ output_dir/cut_config.yaml first; the adapter (or full model), tokenizer and met
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainConfig, parse_config
+from .io import write_json_atomic
 from .pairs import CUTCollator, tokenize_example
 from .records import DataError, build_examples, load_records
 from .templates import load_template
@@ -266,9 +266,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        tmp = out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1))
-        tmp.replace(out / "metrics.json")
+        write_json_atomic(out / "metrics.json", metrics)
         logger.info("saved %s to %s", "model" if cfg.full_finetune else "adapter", out)
     return metrics
 

@@ -85,15 +85,18 @@ def make_problems(n: int, seed: int, exclude: set[str] | None = None) -> list[di
     return out
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# a minus sign counts only where it cannot be a hyphen or an operator ("10-12" is not "-12")
+_NUMBER = r"(?:(?<![\w)])-)?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_ANSWER = re.compile(r"answer\s*(?:is|:|=)?\s*(?:\$\s*)?(" + _NUMBER + ")", re.IGNORECASE)
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The last number stated in a response ('... so the answer is 1,234.' -> '1234'), or None."""
-    matches = _NUMBER.findall(text or "")
+    """The number after the last 'answer is', else the last number stated ('1,234' -> '1234'); None if none."""
+    stated = _ANSWER.findall(text or "")
+    matches = stated or re.findall(_NUMBER, text or "")
     if not matches:
         return None
-    return matches[-1].replace(",", "").rstrip(".")
+    return matches[-1].replace(",", "")
 
 
 def _value(s: str) -> Fraction | None:

@@ -84,6 +84,10 @@ def read_raw(path: str) -> tuple[list[Any], str]:
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data, path
+    if p.suffix and not p.is_dir():
+        raise DataError(
+            f"{path}: unknown data file type {p.suffix!r}: use .json, .jsonl or a datasets folder"
+        )
     return _read_datasets(path), path
 
 

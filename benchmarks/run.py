@@ -384,10 +384,10 @@ def write_report(
     checks = []
     for r in memory:
         a, b, c = r["cut"], r["original"], r["sft"]
-        ab = a["peak_mb"]["median"] / b["peak_mb"]["median"] if b["peak_mb"] else None
+        ab = a["peak_mb"]["median"] / b["peak_mb"]["median"] if a["peak_mb"] and b["peak_mb"] else None
         ac = (
             (a["peak_mb"]["median"] / a["tokens"]) / (c["peak_mb"]["median"] / c["tokens"])
-            if c["peak_mb"]
+            if a["peak_mb"] and c["peak_mb"]
             else None
         )
         lines.append(
@@ -456,8 +456,7 @@ def write_report(
             "",
         ]
     lines += [
-        "## 3. Scaling with sequence length (1 negative = 2 sequences, vocab "
-        f"{scaling[0]['cut']['tokens'] and SUITES[suite]['scale_vocab']})",
+        f"## 3. Scaling with sequence length (1 negative = 2 sequences, vocab {SUITES[suite]['scale_vocab']})",
         "",
         "| seq | tokens | cut step s | sft step s | cut MiB | sft MiB |",
         "|---|---|---|---|---|---|",

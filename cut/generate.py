@@ -37,8 +37,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import write_json_atomic
-from .records import DataError, read_raw
-from .templates import load_template
+from .records import DataError, check_object, read_raw, text_field
+from .templates import load_template, resolve_template_name
 
 logger = logging.getLogger("cut.generate")
 
@@ -324,29 +324,15 @@ def _load_vllm(model: str, dtype: str, seed: int, trust_remote_code: bool):
 # ---------------------------------------------------------------- records and the output file
 
 
-def _string(source: str, i: int, raw: dict, name: str, required: bool) -> str:
-    value = raw.get(name)
-    if value is None:
-        if required:
-            raise DataError(f"{source}: record {i}, field '{name}': missing")
-        return ""
-    if not isinstance(value, str):
-        raise DataError(
-            f"{source}: record {i}, field '{name}': expected a string, got {type(value).__name__}"
-        )
-    if required and not value.strip():
-        raise DataError(f"{source}: record {i}, field '{name}': empty")
-    return value
-
-
 def validate_instructions(rows: Sequence[Any], source: str) -> list[dict[str, Any]]:
     """Check every record (instruction: non-empty string, input: string) before any model loads."""
     out = []
     for i, raw in enumerate(rows):
-        if not isinstance(raw, dict):
-            raise DataError(f"{source}: record {i}: expected an object, got {type(raw).__name__}")
-        instruction = _string(source, i, raw, "instruction", True)
-        out.append({**raw, "instruction": instruction, "input": _string(source, i, raw, "input", False)})
+        check_object(source, i, raw)
+        instruction = text_field(source, i, raw, "instruction", True)
+        out.append(
+            {**raw, "instruction": instruction, "input": text_field(source, i, raw, "input", False) or ""}
+        )
     if not out:
         raise DataError(f"{source}: no records")
     return out
@@ -417,7 +403,7 @@ def generate_file(
     data_path: str | None,
     output_file: str,
     *,
-    prompt_template_name: str = "chat",
+    prompt_template_name: str = "auto",
     batch_size: int = 8,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
@@ -465,7 +451,7 @@ def generate_file(
         "seed": seed,
     }
     tokenizer = load_tokenizer(model, trust_remote_code)
-    template = load_template(prompt_template_name, tokenizer)
+    template = load_template(resolve_template_name(prompt_template_name, model, tokenizer), tokenizer)
     meta["prompt_template"] = template.name
     _warn_replaced_fields(inputs, meta)
 
@@ -533,7 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
     p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
     p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
-    p.add_argument("--prompt_template_name", default="chat", help="alpaca | chat | path to a .json template")
+    p.add_argument(
+        "--prompt_template_name",
+        default="auto",
+        help="alpaca | chat | path to a .json template | auto: the one the model was CUT-trained with "
+        "(its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="prompts generated at once")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -40,9 +40,12 @@ def build_dir_atomic(dest: str | os.PathLike, build: Callable[[Path], None]) -> 
     try:
         tmp.chmod(0o755)
         build(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        if dest.exists():  # swap by two renames: dest is whole (old or new) at every moment but one
+            dest.rename(old)
         tmp.rename(dest)
+        if old.exists():
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from .arithmetic import answers_match, extract_final_answer
 from .io import write_json_atomic
-from .records import DataError, read_raw, says_perfect
+from .records import DataError, check_object, read_raw, says_perfect, text_field
 
 logger = logging.getLogger("cut.judge")
 
@@ -481,21 +481,11 @@ def read_inputs(path: str) -> list[dict[str, Any]]:
 
 
 def _check_input(source: str, i: int, row: Any) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise DataError(f"{source}: record {i}: expected an object, got {type(row).__name__}")
-    for name, required in (("instruction", True), ("output", True), ("input", False)):
-        value = row.get(name)
-        if value is None and not required:
-            continue
-        if value is None:
-            raise DataError(f"{source}: record {i}, field '{name}': missing")
-        if not isinstance(value, str):
-            raise DataError(
-                f"{source}: record {i}, field '{name}': expected a string, got {type(value).__name__}"
-            )
-    if not row["instruction"].strip():
-        raise DataError(f"{source}: record {i}, field 'instruction': empty")
-    return {**row, "input": row.get("input") or ""}
+    check_object(source, i, row)
+    text_field(source, i, row, "instruction", True)
+    if text_field(source, i, row, "output", False) is None:  # an empty response is judged as a failure
+        raise DataError(f"{source}: record {i}, field 'output': missing")
+    return {**row, "input": text_field(source, i, row, "input", False) or ""}
 
 
 def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from .generate import DTYPES
 from .io import build_dir_atomic
-
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge(
@@ -34,7 +34,7 @@ def merge(
     base = AutoModelForCausalLM.from_pretrained(
         base_model, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
-    target = DTYPES[dtype] or _config_dtype(base_model)
+    target = DTYPES[dtype] or _config_dtype(base_model, trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(target)
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base_model)
@@ -46,18 +46,21 @@ def merge(
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "cut_merge.json").write_text(json.dumps(meta, indent=1))
+        if (adapter_dir / "cut_config.yaml").exists():  # generation finds the training template here
+            shutil.copy2(adapter_dir / "cut_config.yaml", tmp / "cut_config.yaml")
 
     return build_dir_atomic(output_dir, build)
 
 
-def _config_dtype(base_model: str) -> torch.dtype:
-    """The dtype the base model was saved in (what `auto` keeps)."""
-    try:
-        cfg = json.loads((Path(base_model) / "config.json").read_text())
-    except OSError:
-        return torch.float32
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return DTYPES.get(name) or torch.float32
+def _config_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the base model was saved in (what `auto` keeps), for a folder or a hub name."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    name = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
+    if isinstance(name, torch.dtype):
+        return name
+    return DTYPES.get(str(name).replace("torch.", "")) or torch.float32
 
 
 def main(argv: list[str] | None = None) -> int:

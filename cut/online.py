@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import hashlib
 import json
 import logging
 import os
@@ -35,9 +37,11 @@ from typing import Any
 
 import yaml
 
+from .arithmetic import extract_final_answer
 from .config import FIELDS as TRAIN_FIELDS
-from .config import ConfigError, coerce
+from .config import ConfigError, TrainConfig, coerce
 from .io import write_json_atomic
+from .records import DataError
 
 logger = logging.getLogger("cut.online")
 
@@ -107,10 +111,31 @@ class OnlineConfig:
                 f"online: train option(s) {', '.join(sorted(owned))} are set by the loop per round"
             )
         self.train = {k: coerce(k, v) for k, v in self.train.items()}
-        if self.judge.get("kind", "reference") not in ("reference", "openai", "local"):
-            raise ConfigError(
-                f"online: judge kind must be reference, openai or local, got {self.judge.get('kind')!r}"
-            )
+        if self.train.get("full_finetune"):
+            raise ConfigError("online: full_finetune is not supported; each round merges a LoRA adapter")
+        # generation and training must use one template, or rounds train on prompts they never answer
+        gen_t, train_t = self.generate.get("prompt_template_name"), self.train.get("prompt_template_name")
+        if gen_t and train_t and gen_t != train_t:
+            raise ConfigError(f"online: generate uses template {gen_t!r} but train uses {train_t!r}")
+        self.generate["prompt_template_name"] = self.train["prompt_template_name"] = (
+            gen_t or train_t or "chat"
+        )
+        probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
+        probe.validate()  # the whole train section must make a valid run, before any round starts
+        probe.gradient_accumulation_steps(self.nproc_per_node)
+        kind = self.judge.get("kind", "reference")
+        if kind not in ("reference", "openai", "local"):
+            raise ConfigError(f"online: judge kind must be reference, openai or local, got {kind!r}")
+        need = {"openai": ("base_url", "model"), "local": ("model",)}.get(kind, ())
+        missing = [k for k in need if not self.judge.get(k)]
+        if missing:
+            raise ConfigError(f"online: judge kind {kind} needs {', '.join(missing)}")
+
+
+def fingerprint(cfg: OnlineConfig) -> str:
+    """What decides a round's results; `rounds` may grow between runs without changing it."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rounds", "output_dir")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
@@ -131,37 +156,60 @@ def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
 # ---------------------------------------------------------------- files and the manifest
 
 
-def read_rows(path: str) -> list[dict]:
-    from .records import read_raw
+def read_problems(cfg: OnlineConfig) -> tuple[list[dict], list[dict]]:
+    """The pool and the held-out set, checked before any round starts."""
+    from .generate import validate_instructions
+    from .records import DataError, read_raw
 
-    rows, _ = read_raw(path)
-    return rows
+    rows, source = read_raw(cfg.pool)
+    pool = validate_instructions(rows, source)
+    heldout: list[dict] = []
+    if cfg.heldout:
+        rows, source = read_raw(cfg.heldout)
+        heldout = [
+            {**raw, **clean} for raw, clean in zip(rows, validate_instructions(rows, source), strict=True)
+        ]
+        for i, r in enumerate(heldout):
+            if extract_final_answer(str(r.get("reference", ""))) is None:
+                raise DataError(f"{source}: record {i}, field 'reference': missing or not a number")
+    return pool, heldout
 
 
 class Round:
     """One round's folder and manifest; stage status lives only in manifest.json."""
 
-    def __init__(self, root: Path, index: int, model_in: str):
+    def __init__(self, root: Path, index: int, model_in: str, config: str):
         self.dir = root / f"round_{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index = index
         self.path = self.dir / "manifest.json"
-        self.manifest = (
-            json.loads(self.path.read_text())
-            if self.path.exists()
-            else {
-                "round": index,
-                "model_in": model_in,
-                "stages": {},
-                "counts": {},
-                "outputs": {},
-            }
-        )
+        fresh = {
+            "round": index,
+            "model_in": model_in,
+            "config": config,
+            "stages": {},
+            "counts": {},
+            "outputs": {},
+        }
+        self.manifest = json.loads(self.path.read_text()) if self.path.exists() else fresh
         if self.manifest["model_in"] != model_in:
-            raise RuntimeError(f"{self.path}: was started from {self.manifest['model_in']}, not {model_in}")
+            raise ConfigError(f"{self.path}: was started from {self.manifest['model_in']}, not {model_in}")
+        if self.manifest.get("config") != config:
+            raise ConfigError(
+                f"{self.path}: was started with other settings; use a new output_dir for new ones"
+            )
 
     def done(self, stage: str) -> bool:
-        return self.manifest["stages"].get(stage, {}).get("status") == "done"
+        """Marked done in the manifest, and every output it recorded is still on disk."""
+        entry = self.manifest["stages"].get(stage, {})
+        if entry.get("status") != "done":
+            return False
+        missing = [p for p in entry.get("outputs", []) if not Path(p).exists()]
+        if missing:
+            logger.warning(
+                "round %d: stage %s is done but %s is gone; redoing it", self.index, stage, missing[0]
+            )
+        return not missing
 
     def save(self) -> None:
         write_json_atomic(self.path, self.manifest)
@@ -178,7 +226,8 @@ class Round:
         start = time.time()
         logger.info("round %d: %s", self.index, stage)
         result = fn() or {}
-        entry.update(status="done", wall_s=round(time.time() - start, 2))
+        outputs = sorted(result.get("outputs", {}).values())
+        entry.update(status="done", wall_s=round(time.time() - start, 2), outputs=outputs)
         for key in ("counts", "outputs"):
             self.manifest[key].update(result.get(key, {}))
         for key in ("train_metrics", "accuracy"):
@@ -238,6 +287,8 @@ def build_training_file(judged: Path, out: Path) -> dict[str, Any]:
 
 def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
     adapter = rnd.dir / "adapter"
+    if (adapter / "metrics.json").exists():  # it finished before the manifest was updated: keep it
+        return summarise_training(adapter)
     if adapter.exists():  # a half-done training run is redone from nothing
         shutil.rmtree(adapter)
     train_cfg = {
@@ -263,6 +314,11 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "cut.train", "--config", str(conf)]
     logger.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return summarise_training(adapter)
+
+
+def summarise_training(adapter: Path) -> dict[str, Any]:
+    """Loss, flagged fraction and data counts from cut.train's metrics.json (written last)."""
     metrics = json.loads((adapter / "metrics.json").read_text())
     steps = [h for h in metrics["log_history"] if "mle" in h and "loss" in h]
     summary = {
@@ -284,7 +340,7 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
-    template = load_template(cfg.generate.get("prompt_template_name", "chat"), tokenizer)
+    template = load_template(cfg.generate["prompt_template_name"], tokenizer)
     prompts = [template.plain(r["instruction"], r.get("input") or "") for r in heldout]
     texts = generate_texts(
         model,
@@ -295,6 +351,8 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
         max_new_tokens=cfg.eval_max_new_tokens,
         temperature=0.0,
     )
+    del model
+    release_memory()
     right = [
         answers_match(extract_final_answer(t), str(r["reference"]))
         for t, r in zip(texts, heldout, strict=True)
@@ -310,29 +368,33 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
     }
 
 
+def release_memory() -> None:
+    """Give back what an in-process model held before the training subprocess needs it."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], heldout: list[dict]) -> Round:
     from .generate import generate_file
     from .judge import judge_file
     from .merge import merge
 
-    rnd = Round(Path(cfg.output_dir), index, model_in)
+    rnd = Round(Path(cfg.output_dir), index, model_in, fingerprint(cfg))
     d = rnd.dir
-    rnd.run(
-        "sample",
-        lambda: (
-            write_json_atomic(
-                d / "instructions.json",
-                sample_instructions(pool, cfg.instructions_per_round, index, cfg.seed),
-            ),
-            {
-                "counts": {"instructions": cfg.instructions_per_round},
-                "outputs": {"instructions": str(d / "instructions.json")},
-            },
-        )[1],
-    )
+
+    def sample():
+        rows = sample_instructions(pool, cfg.instructions_per_round, index, cfg.seed)
+        write_json_atomic(d / "instructions.json", rows)
+        return {
+            "counts": {"instructions": len(rows)},
+            "outputs": {"instructions": str(d / "instructions.json")},
+        }
 
     def generate():
-        gen = {"prompt_template_name": "chat", **cfg.generate}
+        gen = dict(cfg.generate)
         gen["seed"] = gen.get("seed", cfg.seed) + index  # fresh samples each round, reproducible
         rows = generate_file(
             model_in,
@@ -342,6 +404,7 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
             dataset="online-pool",
             **gen,
         )
+        release_memory()
         return {"counts": {"responses": len(rows)}, "outputs": {"responses": str(d / "responses.json")}}
 
     def judge():
@@ -369,6 +432,7 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
         write_json_atomic(d / "eval.json", res)
         return {"accuracy": res["accuracy"], "outputs": {"eval": str(d / "eval.json")}}
 
+    rnd.run("sample", sample)
     rnd.run("generate", generate)
     rnd.run("judge", judge)
     rnd.run("build", lambda: build_training_file(d / "judged.json", d / "train.json"))
@@ -393,8 +457,7 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
-    pool = read_rows(cfg.pool)
-    heldout = read_rows(cfg.heldout) if cfg.heldout else []
+    pool, heldout = read_problems(cfg)
     start = time.time()
     acc0 = baseline_accuracy(cfg, heldout)
     if acc0 is not None:
@@ -455,9 +518,16 @@ def main(argv: list[str] | None = None) -> int:
 
             ensure_smollm2(cfg.base_model)
         run(cfg)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"cut.online: error: {err}", file=sys.stderr)
         return 2
+    except subprocess.CalledProcessError as err:
+        print(
+            f"cut.online: error: a stage failed ({' '.join(map(str, err.cmd))}: exit {err.returncode}); "
+            "fix it and rerun the same command to continue",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -33,16 +33,12 @@ def tokenize_example(
     """{prompt_ids, judged_ids, response_ids, length}; None when the response cannot fit."""
     plain, judged = template.prompts(example.record, example.judgment)
     special = template.adds_special_tokens
-    response = tokenizer(example.record.output, add_special_tokens=False)["input_ids"]
-    if (
-        add_eos_token
-        and tokenizer.eos_token_id is not None
-        and (not response or response[-1] != tokenizer.eos_token_id)
-    ):
-        response = response + [tokenizer.eos_token_id]
-    prompt = _fit(
-        tokenizer(plain, add_special_tokens=special)["input_ids"], len(response), cutoff_len, tokenizer
-    )
+    plain_ids = tokenizer(plain, add_special_tokens=special)["input_ids"]
+    response = response_ids(tokenizer, plain, plain_ids, example.record.output, special)
+    eos = tokenizer.eos_token_id
+    if add_eos_token and eos is not None and (not response or response[-1] != eos):
+        response = response + [eos]
+    prompt = _fit(plain_ids, len(response), cutoff_len, tokenizer)
     judged_ids: list[int] = []
     if judged is not None:
         judged_ids = _fit(
@@ -54,6 +50,21 @@ def tokenize_example(
         return None
     length = len(prompt) + len(response) + (len(judged_ids) + len(response) if judged_ids else 0)
     return {"prompt_ids": prompt, "judged_ids": judged_ids, "response_ids": response, "length": length}
+
+
+def response_ids(tokenizer, prompt: str, prompt_ids: list[int], output: str, special: bool) -> list[int]:
+    """The output's ids as they follow the prompt, the way generation produces them.
+
+    Tokenised alone, a SentencePiece tokenizer (Llama-2, Mistral) would start the output with a
+    dummy-prefix '▁' that never follows a prompt; so tokenise prompt + output together and keep
+    what follows the prompt's own ids. Where the two merge across the boundary, the output is
+    tokenised alone. The judged context reuses these ids, so both contexts score the same tokens.
+    """
+    joint = tokenizer(prompt + output, add_special_tokens=special)["input_ids"]
+    n = len(prompt_ids)
+    if len(joint) > n and joint[:n] == prompt_ids:
+        return joint[n:]
+    return tokenizer(output, add_special_tokens=False)["input_ids"]
 
 
 def _fit(prompt: list[int], n_response: int, cutoff_len: int, tokenizer) -> list[int] | None:

@@ -119,7 +119,14 @@ def _read_datasets(path: str) -> list[dict[str, Any]]:
     return ds.to_list()
 
 
-def _text(source: str, i: int, raw: dict, name: str, required: bool) -> str | None:
+def check_object(source: str, i: int, raw: Any) -> dict:
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: record {i}: expected an object, got {type(raw).__name__}")
+    return raw
+
+
+def text_field(source: str, i: int, raw: dict, name: str, required: bool) -> str | None:
+    """A string field: missing, wrongly typed or (when required) blank values name file, record, field."""
     value = raw.get(name)
     if value is None:
         if required:
@@ -137,8 +144,7 @@ def _text(source: str, i: int, raw: dict, name: str, required: bool) -> str | No
 def validate(rows: Iterable[Any], source: str) -> list[Record]:
     records = []
     for i, raw in enumerate(rows):
-        if not isinstance(raw, dict):
-            raise DataError(f"{source}: record {i}: expected an object, got {type(raw).__name__}")
+        check_object(source, i, raw)
         score = raw.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise DataError(
@@ -146,10 +152,10 @@ def validate(rows: Iterable[Any], source: str) -> list[Record]:
             )
         records.append(
             Record(
-                instruction=_text(source, i, raw, "instruction", True),
-                input=_text(source, i, raw, "input", False) or "",
-                output=_text(source, i, raw, "output", True),
-                judgment=_text(source, i, raw, "judgment", False),
+                instruction=text_field(source, i, raw, "instruction", True),
+                input=text_field(source, i, raw, "input", False) or "",
+                output=text_field(source, i, raw, "output", True),
+                judgment=text_field(source, i, raw, "judgment", False),
                 score=None if score is None else float(score),
                 index=i,
                 judge_error=str(raw["judge_error"]) if raw.get("judge_error") else None,

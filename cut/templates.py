@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import ConfigError
 from .records import Record
 
 ALPACA = {
@@ -79,28 +80,48 @@ def _user_turn(instruction: str, input: str) -> str:
     return f"{instruction}\n\n{input}" if input else instruction
 
 
+def trained_template(model_dir: str) -> str | None:
+    """The template a cut-trained model (adapter or merged folder) was trained with, if recorded."""
+    import yaml
+
+    path = Path(model_dir) / "cut_config.yaml"
+    if not path.exists():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get("prompt_template_name")
+
+
+def resolve_template_name(name: str, model_dir: str, tokenizer=None) -> str:
+    """'auto': the template the model was CUT-trained with, else chat when it has one, else alpaca."""
+    if name != "auto":
+        return name
+    trained = trained_template(model_dir)
+    if trained:
+        return trained
+    return "chat" if tokenizer is not None and getattr(tokenizer, "chat_template", None) else "alpaca"
+
+
 def load_template(name: str, tokenizer=None) -> Template:
     if name == "alpaca":
         return Template("alpaca", ALPACA)
     if name == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt_template_name=chat needs a tokenizer that has a chat template")
+            raise ConfigError("prompt_template_name=chat needs a tokenizer that has a chat template")
         return Template("chat", None, tokenizer)
     path = Path(name)
     if not path.suffix == ".json":
-        raise ValueError(f"unknown template {name!r}: use alpaca, chat, or a path to a .json file")
+        raise ConfigError(f"unknown template {name!r}: use alpaca, chat, or a path to a .json file")
     try:
         formats = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read template: {err}") from None
+        raise ConfigError(f"{path}: cannot read template: {err}") from None
     if not isinstance(formats, dict):
-        raise ValueError(f"{path}: a template must be a JSON object with keys {', '.join(TEMPLATE_KEYS)}")
+        raise ConfigError(f"{path}: a template must be a JSON object with keys {', '.join(TEMPLATE_KEYS)}")
     missing = [k for k in TEMPLATE_KEYS if not isinstance(formats.get(k), str)]
     if missing:
-        raise ValueError(f"{path}: template lacks string field(s): {', '.join(missing)}")
+        raise ConfigError(f"{path}: template lacks string field(s): {', '.join(missing)}")
     for key in TEMPLATE_KEYS:
         try:
             formats[key].format(instruction="", input="", judgment="")
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"{path}: field '{key}': bad format string: {err!r}") from None
+            raise ConfigError(f"{path}: field '{key}': bad format string: {err!r}") from None
     return Template(str(path), {k: formats[k] for k in TEMPLATE_KEYS})

@@ -76,6 +76,19 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], d
     return train, val, counts
 
 
+def limit_cutoff(cfg: TrainConfig) -> None:
+    """cutoff_len can be no longer than the positions the model has."""
+    from transformers import AutoConfig
+
+    mc = AutoConfig.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code).get_text_config()
+    most = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if most and cfg.cutoff_len > most:
+        logger.warning(
+            "cutoff_len %d is more than %s takes (%d); using %d", cfg.cutoff_len, cfg.base_model, most, most
+        )
+        cfg.cutoff_len = most
+
+
 def _dtype(cfg: TrainConfig) -> torch.dtype:
     if cfg.precision == "bf16":
         return torch.bfloat16
@@ -109,8 +122,11 @@ def load_model(cfg: TrainConfig):
         else:
             names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
             if not set(targets) & names:
+                from transformers.pytorch_utils import Conv1D  # GPT-2 style layers
+
+                kinds = (torch.nn.Linear, Conv1D)
                 linear = sorted(
-                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
                 )
                 raise ConfigError(
                     f"lora_target_modules {targets} match no module of {cfg.base_model}; "
@@ -151,7 +167,7 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
         per_device_eval_batch_size=cfg.micro_batch_size,
@@ -186,6 +202,12 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
         dataloader_num_workers=cfg.dataloader_num_workers,
         disable_tqdm=not sys.stderr.isatty(),
     )
+    if _world_size() == 1 and args.n_gpu > 1:
+        # DataParallel would split tgt_pos / tgt_partner, which index the whole batch: one GPU per
+        # process, and torchrun --nproc_per_node=N for more
+        logger.warning("%d GPUs visible to one process: using one; launch with torchrun for all", args.n_gpu)
+        args._n_gpu = 1
+    return args
 
 
 def _resume(cfg: TrainConfig, model) -> str | bool | None:
@@ -194,6 +216,8 @@ def _resume(cfg: TrainConfig, model) -> str | bool | None:
     if not value:
         return None
     if value.lower() == "true":
+        if not list(Path(cfg.output_dir).glob("checkpoint-*")):
+            raise ConfigError(f"resume_from_checkpoint=true: no checkpoint-* folder in {cfg.output_dir}")
         return True
     path = Path(value)
     if (path / "trainer_state.json").exists():
@@ -220,8 +244,9 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer.pad_token_id is None:  # pads never get a target and are masked from attention
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # pads never get a target and are masked from attention
+    limit_cutoff(cfg)
     train, val, counts = prepare_data(cfg, tokenizer)
     if _rank() == 0:
         cfg.save(out / "cut_config.yaml")
@@ -235,15 +260,22 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
             action = "dropped" if cfg.on_failed_judgment == "drop" else "trained as positives"
             logger.info("%d records with a failed judgment were %s", counts["failed_judgment"], action)
 
+    # the arguments first: they register a DeepSpeed config, so ZeRO-3 loads the model partitioned
+    args = training_arguments(cfg, bool(val))
+    if cfg.deepspeed:  # zero.Init reads the world size from DeepSpeed's own comm layer
+        import deepspeed
+
+        deepspeed.init_distributed()
     model = load_model(cfg)
     if _rank() == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = CUTTrainer(
         model=model,
-        args=training_arguments(cfg, bool(val)),
+        args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
-        data_collator=CUTCollator(tokenizer.pad_token_id, cfg.train_on_inputs),
+        data_collator=CUTCollator(pad_id, cfg.train_on_inputs),
         processing_class=tokenizer,
     )
     return trainer, counts

@@ -36,6 +36,15 @@ def _logit_transform(config) -> Any:
     return None
 
 
+def target_logprobs(lm, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size: int = 0) -> torch.Tensor:
+    """log p of each target token: one decoder pass, the output head on target positions only."""
+    hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    hidden = hidden.flatten(0, 1).index_select(0, tgt_pos)  # (N, H): target positions only
+    vocab_size = lm.config.get_text_config().vocab_size
+    transform = _logit_transform(lm.config.get_text_config())
+    return label_logprobs(hidden, lm.get_output_embeddings(), tgt_ids, vocab_size, chunk_size, transform)
+
+
 def install_cut_forward(
     model: torch.nn.Module,
     threshold: float,
@@ -51,8 +60,6 @@ def install_cut_forward(
     original forward.
     """
     original_forward = model.forward
-    transform = _logit_transform(model.config)
-    vocab_size = model.config.get_text_config().vocab_size
 
     def forward(
         self,
@@ -67,11 +74,7 @@ def install_cut_forward(
     ):
         if tgt_ids is None:
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        hidden = hidden.flatten(0, 1).index_select(0, tgt_pos)  # (N, H): target positions only
-        logp = label_logprobs(
-            hidden, self.get_output_embeddings(), tgt_ids, vocab_size, chunk_size, transform
-        )
+        logp = target_logprobs(self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size)
         out = cut_loss(logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma)
         return {
             "loss": out.loss,

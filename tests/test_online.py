@@ -136,3 +136,59 @@ def test_two_rounds_killed_mid_stage_then_resumed(tiny_model, tmp_path):
     summary = json.loads((root / "summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert 0.0 <= summary["baseline_accuracy"] <= 1.0
+    # a stage whose output vanished is redone; changed settings are refused, not mixed in
+    import shutil
+
+    shutil.rmtree(root / "round_2" / "model")
+    proc = launch(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    m2 = manifest(root, 2)
+    assert m2["stages"]["merge"]["attempts"] == 2 and m2["stages"]["train"]["attempts"] == 2
+    assert (root / "round_2" / "model" / "model.safetensors").exists()
+    conf = yaml.safe_load(config.read_text())
+    conf["seed"] = 99
+    config.write_text(yaml.safe_dump(conf))
+    proc = launch(config)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "other settings" in out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"generate": {"prompt_template_name": "chat"}, "train": {"prompt_template_name": "alpaca"}},
+            "template",
+        ),
+        ({"judge": {"kind": "openai"}}, "needs base_url, model"),
+        ({"train": {"batch_size": 3, "micro_batch_size": 2}}, "not a multiple"),
+        ({"train": {"full_finetune": True}}, "full_finetune"),
+        ({"train": {"data_path": "x.json"}}, "set by the loop"),
+        ({"bogus": 1}, "unknown option"),
+    ],
+)
+def test_bad_online_config_is_refused_before_any_work(tiny_model, tmp_path, change, message, capsys):
+    from cut.online import main
+
+    config = write_config(tmp_path, tiny_model)
+    conf = yaml.safe_load(config.read_text())
+    for key, value in change.items():
+        conf[key] = {**conf[key], **value} if isinstance(conf.get(key), dict) else value
+    config.write_text(yaml.safe_dump(conf))
+    assert main(["--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "online" / "round_1").exists()
+
+
+def test_heldout_without_reference_names_file_record_field(tiny_model, tmp_path, capsys):
+    from cut.online import main
+
+    config = write_config(tmp_path, tiny_model)
+    heldout = tmp_path / "heldout.json"
+    rows = json.loads(heldout.read_text())
+    del rows[2]["reference"]
+    heldout.write_text(json.dumps(rows))
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(heldout) in err and "record 2" in err and "'reference'" in err

@@ -533,3 +533,36 @@ def test_logprobs_of_collated_batch_match_per_sequence_forward(tiny_model, tok):
             start = len(full) - len(want)
             ref += [lp[start - 1 + k, want[k]].item() for k in range(len(want))]
     assert torch.allclose(logp, torch.tensor(ref), atol=1e-4)
+
+
+def test_sentencepiece_style_response_has_no_dummy_prefix():
+    """A Metaspace tokenizer (Llama-2 / Mistral style) tokenised alone starts the output with '▁';
+    the response ids must instead be the ones that follow the prompt, as in generation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from cut.pairs import response_ids
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # newlines are their own pieces, as in Llama-2's vocabulary; only the text's start gets '▁'
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", "isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        ]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["### Response:\n7 times 8 is 54.", "What is 7 times 8?", "The answer is 56."] * 30
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    prompt, output = "What is 7 times 8?\n### Response:\n", "7 times 8 is 54."
+    alone = hf(output, add_special_tokens=False)["input_ids"]
+    prompt_ids = hf(prompt, add_special_tokens=False)["input_ids"]
+    got = response_ids(hf, prompt, prompt_ids, output, False)
+    joint = hf(prompt + output, add_special_tokens=False)["input_ids"]
+    assert hf.convert_ids_to_tokens(alone)[0].startswith("▁")  # the trap this guards against
+    assert prompt_ids + got == joint
+    assert not hf.convert_ids_to_tokens(got)[0].startswith("▁")
+    assert hf.decode(got) == output

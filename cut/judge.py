@@ -367,7 +367,7 @@ def _open_cache(path: str | None) -> TextIO | _NoCache:
 
 
 class LocalJudge:
-    """A transformers causal LM as judge: greedy decoding in batches, left padded."""
+    """A transformers causal LM as judge: greedy decoding in left-padded batches (cut.generate's)."""
 
     def __init__(
         self,
@@ -377,8 +377,7 @@ class LocalJudge:
         max_new_tokens: int = 256,
         device: str | None = None,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from .generate import load_model, load_tokenizer
 
         check_prompt(prompt)
         if not Path(model).exists() and (Path(model).is_absolute() or model.startswith((".", "~"))):
@@ -386,12 +385,8 @@ class LocalJudge:
         self.prompt = prompt
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(model, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(self.device).eval()
+        self.tokenizer = load_tokenizer(model)
+        self.model = load_model(model, device=device or "auto")
         self.chat = bool(getattr(self.tokenizer, "chat_template", None))
         self.name = f"local:{model}"
 
@@ -404,31 +399,23 @@ class LocalJudge:
         )
 
     def judge(self, records: list[dict], progress: Progress | None = None) -> list[Verdict]:
-        texts = [self.text(r) for r in records]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # like lengths together: less padding
-        answers = [""] * len(texts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
-            for i, answer in zip(batch, self.generate([texts[i] for i in batch]), strict=True):
-                answers[i] = answer
-            if progress:
-                progress(len(batch))
-        return [parse_verdict(a) for a in answers]
+        on_batch = (lambda idx, _texts: progress(len(idx))) if progress else None
+        return [parse_verdict(a) for a in self.generate([self.text(r) for r in records], on_batch)]
 
-    def generate(self, texts: list[str]) -> list[str]:
-        import torch
+    def generate(self, texts: list[str], on_batch=None) -> list[str]:
+        from .generate import generate_texts
 
-        # a chat template writes its own BOS
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
-        enc = enc.to(self.device)
-        with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        return self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return generate_texts(
+            self.model,
+            self.tokenizer,
+            texts,
+            add_special_tokens=not self.chat,  # a chat template writes its BOS
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            temperature=0.0,
+            on_batch=on_batch,
+            progress=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------

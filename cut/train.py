@@ -315,7 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"cut.train: error: {err}", file=sys.stderr)
         return 2
+    _shutdown_distributed()
     return 0
+
+
+def _shutdown_distributed() -> None:
+    """Every rank waits for the others, then tears the process group down before the interpreter
+    exits: left to interpreter teardown, a rank that finishes first can abort on a live comm thread
+    ("terminate called without an active exception") while rank 0 is still writing."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

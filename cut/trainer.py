@@ -10,6 +10,7 @@ full-vocabulary logits are built and no sequence is run that the loss does not u
 
 from __future__ import annotations
 
+import logging
 import types
 from collections import defaultdict
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .config import ConfigError
 from .loss import ALIGN_N, ALIGN_P, cut_loss, label_logprobs
 
 METRICS = ("mle", "ul", "flagged")
+logger = logging.getLogger(__name__)
 
 
 def _logit_transform(config) -> Any:
@@ -45,6 +48,51 @@ def target_logprobs(lm, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size:
     return label_logprobs(hidden, lm.get_output_embeddings(), tgt_ids, vocab_size, chunk_size, transform)
 
 
+def check_head_path(lm, model_forward, input_ids, attention_mask, tgt_pos, tgt_ids, n: int = 8) -> float:
+    """Compare `target_logprobs` with the model's own forward on the first targets of sequence 0.
+
+    `_logit_transform` knows the heads that post-process logits in the transformers releases we
+    test; a model that does it some other way would train on wrong log-probs without a sound.
+    This runs once per run, without gradients, in eval mode (no dropout), on one sequence cut
+    just after its n-th target, with logits for those n positions only. Returns the largest
+    difference in nats; raises ConfigError when it is more than rounding.
+    """
+    width = input_ids.shape[1]
+    pos = tgt_pos[tgt_pos < width][:n]  # the first targets of row 0 (consecutive positions)
+    ids = tgt_ids[tgt_pos < width][:n]
+    if pos.numel() == 0:
+        return 0.0
+    length = int(pos.max()) + 1
+    keep = length - int(pos.min())
+    seq, mask = input_ids[:1, :length], attention_mask[:1, :length]
+    was_training = lm.training
+    lm.eval()
+    try:
+        with torch.no_grad():
+            ours = target_logprobs(lm, seq, mask, pos, ids).float()
+            try:
+                logits = model_forward(
+                    input_ids=seq, attention_mask=mask, use_cache=False, logits_to_keep=keep
+                )
+            except TypeError:  # a forward without logits_to_keep: logits for the whole prefix
+                logits = model_forward(input_ids=seq, attention_mask=mask, use_cache=False)
+            logits = logits["logits"][0, -keep:].float()  # (keep, V)
+            ref = torch.log_softmax(logits, dim=-1)[pos - int(pos.min()), ids]
+    finally:
+        lm.train(was_training)
+    diff = (ours - ref).abs().max().item()
+    dtype = lm.get_output_embeddings().weight.dtype
+    tol = 1e-3 if dtype == torch.float32 else 0.25
+    if not diff <= tol:  # also catches nan
+        raise ConfigError(
+            f"{type(lm).__name__}: log-probs from cut's output-head path differ from the model's own "
+            f"forward by {diff:.3g} nats (tolerance {tol}); this architecture post-processes its "
+            "logits in a way cut.trainer._logit_transform does not reproduce, so CUT would train on "
+            "wrong probabilities"
+        )
+    return diff
+
+
 def install_cut_forward(
     model: torch.nn.Module,
     threshold: float,
@@ -52,14 +100,17 @@ def install_cut_forward(
     combine: str = "mean",
     gamma: float = 0.0,
     chunk_size: int = 0,
+    check_head: bool = True,
 ) -> None:
     """Make `model(input_ids, attention_mask, tgt_*...)` return the CUT loss and its metrics.
 
     `model` is the causal LM itself (under a PeftModel, `peft_model.get_base_model()`, whose
     LoRA layers are already in place). Generation and plain calls without `tgt_ids` keep the
-    original forward.
+    original forward. With `check_head`, the first call checks the head path once
+    (`check_head_path`).
     """
     original_forward = model.forward
+    unchecked = [True] if check_head else []  # the check runs on the first call only
 
     def forward(
         self,
@@ -74,6 +125,10 @@ def install_cut_forward(
     ):
         if tgt_ids is None:
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if unchecked:
+            unchecked.clear()
+            diff = check_head_path(self, original_forward, input_ids, attention_mask, tgt_pos, tgt_ids)
+            logger.info("output-head path matches the model's own forward (max difference %.2g nats)", diff)
         logp = target_logprobs(self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size)
         out = cut_loss(logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma)
         return {

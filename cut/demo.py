@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from .templates import load_template
 from .trainer import target_logprobs
 
 SPARK = " ▁▂▃▄▅▆▇█"
+LIKELY_LOGP = math.log(0.1)  # flagged tokens the base model found likely
 
 
 def _stage(title: str) -> float:
@@ -124,10 +126,16 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
     def mean(xs: list[float]) -> float:
         return sum(xs) / max(1, len(xs))
 
+    # -log(1 - p) pulls a token down with a gradient of about p: it bites on the flagged tokens the
+    # model found likely, and barely moves the unlikely ones, which the shared Align-N MLE lifts
+    likely = [i for i, b in enumerate(flagged_before) if b >= LIKELY_LOGP]
     summary = {
         "flagged_tokens": len(flagged_before),
         "flagged_logp_before": mean(flagged_before),
         "flagged_logp_after": mean(flagged_after),
+        "flagged_likely_tokens": len(likely),
+        "flagged_likely_logp_before": mean([flagged_before[i] for i in likely]),
+        "flagged_likely_logp_after": mean([flagged_after[i] for i in likely]),
         "unflagged_negative_logp_before": mean(other_before),
         "unflagged_negative_logp_after": mean(other_after),
         "positive_logp_before": mean(pos_before),
@@ -139,6 +147,10 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
     print(
         f"  flagged tokens of negatives ({summary['flagged_tokens']}): "
         f"{summary['flagged_logp_before']:.3f} -> {summary['flagged_logp_after']:.3f}"
+    )
+    print(
+        f"    of which the base model gave p >= {math.exp(LIKELY_LOGP):.1f} ({summary['flagged_likely_tokens']}): "
+        f"{summary['flagged_likely_logp_before']:.3f} -> {summary['flagged_likely_logp_after']:.3f}"
     )
     print(
         f"  other tokens of negatives ({len(other_before)}): "

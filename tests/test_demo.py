@@ -40,4 +40,7 @@ def test_demo_trains_merges_and_reports(tiny_model, tiny_data, tmp_path, capsys,
     assert (merged / "model.safetensors").exists() and (merged / "cut_config.yaml").exists()
     report = json.loads((tmp_path / "d2" / "report.json").read_text())
     assert report["flagged_tokens"] > 0 and report["positive_logp_after"] != report["positive_logp_before"]
+    assert 0 <= report["flagged_likely_tokens"] <= report["flagged_tokens"]
+    if report["flagged_likely_tokens"]:  # the likely ones are a subset: their mean is at least the mean
+        assert report["flagged_likely_logp_before"] >= report["flagged_logp_before"]
     assert not (tmp_path / "demo" / "adapter").exists()

@@ -1,6 +1,6 @@
 """CUT's cost side by side with the released formulation and with plain SFT.
 
-    python -m benchmarks.run --suite cpu       # the figures in benchmarks/results.md (~50 min on 2 cores)
+    python -m benchmarks.run --suite cpu       # the figures in benchmarks/results.md (~1 hour on 2 cores)
     python -m benchmarks.run --suite fast --out /tmp/bench   # tiny sizes, seconds (run by the tests)
 
 1. memory: one training step at a large vocabulary, (a) cut (b) original (c) sft, each step in a
@@ -47,9 +47,9 @@ SUITES: dict[str, dict[str, Any]] = {
         scale_vocab=4096,
         scale_seqs=[32, 64, 128],
     ),
-    # cpu: sized to finish in about 50 minutes on 2 cores; throughput epochs are the long part
+    # cpu: sized to finish in about an hour on 2 cores; throughput epochs are the long part
     "cpu": dict(
-        thr_repeats=2,
+        thr_repeats=3,
         mem_vocabs=[151936, 262144],
         mem_seqs=[512, 1024],
         repeats=3,

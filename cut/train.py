@@ -329,7 +329,6 @@ def _shutdown_distributed() -> None:
     gc.collect()
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-    gc.collect()
 
 
 def _exit_without_teardown(code: int) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, list):
@@ -143,10 +145,6 @@ class TrainConfig:
         from .io import write_text_atomic
 
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-class ConfigError(ValueError):
-    pass
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -23,7 +23,7 @@ import torch
 
 from .config import load_yaml, parse_config
 from .io import write_json_atomic
-from .loss import ALIGN_N, ALIGN_P, MISALIGN_N
+from .loss import Role
 from .pairs import CUTCollator, tokenize_example
 from .records import build_examples, load_records
 from .smollm import ensure_smollm2
@@ -58,8 +58,8 @@ def response_logprobs(
         model, batch["input_ids"], batch["attention_mask"], batch["tgt_pos"], batch["tgt_ids"]
     )
     role = batch["tgt_role"]
-    plain = logp[(role == ALIGN_P) | (role == MISALIGN_N)].tolist()
-    judged = logp[role == ALIGN_N].tolist()
+    plain = logp[(role == Role.ALIGN_P) | (role == Role.MISALIGN_N)].tolist()
+    judged = logp[role == Role.ALIGN_N].tolist()
     return [tokenizer.decode([t]) for t in feat["response_ids"]], plain, judged
 
 

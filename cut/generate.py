@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .errors import DataError, EngineError
 from .io import write_json_atomic
-from .records import DataError, check_object, read_raw, text_field
+from .records import check_object, read_raw, text_field
 from .templates import load_template, resolve_template_name
 
 logger = logging.getLogger("cut.generate")
@@ -49,10 +50,6 @@ VLLM_MISSING = "--engine vllm needs the vllm package (pip install vllm); use --e
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
 
 OnBatch = Callable[[list[int], list[str]], None]
-
-
-class EngineError(RuntimeError):
-    """The requested engine cannot run here (e.g. vllm is not installed)."""
 
 
 # ---------------------------------------------------------------- generation

@@ -50,8 +50,9 @@ from typing import Any, NamedTuple, Protocol, TextIO
 from tqdm.auto import tqdm
 
 from .arithmetic import answers_match, extract_final_answer
+from .errors import DataError
 from .io import write_json_atomic
-from .records import DataError, check_object, read_raw, says_perfect, text_field
+from .records import check_object, read_raw, says_perfect, text_field
 
 logger = logging.getLogger("cut.judge")
 

@@ -16,13 +16,22 @@ judged context, so p(y_t|x,j) / p(y_t|x) is one subtraction of log-probs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-ALIGN_P, ALIGN_N, MISALIGN_N = 0, 1, 2
+
+class Role(IntEnum):
+    """The role of a target token (see the module docstring)."""
+
+    ALIGN_P = 0
+    ALIGN_N = 1
+    MISALIGN_N = 2
+
+
 COMBINES = ("mean", "sum")
 
 # one chunk of logits holds at most this many float32 elements (64 MiB)
@@ -33,9 +42,9 @@ ONE_MINUS_P_FLOOR = 1e-5
 
 class CUTLoss(NamedTuple):
     loss: Tensor  # scalar, carries the gradient
-    mle: Tensor  # mean -log p over ALIGN_P and ALIGN_N tokens (detached)
-    ul: Tensor  # mean Misalign-N term over MISALIGN_N tokens (detached); 0 without negatives
-    flagged: Tensor  # fraction of MISALIGN_N tokens flagged as inappropriate (detached)
+    mle: Tensor  # mean -log p over Role.ALIGN_P and Role.ALIGN_N tokens (detached)
+    ul: Tensor  # mean Misalign-N term over Role.MISALIGN_N tokens (detached); 0 without negatives
+    flagged: Tensor  # fraction of Role.MISALIGN_N tokens flagged as inappropriate (detached)
     n_mle_tokens: Tensor
     n_ul_tokens: Tensor
 
@@ -60,8 +69,8 @@ def cut_loss(
     """CUT loss over a flat vector of target tokens.
 
     logp:    (N,) float, log p(y_t | context) of each target token
-    role:    (N,) long, ALIGN_P / ALIGN_N / MISALIGN_N
-    partner: (N,) long, for MISALIGN_N tokens the index of the same token in the judged context
+    role:    (N,) long, Role.ALIGN_P / Role.ALIGN_N / Role.MISALIGN_N
+    partner: (N,) long, for Role.MISALIGN_N tokens the index of the same token in the judged context
              (ignored for other roles)
     combine: "mean" reproduces the released code: (MLE + UL) / 2 when the micro-batch holds a
              negative, MLE alone otherwise. "sum" is the paper's objective, MLE + UL.
@@ -70,8 +79,8 @@ def cut_loss(
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     logp = logp.float()
-    mle_mask = role != MISALIGN_N
-    ul_mask = role == MISALIGN_N
+    mle_mask = role != Role.MISALIGN_N
+    ul_mask = role == Role.MISALIGN_N
     zero = logp.sum() * 0.0  # keeps the graph connected when a part is empty
 
     n_mle = mle_mask.sum()

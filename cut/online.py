@@ -39,9 +39,9 @@ import yaml
 
 from .arithmetic import extract_final_answer
 from .config import FIELDS as TRAIN_FIELDS
-from .config import ConfigError, TrainConfig, coerce
+from .config import TrainConfig, coerce
+from .errors import ConfigError, DataError
 from .io import write_json_atomic
-from .records import DataError
 
 logger = logging.getLogger("cut.online")
 
@@ -159,7 +159,7 @@ def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
 def read_problems(cfg: OnlineConfig) -> tuple[list[dict], list[dict]]:
     """The pool and the held-out set, checked before any round starts."""
     from .generate import validate_instructions
-    from .records import DataError, read_raw
+    from .records import read_raw
 
     rows, source = read_raw(cfg.pool)
     pool = validate_instructions(rows, source)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .loss import ALIGN_N, ALIGN_P, MISALIGN_N
+from .loss import Role
 from .records import Example
 from .templates import Template
 
@@ -97,7 +97,7 @@ class CUTCollator:
             s = len(seqs)
             seqs.append(prompt + response)
             seq_role.append(role)
-            if self.train_on_inputs and role != MISALIGN_N:
+            if self.train_on_inputs and role != Role.MISALIGN_N:
                 for t in range(1, len(prompt)):
                     pos.append([s, t - 1])
                     tgt_ids.append(prompt[t])
@@ -113,10 +113,10 @@ class CUTCollator:
 
         for f in features:
             if f["judged_ids"]:
-                start = add(f["judged_ids"], f["response_ids"], ALIGN_N)
-                add(f["prompt_ids"], f["response_ids"], MISALIGN_N, partner_start=start)
+                start = add(f["judged_ids"], f["response_ids"], Role.ALIGN_N)
+                add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start)
             else:
-                add(f["prompt_ids"], f["response_ids"], ALIGN_P)
+                add(f["prompt_ids"], f["response_ids"], Role.ALIGN_P)
 
         m = self.pad_to_multiple_of
         width = max(len(s) for s in seqs)

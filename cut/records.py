@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DataError
+
 logger = logging.getLogger(__name__)
 
 FAILED_JUDGMENTS = {"$ERROR$"}
 PERFECT = re.compile(r"^(?:(?:the|this) (?:response|answer|output) is )?perfect$")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the record and the field."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError
+from .errors import ConfigError
 from .records import Record
 
 ALPACA = {

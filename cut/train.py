@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainConfig, parse_config
+from .config import TrainConfig, parse_config
+from .errors import ConfigError, DataError
 from .io import write_json_atomic
 from .pairs import CUTCollator, tokenize_example
-from .records import DataError, build_examples, load_records
+from .records import build_examples, load_records
 from .templates import load_template
 from .trainer import CUTTrainer, install_cut_forward
 

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .config import ConfigError
-from .loss import ALIGN_N, ALIGN_P, cut_loss, label_logprobs
+from .errors import ConfigError
+from .loss import Role, cut_loss, label_logprobs
 
 METRICS = ("mle", "ul", "flagged")
 logger = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ def install_cut_forward(
             "ul": out.ul,
             "flagged": out.flagged,
             "n_ul_tokens": out.n_ul_tokens,
-            "positives": (seq_role == ALIGN_P).sum(),
-            "negatives": (seq_role == ALIGN_N).sum(),
+            "positives": (seq_role == Role.ALIGN_P).sum(),
+            "negatives": (seq_role == Role.ALIGN_N).sum(),
         }
 
     model.forward = types.MethodType(forward, model)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from cut import loss as loss_mod
-from cut.loss import ALIGN_N, ALIGN_P, MISALIGN_N, cut_loss, label_logprobs, log1mexp
+from cut.loss import Role, cut_loss, label_logprobs, log1mexp
 
 FLOOR = 1e-5  # 1 - p is floored here before the log
 
-# a row: (role, per-token probabilities, index of the judged row for MISALIGN_N rows else None)
+# a row: (role, per-token probabilities, index of the judged row for Role.MISALIGN_N rows else None)
 Row = tuple[int, list[float], "int | None"]
 
 
@@ -33,12 +33,12 @@ def reference_cut(rows: list[Row], threshold=1.1, weight_unlike=1.0, combine="me
     """Loss terms and d loss / d log p (per row) from the method's description, with loops."""
     mle_terms, ul_terms, flags = [], [], []
     for role, probs, partner in rows:
-        if role in (ALIGN_P, ALIGN_N):
+        if role in (Role.ALIGN_P, Role.ALIGN_N):
             for p in probs:
                 mle_terms.append(-math.log(p))
         else:
             judged = rows[partner][1]
-            assert rows[partner][0] == ALIGN_N and len(judged) == len(probs)
+            assert rows[partner][0] == Role.ALIGN_N and len(judged) == len(probs)
             for p_x, p_j in zip(probs, judged, strict=True):
                 flag = p_j / p_x > threshold
                 flags.append(flag)
@@ -63,7 +63,7 @@ def reference_cut(rows: list[Row], threshold=1.1, weight_unlike=1.0, combine="me
     # token gets only its MLE share. d/dlogp [-log(1 - p)] = p / (1 - p), 0 where floored.
     grads = []
     for role, probs, partner in rows:
-        if role in (ALIGN_P, ALIGN_N):
+        if role in (Role.ALIGN_P, Role.ALIGN_N):
             grads.append([-c_mle / n_mle for _ in probs])
         else:
             row = []
@@ -100,7 +100,7 @@ def flatten(rows: list[Row], dtype=torch.float32):
         for t, p in enumerate(probs):
             logp.append(math.log(p))
             role.append(rl)
-            partner.append(offsets[prt] + t if rl == MISALIGN_N else -1)
+            partner.append(offsets[prt] + t if rl == Role.MISALIGN_N else -1)
         assert len(logp) == offsets[r] + len(probs)
     return (
         torch.tensor(logp, dtype=dtype).requires_grad_(),
@@ -138,9 +138,9 @@ def check_against_reference(rows, **kw):
 #           X: x -> y,      p = [0.4, 0.5, 0.5]   ratios J/X = [2.0, 1.0, 0.8]
 # laid out X (0..2), A (3..4), J (5..7) so that a partner points forwards.
 HAND_ROWS: list[Row] = [
-    (MISALIGN_N, [0.4, 0.5, 0.5], 2),
-    (ALIGN_P, [0.5, 0.25], None),
-    (ALIGN_N, [0.8, 0.5, 0.4], None),
+    (Role.MISALIGN_N, [0.4, 0.5, 0.5], 2),
+    (Role.ALIGN_P, [0.5, 0.25], None),
+    (Role.ALIGN_N, [0.8, 0.5, 0.4], None),
 ]
 
 
@@ -223,14 +223,14 @@ def _plain_p(rng: random.Random, p_j: float, threshold: float) -> float:
 def random_rows(rng: random.Random, threshold: float) -> list[Row]:
     entries = []  # (role, probs, key of judged row); shuffled, then keys become indices
     for _ in range(rng.randint(0, 3)):
-        entries.append((ALIGN_P, [_rand_p(rng) for _ in range(rng.randint(0, 5))], None))
+        entries.append((Role.ALIGN_P, [_rand_p(rng) for _ in range(rng.randint(0, 5))], None))
     for k in range(rng.choice([0, 0, 1, 2, 3])):
         judged = [_rand_p(rng) for _ in range(rng.randint(0, 5))]  # 0 = an all-masked pair
-        entries.append((ALIGN_N, judged, ("j", k)))
-        entries.append((MISALIGN_N, [_plain_p(rng, p, threshold) for p in judged], ("x", k)))
+        entries.append((Role.ALIGN_N, judged, ("j", k)))
+        entries.append((Role.MISALIGN_N, [_plain_p(rng, p, threshold) for p in judged], ("x", k)))
     rng.shuffle(entries)
     where = {key: i for i, (_, _, key) in enumerate(entries) if key and key[0] == "j"}
-    return [(r, probs, where[("j", key[1])] if r == MISALIGN_N else None) for r, probs, key in entries]
+    return [(r, probs, where[("j", key[1])] if r == Role.MISALIGN_N else None) for r, probs, key in entries]
 
 
 @pytest.mark.parametrize(
@@ -257,7 +257,7 @@ def test_random_against_reference(combine, gamma, threshold, weight_unlike):
 @pytest.mark.parametrize("combine", ["mean", "sum"])
 def test_no_negatives(combine):
     """Two positives, p = [0.5, 0.25] and [0.8]: mean NLL = (ln 2 + ln 4 + ln 1.25) / 3 = ln(10) / 3."""
-    rows: list[Row] = [(ALIGN_P, [0.5, 0.25], None), (ALIGN_P, [0.8], None)]
+    rows: list[Row] = [(Role.ALIGN_P, [0.5, 0.25], None), (Role.ALIGN_P, [0.8], None)]
     logp, role, partner = flatten(rows)
     out = cut_loss(logp, role, partner, combine=combine)
     assert out.loss.item() == pytest.approx(math.log(10) / 3, rel=1e-6)
@@ -282,7 +282,7 @@ def test_all_masked_batch(combine, gamma):
             torch.zeros(0, dtype=torch.long),
             torch.zeros(0, dtype=torch.long),
         ),
-        flatten([(ALIGN_P, [], None), (ALIGN_N, [], None), (MISALIGN_N, [], 1)]),
+        flatten([(Role.ALIGN_P, [], None), (Role.ALIGN_N, [], None), (Role.MISALIGN_N, [], 1)]),
     ]:
         out = cut_loss(logp, role, partner, combine=combine, gamma=gamma)
         for v in (out.loss, out.mle, out.ul, out.flagged):
@@ -296,7 +296,7 @@ def test_one_minus_p_floor():
     """A flagged token with p(y|x) = 1 (or 1 - 1e-7) costs -log(1e-5) = 11.5129, not inf, and
     its gradient is 0 (the floor is flat). threshold 0.5 so that a ratio of 1 flags."""
     logp = torch.tensor([0.0, math.log1p(-1e-7), 0.0, 0.0], requires_grad=True)
-    role = torch.tensor([MISALIGN_N, MISALIGN_N, ALIGN_N, ALIGN_N])
+    role = torch.tensor([Role.MISALIGN_N, Role.MISALIGN_N, Role.ALIGN_N, Role.ALIGN_N])
     partner = torch.tensor([2, 3, -1, -1])
     out = cut_loss(logp, role, partner, threshold=0.5, combine="sum")
     assert out.flagged.item() == 1.0
@@ -359,7 +359,7 @@ def test_ratio_is_detached(combine, gamma):
     logp = logp0.detach().requires_grad_()
     (g,) = torch.autograd.grad(cut_loss(logp, role, partner, combine=combine, gamma=gamma).loss, logp)
 
-    mle_mask = role != MISALIGN_N
+    mle_mask = role != Role.MISALIGN_N
     c = 1.0 if combine == "sum" else 0.5
     (g_mle,) = torch.autograd.grad(c * -logp[mle_mask].mean(), logp)
     # MLE tokens (positive 3, 4 and judged 5..7): exactly the MLE gradient, -c / 5

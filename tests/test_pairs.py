@@ -12,7 +12,7 @@ import torch
 from tokenizers import processors
 from transformers import AutoTokenizer
 
-from cut.loss import ALIGN_N, ALIGN_P, MISALIGN_N
+from cut.loss import Role
 from cut.pairs import CUTCollator, _fit, tokenize_example
 from cut.records import Example, Record
 from cut.templates import load_template
@@ -106,11 +106,11 @@ def hand_sequences(template, tokenizer, examples, train_on_inputs: bool):
         resp = hand_response(tokenizer, ex.record.output)
         if judged is None:
             prompt_tgts = plain[1:] if train_on_inputs else []
-            out.append((ALIGN_P, plain + resp, prompt_tgts + resp))
+            out.append((Role.ALIGN_P, plain + resp, prompt_tgts + resp))
         else:
             prompt_tgts = judged[1:] if train_on_inputs else []
-            out.append((ALIGN_N, judged + resp, prompt_tgts + resp))
-            out.append((MISALIGN_N, plain + resp, list(resp)))
+            out.append((Role.ALIGN_N, judged + resp, prompt_tgts + resp))
+            out.append((Role.MISALIGN_N, plain + resp, list(resp)))
     return out
 
 
@@ -154,7 +154,7 @@ def test_response_ids_identical_in_both_contexts(setup, with_input, add_eos):
     batch = CUTCollator(tokenizer.pad_token_id)([feat])
     lens = seq_lengths(batch)
     ids = batch["input_ids"]
-    assert batch["seq_role"].tolist() == [ALIGN_N, MISALIGN_N]
+    assert batch["seq_role"].tolist() == [Role.ALIGN_N, Role.MISALIGN_N]
     judged_resp = ids[0, lens[0] - len(resp) : lens[0]].tolist()
     plain_resp = ids[1, lens[1] - len(resp) : lens[1]].tolist()
     assert judged_resp == plain_resp == resp
@@ -311,11 +311,11 @@ def check_layout(batch, feats, pad_id, train_on_inputs, multiple=8):
     assert mask.shape == (S, T)
     expected_roles = []
     for f in feats:
-        expected_roles += [ALIGN_N, MISALIGN_N] if f["judged_ids"] else [ALIGN_P]
+        expected_roles += [Role.ALIGN_N, Role.MISALIGN_N] if f["judged_ids"] else [Role.ALIGN_P]
     assert batch["seq_role"].tolist() == expected_roles
-    assert (batch["seq_role"] == ALIGN_P).sum() == n_pos
-    assert (batch["seq_role"] == ALIGN_N).sum() == n_neg
-    assert (batch["seq_role"] == MISALIGN_N).sum() == n_neg
+    assert (batch["seq_role"] == Role.ALIGN_P).sum() == n_pos
+    assert (batch["seq_role"] == Role.ALIGN_N).sum() == n_neg
+    assert (batch["seq_role"] == Role.MISALIGN_N).sum() == n_neg
 
     # padding
     lens = []
@@ -347,17 +347,17 @@ def check_layout(batch, feats, pad_id, train_on_inputs, multiple=8):
     resp_n = sum(len(f["response_ids"]) for f in feats if f["judged_ids"])
     extra_p = sum(len(f["prompt_ids"]) - 1 for f in feats if not f["judged_ids"]) if train_on_inputs else 0
     extra_n = sum(len(f["judged_ids"]) - 1 for f in feats if f["judged_ids"]) if train_on_inputs else 0
-    assert count(ALIGN_P) == resp_p + extra_p
-    assert count(ALIGN_N) == resp_n + extra_n
-    assert count(MISALIGN_N) == resp_n
+    assert count(Role.ALIGN_P) == resp_p + extra_p
+    assert count(Role.ALIGN_N) == resp_n + extra_n
+    assert count(Role.MISALIGN_N) == resp_n
 
-    # partners: MISALIGN_N -> ALIGN_N target of the same token at the same response offset
+    # partners: Role.MISALIGN_N -> Role.ALIGN_N target of the same token at the same response offset
     seq_len = mask.sum(1)
-    mis = (role == MISALIGN_N).nonzero().flatten()
-    assert (partner[role != MISALIGN_N] == -1).all()
+    mis = (role == Role.MISALIGN_N).nonzero().flatten()
+    assert (partner[role != Role.MISALIGN_N] == -1).all()
     assert (partner[mis] >= 0).all()
     p = partner[mis]
-    assert (role[p] == ALIGN_N).all()
+    assert (role[p] == Role.ALIGN_N).all()
     assert torch.equal(tgt[p], tgt[mis])
     # offset from the end of the sequence (responses end each sequence and are the same length)
     from_end_mis = seq_len[pos[mis] // T] - (pos[mis] % T)
@@ -369,7 +369,8 @@ def check_layout(batch, feats, pad_id, train_on_inputs, multiple=8):
     resp_align_n = [
         i
         for i in range(n)
-        if role[i] == ALIGN_N and pos[i] % T >= seq_len[pos[i] // T] - 1 - len_resp_of(pos[i] // T, feats)
+        if role[i] == Role.ALIGN_N
+        and pos[i] % T >= seq_len[pos[i] // T] - 1 - len_resp_of(pos[i] // T, feats)
     ]
     assert sorted(p.tolist()) == resp_align_n
 
@@ -446,10 +447,10 @@ def test_train_on_inputs_adds_prompt_targets_only_for_align(setup):
 
     extra_p = sum(len(f["prompt_ids"]) - 1 for f in feats if not f["judged_ids"])
     extra_n = sum(len(f["judged_ids"]) - 1 for f in feats if f["judged_ids"])
-    assert count(on, ALIGN_P) == count(off, ALIGN_P) + extra_p
-    assert count(on, ALIGN_N) == count(off, ALIGN_N) + extra_n
-    assert count(on, MISALIGN_N) == count(off, MISALIGN_N)
-    assert count(on, MISALIGN_N) == sum(len(f["response_ids"]) for f in feats if f["judged_ids"])
+    assert count(on, Role.ALIGN_P) == count(off, Role.ALIGN_P) + extra_p
+    assert count(on, Role.ALIGN_N) == count(off, Role.ALIGN_N) + extra_n
+    assert count(on, Role.MISALIGN_N) == count(off, Role.MISALIGN_N)
+    assert count(on, Role.MISALIGN_N) == sum(len(f["response_ids"]) for f in feats if f["judged_ids"])
 
     # the added targets are exactly the prompt targets, all with partner -1
     T = on["input_ids"].shape[1]
@@ -457,15 +458,17 @@ def test_train_on_inputs_adds_prompt_targets_only_for_align(setup):
     added = [i for i, q in enumerate(on["tgt_pos"].tolist()) if q not in resp_set]
     assert len(added) == extra_p + extra_n
     assert all(on["tgt_partner"][i] == -1 for i in added)
-    assert all(on["tgt_role"][i] != MISALIGN_N for i in added)
-    # MISALIGN_N sequences have no prompt target
-    mis_rows = {s for s, r in enumerate(on["seq_role"].tolist()) if r == MISALIGN_N}
+    assert all(on["tgt_role"][i] != Role.MISALIGN_N for i in added)
+    # Role.MISALIGN_N sequences have no prompt target
+    mis_rows = {s for s, r in enumerate(on["seq_role"].tolist()) if r == Role.MISALIGN_N}
     assert not any(on["tgt_pos"][i].item() // T in mis_rows for i in added)
 
     # partners still point at the same tokens (shifted indices in the longer target list)
-    mis_on = on["tgt_role"] == MISALIGN_N
+    mis_on = on["tgt_role"] == Role.MISALIGN_N
     p = on["tgt_partner"][mis_on]
-    assert torch.equal(on["tgt_pos"][p], off["tgt_pos"][off["tgt_partner"][off["tgt_role"] == MISALIGN_N]])
+    assert torch.equal(
+        on["tgt_pos"][p], off["tgt_pos"][off["tgt_partner"][off["tgt_role"] == Role.MISALIGN_N]]
+    )
     assert torch.equal(on["tgt_ids"][p], on["tgt_ids"][mis_on])
 
 
@@ -505,7 +508,7 @@ def test_targets_recovered_per_sequence(setup, train_on_inputs):
     # partner of the k-th response target of a plain sequence = k-th response target of the judged one
     tgt_index = {q: i for i, q in enumerate(batch["tgt_pos"].tolist())}
     for s, (role, full, want) in enumerate(expected):
-        if role != MISALIGN_N:
+        if role != Role.MISALIGN_N:
             continue
         judged_full = expected[s - 1][1]
         n_resp = len(want)

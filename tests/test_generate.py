@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cut.generate as gen
-from cut.generate import EngineError, generate_file, generate_texts, main
-from cut.records import DataError
+from cut.errors import DataError, EngineError
+from cut.generate import generate_file, generate_texts, main
 from cut.templates import load_template
 
 # prompts of quite different lengths, so a batch of 4 holds real left padding

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cut.errors import DataError
 from cut.judge import (
     DEFAULT_PROMPT,
     LocalJudge,
@@ -28,7 +29,7 @@ from cut.judge import (
     read_cache,
     render_prompt,
 )
-from cut.records import DataError, build_examples, load_records
+from cut.records import build_examples, load_records
 
 from conftest import REPO
 

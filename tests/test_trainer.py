@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cut import trainer as cut_trainer
-from cut.config import ConfigError
+from cut.errors import ConfigError
 from cut.train import main
 from cut.trainer import check_head_path, target_logprobs
 

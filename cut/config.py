@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .models import DTYPES, canonical_dtype
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -86,7 +87,7 @@ class TrainConfig:
     deepspeed: str = _f("", "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
     precision: str = _f(
         "auto",
-        "auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 | fp32.",
+        "auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 | fp32 (or bfloat16 | float16 | float32).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
@@ -105,6 +106,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        if self.precision in DTYPES:  # one dtype vocabulary: bfloat16 -> bf16, ...
+            self.precision = canonical_dtype(self.precision)
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = _parse_list(self.lora_target_modules)
 

@@ -24,6 +24,7 @@ import torch
 from .config import load_yaml, parse_config
 from .io import write_json_atomic
 from .loss import Role
+from .models import load_model, load_tokenizer
 from .pairs import CUTCollator, tokenize_example
 from .records import build_examples, load_records
 from .smollm import ensure_smollm2
@@ -70,8 +71,6 @@ def sparkline(values: list[float]) -> str:
 
 
 def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out = Path(cfg["output_dir"])
     history = json.loads((out / "metrics.json").read_text())["log_history"]
     steps = [h for h in history if "loss" in h and "mle" in h]
@@ -81,13 +80,13 @@ def report(cfg: dict, merged_dir: Path, n_show: int = 4) -> dict:
     for h in steps:
         print(f"  {h['step']:>4}  {h['loss']:.4f}  {h['mle']:.4f}  {h['ul']:.4f}  {h['flagged']:.3f}")
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg["base_model"])
+    tokenizer = load_tokenizer(cfg["base_model"])
     template = load_template(cfg["prompt_template_name"], tokenizer)
     examples, _ = build_examples(
         load_records(cfg["data_path"]), cfg["score_threshold"], cfg["on_failed_judgment"]
     )
-    base = AutoModelForCausalLM.from_pretrained(cfg["base_model"], dtype=torch.float32).eval()
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    base = load_model(cfg["base_model"], "fp32", "cpu")
+    merged = load_model(str(merged_dir), "fp32", "cpu")
     threshold = float(cfg["threshold"])
 
     flagged_before, flagged_after, other_before, other_after, pos_before, pos_after = [], [], [], [], [], []

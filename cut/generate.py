@@ -23,33 +23,134 @@ sampled ones are reproducible run for run, but batches (and so seeds) differ aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
+import math
 import sys
 import zlib
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import DataError, EngineError
+from .errors import ConfigError, DataError, EngineError
 from .io import write_json_atomic
+from .models import DTYPES, check_model_path, load_model, load_tokenizer, model_name
 from .records import check_object, read_raw, text_field
 from .templates import load_template, resolve_template_name
 
 logger = logging.getLogger("cut.generate")
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENGINES = ("hf", "vllm")
-SETTINGS = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed", "prompt_template")
 VLLM_MISSING = "--engine vllm needs the vllm package (pip install vllm); use --engine hf"
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
 
 OnBatch = Callable[[list[int], list[str]], None]
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are sampled; validated once here, written into every answer record."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 42  # a rerun reproduces the outputs
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def meta(self) -> dict[str, Any]:
+        """The fields an answer record carries (the order of the AlpacaEval files)."""
+        names = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+        return {n: getattr(self, n) for n in names}
+
+    def generation_config(self, pad_token_id: int, eos_token_id: list[int] | None):
+        from transformers import GenerationConfig
+
+        sample = not self.greedy
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sample,
+            # greedy: neutral values, so a model's own sampling defaults raise no warnings
+            temperature=self.temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0,
+            top_k=0 if sample else None,  # only top_p truncates, as in vllm
+            repetition_penalty=self.repetition_penalty,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            use_cache=True,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything `cut.generate` (and the online loop's `generate:` section) can set."""
+
+    prompt_template_name: str = "auto"
+    batch_size: int = 8
+    engine: str = "hf"
+    generator: str | None = None  # name in the output (default: the model folder's)
+    dataset: str | None = None  # dataset name in the output (default: the input file's stem)
+    limit: int | None = None  # answer only the first N records
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
+        """Flat keys (sampling ones included) as the CLI and YAML write them; unknown keys are errors."""
+        own = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
+        samp = {f.name for f in dataclasses.fields(Sampling)}
+        unknown = sorted(set(values) - own - samp)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s): {', '.join(unknown)}")
+        try:
+            sampling = Sampling(**{k: v for k, v in values.items() if k in samp})
+            return cls(**{k: v for k, v in values.items() if k in own}, sampling=sampling)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def flat(self) -> dict[str, Any]:
+        """The inverse of from_dict."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
+        return {**out, **dataclasses.asdict(self.sampling)}
 
 
 # ---------------------------------------------------------------- generation
@@ -81,26 +182,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
     if eos is None:
         return []
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-def _generation_config(
-    model, tokenizer, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float
-):
-    from transformers import GenerationConfig
-
-    sample = temperature > 0
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        # greedy: neutral values, so a model's own sampling defaults raise no warnings
-        temperature=temperature if sample else 1.0,
-        top_p=top_p if sample else 1.0,
-        top_k=0 if sample else None,  # only top_p truncates, as in vllm
-        repetition_penalty=repetition_penalty,
-        pad_token_id=_pad_id(tokenizer),
-        eos_token_id=_eos_ids(model, tokenizer) or None,
-        use_cache=True,
-    )
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,30 +239,28 @@ def generate_texts(
     model,
     tokenizer,
     prompts: list[str],
+    sampling: Sampling | None = None,
     *,
     add_special_tokens: bool = True,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 42,
     on_batch: OnBatch | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Answer prompts with a transformers model, in batches; returns texts in prompt order.
 
-    Prompts are batched by token length; each batch is seeded from `seed` and its first prompt.
-    `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and the
-    global torch RNG are restored afterwards, so an evaluator may call this mid-training.
+    Prompts are batched by token length; each batch is seeded from `sampling.seed` and its first
+    prompt. `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and
+    the global torch RNG are restored afterwards, so an evaluator may call this mid-training.
     """
-    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
+    sampling = sampling or Sampling()
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
-    gen_config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, repetition_penalty)
+    gen_config = sampling.generation_config(_pad_id(tokenizer), _eos_ids(model, tokenizer) or None)
     device = next(model.parameters()).device
 
     def run(idx: list[int]) -> list[str]:
-        torch.manual_seed(batch_seed(seed, prompts[idx[0]]))
+        torch.manual_seed(batch_seed(sampling.seed, prompts[idx[0]]))
         return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config)
 
     was_training = model.training
@@ -205,30 +284,26 @@ def generate_texts_vllm(
     llm,
     tokenizer,
     prompts: list[str],
+    sampling: Sampling | None = None,
     *,
     add_special_tokens: bool = True,
     batch_size: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 42,
     on_batch: OnBatch | None = None,
     progress: bool = True,
 ) -> list[str]:
     """The same as generate_texts with a vllm.LLM; token ids go in, so prompts match exactly."""
     vllm = require_vllm()
-    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
+    sampling = sampling or Sampling()
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
 
     def params(i: int):
         # a seed per request: the output does not depend on which prompts share a call
         return vllm.SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            max_tokens=max_new_tokens,
-            seed=batch_seed(seed, prompts[i]),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_new_tokens,
+            seed=batch_seed(sampling.seed, prompts[i]),
             skip_special_tokens=True,
         )
 
@@ -242,80 +317,16 @@ def generate_texts_vllm(
     return [done[i] for i in range(len(prompts))]
 
 
-def check_settings(
-    batch_size: int, max_new_tokens: int, temperature: float, top_p: float, repetition_penalty: float
-) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+def _load_vllm(model: str, cfg: GenerateConfig):
+    from .models import adapter_base, canonical_dtype
 
-
-# ---------------------------------------------------------------- loading
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if DTYPES[dtype] is not None:
-        return DTYPES[dtype]
-    # auto: bf16 where the GPU runs it natively; float32 on CPU (half precision is slow there)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def _adapter_base(model: str) -> str | None:
-    cfg = Path(model) / "adapter_config.json"
-    if not cfg.exists():
-        return None
-    return json.loads(cfg.read_text())["base_model_name_or_path"]
-
-
-def load_tokenizer(model: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    base = _adapter_base(model)
-    source = model if base is None or (Path(model) / "tokenizer_config.json").exists() else base
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-
-
-def load_model(model: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
-    """A model folder or name, or a LoRA adapter folder (its base is loaded under it)."""
-    from transformers import AutoModelForCausalLM
-
-    dev = resolve_device(device)
-    kwargs = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code}
-    if _adapter_base(model) is not None:
-        from peft import AutoPeftModelForCausalLM
-
-        lm = AutoPeftModelForCausalLM.from_pretrained(model, **kwargs)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
-    return lm.to(dev).eval()
-
-
-def _load_vllm(model: str, dtype: str, seed: int, trust_remote_code: bool):
     vllm = require_vllm()
-    if _adapter_base(model) is not None:
+    if adapter_base(model) is not None:
         raise EngineError(
             f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
         )
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return vllm.LLM(model=model, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code)
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(canonical_dtype(cfg.dtype), "auto")
+    return vllm.LLM(model=model, dtype=dtype, seed=cfg.sampling.seed, trust_remote_code=cfg.trust_remote_code)
 
 
 # ---------------------------------------------------------------- records and the output file
@@ -350,7 +361,7 @@ def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(rows, list):
         raise DataError(f"{path}: existing output file is not a JSON list; move it away")
     # greedy answers do not depend on the seed
-    fields = ["generator", *[f for f in SETTINGS if f != "seed" or meta["temperature"] > 0]]
+    fields = [f for f in meta if f != "dataset" and (f != "seed" or meta["temperature"] > 0)]
     for j, row in enumerate(rows):
         if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)):
             raise DataError(f"{path}: record {j}: not an answer record; move the file away")
@@ -382,76 +393,43 @@ def _answer(rec: dict[str, Any], text: str, meta: dict[str, Any]) -> dict[str, A
     return {**head, **{k: v for k, v in rec.items() if k not in head}}
 
 
-def _check_model_path(model: str) -> None:
-    # a path that is not there would otherwise reach the hub as a confusing "repo id" error
-    if not Path(model).exists() and (
-        Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-    ):
-        raise ValueError(f"{model}: model folder not found")
-
-
-def _model_name(model: str) -> str:
-    p = Path(model)
-    return p.resolve().name if p.exists() else model.rstrip("/").rsplit("/", 1)[-1]
-
-
 def generate_file(
     model: str,
     data_path: str | None,
     output_file: str,
+    cfg: GenerateConfig | None = None,
     *,
-    prompt_template_name: str = "auto",
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int = 42,
-    engine: str = "hf",
-    generator: str | None = None,
-    dataset: str | None = None,
-    limit: int | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
     records: list[dict] | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Answer every instruction of data_path (or `records`) into output_file; returns its records.
 
-    Everything is checked (settings, records, an existing output file, the engine) before the
-    model loads. Records already answered in output_file are kept, not regenerated.
+    `cfg`, or its fields (sampling ones included) as keyword options. Everything is checked
+    (settings, records, an existing output file, the engine) before the model loads. Records
+    already answered in output_file are kept, not regenerated.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    check_settings(batch_size, max_new_tokens, temperature, top_p, repetition_penalty)
-    _check_model_path(model)
+    cfg = cfg or GenerateConfig.from_dict(options)
+    check_model_path(model)
     if records is None:
         if data_path is None:
             raise ValueError("give data_path or records")
         raw, source = read_raw(data_path)
     else:
         raw, source = records, data_path or "records"
-    inputs = validate_instructions(raw, source)[:limit]
-    if engine == "vllm":
+    inputs = validate_instructions(raw, source)[: cfg.limit]
+    if cfg.engine == "vllm":
         require_vllm()
 
+    tokenizer = load_tokenizer(model, cfg.trust_remote_code)
+    template = load_template(resolve_template_name(cfg.prompt_template_name, model, tokenizer), tokenizer)
     meta = {
-        "generator": generator or _model_name(model),
-        "dataset": dataset or (Path(data_path).stem if data_path else "records"),
-        "temperature": temperature,
-        "top_p": top_p,
-        "repetition_penalty": repetition_penalty,
-        "max_new_tokens": max_new_tokens,
-        "seed": seed,
+        "generator": cfg.generator or model_name(model),
+        "dataset": cfg.dataset or (Path(data_path).stem if data_path else "records"),
+        **cfg.sampling.meta(),
+        "prompt_template": template.name,
     }
-    tokenizer = load_tokenizer(model, trust_remote_code)
-    template = load_template(resolve_template_name(prompt_template_name, model, tokenizer), tokenizer)
-    meta["prompt_template"] = template.name
     _warn_replaced_fields(inputs, meta)
-
     out = Path(output_file)
     matched, extras = match_answers(inputs, read_answers(out, meta))
     if extras:
@@ -465,41 +443,32 @@ def generate_file(
         len(pending),
     )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-
     def save() -> list[dict[str, Any]]:
         rows = [row for row in matched if row is not None] + extras
         write_json_atomic(out, rows)
         return rows
-
-    if not pending:
-        return save()
 
     def on_batch(idx: list[int], texts: list[str]) -> None:
         for j, text in zip(idx, texts, strict=True):
             matched[pending[j]] = _answer(inputs[pending[j]], text, meta)
         save()
 
-    prompts = [template.plain(inputs[i]["instruction"], inputs[i]["input"]) for i in pending]
-    settings = dict(
-        add_special_tokens=template.adds_special_tokens,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        on_batch=on_batch,
-        progress=progress,
-    )
-    if engine == "vllm":
-        llm = _load_vllm(model, dtype, seed, trust_remote_code)
-        generate_texts_vllm(llm, tokenizer, prompts, **settings)
-    else:
-        lm = load_model(model, dtype, device, trust_remote_code)
-        generate_texts(lm, tokenizer, prompts, **settings)
-    logger.info("wrote %d answers to %s", len(inputs), out)
+    if pending:
+        prompts = [template.plain(inputs[i]["instruction"], inputs[i]["input"]) for i in pending]
+        _generate(model, cfg, tokenizer, prompts, template.adds_special_tokens, on_batch, progress)
+        logger.info("wrote %d answers to %s", len(inputs), out)
     return save()
+
+
+def _generate(model, cfg, tokenizer, prompts, add_special_tokens, on_batch, progress) -> None:
+    settings = dict(
+        add_special_tokens=add_special_tokens, batch_size=cfg.batch_size, on_batch=on_batch, progress=progress
+    )
+    if cfg.engine == "vllm":
+        generate_texts_vllm(_load_vllm(model, cfg), tokenizer, prompts, cfg.sampling, **settings)
+    else:
+        lm = load_model(model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        generate_texts(lm, tokenizer, prompts, cfg.sampling, **settings)
 
 
 def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -512,6 +481,7 @@ def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = GenerateConfig().flat()
     p = argparse.ArgumentParser(prog="cut.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
     p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
@@ -522,17 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="alpaca | chat | path to a .json template | auto: the one the model was CUT-trained with "
         "(its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
     )
-    p.add_argument("--batch_size", type=int, default=8, help="prompts generated at once")
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42, help="sampling seed; a rerun reproduces the outputs")
+    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="prompts generated at once")
+    p.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=d["top_p"])
+    p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
+    p.add_argument(
+        "--seed", type=int, default=d["seed"], help="sampling seed; a rerun reproduces the outputs"
+    )
     p.add_argument("--engine", default="hf", choices=ENGINES)
     p.add_argument("--generator", default=None, help="name in the output (default: the model folder's)")
     p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="auto: bfloat16 on GPU, else fp32")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: bf16 on a GPU, else fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
     return p
@@ -542,8 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = vars(build_parser().parse_args(argv))
     try:
-        generate_file(args.pop("model"), args.pop("data_path"), args.pop("output_file"), **args)
-    except (DataError, ValueError, EngineError) as err:
+        cfg = GenerateConfig.from_dict(
+            {k: v for k, v in args.items() if k not in ("model", "data_path", "output_file")}
+        )
+        generate_file(args["model"], args["data_path"], args["output_file"], cfg)
+    except (ValueError, EngineError) as err:  # ConfigError and DataError are ValueErrors
         print(f"cut.generate: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a model that cannot be loaded, a disk that cannot be written

@@ -16,29 +16,28 @@ from pathlib import Path
 
 import torch
 
-from .generate import DTYPES
 from .io import build_dir_atomic
+from .models import DTYPES, canonical_dtype, load_tokenizer, resolve_dtype, saved_dtype
 
 
 def merge(
     base_model: str, adapter: str, output_dir: str, dtype: str = "auto", trust_remote_code: bool = False
 ) -> Path:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter)
     if not (adapter_dir / "adapter_config.json").exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter folder)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    dtype = canonical_dtype(dtype)  # auto keeps the base model's own dtype
     base = AutoModelForCausalLM.from_pretrained(
         base_model, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
-    target = DTYPES[dtype] or _config_dtype(base_model, trust_remote_code)
+    target = saved_dtype(base_model, trust_remote_code) if dtype == "auto" else resolve_dtype(dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged = merged.to(target)
     tok_source = adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else Path(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(str(tok_source), trust_remote_code)
 
     meta = {"base_model": str(base_model), "adapter": str(adapter_dir), "dtype": str(target)}
 
@@ -52,17 +51,6 @@ def merge(
     return build_dir_atomic(output_dir, build)
 
 
-def _config_dtype(base_model: str, trust_remote_code: bool = False) -> torch.dtype:
-    """The dtype the base model was saved in (what `auto` keeps), for a folder or a hub name."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    name = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or "float32"
-    if isinstance(name, torch.dtype):
-        return name
-    return DTYPES.get(str(name).replace("torch.", "")) or torch.float32
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cut.merge", description=__doc__.split("\n")[0])
     p.add_argument("--base_model", required=True, help="the base model the adapter was trained on")
@@ -71,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=sorted(DTYPES),
+        choices=list(DTYPES),
         help="dtype of the merged weights (auto: the base's)",
     )
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
     args = p.parse_args(argv)
     try:
         out = merge(args.base_model, args.adapter, args.output_dir, args.dtype, args.trust_remote_code)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError
         print(f"cut.merge: error: {err}", file=sys.stderr)
         return 2
     print(f"merged model written to {out}")

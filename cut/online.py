@@ -41,22 +41,12 @@ from .arithmetic import extract_final_answer
 from .config import FIELDS as TRAIN_FIELDS
 from .config import TrainConfig, coerce
 from .errors import ConfigError, DataError
+from .generate import GenerateConfig, Sampling
 from .io import write_json_atomic
 
 logger = logging.getLogger("cut.online")
 
 STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
-GENERATE_KEYS = {
-    "prompt_template_name",
-    "batch_size",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "repetition_penalty",
-    "seed",
-    "engine",
-    "dtype",
-}
 JUDGE_KEYS = {
     "kind",
     "base_url",
@@ -88,7 +78,7 @@ class OnlineConfig:
     merge_dtype: str = "auto"
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 16
-    generate: dict[str, Any] = field(default_factory=dict)
+    generate: Any = field(default_factory=dict)  # a flat mapping in YAML; a GenerateConfig once validated
     judge: dict[str, Any] = field(default_factory=lambda: {"kind": "reference"})
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -98,10 +88,9 @@ class OnlineConfig:
                 raise ConfigError(f"online: missing required option {name}")
         if self.rounds < 1 or self.instructions_per_round < 1:
             raise ConfigError("online: rounds and instructions_per_round must be >= 1")
-        for section, allowed in (("generate", GENERATE_KEYS), ("judge", JUDGE_KEYS)):
-            unknown = set(getattr(self, section)) - allowed
-            if unknown:
-                raise ConfigError(f"online: unknown {section} option(s): {', '.join(sorted(unknown))}")
+        unknown = set(self.judge) - JUDGE_KEYS
+        if unknown:
+            raise ConfigError(f"online: unknown judge option(s): {', '.join(sorted(unknown))}")
         unknown = set(self.train) - set(TRAIN_FIELDS)
         if unknown:
             raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
@@ -114,12 +103,13 @@ class OnlineConfig:
         if self.train.get("full_finetune"):
             raise ConfigError("online: full_finetune is not supported; each round merges a LoRA adapter")
         # generation and training must use one template, or rounds train on prompts they never answer
-        gen_t, train_t = self.generate.get("prompt_template_name"), self.train.get("prompt_template_name")
+        gen = dict(self.generate) if isinstance(self.generate, dict) else self.generate.flat()
+        gen_t, train_t = gen.get("prompt_template_name"), self.train.get("prompt_template_name")
         if gen_t and train_t and gen_t != train_t:
             raise ConfigError(f"online: generate uses template {gen_t!r} but train uses {train_t!r}")
-        self.generate["prompt_template_name"] = self.train["prompt_template_name"] = (
-            gen_t or train_t or "chat"
-        )
+        gen["prompt_template_name"] = self.train["prompt_template_name"] = gen_t or train_t or "chat"
+        gen.setdefault("seed", self.seed)  # round r samples with seed + r
+        self.generate = GenerateConfig.from_dict(gen, "online: generate")
         probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
         probe.validate()  # the whole train section must make a valid run, before any round starts
         probe.gradient_accumulation_steps(self.nproc_per_node)
@@ -335,21 +325,21 @@ def summarise_training(adapter: Path) -> dict[str, Any]:
 def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[str, Any]:
     """Greedy answers to the held-out problems; accuracy of their final numbers."""
     from .arithmetic import answers_match, extract_final_answer
-    from .generate import generate_texts, load_model, load_tokenizer
+    from .generate import generate_texts
+    from .models import load_model, load_tokenizer
     from .templates import load_template
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path)
-    template = load_template(cfg.generate["prompt_template_name"], tokenizer)
+    template = load_template(cfg.generate.prompt_template_name, tokenizer)
     prompts = [template.plain(r["instruction"], r.get("input") or "") for r in heldout]
     texts = generate_texts(
         model,
         tokenizer,
         prompts,
+        Sampling(max_new_tokens=cfg.eval_max_new_tokens),
         add_special_tokens=template.adds_special_tokens,
         batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.eval_max_new_tokens,
-        temperature=0.0,
     )
     del model
     release_memory()
@@ -394,15 +384,18 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
         }
 
     def generate():
-        gen = dict(cfg.generate)
-        gen["seed"] = gen.get("seed", cfg.seed) + index  # fresh samples each round, reproducible
+        g = cfg.generate
         rows = generate_file(
             model_in,
             str(d / "instructions.json"),
             str(d / "responses.json"),
-            generator=f"round_{index - 1}" if index > 1 else Path(model_in).name,
-            dataset="online-pool",
-            **gen,
+            dataclasses.replace(
+                g,
+                generator=f"round_{index - 1}" if index > 1 else Path(model_in).name,
+                dataset="online-pool",
+                # fresh samples each round, reproducible
+                sampling=dataclasses.replace(g.sampling, seed=g.sampling.seed + index),
+            ),
         )
         release_memory()
         return {"counts": {"responses": len(rows)}, "outputs": {"responses": str(d / "responses.json")}}

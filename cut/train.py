@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import models
 from .config import TrainConfig, parse_config
 from .errors import ConfigError, DataError
 from .io import write_json_atomic
+from .models import resolve_dtype
 from .pairs import CUTCollator, tokenize_example
 from .records import build_examples, load_records
 from .templates import load_template
@@ -91,28 +93,16 @@ def limit_cutoff(cfg: TrainConfig) -> None:
         cfg.cutoff_len = most
 
 
-def _dtype(cfg: TrainConfig) -> torch.dtype:
-    if cfg.precision == "bf16":
-        return torch.bfloat16
-    if cfg.precision == "fp16":
-        return torch.float16
-    return torch.float32
-
-
 def resolve_precision(cfg: TrainConfig) -> None:
     if cfg.precision == "auto":
-        cfg.precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        cfg.precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
 
 
 def load_model(cfg: TrainConfig):
-    from transformers import AutoModelForCausalLM
-
+    """The model to train: LoRA (peft) around the base, or the whole model; CUT forward installed."""
     # LoRA keeps the frozen base in the training dtype; full fine-tuning keeps fp32 master weights
-    dtype = torch.float32 if cfg.full_finetune else _dtype(cfg)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+    dtype = "fp32" if cfg.full_finetune else cfg.precision
+    model = models.load_model(cfg.base_model, dtype, None, cfg.trust_remote_code, cfg.attn_implementation)
     model.config.use_cache = False
     lm = model
     if not cfg.full_finetune:
@@ -238,14 +228,14 @@ def _resume(cfg: TrainConfig, model) -> str | bool | None:
 def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
     """Validate, prepare the data, load the model and wire the Trainer; nothing trains yet."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     cfg.validate()
     resolve_precision(cfg)
     cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # pads never get a target and are masked from attention
     limit_cutoff(cfg)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cut.generate as gen
 from cut.errors import DataError, EngineError
-from cut.generate import generate_file, generate_texts, main
+from cut.generate import Sampling, generate_file, generate_texts, main
 from cut.templates import load_template
 
 # prompts of quite different lengths, so a batch of 4 holds real left padding
@@ -190,7 +190,7 @@ def test_generate_texts_leaves_rng_and_train_mode(tiny_model):
     prompts = [load_template("alpaca").plain(ins, inp) for ins, inp in INSTRUCTIONS[:3]]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    texts = generate_texts(model, tok, prompts, batch_size=2, temperature=1.0, seed=1, max_new_tokens=5)
+    texts = generate_texts(model, tok, prompts, Sampling(temperature=1.0, seed=1, max_new_tokens=5), batch_size=2)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert torch.equal(torch.get_rng_state(), state), "generation moved the caller's RNG"
     assert model.training, "generation left a training model in eval mode"

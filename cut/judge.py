@@ -17,10 +17,11 @@ The judge answers `Perfect.` or `Mistakes: <every mistake, quoted and corrected>
 also in configs/judge_prompt.txt). --prompt_file replaces it: a text with the fields
 {instruction}, {input} ("(none)" when a record has no input) and {response}.
 
-- openai: any OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM's server, ...), standard
-  library only: bounded concurrency, retries with backoff and jitter on 429 / 5xx / timeouts /
-  connection errors / malformed bodies, and a JSONL cache of answers so a rerun only asks again
-  for what failed. The API key is read from the environment and never logged or written.
+- openai: any OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM's server, ...) through
+  cut.llm's client (the `openai` package): bounded concurrency, retries with backoff on 408 / 409 /
+  429 / 5xx / timeouts / connection errors / malformed bodies, honouring Retry-After, and a JSONL
+  cache of answers so a rerun only asks again for what failed. The API key is read from the
+  environment, sent to base_url's origin only, and never logged or written.
 - local: a transformers causal LM, batched greedy decoding.
 - reference: the response's final number against the record's `reference` (offline).
 """
@@ -28,30 +29,21 @@ also in configs/judge_prompt.txt). --prompt_file replaces it: a text with the fi
 from __future__ import annotations
 
 import argparse
-import email.utils
-import hashlib
-import http.client
-import json
 import logging
-import os
-import random
 import string
 import sys
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TextIO
+from typing import Any, NamedTuple, Protocol
 
 from tqdm.auto import tqdm
 
 from .arithmetic import answers_match, extract_final_answer
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .io import write_json_atomic
+from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .records import check_object, read_raw, says_perfect, text_field
 
 logger = logging.getLogger("cut.judge")
@@ -81,7 +73,7 @@ NO_INPUT = "(none)"
 OWN_FIELDS = {"instruction", "input", "output", "judgment", "judge", "judge_error"}
 STALE_FIELDS = {"score"}  # an earlier judge's score would override this judgment in cut.records
 NO_MISTAKES = {"none", "no mistakes", "n/a", "nothing"}
-MAX_DELAY = 60.0  # seconds; caps backoff and Retry-After
+JUDGE_KINDS = ("openai", "local", "reference")
 
 Progress = Callable[[int], None]
 
@@ -161,205 +153,29 @@ def render_prompt(prompt: str, record: dict) -> str:
 
 
 class OpenAIJudge:
-    """An OpenAI-compatible chat endpoint as judge (OpenAI, vLLM's server, ...).
+    """An OpenAI-compatible chat endpoint as judge (OpenAI, vLLM's server, ...), through cut.llm.
 
-    cache_file: JSONL of {key, content}; None for no cache (the CLI defaults it next to the output).
+    options: the fields of cut.llm.ClientConfig (api_key_env, concurrency, timeout, max_retries,
+    backoff, max_tokens, temperature, cache_file); cache_file None for no cache (the CLI defaults
+    it next to the output).
     """
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        prompt: str = DEFAULT_PROMPT,
-        api_key_env: str = "OPENAI_API_KEY",
-        concurrency: int = 8,
-        timeout: float = 60.0,
-        max_retries: int = 5,
-        max_tokens: int = 512,
-        cache_file: str | None = None,
-        backoff: float = 1.0,
-    ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    def __init__(self, base_url: str, model: str, prompt: str = DEFAULT_PROMPT, **options: Any) -> None:
         check_prompt(prompt)
-        self.base_url = base_url.rstrip("/")
-        self.model = model
         self.prompt = prompt
-        self.api_key_env = api_key_env  # the key itself stays in the environment, never on this object
-        self.concurrency = concurrency
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.max_tokens = max_tokens
-        self.cache_file = cache_file
-        self.backoff = backoff
+        self.client = LLMClient(ClientConfig(base_url, model, **options))
         self.name = f"openai:{model}"
-        self._opener = urllib.request.build_opener()
-        if not os.environ.get(api_key_env):
-            logger.info(
-                "%s is not set: sending no Authorization header (a vLLM server needs none)", api_key_env
-            )
 
     def cache_key(self, prompt: str) -> str:
-        return hashlib.sha256(json.dumps([self.base_url, self.model, prompt]).encode()).hexdigest()
+        return self.client.cache_key(prompt)
 
     def judge(self, records: list[dict], progress: Progress | None = None) -> list[Verdict]:
-        progress = progress or (lambda n: None)
-        prompts = [render_prompt(self.prompt, r) for r in records]
-        keys = [self.cache_key(p) for p in prompts]
-        per_key = Counter(keys)
-        cached = read_cache(self.cache_file) if self.cache_file else {}
-        answers = {k: (cached[k], None) for k in per_key if k in cached}
-        # one request per distinct prompt: repeated responses are asked once
-        todo = {k: p for k, p in zip(keys, prompts, strict=True) if k not in answers}
-        logger.info("%d prompt(s) answered from the cache, %d to request", len(answers), len(todo))
-        progress(sum(per_key[k] for k in answers))
-        for key, answer in self._ask_all(todo):
-            answers[key] = answer
-            progress(per_key[key])
-        return [_verdict(*answers[k]) for k in keys]
-
-    def _ask_all(self, todo: dict[str, str]) -> Iterator[tuple[str, tuple[str | None, str | None]]]:
-        """(key, answer) as requests finish, at most `concurrency` in flight; answers are cached."""
-        pool, stop = ThreadPoolExecutor(max_workers=self.concurrency), threading.Event()
-        try:
-            with _open_cache(self.cache_file) as cache:
-                futures = {pool.submit(self.ask, p, stop): k for k, p in todo.items()}
-                for fut in as_completed(futures):
-                    answer = fut.result()
-                    if cache and answer[0] is not None:
-                        cache.write(json.dumps({"key": futures[fut], "content": answer[0]}) + "\n")
-                        cache.flush()  # per answer, so a crash keeps what was paid for
-                    yield futures[fut], answer
-        finally:
-            stop.set()  # on ctrl-c, requests in flight give up instead of retrying on
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def ask(self, prompt: str, stop: threading.Event | None = None) -> tuple[str | None, str | None]:
-        """(answer, None), or (None, why) once retries are spent or the fault is not transient."""
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
-        for attempt in range(self.max_retries + 1):
-            content, problem, retry, retry_after = self._attempt(body)
-            if content is not None:
-                return content, None
-            if not retry:
-                return None, problem
-            delay = retry_after if retry_after is not None else self._backoff(attempt)
-            if attempt < self.max_retries and (stop or threading.Event()).wait(delay):
-                return None, "interrupted"
-        return None, f"{problem} after {self.max_retries} retries"
-
-    def _backoff(self, attempt: int) -> float:
-        return min(MAX_DELAY, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-
-    def _attempt(self, body: bytes) -> tuple[str | None, str, bool, float | None]:
-        """One request: (answer, problem, worth retrying, Retry-After seconds)."""
-        request = urllib.request.Request(
-            self.base_url + "/chat/completions", data=body, headers=self._headers(), method="POST"
-        )
-        try:
-            with self._opener.open(request, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as err:
-            # the body is not kept: some APIs echo (part of) the key in their error messages
-            err.close()
-            transient = err.code == 429 or err.code >= 500
-            return None, f"http {err.code}", transient, _retry_after(err.headers.get("Retry-After"))
-        except TimeoutError:
-            return None, "timeout", True, None
-        except urllib.error.URLError as err:
-            problem = "timeout" if isinstance(err.reason, TimeoutError) else "connection error"
-            return None, problem, True, None
-        except (OSError, http.client.HTTPException):
-            return None, "connection error", True, None
-        content = _content(raw)
-        if content is None:
-            return None, "malformed response body", True, None
-        return content, "", False, None
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        answers = self.client.complete([render_prompt(self.prompt, r) for r in records], progress)
+        return [_verdict(*a) for a in answers]
 
 
 def _verdict(content: str | None, error: str | None) -> Verdict:
     return parse_verdict(content) if content is not None else Verdict("failed", None, error)
-
-
-def _content(raw: bytes) -> str | None:
-    try:
-        content = json.loads(raw)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return content if isinstance(content, str) else None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(MAX_DELAY, max(0.0, seconds))
-
-
-def read_cache(path: str) -> dict[str, str]:
-    """key -> answer; unreadable lines (a run killed mid-write) are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return {}
-    cache, bad = {}, 0
-    for line in filter(str.strip, lines):
-        try:
-            row = json.loads(line)
-            key, content = row["key"], row["content"]
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-            continue
-        if isinstance(key, str) and isinstance(content, str):
-            cache[key] = content
-    if bad:
-        logger.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return cache
-
-
-class _NoCache:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _open_cache(path: str | None) -> TextIO | _NoCache:
-    if not path:
-        return _NoCache()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    torn = False
-    if p.exists() and p.stat().st_size:
-        with p.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            torn = f.read(1) != b"\n"
-    f = p.open("a", encoding="utf-8")
-    if torn:
-        f.write("\n")  # end a torn last line so the next answer gets a line of its own
-    return f
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,51 +392,109 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _option_problem(args: argparse.Namespace) -> str | None:
-    if args.judge == "openai" and not (args.base_url and args.model):
-        return "--judge openai needs --base_url and --model"
-    if args.judge == "local" and not args.model:
-        return "--judge local needs --model"
-    positive = ["concurrency", "timeout", "max_tokens", "batch_size", "max_new_tokens"]
-    bad = [f"--{n}" for n in positive if getattr(args, n) <= 0]
-    bad += [f"--{n}" for n in ("max_retries", "backoff") if getattr(args, n) < 0]
-    return f"{', '.join(bad)} out of range" if bad else None
+@dataclass(frozen=True)
+class JudgeConfig:
+    """Every judge option, checked once; the names are cut.judge's options (kind is --judge).
+
+    cache_file None means the caller's default (make_judge's default_cache_file), '' no cache.
+    """
+
+    kind: str = "reference"  # openai | local | reference
+    base_url: str | None = None  # openai
+    model: str | None = None  # openai: the model name; local: a model folder or hub name
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt_file: str | None = None
+    concurrency: int = 8
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff: float = 1.0
+    max_tokens: int = 512
+    cache_file: str | None = None
+    batch_size: int = 8  # local
+    max_new_tokens: int = 256  # local
+
+    def __post_init__(self) -> None:
+        if self.kind not in JUDGE_KINDS:
+            raise ConfigError(f"judge kind must be one of {', '.join(JUDGE_KINDS)}, got {self.kind!r}")
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ConfigError("judge openai needs base_url and model")
+        if self.kind == "local" and not self.model:
+            raise ConfigError("judge local needs model")
+        problems = text_problems(
+            self, required=["api_key_env"], optional=["base_url", "model", "prompt_file", "cache_file"]
+        )
+        positive = ("concurrency", "max_tokens", "batch_size", "max_new_tokens")
+        problems += number_problems(
+            self,
+            {**dict.fromkeys(positive, "int>=1"), "max_retries": "int>=0", "timeout": ">0", "backoff": ">=0"},
+        )
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.kind == "openai":
+            self.client_config()  # checks base_url
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "judge") -> JudgeConfig:
+        """From a config file's mapping; ConfigError names source and any unknown key."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of judge options, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        try:
+            return cls(**d)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> JudgeConfig:
+        return cls(
+            kind=args.judge, **{f.name: getattr(args, f.name) for f in fields(cls) if f.name != "kind"}
+        )
+
+    def client_config(self, cache_file: str | None = None) -> ClientConfig:
+        """The cut.llm client's part (kind openai); cache_file as given."""
+        return ClientConfig(
+            base_url=self.base_url,
+            model=self.model,
+            api_key_env=self.api_key_env,
+            concurrency=self.concurrency,
+            timeout=self.timeout,
+            max_retries=self.max_retries,
+            backoff=self.backoff,
+            max_tokens=self.max_tokens,
+            cache_file=cache_file,
+        )
 
 
-def make_judge(args: argparse.Namespace) -> Judge:
-    if args.judge == "reference":
+def make_judge(cfg: JudgeConfig, default_cache_file: str | None = None) -> Judge:
+    """The judge cfg describes; an openai judge caches in cfg.cache_file, else default_cache_file."""
+    if cfg.kind == "reference":
         return ReferenceJudge()
-    prompt = load_prompt(args.prompt_file)
-    if args.judge == "local":
-        return LocalJudge(args.model, prompt, args.batch_size, args.max_new_tokens)
-    cache = args.output_file + ".cache.jsonl" if args.cache_file is None else args.cache_file or None
-    return OpenAIJudge(
-        args.base_url,
-        args.model,
-        prompt,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        max_retries=args.max_retries,
-        max_tokens=args.max_tokens,
-        cache_file=cache,
-        backoff=args.backoff,
-    )
+    prompt = load_prompt(cfg.prompt_file)
+    if cfg.kind == "local":
+        return LocalJudge(cfg.model, prompt, cfg.batch_size, cfg.max_new_tokens)
+    cache = default_cache_file if cfg.cache_file is None else cfg.cache_file or None
+    return OpenAIJudge(prompt=prompt, **asdict(cfg.client_config(cache)))
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_http_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = _option_problem(args)
-    if problem:
-        parser.error(problem)  # exits 2
+    try:
+        cfg = JudgeConfig.from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))  # exits 2
     try:
         # bad input or options stop before a model is loaded
         _check_output_path(args.output_file)
         read_inputs(args.input_file)
-        judge_file(args.input_file, args.output_file, make_judge(args))  # logs the summary
-    except (ValueError, OSError) as err:  # DataError is a ValueError
+        judge = make_judge(cfg, args.output_file + ".cache.jsonl")
+        judge_file(args.input_file, args.output_file, judge)  # logs the summary
+    except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
         print(f"cut.judge: error: {err}", file=sys.stderr)
         return 2
     return 0

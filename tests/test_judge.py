@@ -15,20 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from cut.errors import DataError
+from cut.errors import ConfigError, DataError
 from cut.judge import (
     DEFAULT_PROMPT,
+    JudgeConfig,
     LocalJudge,
     OpenAIJudge,
     ReferenceJudge,
     Verdict,
+    build_parser,
     judge_file,
     load_prompt,
     main,
+    make_judge,
     parse_verdict,
-    read_cache,
     render_prompt,
 )
+from cut.llm import read_cache
 from cut.records import build_examples, load_records
 
 from conftest import REPO
@@ -46,7 +49,7 @@ class FakeChat:
     """Answers POST /v1/chat/completions on 127.0.0.1; the prompt's 'task-N' picks the script.
 
     plan: task -> faults for its first attempts, then it answers answers[task] (default "Perfect.").
-    Faults: 429 (Retry-After: 0), 500, 503, 400, 401 (the body echoes the key, as some APIs do),
+    Faults: 429 (Retry-After: 0.05), 500, 503, 400, 401 (the body echoes the key, as some APIs do),
     slow (answers after `slow` seconds), notjson, nochoices.
     """
 
@@ -112,7 +115,7 @@ class FakeChat:
             message = f"Incorrect API key provided: {KEY}" if status == 401 else "error"
             body = json.dumps({"error": {"message": message}}).encode()
             if status == 429:
-                headers["Retry-After"] = "0"
+                headers["Retry-After"] = "0.05"
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
@@ -333,7 +336,8 @@ def test_retry_after_overrides_backoff(no_proxy):
     finally:
         fake.close()
     assert verdicts[0].kind == "positive" and fake.hits["task-0"] == 3
-    assert time.monotonic() - start < 2.0, "Retry-After: 0 was not honoured"
+    # backoff would wait >= 1.5 s, openai's own schedule >= 1.1 s
+    assert time.monotonic() - start < 1.0, "Retry-After: 0.05 was not honoured"
 
 
 def test_stop_event_ends_retries_at_once(no_proxy):
@@ -343,7 +347,7 @@ def test_stop_event_ends_retries_at_once(no_proxy):
         stop = threading.Event()
         stop.set()  # as judge() does on ctrl-c
         prompt = render_prompt(judge.prompt, task_records(1)[0])
-        assert judge.ask(prompt, stop) == (None, "interrupted")
+        assert judge.client.ask(prompt, stop) == (None, "interrupted")
     finally:
         fake.close()
     assert fake.hits["task-0"] == 1
@@ -504,4 +508,84 @@ def test_cli_reference_run_and_exit_2_on_bad_input(tmp_path, capsys, caplog):
     assert "gen.jsonl: line 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["--input_file", str(src), "--output_file", str(out), "--judge", "openai", "--model", "m"])
-    assert exc.value.code == 2 and "--base_url" in capsys.readouterr().err
+    assert exc.value.code == 2 and "base_url" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# JudgeConfig and make_judge
+# --------------------------------------------------------------------------------------------
+
+
+def test_judge_config_fields_are_the_cli_options():
+    dests = {a.dest for a in build_parser()._actions} - {"help", "input_file", "output_file", "judge"}
+    assert {f for f in JudgeConfig.__dataclass_fields__} == dests | {"kind"}
+    args = build_parser().parse_args(
+        ["--input_file", "i", "--output_file", "o.json", "--judge", "openai", "--base_url", "http://h/v1"]
+        + ["--model", "m", "--concurrency", "3", "--cache_file", ""]
+    )
+    cfg = JudgeConfig.from_args(args)
+    assert (cfg.kind, cfg.concurrency, cfg.cache_file, cfg.max_new_tokens) == ("openai", 3, "", 256)
+    client = cfg.client_config("c.jsonl")
+    assert (client.base_url, client.model, client.concurrency, client.cache_file) == (
+        "http://h/v1",
+        "m",
+        3,
+        "c.jsonl",
+    )
+    assert client.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"kind": "gpt"}, "kind must be one of openai, local, reference"),
+        ({"kind": "openai", "model": "m"}, "needs base_url and model"),
+        ({"kind": "local"}, "needs model"),
+        ({"kind": "openai", "base_url": "localhost:8000/v1", "model": "m"}, "base_url must start with http"),
+        ({"concurrency": 0}, "concurrency must be an integer >= 1, got 0"),
+        ({"timeout": float("inf")}, "timeout must be a finite number > 0"),
+        ({"max_retries": -1, "backoff": -0.5}, "max_retries must be .*; backoff must be"),
+        ({"batch_size": "8"}, "batch_size must be an integer >= 1, got '8'"),
+        ({"max_new_tokens": True}, "max_new_tokens must be an integer"),
+        ({"api_key_env": ""}, "api_key_env must be a non-empty string"),
+        ({"prompt_file": 3}, "prompt_file must be a string"),
+    ],
+)
+def test_judge_config_rejects_bad_options(options, match):
+    with pytest.raises(ConfigError, match=match):
+        JudgeConfig(**options)
+
+
+def test_judge_config_from_dict_names_source_and_unknown_keys():
+    cfg = JudgeConfig.from_dict(
+        {"kind": "openai", "base_url": "https://api.example/v1", "model": "m"}, "x.yaml"
+    )
+    assert cfg == JudgeConfig("openai", "https://api.example/v1", "m")
+    assert JudgeConfig.from_dict({}) == JudgeConfig()  # the reference judge
+    with pytest.raises(
+        ConfigError, match=r"^x\.yaml: judge: unknown key\(s\) kinds, temprature; known: kind, "
+    ):
+        JudgeConfig.from_dict({"kinds": "openai", "temprature": 0}, "x.yaml: judge")
+    with pytest.raises(ConfigError, match=r"^x\.yaml: judge openai needs base_url and model$"):
+        JudgeConfig.from_dict({"kind": "openai"}, "x.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        JudgeConfig.from_dict(["openai"], "x.yaml")
+
+
+def test_make_judge_kinds_and_cache_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert isinstance(make_judge(JudgeConfig()), ReferenceJudge)
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Judge {instruction} / {input} / {response}")
+    base = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "m", "prompt_file": str(prompt)}
+    judge = make_judge(JudgeConfig(**base, concurrency=2), "default.jsonl")
+    assert isinstance(judge, OpenAIJudge) and judge.name == "openai:m"
+    assert judge.prompt == prompt.read_text()
+    assert judge.client.config.cache_file == "default.jsonl" and judge.client.config.concurrency == 2
+    assert make_judge(JudgeConfig(**base, cache_file=""), "default.jsonl").client.config.cache_file is None
+    assert (
+        make_judge(JudgeConfig(**base, cache_file="c.jsonl"), "default.jsonl").client.config.cache_file
+        == "c.jsonl"
+    )
+    with pytest.raises(ValueError, match="cannot read the judge prompt"):
+        make_judge(JudgeConfig(**{**base, "prompt_file": str(tmp_path / "none.txt")}))

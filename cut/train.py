@@ -231,6 +231,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
     from transformers import set_seed
 
     cfg.validate()
+    models.check_model_path(cfg.base_model)
     resolve_precision(cfg)
     cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
     set_seed(cfg.seed)
@@ -337,8 +338,13 @@ def _exit_without_teardown(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
-    code = main()
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m cut.train` and `cut train`: a distributed run leaves without interpreter teardown."""
+    code = main(argv)
     if _world_size() > 1:
         _exit_without_teardown(code)
-    sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

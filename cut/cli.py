@@ -1,0 +1,52 @@
+"""The `cut` command: one entry point with a subcommand per tool, as `trl` and `accelerate` have.
+
+    cut train --config configs/demo.yaml        (= python -m cut.train ...)
+    cut merge --base_model M --adapter A --output_dir D
+    cut generate | judge | online | demo | smollm | arithmetic ...
+
+Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
+working exactly as documented; `cut X --help` shows that tool's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one line for `cut --help`); modules are imported only when run
+COMMANDS = {
+    "train": ("cut.train", "CUT-train a LoRA adapter (or the full model) on judged records"),
+    "merge": ("cut.merge", "fold a LoRA adapter into its base model"),
+    "generate": ("cut.generate", "answer instructions into an AlpacaEval-format file"),
+    "judge": ("cut.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
+    "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
+    "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
+    "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
+    "arithmetic": ("cut.arithmetic", "regenerate the arithmetic pool and held-out set"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return (
+        "usage: cut <command> [options]   (cut <command> --help for its options)\n\ncommands:\n"
+        + "\n".join(lines)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"cut: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return getattr(module, "cli", module.main)(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -194,11 +194,12 @@ class LocalJudge:
         max_new_tokens: int = 256,
         device: str | None = None,
     ) -> None:
-        from .generate import load_model, load_tokenizer
+        from .generate import Sampling
+        from .models import check_model_path, load_model, load_tokenizer
 
         check_prompt(prompt)
-        if not Path(model).exists() and (Path(model).is_absolute() or model.startswith((".", "~"))):
-            raise ValueError(f"{model}: model folder not found")  # not a hub name: say so plainly
+        check_model_path(model)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens)  # greedy
         self.prompt = prompt
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
@@ -226,10 +227,9 @@ class LocalJudge:
             self.model,
             self.tokenizer,
             texts,
+            self.sampling,
             add_special_tokens=not self.chat,  # a chat template writes its BOS
             batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            temperature=0.0,
             on_batch=on_batch,
             progress=False,
         )

@@ -43,23 +43,11 @@ from .config import TrainConfig, coerce
 from .errors import ConfigError, DataError
 from .generate import GenerateConfig, Sampling
 from .io import write_json_atomic
+from .judge import JudgeConfig
 
 logger = logging.getLogger("cut.online")
 
 STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
-JUDGE_KEYS = {
-    "kind",
-    "base_url",
-    "model",
-    "api_key_env",
-    "prompt_file",
-    "concurrency",
-    "timeout",
-    "max_retries",
-    "max_tokens",
-    "batch_size",
-    "max_new_tokens",
-}
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
 
 
@@ -79,7 +67,7 @@ class OnlineConfig:
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 16
     generate: Any = field(default_factory=dict)  # a flat mapping in YAML; a GenerateConfig once validated
-    judge: dict[str, Any] = field(default_factory=lambda: {"kind": "reference"})
+    judge: Any = field(default_factory=dict)  # a mapping in YAML; a JudgeConfig once validated
     train: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -88,9 +76,6 @@ class OnlineConfig:
                 raise ConfigError(f"online: missing required option {name}")
         if self.rounds < 1 or self.instructions_per_round < 1:
             raise ConfigError("online: rounds and instructions_per_round must be >= 1")
-        unknown = set(self.judge) - JUDGE_KEYS
-        if unknown:
-            raise ConfigError(f"online: unknown judge option(s): {', '.join(sorted(unknown))}")
         unknown = set(self.train) - set(TRAIN_FIELDS)
         if unknown:
             raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
@@ -113,13 +98,8 @@ class OnlineConfig:
         probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
         probe.validate()  # the whole train section must make a valid run, before any round starts
         probe.gradient_accumulation_steps(self.nproc_per_node)
-        kind = self.judge.get("kind", "reference")
-        if kind not in ("reference", "openai", "local"):
-            raise ConfigError(f"online: judge kind must be reference, openai or local, got {kind!r}")
-        need = {"openai": ("base_url", "model"), "local": ("model",)}.get(kind, ())
-        missing = [k for k in need if not self.judge.get(k)]
-        if missing:
-            raise ConfigError(f"online: judge kind {kind} needs {', '.join(missing)}")
+        if not isinstance(self.judge, JudgeConfig):
+            self.judge = JudgeConfig.from_dict(self.judge, "online: judge")
 
 
 def fingerprint(cfg: OnlineConfig) -> str:
@@ -239,27 +219,6 @@ def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int) -
     return [pool[i] for i in order[lo:hi]]
 
 
-def make_judge(spec: dict[str, Any], cache_file: Path):
-    from . import judge as J
-
-    kind = spec.get("kind", "reference")
-    if kind == "reference":
-        return J.ReferenceJudge()
-    prompt = J.load_prompt(spec.get("prompt_file"))
-    if kind == "openai":
-        keys = ("concurrency", "timeout", "max_retries", "max_tokens", "api_key_env")
-        return J.OpenAIJudge(
-            spec["base_url"],
-            spec["model"],
-            prompt=prompt,
-            cache_file=str(cache_file),
-            **{k: spec[k] for k in keys if k in spec},
-        )
-    return J.LocalJudge(
-        spec["model"], prompt=prompt, **{k: spec[k] for k in ("batch_size", "max_new_tokens") if k in spec}
-    )
-
-
 def build_training_file(judged: Path, out: Path) -> dict[str, Any]:
     rows = json.loads(judged.read_text())
     keep = [r for r in rows if not r.get("judge_error")]
@@ -369,7 +328,7 @@ def release_memory() -> None:
 
 def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], heldout: list[dict]) -> Round:
     from .generate import generate_file
-    from .judge import judge_file
+    from .judge import judge_file, make_judge
     from .merge import merge
 
     rnd = Round(Path(cfg.output_dir), index, model_in, fingerprint(cfg))
@@ -402,7 +361,9 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
 
     def judge():
         counts = judge_file(
-            str(d / "responses.json"), str(d / "judged.json"), make_judge(cfg.judge, d / "judge_cache.jsonl")
+            str(d / "responses.json"),
+            str(d / "judged.json"),
+            make_judge(cfg.judge, str(d / "judge_cache.jsonl")),
         )
         return {
             "counts": {
@@ -491,6 +452,9 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .llm import quiet_http_logs
+
+    quiet_http_logs()
     p = argparse.ArgumentParser(prog="cut.online", description=__doc__.split("\n")[0])
     p.add_argument(
         "--config", required=True, help="YAML: OnlineConfig fields, with generate / judge / train sections"

@@ -161,11 +161,14 @@ def test_two_rounds_killed_mid_stage_then_resumed(tiny_model, tmp_path):
             {"generate": {"prompt_template_name": "chat"}, "train": {"prompt_template_name": "alpaca"}},
             "template",
         ),
-        ({"judge": {"kind": "openai"}}, "needs base_url, model"),
+        ({"judge": {"kind": "openai"}}, "needs base_url and model"),
         ({"train": {"batch_size": 3, "micro_batch_size": 2}}, "not a multiple"),
         ({"train": {"full_finetune": True}}, "full_finetune"),
         ({"train": {"data_path": "x.json"}}, "set by the loop"),
         ({"bogus": 1}, "unknown option"),
+        ({"generate": {"bogus": 1}}, "online: generate: unknown option(s): bogus"),
+        ({"generate": {"top_p": 0}}, "top_p must be in (0, 1]"),
+        ({"judge": {"bogus": 1}}, "online: judge: unknown key(s) bogus"),
     ],
 )
 def test_bad_online_config_is_refused_before_any_work(tiny_model, tmp_path, change, message, capsys):
@@ -192,3 +195,24 @@ def test_heldout_without_reference_names_file_record_field(tiny_model, tmp_path,
     assert main(["--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert str(heldout) in err and "record 2" in err and "'reference'" in err
+
+
+def test_sections_take_every_option_of_their_tools(tiny_model, tmp_path):
+    """The YAML sections map onto GenerateConfig / JudgeConfig: no option of a tool is missing."""
+    import dataclasses
+
+    from cut.generate import GenerateConfig
+    from cut.judge import JudgeConfig
+    from cut.online import load_config
+
+    config = write_config(tmp_path, tiny_model)
+    conf = yaml.safe_load(config.read_text())
+    conf["generate"].update(device="cpu", limit=5, trust_remote_code=False, dtype="bfloat16")
+    conf["judge"].update(backoff=0.5, cache_file="", max_tokens=64)
+    config.write_text(yaml.safe_dump(conf))
+    cfg = load_config(str(config), {})
+    assert (cfg.generate.device, cfg.generate.limit, cfg.generate.dtype) == ("cpu", 5, "bfloat16")
+    assert (cfg.judge.backoff, cfg.judge.max_tokens) == (0.5, 64)
+    assert cfg.generate.sampling.seed == conf["seed"]  # unset: the loop's seed
+    assert set(GenerateConfig().flat()) >= {"device", "limit", "trust_remote_code", "engine", "dtype"}
+    assert {f.name for f in dataclasses.fields(JudgeConfig)} >= {"backoff", "concurrency", "timeout"}

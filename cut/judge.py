@@ -44,7 +44,7 @@ from .arithmetic import answers_match, extract_final_answer
 from .errors import ConfigError, DataError
 from .io import write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
-from .records import check_object, read_raw, says_perfect, text_field
+from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
 
 logger = logging.getLogger("cut.judge")
 
@@ -71,7 +71,8 @@ Write nothing before your reply and nothing after it."""
 PROMPT_FIELDS = ("instruction", "input", "response")
 NO_INPUT = "(none)"
 OWN_FIELDS = {"instruction", "input", "output", "judgment", "judge", "judge_error"}
-STALE_FIELDS = {"score"}  # an earlier judge's score would override this judgment in cut.records
+# an earlier judge's score would override this judgment in cut.records; its spans mark other text
+STALE_FIELDS = {"score", "spans"}
 NO_MISTAKES = {"none", "no mistakes", "n/a", "nothing"}
 JUDGE_KINDS = ("openai", "local", "reference")
 
@@ -82,6 +83,7 @@ class Verdict(NamedTuple):
     kind: str  # positive | negative | failed
     judgment: str | None
     error: str | None
+    spans: tuple[tuple[int, int], ...] = ()  # the wrong text of the output; () = the quotes decide
 
 
 class Judge(Protocol):
@@ -268,7 +270,9 @@ def reference_verdict(record: dict) -> Verdict:
         return Verdict(
             "negative", f"The response does not state a final answer; the correct answer is {ref}.", None
         )
-    return Verdict("negative", f"The final answer {got} is wrong; the correct answer is {ref}.", None)
+    at = record["output"].rfind(got)  # the final answer is the last place the number stands
+    spans = ((at, at + len(got)),) if at >= 0 else ()
+    return Verdict("negative", f"The final answer {got} is wrong; the correct answer is {ref}.", None, spans)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,6 +307,10 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
     }
     if failed:
         row["judge_error"] = verdict.error or "unknown failure"
+    if verdict.kind == "negative":  # the text the judgment quotes word for word is the wrong text
+        spans = verdict.spans or quoted_spans(verdict.judgment or "", record["output"])
+        if spans:
+            row["spans"] = [list(s) for s in spans]
     row.update({k: v for k, v in record.items() if k not in OWN_FIELDS | STALE_FIELDS})
     return row
 

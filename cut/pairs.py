@@ -30,7 +30,10 @@ def tokenize_example(
     cutoff_len: int,
     add_eos_token: bool = True,
 ) -> dict[str, Any] | None:
-    """{prompt_ids, judged_ids, response_ids, length}; None when the response cannot fit."""
+    """{prompt_ids, judged_ids, response_ids, span_mask, length}; None when the response cannot fit.
+
+    span_mask[k] is 1 where response token k overlaps a span the record marks as wrong (empty when
+    the record marks none)."""
     plain, judged = template.prompts(example.record, example.judgment)
     special = template.adds_special_tokens
     plain_ids = tokenizer(plain, add_special_tokens=special)["input_ids"]
@@ -49,7 +52,45 @@ def tokenize_example(
     if prompt is None:
         return None
     length = len(prompt) + len(response) + (len(judged_ids) + len(response) if judged_ids else 0)
-    return {"prompt_ids": prompt, "judged_ids": judged_ids, "response_ids": response, "length": length}
+    spans = example.record.spans
+    out = example.record.output
+    mask = span_mask(tokenizer, plain, plain_ids, out, special, len(response), spans) if spans else []
+    return {
+        "prompt_ids": prompt,
+        "judged_ids": judged_ids,
+        "response_ids": response,
+        "span_mask": mask,
+        "length": length,
+    }
+
+
+def response_char_ranges(
+    tokenizer, prompt: str, prompt_ids: list[int], output: str, special: bool, n_response: int
+) -> list[tuple[int, int]]:
+    """[start, end) in `output` of each response token, split as `response_ids` splits them;
+    (0, 0) for tokens that are no text of the output (an added EOS)."""
+    try:
+        joint = tokenizer(prompt + output, add_special_tokens=special, return_offsets_mapping=True)
+        n = len(prompt_ids)
+        if len(joint["input_ids"]) > n and joint["input_ids"][:n] == prompt_ids:
+            ranges = [
+                (max(a - len(prompt), 0), max(b - len(prompt), 0)) for a, b in joint["offset_mapping"][n:]
+            ]
+        else:  # response_ids tokenised the output alone
+            alone = tokenizer(output, add_special_tokens=False, return_offsets_mapping=True)
+            ranges = [tuple(r) for r in alone["offset_mapping"]]
+    except NotImplementedError:  # a slow tokenizer has no offsets: decode growing prefixes
+        ids = response_ids(tokenizer, prompt, prompt_ids, output, special)
+        ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+        ranges = list(zip([0, *ends[:-1]], ends, strict=True))
+    ranges = ranges[:n_response]
+    return ranges + [(0, 0)] * (n_response - len(ranges))
+
+
+def span_mask(tokenizer, prompt, prompt_ids, output, special, n_response, spans) -> list[int]:
+    """1 for each response token whose characters overlap one of `spans`, else 0."""
+    ranges = response_char_ranges(tokenizer, prompt, prompt_ids, output, special, n_response)
+    return [int(any(a < e and s < b for s, e in spans)) for a, b in ranges]
 
 
 def response_ids(tokenizer, prompt: str, prompt_ids: list[int], output: str, special: bool) -> list[int]:

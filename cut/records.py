@@ -38,6 +38,7 @@ class Record:
     score: float | None = None
     index: int = -1  # position in the source file
     judge_error: str | None = None  # why the judge failed (cut.judge writes it); never training text
+    spans: tuple[tuple[int, int], ...] = ()  # character ranges [start, end) of the output that are wrong
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,75 @@ def validate(rows: Iterable[Any], source: str) -> list[Record]:
                 score=None if score is None else float(score),
                 index=i,
                 judge_error=str(raw["judge_error"]) if raw.get("judge_error") else None,
+                spans=span_field(source, i, raw),
             )
         )
     if not records:
         raise DataError(f"{source}: no records")
     return records
+
+
+def span_field(source: str, i: int, raw: dict) -> tuple[tuple[int, int], ...]:
+    """The optional `spans` field: the wrong text of the output, as [start, end) character offsets
+    or as quoted substrings; a substring marks every place it occurs. Sorted, overlaps merged."""
+    value = raw.get("spans")
+    if value is None:
+        return ()
+    where = f"{source}: record {i}, field 'spans'"
+    if not isinstance(value, list):
+        raise DataError(f"{where}: expected a list of [start, end] pairs or quoted strings")
+    output = raw.get("output") if isinstance(raw.get("output"), str) else ""
+    found: list[tuple[int, int]] = []
+    for k, item in enumerate(value):
+        if isinstance(item, str):
+            hits = quote_offsets(item, output)
+            if not hits:
+                raise DataError(f"{where}, item {k}: the quote {item[:60]!r} is not in the output")
+            found += hits
+        elif (
+            isinstance(item, (list, tuple))
+            and len(item) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in item)
+            and 0 <= item[0] < item[1] <= len(output)
+        ):
+            found.append((item[0], item[1]))
+        else:
+            raise DataError(
+                f"{where}, item {k}: expected a quoted string or [start, end] with "
+                f"0 <= start < end <= {len(output)} (the output's length), got {item!r}"
+            )
+    return merge_spans(found)
+
+
+def quote_offsets(quote: str, text: str) -> list[tuple[int, int]]:
+    """Every [start, end) where `quote` occurs in `text` (none for an empty quote)."""
+    out, start = [], text.find(quote) if quote else -1
+    while start >= 0:
+        out.append((start, start + len(quote)))
+        start = text.find(quote, start + len(quote))
+    return out
+
+
+def merge_spans(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return tuple(merged)
+
+
+QUOTES = re.compile(
+    r"(?<![A-Za-z])'([^\n]+?)'(?![A-Za-z])|\"([^\"\n]+)\"|\u201c([^\u201d\n]+)\u201d|\u2018([^\u2019\n]+)\u2019|`([^`\n]+)`"
+)
+
+
+def quoted_spans(judgment: str, output: str) -> tuple[tuple[int, int], ...]:
+    """Spans of the output that a judgment quotes word for word ('...', "...", curly quotes, `...`);
+    quotes not found verbatim in the output are ignored (they may be the correction)."""
+    quotes = {next(g for g in m.groups() if g) for m in QUOTES.finditer(judgment)}
+    return merge_spans(s for q in quotes if q.strip() for s in quote_offsets(q, output))
 
 
 def load_records(path: str) -> list[Record]:

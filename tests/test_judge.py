@@ -25,6 +25,7 @@ from cut.judge import (
     Verdict,
     build_parser,
     judge_file,
+    judged_record,
     load_prompt,
     main,
     make_judge,
@@ -215,11 +216,36 @@ def test_reference_judge():
     verdicts = ReferenceJudge().judge(rows, seen.append)
     assert verdicts == [
         Verdict("positive", None, None),
-        Verdict("negative", "The final answer 17 is wrong; the correct answer is 18.", None),
+        Verdict("negative", "The final answer 17 is wrong; the correct answer is 18.", None, ((14, 16),)),
         Verdict("negative", "The response does not state a final answer; the correct answer is 18.", None),
         Verdict("failed", None, "no reference answer"),
     ]
     assert sum(seen) == len(rows)
+    assert rows[1]["output"][14:16] == "17"
+
+
+def test_judged_records_carry_spans_that_cut_records_reads(tmp_path):
+    """The reference judge marks the wrong number; an LLM judgment's verbatim quotes become spans."""
+    rows = [
+        {
+            "instruction": "What is 9 + 9?",
+            "output": "9 + 9 is 17, so 17.",
+            "reference": "18",
+            "spans": [[0, 1]],
+        },
+        {"instruction": "Say hi.", "output": "Hello, World!", "spans": [[0, 1]]},
+    ]
+    wrong = judged_record(rows[0], ReferenceJudge().judge(rows[:1])[0], "reference")
+    assert wrong["spans"] == [[16, 18]]  # the final answer, not the earlier 17; the stale span is gone
+    quoted = judged_record(
+        rows[1], parse_verdict("Mistakes: 'Hello, World!' uses a comma; write 'Hello World!'"), "x"
+    )
+    assert quoted["spans"] == [[0, 13]]
+    unquoted = judged_record(rows[1], parse_verdict("Mistakes: it uses a comma."), "x")
+    assert "spans" not in unquoted
+    path = tmp_path / "judged.json"
+    path.write_text(json.dumps([wrong, quoted, unquoted]))
+    assert [r.spans for r in load_records(str(path))] == [((16, 18),), ((0, 13),), ()]
 
 
 # --------------------------------------------------------------------------------------------

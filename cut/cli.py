@@ -22,7 +22,7 @@ COMMANDS = {
     "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
-    "arithmetic": ("cut.arithmetic", "regenerate the arithmetic pool and held-out set"),
+    "arithmetic": ("cut.tasks.arithmetic", "regenerate the arithmetic pool and held-out set"),
 }
 
 

@@ -40,11 +40,11 @@ from typing import Any, NamedTuple, Protocol
 
 from tqdm.auto import tqdm
 
-from .arithmetic import answers_match, extract_final_answer
 from .errors import ConfigError, DataError
 from .io import write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
+from .tasks.arithmetic import answers_match, extract_final_answer
 
 logger = logging.getLogger("cut.judge")
 

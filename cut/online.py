@@ -37,13 +37,13 @@ from typing import Any
 
 import yaml
 
-from .arithmetic import extract_final_answer
 from .config import FIELDS as TRAIN_FIELDS
 from .config import TrainConfig, coerce
 from .errors import ConfigError, DataError
 from .generate import GenerateConfig, Sampling
 from .io import write_json_atomic
 from .judge import JudgeConfig
+from .tasks.arithmetic import extract_final_answer
 
 logger = logging.getLogger("cut.online")
 
@@ -283,9 +283,9 @@ def summarise_training(adapter: Path) -> dict[str, Any]:
 
 def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[str, Any]:
     """Greedy answers to the held-out problems; accuracy of their final numbers."""
-    from .arithmetic import answers_match, extract_final_answer
     from .generate import generate_texts
     from .models import load_model, load_tokenizer
+    from .tasks.arithmetic import answers_match, extract_final_answer
     from .templates import load_template
 
     tokenizer = load_tokenizer(model_path)

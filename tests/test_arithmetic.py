@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cut.arithmetic import answers_match, extract_final_answer, main, make_problems
+from cut.tasks.arithmetic import answers_match, extract_final_answer, main, make_problems
 
 from conftest import REPO
 

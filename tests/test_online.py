@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cut.arithmetic import make_problems
 from cut.online import sample_instructions
+from cut.tasks.arithmetic import make_problems
 
 from conftest import REPO
 

@@ -1,6 +1,6 @@
 """Arithmetic word problems with known answers: a pool for the online loop and a real teacher.
 
-    python -m cut.arithmetic --pool data/arithmetic_pool.json --heldout data/arithmetic_heldout.json
+    python -m cut.tasks.arithmetic --pool data/arithmetic_pool.json --heldout data/arithmetic_heldout.json
 
 Problems are generated from templates with a seed, so the shipped files can be remade exactly.
 `extract_final_answer` reads the last number a response states; `answers_match` compares it
@@ -15,7 +15,7 @@ import re
 import sys
 from fractions import Fraction
 
-from .io import write_json_atomic
+from ..io import write_json_atomic
 
 NAMES = [
     "Ana",
@@ -115,7 +115,7 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="cut.arithmetic", description="Write the arithmetic pool and held-out set."
+        prog="cut.tasks.arithmetic", description="Write the arithmetic pool and held-out set."
     )
     p.add_argument("--pool", default="data/arithmetic_pool.json")
     p.add_argument("--heldout", default="data/arithmetic_heldout.json")

@@ -43,6 +43,9 @@ class TrainConfig:
     val_set_size: float = _f(0, "Held-out records for evaluation: a count, or a fraction if < 1. 0 = none.")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers scheduler name).")
     warmup_steps: int = _f(100, "Linear warm-up steps.")
+    warmup_ratio: float = _f(
+        0.0, "Warm-up as a fraction of all optimiser steps (0 < r < 1); replaces warmup_steps."
+    )
     # lora
     lora_r: int = _f(16, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA alpha.")
@@ -126,6 +129,8 @@ class TrainConfig:
             raise ConfigError(f"weight_unlike must be >= 0, got {self.weight_unlike}")
         if self.downsample != -1 and self.downsample < 0:
             raise ConfigError(f"downsample must be -1 (off) or >= 0, got {self.downsample}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.cutoff_len < 2:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
         for name in ("combine", "on_failed_judgment", "precision"):

@@ -1,6 +1,10 @@
 """Prompt templates: the plain context x and the judged context (x, j) for one record.
 
-- alpaca: the Alpaca pair used in the paper (plain, and "match the judgment").
+- alpaca: the Alpaca pair used in the paper (plain, and "match the judgment"), as the released
+  code applies it: a record's input is folded into the instruction (instruction + "\n" + input)
+  and the no-input prompts are used.
+- alpaca_input: the same pair with an `### Input:` section for records that have an input (the
+  classic Alpaca layout; its judged variant is this project's).
 - chat:   the tokenizer's own chat template; the judgment goes into the user turn.
 - a path to a .json file with keys prompt_input, prompt_no_input, prompt_input_judge and
   prompt_no_input_judge (format fields {instruction}, {input}, {judgment}).
@@ -47,6 +51,7 @@ class Template:
     name: str
     formats: dict[str, str] | None  # None for chat
     tokenizer: object = None  # chat only
+    fold_input: bool = False  # instruction + "\n" + input, then the no-input prompts
 
     @property
     def adds_special_tokens(self) -> bool:
@@ -54,12 +59,14 @@ class Template:
         return self.formats is not None
 
     def plain(self, instruction: str, input: str = "") -> str:
+        instruction, input = self._fold(instruction, input)
         if self.formats is None:
             return self._chat(_user_turn(instruction, input))
         key = "prompt_input" if input else "prompt_no_input"
         return self.formats[key].format(instruction=instruction, input=input)
 
     def judged(self, instruction: str, input: str, judgment: str) -> str:
+        instruction, input = self._fold(instruction, input)
         if self.formats is None:
             return self._chat(_user_turn(instruction, input) + CHAT_JUDGED_SUFFIX.format(judgment=judgment))
         key = "prompt_input_judge" if input else "prompt_no_input_judge"
@@ -69,6 +76,9 @@ class Template:
         plain = self.plain(record.instruction, record.input)
         judged = None if judgment is None else self.judged(record.instruction, record.input, judgment)
         return plain, judged
+
+    def _fold(self, instruction: str, input: str) -> tuple[str, str]:
+        return (f"{instruction}\n{input}", "") if self.fold_input and input else (instruction, input)
 
     def _chat(self, user: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -102,14 +112,18 @@ def resolve_template_name(name: str, model_dir: str, tokenizer=None) -> str:
 
 def load_template(name: str, tokenizer=None) -> Template:
     if name == "alpaca":
-        return Template("alpaca", ALPACA)
+        return Template("alpaca", ALPACA, fold_input=True)
+    if name == "alpaca_input":
+        return Template("alpaca_input", ALPACA)
     if name == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ConfigError("prompt_template_name=chat needs a tokenizer that has a chat template")
         return Template("chat", None, tokenizer)
     path = Path(name)
     if not path.suffix == ".json":
-        raise ConfigError(f"unknown template {name!r}: use alpaca, chat, or a path to a .json file")
+        raise ConfigError(
+            f"unknown template {name!r}: use alpaca, alpaca_input, chat, or a path to a .json file"
+        )
     try:
         formats = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import random
 import sys
@@ -78,6 +79,39 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], d
     counts.update(train_examples=len(train), val_examples=len(val))
     counts["train_negatives"] = sum(bool(f["judged_ids"]) for f in train)
     return train, val, counts
+
+
+def schedule(cfg: TrainConfig, n_train: int) -> dict[str, float]:
+    """The optimiser steps, warm-up and the learning rate's real peak, before anything trains."""
+    total = (
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else math.ceil(cfg.num_epochs * math.ceil(n_train / cfg.batch_size))
+    )
+    warmup = math.ceil(total * cfg.warmup_ratio) if cfg.warmup_ratio else cfg.warmup_steps
+    peak = cfg.learning_rate * min(1.0, total / warmup) if warmup else cfg.learning_rate
+    return {"optimizer_steps": total, "warmup_steps": warmup, "peak_learning_rate": peak}
+
+
+def log_schedule(cfg: TrainConfig, n_train: int) -> None:
+    s = schedule(cfg, n_train)
+    logger.info(
+        "schedule: %d training examples, batch %d -> %d optimiser steps; warm-up %d steps; peak lr %.3g",
+        n_train,
+        cfg.batch_size,
+        s["optimizer_steps"],
+        s["warmup_steps"],
+        s["peak_learning_rate"],
+    )
+    if s["warmup_steps"] >= s["optimizer_steps"]:
+        logger.warning(
+            "warm-up (%d steps) reaches the run's %d optimiser steps: the learning rate never gets to "
+            "%.3g and peaks at %.3g; set warmup_ratio (e.g. 0.1) or fewer warmup_steps",
+            s["warmup_steps"],
+            s["optimizer_steps"],
+            cfg.learning_rate,
+            s["peak_learning_rate"],
+        )
 
 
 def limit_cutoff(cfg: TrainConfig) -> None:
@@ -168,7 +202,7 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=cfg.warmup_ratio or cfg.warmup_steps,  # transformers reads < 1 as a ratio
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
@@ -249,6 +283,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
             "too long %(too_long)d; train %(train_examples)d, validation %(val_examples)d",
             counts,
         )
+        log_schedule(cfg, len(train))
         if counts["failed_judgment"]:
             action = "dropped" if cfg.on_failed_judgment == "drop" else "trained as positives"
             logger.info("%d records with a failed judgment were %s", counts["failed_judgment"], action)

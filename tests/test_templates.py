@@ -28,8 +28,20 @@ def test_alpaca_plain_without_input_is_the_released_text():
     assert t.adds_special_tokens
 
 
-def test_alpaca_plain_with_input():
-    text = load_template("alpaca").plain("Add the numbers.", "3 and 4")
+def test_alpaca_folds_the_input_as_the_released_code():
+    """finetune_unlikelihood.py: instruction + "\n" + input, then the no-input prompts."""
+    t = load_template("alpaca")
+    plain = t.plain("Add the numbers.", "3 and 4")
+    assert plain == ALPACA["prompt_no_input"].format(instruction="Add the numbers.\n3 and 4")
+    judged = t.judged("Add the numbers.", "3 and 4", "8 is wrong.")
+    assert judged == ALPACA["prompt_no_input_judge"].format(
+        instruction="Add the numbers.\n3 and 4", judgment="8 is wrong."
+    )
+    assert "### Input:" not in plain + judged
+
+
+def test_alpaca_input_plain_with_input():
+    text = load_template("alpaca_input").plain("Add the numbers.", "3 and 4")
     assert text.startswith("Below is an instruction that describes a task, paired with an input")
     assert "### Instruction:\nAdd the numbers.\n\n### Input:\n3 and 4\n\n### Response:\n" in text
     assert text.endswith("### Response:\n")
@@ -45,8 +57,8 @@ def test_alpaca_judged_without_input():
     assert "### Input:" not in text
 
 
-def test_alpaca_judged_with_input():
-    text = load_template("alpaca").judged("Add the numbers.", "3 and 4", "8 is wrong.")
+def test_alpaca_input_judged_with_input():
+    text = load_template("alpaca_input").judged("Add the numbers.", "3 and 4", "8 is wrong.")
     assert text.endswith(
         "### Instruction:\nAdd the numbers.\n\n### Input:\n3 and 4\n\n### Judgment:\n8 is wrong.\n\n### Response:\n"
     )
@@ -142,7 +154,7 @@ def test_user_json_template(tmp_path):
 
 def test_json_copy_of_alpaca_matches_alpaca(tmp_path):
     t = load_template(write_template(tmp_path, ALPACA))
-    alpaca = load_template("alpaca")
+    alpaca = load_template("alpaca_input")
     assert t.plain("x", "y") == alpaca.plain("x", "y")
     assert t.judged("x", "", "j") == alpaca.judged("x", "", "j")
 

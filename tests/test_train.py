@@ -189,3 +189,26 @@ def test_tensorboard_reporting(tiny_model, tiny_data, tmp_path, monkeypatch):
     run(tiny_config(tiny_model, tiny_data, out, max_steps=2, report_to="tensorboard"))
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_schedule_warns_when_warmup_never_ends(caplog):
+    """The released recipe: 100 warm-up steps against ~45 optimiser steps peaks near 1.8e-4, not 4e-4."""
+    import logging
+
+    from cut.config import TrainConfig
+    from cut.train import log_schedule, schedule, training_arguments
+
+    cfg = TrainConfig(base_model="m", data_path="d", batch_size=16, num_epochs=3, learning_rate=4e-4)
+    s = schedule(cfg, 240)  # 15 steps per epoch
+    assert s == {"optimizer_steps": 45, "warmup_steps": 100, "peak_learning_rate": pytest.approx(1.8e-4)}
+    with caplog.at_level(logging.WARNING, logger="cut.train"):
+        log_schedule(cfg, 240)
+    assert "reaches the run's 45 optimiser steps" in caplog.text and "peaks at 0.00018" in caplog.text
+
+    ratio = TrainConfig(base_model="m", data_path="d", batch_size=16, num_epochs=3, warmup_ratio=0.1)
+    assert schedule(ratio, 240)["warmup_steps"] == 5
+    assert training_arguments(ratio, False).get_warmup_steps(45) == 5  # what the Trainer will use
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cut.train"):
+        log_schedule(ratio, 240)
+    assert "reaches" not in caplog.text

@@ -33,6 +33,7 @@ class Role(IntEnum):
 
 
 COMBINES = ("mean", "sum")
+FLAG_SOURCES = ("ratio", "spans", "both")
 
 # one chunk of logits holds at most this many float32 elements (64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -65,6 +66,8 @@ def cut_loss(
     weight_unlike: float = 1.0,
     combine: str = "mean",
     gamma: float = 0.0,
+    span: Tensor | None = None,
+    flag_source: str = "ratio",
 ) -> CUTLoss:
     """CUT loss over a flat vector of target tokens.
 
@@ -75,9 +78,16 @@ def cut_loss(
     combine: "mean" reproduces the released code: (MLE + UL) / 2 when the micro-batch holds a
              negative, MLE alone otherwise. "sum" is the paper's objective, MLE + UL.
     gamma:   weights the unlikelihood of a flagged token by p(y_t|x,j)^gamma (detached); 0 = off.
+    span:    (N,) long, for MISALIGN_N tokens 1 inside the record's marked wrong text, 0 outside,
+             -1 when the record marks none; None = no record marks any.
+    flag_source: which tokens get the unlikelihood: "ratio" (the paper: ratio > threshold),
+             "spans" (the tokens inside the marked text; the ratio for records without spans),
+             "both" (either).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if flag_source not in FLAG_SOURCES:
+        raise ValueError(f"flag_source must be one of {FLAG_SOURCES}, got {flag_source!r}")
     logp = logp.float()
     mle_mask = role != Role.MISALIGN_N
     ul_mask = role == Role.MISALIGN_N
@@ -92,6 +102,9 @@ def cut_loss(
         lp_judged = logp[partner[ul_mask]]  # log p(y_t | x, j)
         ratio = (lp_judged - lp_plain).detach().exp()
         flag = ratio > threshold  # the judgment explains the token: it is the inappropriate one
+        if span is not None and flag_source != "ratio":
+            marked, has_spans = span[ul_mask] == 1, span[ul_mask] >= 0
+            flag = flag | marked if flag_source == "both" else torch.where(has_spans, marked, flag)
         scale = weight_unlike * (lp_judged.detach().exp() ** gamma if gamma else 1.0)
         # Eq. 6: -alpha * log(1 - p(y_t|x)) on flagged tokens, -log p(y_t|x) elsewhere
         per_token = torch.where(flag, -scale * log1mexp(lp_plain), -lp_plain)

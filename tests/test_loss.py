@@ -29,18 +29,36 @@ Row = tuple[int, list[float], "int | None"]
 # --------------------------------------------------------------------------------------------
 
 
-def reference_cut(rows: list[Row], threshold=1.1, weight_unlike=1.0, combine="mean", gamma=0.0):
-    """Loss terms and d loss / d log p (per row) from the method's description, with loops."""
+def reference_cut(
+    rows: list[Row],
+    threshold=1.1,
+    weight_unlike=1.0,
+    combine="mean",
+    gamma=0.0,
+    marks=None,
+    flag_source="ratio",
+):
+    """Loss terms and d loss / d log p (per row) from the method's description, with loops.
+
+    marks: {row index: [0/1 per token]} for plain rows whose record marks wrong text."""
+    marks = marks or {}
+
+    def flagged_token(r: int, t: int, p_x: float, p_j: float) -> bool:
+        by_ratio = p_j / p_x > threshold
+        if flag_source == "ratio" or r not in marks:
+            return by_ratio
+        return bool(marks[r][t]) or (flag_source == "both" and by_ratio)
+
     mle_terms, ul_terms, flags = [], [], []
-    for role, probs, partner in rows:
+    for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
             for p in probs:
                 mle_terms.append(-math.log(p))
         else:
             judged = rows[partner][1]
             assert rows[partner][0] == Role.ALIGN_N and len(judged) == len(probs)
-            for p_x, p_j in zip(probs, judged, strict=True):
-                flag = p_j / p_x > threshold
+            for t, (p_x, p_j) in enumerate(zip(probs, judged, strict=True)):
+                flag = flagged_token(r, t, p_x, p_j)
                 flags.append(flag)
                 if flag:
                     alpha = weight_unlike * p_j**gamma
@@ -62,13 +80,13 @@ def reference_cut(rows: list[Row], threshold=1.1, weight_unlike=1.0, combine="me
     # gradient w.r.t. log p of every token; the ratio (and p_j^gamma) is a constant, so a judged
     # token gets only its MLE share. d/dlogp [-log(1 - p)] = p / (1 - p), 0 where floored.
     grads = []
-    for role, probs, partner in rows:
+    for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
             grads.append([-c_mle / n_mle for _ in probs])
         else:
             row = []
-            for p_x, p_j in zip(probs, rows[partner][1], strict=True):
-                if p_j / p_x > threshold:
+            for t, (p_x, p_j) in enumerate(zip(probs, rows[partner][1], strict=True)):
+                if flagged_token(r, t, p_x, p_j):
                     alpha = weight_unlike * p_j**gamma
                     row.append(c_ul * alpha * p_x / (1.0 - p_x) / n_ul if 1.0 - p_x > FLOOR else 0.0)
                 else:
@@ -525,3 +543,41 @@ def test_label_logprobs_empty():
     lin, _, _, _ = _setup()
     out = label_logprobs(torch.zeros(0, H), lin, torch.zeros(0, dtype=torch.long), V)
     assert out.shape == (0,) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("flag_source", ["ratio", "spans", "both"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_span_flags_against_reference(flag_source, seed):
+    """Span flags: the marked tokens of records with spans; the ratio for records without."""
+    g = torch.Generator().manual_seed(seed)
+
+    def probs(n):
+        return (torch.rand(n, generator=g) * 0.9 + 0.05).tolist()
+
+    rows: list[Row] = [(Role.ALIGN_P, probs(3), None)]
+    marks, span = {}, [-1] * 3
+    for k, n in enumerate((5, 4, 6)):
+        rows.append((Role.ALIGN_N, probs(n), None))
+        rows.append((Role.MISALIGN_N, probs(n), len(rows) - 1))
+        span += [-1] * n
+        if k != 1:  # the middle negative marks no span: it falls back to the ratio
+            marks[len(rows) - 1] = (torch.rand(n, generator=g) < 0.4).long().tolist()
+            span += marks[len(rows) - 1]
+        else:
+            span += [-1] * n
+    ref = reference_cut(rows, 1.1, 1.0, marks=marks, flag_source=flag_source)
+    logp, role, partner = flatten(rows)
+    out = cut_loss(logp, role, partner, 1.1, 1.0, span=torch.tensor(span), flag_source=flag_source)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(ref["loss"], rel=1e-5)
+    assert out.flagged.item() == pytest.approx(ref["flagged"])
+    grads = [g for row in ref["grads"] for g in row]
+    torch.testing.assert_close(logp.grad, torch.tensor(grads), rtol=1e-4, atol=1e-6)
+    if flag_source == "ratio":  # spans are ignored: the paper's objective
+        assert out.loss.item() == pytest.approx(cut_loss(logp, role, partner, 1.1, 1.0).loss.item())
+
+
+def test_invalid_flag_source():
+    logp, role, partner = flatten([(Role.ALIGN_P, [0.5], None)])
+    with pytest.raises(ValueError, match="flag_source"):
+        cut_loss(logp, role, partner, flag_source="quotes")

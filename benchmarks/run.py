@@ -12,6 +12,7 @@
 3. scaling: step time and peak memory of cut vs sft as the sequence doubles.
 Every figure is the median of `repeats` runs (min-max shown) after a warm-up; ratios are taken
 within this one run. (a) and (b) must give the same loss on the same batch, or the run fails.
+The run writes results.json; benchmarks.report turns it into results.md and results.png.
 """
 
 from __future__ import annotations
@@ -26,9 +27,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
+from transformers import TrainerCallback
+
+from .report import chart, write_report
+from .step import measure, oom_result
+
+if TYPE_CHECKING:
+    from cut.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ITER1 = REPO.parent / "shared" / "data" / "cut-online-iter" / "iter1.json"
@@ -87,10 +95,9 @@ def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def fmt(s: dict[str, float] | None, digits: int = 0) -> str:
-    if not s:
-        return "OOM"
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+def assert_same_loss(a: float, b: float) -> None:
+    """(a) cut and (b) the released formulation must agree, or their costs are not comparable."""
+    assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), f"cut {a} != original {b}"
 
 
 # ---------------------------------------------------------------- 1 + 3: one step in a fresh process
@@ -98,36 +105,22 @@ def fmt(s: dict[str, float] | None, digits: int = 0) -> str:
 
 def one_step(variant: str, vocab: int, seq: int, negatives: int, in_process: bool = False) -> dict[str, Any]:
     if in_process:
-        from .step import measure
-
         return measure(variant, vocab, seq, negatives, timed_steps=1, device=torch.device("cpu"))
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.step",
-        "--variant",
-        variant,
-        "--vocab",
-        str(vocab),
-        "--seq",
-        str(seq),
-        "--negatives",
-        str(negatives),
-        "--timed_steps",  # the first step gives memory, one more gives a warm step time
-        "1",
-        "--memory_limit_gb",
-        str(MEMORY_LIMIT_GB),
-    ]
+    flags = {
+        "variant": variant,
+        "vocab": vocab,
+        "seq": seq,
+        "negatives": negatives,
+        "timed_steps": 1,  # the first step gives memory, one more gives a warm step time
+        "memory_limit_gb": MEMORY_LIMIT_GB,
+    }
+    cmd = [sys.executable, "-m", "benchmarks.step"]
+    for k, v in flags.items():
+        cmd += [f"--{k}", str(v)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode < 0:  # killed (e.g. by the kernel's OOM killer)
+        return oom_result(variant, vocab, seq, negatives, f"signal {-proc.returncode}")
     if proc.returncode != 0:
-        if proc.returncode < 0:  # killed (e.g. by the kernel's OOM killer)
-            return {
-                "variant": variant,
-                "vocab": vocab,
-                "seq": seq,
-                "oom": True,
-                "error": f"signal {-proc.returncode}",
-            }
         raise RuntimeError(f"benchmarks.step failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -163,7 +156,7 @@ def memory_section(cfg: dict) -> list[dict]:
             )
             a, b = res["cut"], res["original"]
             if a["loss"] is not None and b["loss"] is not None:
-                assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(b["loss"])), (a["loss"], b["loss"])
+                assert_same_loss(a["loss"], b["loss"])
             rows.append({"vocab": vocab, "seq": seq, **res})
     return rows
 
@@ -182,118 +175,45 @@ def scaling_section(cfg: dict) -> list[dict]:
 # ---------------------------------------------------------------- 2: epochs on real judgment data
 
 
-def _records(path: str, n: int) -> list[dict]:
-    rows = json.loads(Path(path).read_text())
-    return rows[:n]
+class Lineup(NamedTuple):
+    """The four trainers of section 2 on the same records, and what the comparison needs of them."""
+
+    trainers: dict[str, Any]  # (a) cut, (b) original, (c) sft, (d) trl, in the order they are timed
+    tokens: dict[str, int]  # real (non-padding) tokens each trains on in one epoch
+    features: list[dict]  # cut's tokenised examples
+    failed_judgments: int
+
+
+class EpochTimer(TrainerCallback):
+    """Times the epoch itself: Trainer set-up and teardown are not training."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.seconds = time.perf_counter() - self.t0
 
 
 def throughput_section(cfg: dict, workdir: Path) -> dict | None:
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-
-    from cut.config import TrainConfig
-    from cut.train import build_trainer, load_model, training_arguments
-
-    from .baseline import OriginalTrainer, original_collate, original_loss
-
-    data_path = cfg["thr_data"] if Path(cfg["thr_data"]).is_absolute() else str(REPO / cfg["thr_data"])
-    if not Path(data_path).exists():
+    data_path = REPO / cfg["thr_data"]  # an absolute thr_data stands as it is
+    if not data_path.exists():
         print(f"[throughput] skipped: {data_path} is absent", flush=True)
         return None
-    records = _records(data_path, cfg["thr_records"])
-    cut_file = workdir / "records.json"
-    cut_file.write_text(json.dumps(records))
-    sft_file = workdir / "records_sft.json"  # same records, every judgment removed: plain MLE on x -> y
-    sft_file.write_text(
-        json.dumps([{**r, "judgment": None} for r in records if r.get("judgment") != "$ERROR$"])
-    )
-    base = model_for(cfg["thr_model"], workdir)
-    common = dict(
-        base_model=base,
-        output_dir=str(workdir / "out"),
-        micro_batch_size=4,
-        batch_size=8,
-        num_epochs=1,
-        cutoff_len=cfg["thr_cutoff"],
-        learning_rate=1e-4,
-        warmup_steps=0,
-        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        save_steps=10**6,
-        logging_steps=10**6,
-        seed=0,
-        prompt_template_name="alpaca",
-        weight_unlike=1.0,
-    )
-    cut_cfg = TrainConfig(data_path=str(cut_file), **common)
-    trainers: dict[str, Any] = {}
-    tokens: dict[str, int] = {}
-
-    trainers["cut"], counts = build_trainer(cut_cfg)
-    feats = list(trainers["cut"].train_dataset)
-    tokens["cut"] = sum(
-        len(f["prompt_ids"])
-        + len(f["response_ids"])
-        + (len(f["judged_ids"]) + len(f["response_ids"]) if f["judged_ids"] else 0)
-        for f in feats
-    )
-    tokenizer = trainers["cut"].processing_class
-
-    trainers["original"] = OriginalTrainer(
-        model=load_model(cut_cfg),
-        args=training_arguments(cut_cfg, False),
-        train_dataset=Dataset.from_list(feats),
-        data_collator=lambda fs: original_collate(fs, tokenizer.pad_token_id, cut_cfg.weight_unlike),
-        processing_class=tokenizer,
-        threshold=cut_cfg.threshold,
-    )
-    tokens["original"] = tokens["cut"]  # the same real tokens, plus its padding rows
-
-    trainers["sft"], _ = build_trainer(TrainConfig(data_path=str(sft_file), **common))
-    tokens["sft"] = sum(len(f["prompt_ids"]) + len(f["response_ids"]) for f in trainers["sft"].train_dataset)
-    trainers["trl"], tokens["trl"] = trl_trainer(base, records, cut_cfg, workdir, AutoTokenizer)
-
-    # the same loss from (a) and (b) on the same batch and the same weights
-    first = feats[: cut_cfg.micro_batch_size]
-    model_a, model_b = trainers["cut"].model, trainers["original"].model
-    model_b.load_state_dict(model_a.state_dict())
-    with torch.no_grad():
-        loss_a = model_a(**trainers["cut"].data_collator(first))["loss"].item()
-        loss_b = original_loss(
-            model_b, original_collate(first, tokenizer.pad_token_id, 1.0), cut_cfg.threshold
-        ).item()
-    assert abs(loss_a - loss_b) <= 1e-4 * max(1.0, abs(loss_b)), f"cut {loss_a} != original {loss_b}"
-
-    class Timer(TrainerCallback):
-        """Times the epoch itself: Trainer set-up and teardown are not training."""
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_train_end(self, args, state, control, **kw):
-            self.seconds = time.perf_counter() - self.t0
-
-    for t in trainers.values():  # warm-up: two steps each
-        t.add_callback(Timer())
-        t.args.max_steps = 2
-        t.train()
-        t.args.max_steps = -1
-    walls: dict[str, list[float]] = {k: [] for k in trainers}
-    repeats = cfg.get("thr_repeats", cfg["repeats"])
-    for r in range(repeats):
-        for name, t in trainers.items():
-            print(f"[throughput] repeat {r + 1}/{repeats}: {name}", flush=True)
-            t.train()
-            walls[name].append(t.callback_handler.callbacks[-1].seconds)
+    records = json.loads(data_path.read_text())[: cfg["thr_records"]]
+    lineup = build_lineup(records, cfg["thr_model"], cfg["thr_cutoff"], workdir)
+    loss_a, loss_b = first_batch_losses(lineup)
+    walls = time_epochs(lineup.trainers, cfg.get("thr_repeats", cfg["repeats"]))
+    feats, tokens = lineup.features, lineup.tokens
     n_neg = sum(1 for f in feats if f["judged_ids"])
     return {
         "records": len(records),
-        "data": Path(data_path).name,
+        "data": data_path.name,
         "model": cfg["thr_model"],
         "cutoff": cfg["thr_cutoff"],
         "examples": len(feats),
         "negatives": n_neg,
         "positives": len(feats) - n_neg,
-        "failed_judgments": counts["failed_judgment"],
+        "failed_judgments": lineup.failed_judgments,
         "loss_cut": loss_a,
         "loss_original": loss_b,
         "variants": {
@@ -303,33 +223,144 @@ def throughput_section(cfg: dict, workdir: Path) -> dict | None:
     }
 
 
+def build_lineup(records: list[dict], model: str, cutoff: int, workdir: Path) -> Lineup:
+    """(a)-(d) on the same records; (b) trains on (a)'s own tokenised examples."""
+    from cut.config import TrainConfig
+    from cut.train import build_trainer
+
+    cut_file = workdir / "records.json"
+    cut_file.write_text(json.dumps(records))
+    sft_file = workdir / "records_sft.json"  # same records, every judgment removed: plain MLE on x -> y
+    sft_file.write_text(
+        json.dumps([{**r, "judgment": None} for r in records if r.get("judgment") != "$ERROR$"])
+    )
+    base = model_for(model, workdir)
+    common = train_options(base, cutoff, workdir)
+    cut_cfg = TrainConfig(data_path=str(cut_file), **common)
+    trainers: dict[str, Any] = {}
+    trainers["cut"], counts = build_trainer(cut_cfg)
+    feats = list(trainers["cut"].train_dataset)
+    trainers["original"] = original_trainer(cut_cfg, feats, trainers["cut"].processing_class)
+    trainers["sft"], _ = build_trainer(TrainConfig(data_path=str(sft_file), **common))
+    trainers["trl"], trl_tokens = trl_trainer(base, records, cut_cfg, workdir)
+    tokens = {
+        "cut": cut_tokens(feats),
+        "original": cut_tokens(feats),  # the same real tokens, plus its padding rows
+        "sft": sum(len(f["prompt_ids"]) + len(f["response_ids"]) for f in trainers["sft"].train_dataset),
+        "trl": trl_tokens,
+    }
+    return Lineup(trainers, tokens, feats, counts["failed_judgment"])
+
+
+def train_options(base: str, cutoff: int, workdir: Path) -> dict[str, Any]:
+    """The TrainConfig fields (a) and (c) share: LoRA on every linear layer, one epoch, no saving."""
+    return dict(
+        base_model=base,
+        output_dir=str(workdir / "out"),
+        micro_batch_size=4,
+        batch_size=8,
+        num_epochs=1,
+        cutoff_len=cutoff,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        save_steps=10**6,
+        logging_steps=10**6,
+        seed=0,
+        prompt_template_name="alpaca",
+        weight_unlike=1.0,
+    )
+
+
+def cut_tokens(feats: list[dict]) -> int:
+    """Real tokens cut runs: prompt + response for each example, and judged prompt + response again
+    for a negative."""
+    return sum(
+        len(f["prompt_ids"])
+        + len(f["response_ids"])
+        + (len(f["judged_ids"]) + len(f["response_ids"]) if f["judged_ids"] else 0)
+        for f in feats
+    )
+
+
+def original_trainer(cfg: TrainConfig, feats: list[dict], tokenizer):
+    """(b): the released formulation in the same Trainer loop, on cut's own tokenised examples."""
+    from datasets import Dataset
+
+    from cut.train import load_model, training_arguments
+
+    from .baseline import OriginalTrainer, original_collate
+
+    return OriginalTrainer(
+        model=load_model(cfg),
+        args=training_arguments(cfg, False),
+        train_dataset=Dataset.from_list(feats),
+        data_collator=lambda fs: original_collate(fs, tokenizer.pad_token_id, cfg.weight_unlike),
+        processing_class=tokenizer,
+        threshold=cfg.threshold,
+    )
+
+
+def first_batch_losses(lineup: Lineup) -> tuple[float, float]:
+    """The same loss from (a) and (b) on the same batch and the same weights, or the run fails."""
+    from .baseline import original_collate, original_loss
+
+    cut, original = lineup.trainers["cut"], lineup.trainers["original"]
+    first = lineup.features[: cut.args.per_device_train_batch_size]  # one micro-batch
+    original.model.load_state_dict(cut.model.state_dict())
+    batch_b = original_collate(first, cut.processing_class.pad_token_id, 1.0)
+    with torch.no_grad():
+        loss_a = cut.model(**cut.data_collator(first))["loss"].item()
+        loss_b = original_loss(original.model, batch_b, original.threshold).item()
+    assert_same_loss(loss_a, loss_b)
+    return loss_a, loss_b
+
+
+def time_epochs(trainers: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds per epoch of each trainer: interleaved repeats after a two-step warm-up each."""
+    for t in trainers.values():
+        t.add_callback(EpochTimer())
+        t.args.max_steps = 2
+        t.train()
+        t.args.max_steps = -1
+    walls: dict[str, list[float]] = {k: [] for k in trainers}
+    for r in range(repeats):
+        for name, t in trainers.items():
+            print(f"[throughput] repeat {r + 1}/{repeats}: {name}", flush=True)
+            t.train()
+            walls[name].append(t.callback_handler.callbacks[-1].seconds)
+    return walls
+
+
 def model_for(kind: str, workdir: Path) -> str:
     if kind == "smollm2":
         from cut.smollm import ensure_smollm2
 
         return str(ensure_smollm2(REPO / "saved_models" / "SmolLM2-135M-Instruct"))
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import build_tiny_model
+    from cut.tiny import build_tiny_model
 
     return str(build_tiny_model(workdir / "tiny"))
 
 
-def trl_trainer(base: str, records: list[dict], cfg, workdir: Path, auto_tokenizer):
-    """TRL's SFTTrainer on the same records, prompts and LoRA: the peer a user would otherwise pick."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
+def trl_rows(records: list[dict]) -> list[dict[str, str]]:
+    """Prompt / completion pairs in the alpaca template; records whose judging failed are dropped."""
     from cut.templates import load_template
 
     template = load_template("alpaca")
-    rows = [
+    return [
         {"prompt": template.plain(r["instruction"], r.get("input") or ""), "completion": r["output"]}
         for r in records
         if r.get("judgment") != "$ERROR$"
     ]
-    tokenizer = auto_tokenizer.from_pretrained(base)
+
+
+def trl_trainer(base: str, records: list[dict], cfg: TrainConfig, workdir: Path) -> tuple[Any, int]:
+    """TRL's SFTTrainer on the same records, prompts and LoRA: the peer a user would otherwise pick."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
     args = SFTConfig(
         output_dir=str(workdir / "trl"),
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -353,181 +384,14 @@ def trl_trainer(base: str, records: list[dict], cfg, workdir: Path, auto_tokeniz
         target_modules=cfg.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     trainer = SFTTrainer(
-        model=model,
+        model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(trl_rows(records)),
+        processing_class=AutoTokenizer.from_pretrained(base),
         peft_config=lora,
     )
-    tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    return trainer, tokens
-
-
-# ---------------------------------------------------------------- report
-
-
-def write_report(
-    out: Path, suite: str, info: dict, memory: list, throughput: dict | None, scaling: list
-) -> str:
-    lines = [
-        f"# Benchmarks (suite `{suite}`)",
-        "",
-        f"`python -m benchmarks.run --suite {suite}`; machine: {info['cpu']}, {info['cores']} cores, "
-        f"torch {info['torch']}, GPU: {info['gpu']}. Each figure: median (min-max) of the repeats; ratios "
-        "within this run.",
-        "",
-    ]
-    lines += [
-        "## 1. One CUT step at a large vocabulary (2 negatives = 4 sequences, tiny-hidden Llama, LoRA)",
-        "",
-        "| vocab | seq | tokens | (a) cut MiB | (b) original MiB | (c) sft MiB | (a)/(b) | (a)/(c) per token | "
-        "(a) step s | (b) step s | (c) step s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    checks = []
-    for r in memory:
-        a, b, c = r["cut"], r["original"], r["sft"]
-        ab = a["peak_mb"]["median"] / b["peak_mb"]["median"] if a["peak_mb"] and b["peak_mb"] else None
-        ac = (
-            (a["peak_mb"]["median"] / a["tokens"]) / (c["peak_mb"]["median"] / c["tokens"])
-            if a["peak_mb"] and c["peak_mb"]
-            else None
-        )
-        lines.append(
-            f"| {r['vocab']} | {r['seq']} | {a['tokens']} | {fmt(a['peak_mb'])} | {fmt(b['peak_mb'])} | "
-            f"{fmt(c['peak_mb'])} | {ab and f'{ab:.3f}' or 'b OOM'} | {ac and f'{ac:.3f}' or 'c OOM'} | "
-            f"{fmt(a['step_s'], 2)} | {fmt(b['step_s'], 2)} | {fmt(c['step_s'], 2)} |"
-        )
-        if r["vocab"] == max(x["vocab"] for x in memory):
-            checks.append(
-                f"(a)/(b) memory at vocab {r['vocab']}, seq {r['seq']}: "
-                f"{'b OOM' if ab is None else f'{ab:.3f}'} (target <= 0.35: {'met' if ab is None or ab <= 0.35 else 'MISSED'})"
-            )
-        checks.append(
-            f"(a)/(c) memory per token at vocab {r['vocab']}, seq {r['seq']}: "
-            f"{'c OOM' if ac is None else f'{ac:.3f}'} (target <= 1.3: {'met' if ac is None or ac <= 1.3 else 'MISSED'})"
-        )
-    lines += [
-        "",
-        "Peak memory is the step's own (peak RSS minus RSS before the step; on a GPU, "
-        "max_memory_allocated minus allocated before). (a) and (b) computed the same loss on each batch.",
-        "",
-    ]
-    if throughput:
-        t = throughput
-        v = t["variants"]
-        lines += [
-            f"## 2. One epoch on real judgment data ({t['records']} records of {t['data']}, {t['model']}, LoRA, "
-            f"cutoff {t['cutoff']})",
-            "",
-            f"{t['examples']} examples trained: {t['positives']} positives, {t['negatives']} negatives "
-            f"({t['failed_judgments']} failed judgments dropped). Loss of the first micro-batch: cut "
-            f"{t['loss_cut']:.6f}, original {t['loss_original']:.6f}.",
-            "",
-            "| variant | wall s / epoch | tokens | tokens/s | s per 1k tokens |",
-            "|---|---|---|---|---|",
-        ]
-        names = {
-            "cut": "(a) cut",
-            "original": "(b) original formulation",
-            "sft": "(c) SFT, this project",
-            "trl": "(d) TRL SFTTrainer",
-        }
-        for k, name in names.items():
-            per_k = {x: 1000 * v[k]["wall_s"][x] / v[k]["tokens"] for x in ("median", "min", "max")}
-            lines.append(
-                f"| {name} | {fmt(v[k]['wall_s'], 1)} | {v[k]['tokens']} | {fmt(v[k]['tokens_per_s'], 1)} | "
-                f"{fmt(per_k, 3)} |"
-            )
-        speedup = v["original"]["wall_s"]["median"] / v["cut"]["wall_s"]["median"]
-        per = lambda k: v[k]["wall_s"]["median"] / v[k]["tokens"]  # noqa: E731
-        checks.append(
-            f"(b)/(a) epoch time: {speedup:.2f}x (target >= 1.5x: {'met' if speedup >= 1.5 else 'MISSED'})"
-        )
-        for k in ("sft", "trl"):
-            ratio = per("cut") / per(k)
-            checks.append(
-                f"(a)/({'c' if k == 'sft' else 'd'}) time per token: {ratio:.3f} "
-                f"(target <= 1.10: {'met' if ratio <= 1.10 else 'MISSED'})"
-            )
-        lines.append("")
-    else:
-        lines += [
-            "## 2. Throughput on real judgment data",
-            "",
-            "skipped: ../shared/data/cut-online-iter/iter1.json is absent",
-            "",
-        ]
-    lines += [
-        f"## 3. Scaling with sequence length (1 negative = 2 sequences, vocab {SUITES[suite]['scale_vocab']})",
-        "",
-        "| seq | tokens | cut step s | sft step s | cut MiB | sft MiB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in scaling:
-        lines.append(
-            f"| {r['seq']} | {r['cut']['tokens']} | {fmt(r['cut']['step_s'], 2)} | {fmt(r['sft']['step_s'], 2)} | "
-            f"{fmt(r['cut']['peak_mb'])} | {fmt(r['sft']['peak_mb'])} |"
-        )
-    lines += ["", "## Targets", ""] + [f"- {c}" for c in checks] + [""]
-    text = "\n".join(lines)
-    (out / "results.md").write_text(text)
-    return text
-
-
-def chart(out: Path, memory: list, throughput: dict | None, scaling: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax = axes[0]
-    labels = [f"V={r['vocab'] // 1000}k\nT={r['seq']}" for r in memory]
-    for i, (k, name) in enumerate([("cut", "(a) cut"), ("original", "(b) original"), ("sft", "(c) sft")]):
-        vals = [r[k]["peak_mb"]["median"] if r[k]["peak_mb"] else 0 for r in memory]
-        ax.bar([x + 0.27 * (i - 1) for x in range(len(memory))], vals, 0.27, label=name)
-    ax.set_xticks(range(len(memory)), labels)
-    ax.set_ylabel("peak step memory (MiB)")
-    ax.set_title("1. one step, 2 negatives")
-    ax.legend()
-    ax = axes[1]
-    if throughput:
-        v = throughput["variants"]
-        keys = ["cut", "original", "sft", "trl"]
-        ax.bar(
-            ["(a) cut", "(b) original", "(c) sft", "(d) TRL"],
-            [v[k]["tokens_per_s"]["median"] for k in keys],
-            color=["C0", "C1", "C2", "C3"],
-        )
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"2. epoch on {throughput['records']} real records ({throughput['model']})")
-    else:
-        ax.set_title("2. skipped (no real data)")
-    ax = axes[2]
-    seqs = [r["seq"] for r in scaling]
-    for k, style in (("cut", "C0"), ("sft", "C2")):
-        ax.plot(seqs, [r[k]["step_s"]["median"] for r in scaling], "-o", color=style, label=f"{k} step s")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("step time (s)")
-    ax2 = ax.twinx()
-    for k, style in (("cut", "C0"), ("sft", "C2")):
-        ax2.plot(
-            seqs,
-            [r[k]["peak_mb"]["median"] if r[k]["peak_mb"] else float("nan") for r in scaling],
-            "--s",
-            color=style,
-            alpha=0.6,
-            label=f"{k} MiB",
-        )
-    ax2.set_ylabel("peak step memory (MiB), dashed")
-    ax.set_title("3. scaling, 1 negative")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=110)
+    return trainer, sum(len(x) for x in trainer.train_dataset["input_ids"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.time() - start,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(write_report(out, args.suite, info, memory, throughput, scaling))
-    chart(out, memory, throughput, scaling)
+    print(write_report(out, results, cfg["scale_vocab"]))
+    chart(out, results)
     print(
         f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'} in {time.time() - start:.0f} s"
     )

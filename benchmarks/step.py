@@ -25,6 +25,7 @@ import time
 import torch
 
 from cut.pairs import CUTCollator
+from cut.tiny import llama_config
 from cut.trainer import install_cut_forward
 
 from .baseline import original_collate, original_loss
@@ -34,20 +35,10 @@ PAD = 0
 
 def build_model(vocab: int, hidden: int = 64, layers: int = 2, seed: int = 0):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        pad_token_id=PAD,
-    )
-    lm = LlamaForCausalLM(config)
+    lm = LlamaForCausalLM(llama_config(vocab, hidden, layers, max_position_embeddings=4096, pad_token_id=PAD))
     model = get_peft_model(
         lm, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     )
@@ -117,38 +108,46 @@ def peak_rss_bytes() -> int:
     return kb * 1024
 
 
+def start_peak(device: torch.device) -> int:
+    """Start the peak afresh; return what is held now (the step's own peak is counted above it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    reset_peak_rss()
+    return rss_bytes()
+
+
+def peak_since(before: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return peak_rss_bytes() - before
+
+
+def timed_step(model, run, device: torch.device) -> float:
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    run().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure(
     variant: str, vocab: int, seq: int, negatives: int, timed_steps: int, device: torch.device
 ) -> dict:
     model = build_model(vocab).to(device)
     features = synthetic_features(negatives, seq, vocab)
     run, tokens = make_step(variant, model, features, device)
-    gc.collect()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        reset_peak_rss()
-        before = rss_bytes()
+    before = start_peak(device)
     t0 = time.perf_counter()
     loss = run()
     loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - before
-    else:
-        peak = peak_rss_bytes() - before
+    peak = peak_since(before, device)
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(timed_steps):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        run().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = [timed_step(model, run, device) for _ in range(timed_steps)]
     return {
         "variant": variant,
         "vocab": vocab,
@@ -159,6 +158,18 @@ def measure(
         "first_step_s": first,
         "step_s": sorted(times)[len(times) // 2] if times else first,
         "loss": loss.item(),
+    }
+
+
+def oom_result(variant: str, vocab: int, seq: int, negatives: int, error: str) -> dict:
+    """A step that ran out of memory, reported as a result."""
+    return {
+        "variant": variant,
+        "vocab": vocab,
+        "seq": seq,
+        "negatives": negatives,
+        "oom": True,
+        "error": error,
     }
 
 
@@ -184,14 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, MemoryError) as err:  # out of memory: report it as a result
         if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
             raise
-        result = {
-            "variant": args.variant,
-            "vocab": args.vocab,
-            "seq": args.seq,
-            "negatives": args.negatives,
-            "oom": True,
-            "error": str(err).splitlines()[0][:200],
-        }
+        error = str(err).splitlines()[0][:200]
+        result = oom_result(args.variant, args.vocab, args.seq, args.negatives, error)
     print(json.dumps(result))
     return 0
 

@@ -1,4 +1,4 @@
-"""Tiny seeded models built on the spot: a byte-level BPE tokenizer and a 2-layer Llama."""
+"""Shared fixtures: tiny seeded models (built by `cut.tiny`, no download) and a few judgment records."""
 
 from __future__ import annotations
 
@@ -8,59 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from cut.tiny import build_tiny_model
+
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
-
-CORPUS = [
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction: ### Input: ### Judgment: ### Response:",
-    "What is the capital of France? The capital of France is Paris, not Lyon.",
-    "Add the numbers 3 and 4. The sum is 7. The answer 8 is wrong; the correct answer is 7.",
-    "Name a primary colour. Red is a primary colour. Green is not one in paint.",
-    "The response is perfect. The judgment says the number is wrong.",
-] * 20
-
-
-def build_tiny_model(folder: Path, vocab_size: int = 512, seed: int = 0, chat: bool = False) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    if chat:
-        hf_tok.chat_template = (
-            "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
-            "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-        )
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(hf_tok),
-        max_position_embeddings=512,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        pad_token_id=hf_tok.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")

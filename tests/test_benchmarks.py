@@ -1,12 +1,16 @@
-"""The benchmark script's fast suite: tiny sizes, so the script cannot rot."""
+"""The benchmark script's fast suite (tiny sizes, so the script cannot rot) and its report writer."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from benchmarks.report import main as report_main
 from benchmarks.run import main
+
+from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -27,3 +31,10 @@ def test_fast_suite_writes_tables_chart_and_agreeing_losses(tmp_path):
         assert row["cut"]["tokens"] == row["original"]["tokens"]
     # cut processes n_pos + 2 n_neg sequences; SFT one per record
     assert thr["variants"]["cut"]["tokens"] > thr["variants"]["sft"]["tokens"]
+
+
+def test_report_redraws_the_committed_results_md_from_results_json(tmp_path):
+    shutil.copy(REPO / "benchmarks" / "results.json", tmp_path)
+    assert report_main([str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "results.md").read_text() == (REPO / "benchmarks" / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from cut.llm import read_cache
 from cut.records import build_examples, load_records
 
 from conftest import REPO
+from fake_openai import FakeOpenAI
 
 KEY_ENV = "CUT_JUDGE_TEST_KEY"
 KEY = "sk-test-7f3a9c1e5b2d4680aa11"
@@ -46,83 +46,17 @@ KEY = "sk-test-7f3a9c1e5b2d4680aa11"
 # --------------------------------------------------------------------------------------------
 
 
-class FakeChat:
-    """Answers POST /v1/chat/completions on 127.0.0.1; the prompt's 'task-N' picks the script.
+def task_of(body: dict) -> str:
+    return re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
 
-    plan: task -> faults for its first attempts, then it answers answers[task] (default "Perfect.").
-    Faults: 429 (Retry-After: 0.05), 500, 503, 400, 401 (the body echoes the key, as some APIs do),
-    slow (answers after `slow` seconds), notjson, nochoices.
-    """
 
-    def __init__(self, plan=None, answers=None, delay: float = 0.0, slow: float = 0.8) -> None:
-        self.plan = {k: list(v) for k, v in (plan or {}).items()}
-        self.answers = answers or {}
-        self.delay, self.slow = delay, slow
-        self.hits: Counter[str] = Counter()
-        self.auth: list[str | None] = []
-        self.bodies: list[dict] = []
-        self.inflight = self.max_inflight = 0
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.server.handle_error = lambda *a: None  # the client hung up on a slow answer
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+def fake_chat(plan=None, answers=None, delay: float = 0.0) -> FakeOpenAI:
+    """The fake server, a script per prompt's 'task-N': faults for its first attempts, then it
+    answers answers[task] (default "Perfect."); a slow answer comes after 0.8 s."""
+    return FakeOpenAI(plan, answers, default="Perfect.", key=task_of, delay=delay, slow=0.8)
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
-                with fake.lock:
-                    fake.hits[task] += 1
-                    fake.auth.append(self.headers.get("Authorization"))
-                    fake.bodies.append(body)
-                    fake.inflight += 1
-                    fake.max_inflight = max(fake.max_inflight, fake.inflight)
-                    faults = fake.plan.get(task)
-                    fault = faults.pop(0) if faults else "ok"
-                time.sleep(fake.slow if fault == "slow" else fake.delay)
-                with fake.lock:
-                    fake.inflight -= 1  # before the reply, so the client's next request never overlaps
-                fake.reply(self, fault, task)
-
-        return Handler
-
-    def reply(self, h: BaseHTTPRequestHandler, fault: str, task: str) -> None:
-        status, headers, body = 200, {"Content-Type": "application/json"}, b""
-        answer = {
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": self.answers.get(task, "Perfect.")}}
-            ]
-        }
-        if fault in ("ok", "slow"):
-            body = json.dumps(answer).encode()
-        elif fault == "notjson":
-            body = b"<html>502 bad gateway</html>"
-        elif fault == "nochoices":
-            body = json.dumps({"object": "error", "message": "overloaded"}).encode()
-        else:
-            status = int(fault)
-            message = f"Incorrect API key provided: {KEY}" if status == 401 else "error"
-            body = json.dumps({"error": {"message": message}}).encode()
-            if status == 429:
-                headers["Retry-After"] = "0.05"
-        h.send_response(status)
-        for k, v in headers.items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
+RATE_LIMITED = (429, {"Retry-After": "0.05"})
 
 
 @pytest.fixture()
@@ -253,7 +187,7 @@ def test_judged_records_carry_spans_that_cut_records_reads(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 FAULT_PLAN = {
-    "task-1": ["429", "500", "503"],
+    "task-1": [RATE_LIMITED, "500", "503"],
     "task-2": ["slow"],
     "task-3": ["notjson", "nochoices"],
     "task-4": ["500"] * 4,  # every attempt of the first run fails
@@ -268,7 +202,7 @@ ANSWERS = {"task-1": "Mistakes: 1 + 2 is 3, not 4.", "task-7": "The answer looks
 def test_openai_judge_faults_retries_key_and_cache(tmp_path, monkeypatch, caplog, capsys, no_proxy):
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv(KEY_ENV, KEY)
-    fake = FakeChat(FAULT_PLAN, ANSWERS)
+    fake = fake_chat(FAULT_PLAN, ANSWERS)
     src = write_records(tmp_path / "gen.json", task_records(10))
     out, cache = tmp_path / "judged.json", tmp_path / "judged.cache.jsonl"
 
@@ -339,7 +273,7 @@ def test_openai_judge_faults_retries_key_and_cache(tmp_path, monkeypatch, caplog
 def test_concurrency_is_bounded_and_no_key_means_no_header(tmp_path, monkeypatch, caplog, no_proxy):
     caplog.set_level(logging.INFO)
     monkeypatch.delenv(KEY_ENV, raising=False)
-    fake = FakeChat(delay=0.05)
+    fake = fake_chat(delay=0.05)
     rows = task_records(18) + task_records(2)  # the last two repeat prompts: asked once each
     try:
         judge = OpenAIJudge(fake.base_url, "m", api_key_env=KEY_ENV, concurrency=3, timeout=5, backoff=0.01)
@@ -354,7 +288,7 @@ def test_concurrency_is_bounded_and_no_key_means_no_header(tmp_path, monkeypatch
 
 
 def test_retry_after_overrides_backoff(no_proxy):
-    fake = FakeChat({"task-0": ["429", "429"]})
+    fake = fake_chat({"task-0": [RATE_LIMITED, RATE_LIMITED]})
     try:
         judge = OpenAIJudge(fake.base_url, "m", concurrency=1, timeout=5, backoff=3.0)
         start = time.monotonic()
@@ -367,7 +301,7 @@ def test_retry_after_overrides_backoff(no_proxy):
 
 
 def test_stop_event_ends_retries_at_once(no_proxy):
-    fake = FakeChat({"task-0": ["500"] * 9})
+    fake = fake_chat({"task-0": ["500"] * 9})
     try:
         judge = OpenAIJudge(fake.base_url, "m", timeout=5, backoff=30.0)
         stop = threading.Event()
@@ -388,7 +322,7 @@ def test_connection_refused_is_retried_then_fails(no_proxy):
 
 
 def test_torn_cache_line_is_skipped_and_not_glued_to_the_next(tmp_path, no_proxy):
-    fake = FakeChat(answers={"task-1": "Mistakes: 1 + 2 is 3."})
+    fake = fake_chat(answers={"task-1": "Mistakes: 1 + 2 is 3."})
     cache = tmp_path / "c.jsonl"
     try:
         judge = OpenAIJudge(fake.base_url, "m", timeout=5, backoff=0.01, cache_file=str(cache))

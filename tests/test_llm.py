@@ -10,104 +10,16 @@ import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from cut.errors import ConfigError
 from cut.llm import ClientConfig, LLMClient, as_messages, read_cache
 
+from fake_openai import FakeOpenAI
+
 KEY_ENV = "CUT_LLM_TEST_KEY"
 KEY = "sk-llm-test-0b1c2d3e4f5a6978"
-
-
-class Server:
-    """POST .../chat/completions on 127.0.0.1. The last message's content picks a script: a list of
-    replies for its first requests, then "ok" (answers "echo: <content>"). A reply is "ok", "slow"
-    (answers after `slow` s), "notjson", "nochoices", "nocontent", an HTTP status ("500"), or a
-    tuple (status, headers): an error answer whose body echoes the key, as some APIs do."""
-
-    def __init__(self, scripts=None, delay: float = 0.0, slow: float = 0.6) -> None:
-        self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
-        self.delay, self.slow = delay, slow
-        self.hits: Counter[str] = Counter()
-        self.auth: list[str | None] = []
-        self.bodies: list[dict] = []
-        self.inflight = self.max_inflight = 0
-        self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.server.handle_error = lambda *a: None  # the client hung up on a slow answer
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.base_url = self.origin + "/v1"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # where a followed 301 / 302 / 303 would land
-                fake.record(self, {"messages": [{"content": "GET " + self.path}]})
-                fake.send(self, 405, {}, b"{}")
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                fake.record(self, body)
-                prompt = body["messages"][-1]["content"]
-                with fake.lock:
-                    fake.inflight += 1
-                    fake.max_inflight = max(fake.max_inflight, fake.inflight)
-                    script = fake.scripts.get(prompt)
-                    reply = script.pop(0) if script else "ok"
-                time.sleep(fake.slow if reply == "slow" else fake.delay)
-                with fake.lock:
-                    fake.inflight -= 1
-                fake.reply(self, reply, prompt)
-
-        return Handler
-
-    def record(self, h: BaseHTTPRequestHandler, body: dict) -> None:
-        with self.lock:
-            self.hits[body["messages"][-1]["content"]] += 1
-            self.auth.append(h.headers.get("Authorization"))
-            self.bodies.append(body)
-
-    def reply(self, h: BaseHTTPRequestHandler, reply, prompt: str) -> None:
-        message = {"role": "assistant", "content": f"echo: {prompt}"}
-        if reply in ("ok", "slow"):
-            return self.send(h, 200, {}, json.dumps({"choices": [{"index": 0, "message": message}]}).encode())
-        if reply == "notjson":
-            return self.send(h, 200, {}, b"<html>502 bad gateway</html>")
-        if reply == "nochoices":
-            return self.send(h, 200, {}, json.dumps({"object": "error", "message": "overloaded"}).encode())
-        if reply == "nocontent":
-            body = {"choices": [{"index": 0, "message": {"role": "assistant", "content": None}}]}
-            return self.send(h, 200, {}, json.dumps(body).encode())
-        status, headers = (int(reply), {}) if isinstance(reply, str) else reply
-        body = json.dumps({"error": {"message": f"Incorrect API key provided: {KEY}"}}).encode()
-        self.send(h, status, headers, body)
-
-    @staticmethod
-    def send(h: BaseHTTPRequestHandler, status: int, headers: dict, body: bytes) -> None:
-        h.send_response(status)
-        for k, v in {"Content-Type": "application/json", **headers}.items():
-            h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
-        h.end_headers()
-        h.wfile.write(body)
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +42,7 @@ def test_answers_in_order_for_strings_and_message_lists():
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b"}]
     prompts = ["a", chat, "c", "a", [{"role": "user", "content": "c"}]]  # the last two repeat earlier ones
     ticks = []
-    with Server(delay=0.02) as fake:
+    with FakeOpenAI(delay=0.02) as fake:
         answers = client(fake.base_url, concurrency=2).complete(prompts, ticks.append)
     assert answers == [
         ("echo: a", None),
@@ -147,7 +59,7 @@ def test_answers_in_order_for_strings_and_message_lists():
 
 def test_cache_hit_avoids_a_request_and_the_key_covers_every_setting(tmp_path):
     cache = tmp_path / "sub" / "answers.jsonl"
-    with Server({"bad": ["400"]}) as fake:
+    with FakeOpenAI({"bad": ["400"]}) as fake:
         first = client(fake.base_url, cache_file=str(cache)).complete(["a", "b", "bad"])
         assert first == [("echo: a", None), ("echo: b", None), (None, "http 400")]
         assert sorted(read_cache(str(cache)).values()) == ["echo: a", "echo: b"], "a failure was cached"
@@ -172,7 +84,7 @@ def test_cache_hit_avoids_a_request_and_the_key_covers_every_setting(tmp_path):
 
 def test_torn_cache_line_is_skipped_and_ended(tmp_path, caplog):
     cache = tmp_path / "c.jsonl"
-    with Server() as fake:
+    with FakeOpenAI() as fake:
         llm = client(fake.base_url, cache_file=str(cache))
         cache.write_text(
             json.dumps({"key": llm.cache_key("a"), "content": "cached a"}) + "\n" + '{"key": "ab'
@@ -185,7 +97,7 @@ def test_torn_cache_line_is_skipped_and_ended(tmp_path, caplog):
 
 def test_concurrency_is_bounded():
     prompts = [f"p{i}" for i in range(12)]
-    with Server(delay=0.05) as fake:
+    with FakeOpenAI(delay=0.05) as fake:
         answers = client(fake.base_url, concurrency=3).complete(prompts)
     assert all(text for text, _ in answers)
     assert 2 <= fake.max_inflight <= 3
@@ -216,13 +128,13 @@ def test_concurrency_is_bounded():
 )
 def test_failure_reasons_and_retries(script, answer, hits):
     script = [(int(r[0]), r[1]) if isinstance(r, tuple) else r for r in script]
-    with Server({"p": script}, slow=0.5) as fake:
+    with FakeOpenAI({"p": script}, slow=0.5) as fake:
         assert client(fake.base_url, timeout=0.2).complete(["p"]) == [answer]
     assert fake.hits["p"] == hits
 
 
 def test_a_retry_after_of_an_hour_is_not_waited_for():
-    with Server({"p": [(429, {"Retry-After": "3600"})]}) as fake:
+    with FakeOpenAI({"p": [(429, {"Retry-After": "3600"})]}) as fake:
         start = time.monotonic()
         answer = client(fake.base_url).complete(["p"])
     assert time.monotonic() - start < 2.0
@@ -239,14 +151,14 @@ def test_connection_refused_is_retried_then_fails():
 
 
 def test_no_retries_when_max_retries_is_0():
-    with Server({"p": ["500", "500"]}) as fake:
+    with FakeOpenAI({"p": ["500", "500"]}) as fake:
         assert client(fake.base_url, max_retries=0).complete(["p"]) == [(None, "http 500")]
     assert fake.hits["p"] == 1
 
 
 @pytest.mark.parametrize("header", [{"Retry-After": "0.05"}, {"Retry-After-Ms": "50"}])
 def test_retry_after_overrides_backoff(header):
-    with Server({"p": [(429, header), (503, header)]}) as fake:
+    with FakeOpenAI({"p": [(429, header), (503, header)]}) as fake:
         start = time.monotonic()
         assert client(fake.base_url, backoff=5.0).complete(["p"]) == [("echo: p", None)]
     assert time.monotonic() - start < 1.0, "the server's wait was not honoured"
@@ -254,7 +166,7 @@ def test_retry_after_overrides_backoff(header):
 
 
 def test_backoff_sets_the_wait_without_retry_after():
-    with Server({"p": ["500", "500"]}) as fake:
+    with FakeOpenAI({"p": ["500", "500"]}) as fake:
         start = time.monotonic()
         assert client(fake.base_url, backoff=0.2).complete(["p"]) == [("echo: p", None)]
     # 0.2 s then 0.4 s, each times 0.5 to 1.5
@@ -262,7 +174,7 @@ def test_backoff_sets_the_wait_without_retry_after():
 
 
 def test_stop_event_ends_a_retry_wait_at_once():
-    with Server({"p": ["500"] * 9}) as fake:
+    with FakeOpenAI({"p": ["500"] * 9}) as fake:
         llm = client(fake.base_url, backoff=30.0, max_retries=5)
         stop = threading.Event()
         threading.Timer(0.3, stop.set).start()
@@ -276,7 +188,7 @@ def test_ctrl_c_stops_requests_in_flight():
         if n:  # the first answer: "ctrl-c"
             raise KeyboardInterrupt
 
-    with Server({f"p{i}": ["500"] * 9 for i in range(1, 4)}) as fake:
+    with FakeOpenAI({f"p{i}": ["500"] * 9 for i in range(1, 4)}) as fake:
         llm = client(fake.base_url, backoff=30.0, max_retries=5, concurrency=4)
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
@@ -294,7 +206,7 @@ def test_key_is_sent_but_never_written_logged_or_in_a_reason(tmp_path, monkeypat
     monkeypatch.setenv(KEY_ENV, KEY)
     cache = tmp_path / "c.jsonl"
     scripts = {"p401": ["401"], "p500": ["500"] * 3, "p400": [(400, {"X-Echo": "see body"})]}
-    with Server(scripts) as fake:
+    with FakeOpenAI(scripts) as fake:
         llm = client(fake.base_url, cache_file=str(cache))
         answers = llm.complete(["ok", "p401", "p500", "p400"])
     assert answers[0] == ("echo: ok", None)
@@ -309,7 +221,7 @@ def test_key_is_sent_but_never_written_logged_or_in_a_reason(tmp_path, monkeypat
 def test_no_key_means_no_authorization_header(monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.delenv(KEY_ENV, raising=False)
-    with Server({"p": ["500"]}) as fake:
+    with FakeOpenAI({"p": ["500"]}) as fake:
         assert client(fake.base_url).complete(["p", "q"]) == [("echo: p", None), ("echo: q", None)]
     assert fake.auth == [None, None, None]
     assert f"{KEY_ENV} is not set: sending no Authorization header" in caplog.text
@@ -319,7 +231,7 @@ def test_no_key_means_no_authorization_header(monkeypatch, caplog):
 @pytest.mark.parametrize("elsewhere", [True, False])
 def test_redirect_is_not_followed_so_the_key_stays_at_its_origin(monkeypatch, status, elsewhere):
     monkeypatch.setenv(KEY_ENV, KEY)
-    with Server() as other, Server() as fake:
+    with FakeOpenAI() as other, FakeOpenAI() as fake:
         target = (other if elsewhere else fake).base_url + "/chat/completions"
         fake.scripts["p"] = [(status, {"Location": target})]
         assert client(fake.base_url).complete(["p"]) == [(None, f"http {status}")]

@@ -28,6 +28,7 @@ doubling; a wait over 120 s is not retried at all in openai 3.x). This module ad
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -372,17 +373,9 @@ def read_cache(path: str) -> dict[str, str]:
     return cache
 
 
-class _NoCache:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _open_cache(path: str | None) -> TextIO | _NoCache:
+def _open_cache(path: str | None) -> TextIO | contextlib.nullcontext:
     if not path:
-        return _NoCache()
+        return contextlib.nullcontext()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     torn = False

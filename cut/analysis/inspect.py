@@ -706,7 +706,7 @@ const VIEW = {
   sorts: [
     {key: 'index', label: 'index', dir: 'asc', value: r => r.i},
     {key: 'flagged', label: 'flagged fraction', dir: 'desc', value: r => r._frac},
-  ].concat(D.after ? [{key: 'moved', label: 'flags moved (mean Δ log p)', dir: 'asc', value: r => r._moved}] : [])
+  ].concat(D.after ? [{key: 'moved', label: 'flags moved', dir: 'asc', value: r => r._moved}] : [])
    .concat([{key: 'ratio', label: 'strongest ratio', dir: 'desc', value: r => r._max}])
    .concat(D.spans ? [{key: 'f1', label: 'F1 vs spans', dir: 'desc', value: r => r._f1}] : [])
    .concat([{key: 'length', label: 'response length', dir: 'desc', value: r => r.tok.length}]),
@@ -736,8 +736,8 @@ const VIEW = {
   },
   controls(state) {
     return `<label>λ <input id="lam" type="number" step="0.05" min="0.05" value="${state.lam}"></label>` +
-      (D.after ? `<label>colour <select id="colour"><option value="ratio">log ratio (before)</option>` +
-        `<option value="change">Δ log p(y|x) after − before</option></select></label>` : '');
+      (D.after ? `<label>colour <select id="colour"><option value="ratio">log ratio</option>` +
+        `<option value="change">after − before</option></select></label>` : '');
   },
   bind(state, update) {
     const lam = document.getElementById('lam');
@@ -775,7 +775,7 @@ const VIEW = {
     let head = `<span class="idx">#${r.i}</span><span>${r._nf} of ${r.tok.length} tokens flagged (${(100 * r._frac).toFixed(1)}%)</span>` +
       `<span>strongest ratio ${Math.exp(r._max).toFixed(2)}</span>`;
     if (r.sn.length) head += `<span>spans: ${r._ns} tokens, ${r._tp} flagged</span>`;
-    if (r.la) head += `<span>flags moved <b class="${r._moved < 0 ? 'down' : 'up'}">${fmtNum(r._moved)}</b></span>`;
+    if (r._moved != null) head += `<span>flags moved <b class="${r._moved < 0 ? 'down' : 'up'}">${fmtNum(r._moved)}</b></span>`;
     let moves = '';
     if (r.la && r._nf) {
       const chips = [];

@@ -39,14 +39,14 @@ header.top .sub { color:var(--mute); font-size:13px; margin-top:2px; overflow-wr
 details.fig { margin-top:8px; font-size:13px; } details.fig summary { cursor:pointer; color:var(--acc); }
 details.fig img { max-width:min(100%,900px); margin-top:6px; border:1px solid var(--line); border-radius:6px; }
 .bar { position:sticky; top:0; z-index:5; display:flex; flex-wrap:wrap; align-items:center; gap:8px 14px;
-  padding:8px 28px; background:rgba(246,247,249,.96); backdrop-filter:blur(4px);
+  padding:8px 28px; background:#f6f7f9;
   border-bottom:1px solid var(--line); font-size:13px; }
-.bar input[type=search] { width:260px; } .bar input[type=number] { width:64px; }
+.bar input[type=search] { width:230px; } .bar input[type=number] { width:64px; }
 .bar input, .bar select, .bar button { font:inherit; padding:3px 7px; border:1px solid #cfd4dc;
   border-radius:6px; background:#fff; color:var(--ink); }
 .bar button { cursor:pointer; } .bar button:disabled { opacity:.4; cursor:default; }
 .bar label { color:var(--mute); display:inline-flex; align-items:center; gap:5px; }
-.bar select { max-width:210px; }
+.bar select { max-width:190px; }
 #viewctl { display:inline-flex; flex-wrap:wrap; gap:8px 14px; }
 .pager { display:inline-flex; align-items:center; gap:6px; margin-left:auto; }
 .count { color:var(--mute); }
@@ -219,7 +219,7 @@ SHELL = """<!DOCTYPE html>
 <header class="top"><h1>{title}</h1><div class="sub">{subtitle}</div>
 <div class="summary">{summary}</div>{figures}</header>
 <div class="bar">
- <label>filter <input id="q" type="search" placeholder="text in instruction, judgment or response"></label>
+ <label>filter <input id="q" type="search" placeholder="instruction, judgment, response"></label>
  <label>sort <select id="sort"></select></label><button id="dir" type="button"></button>
  <span id="viewctl"></span>
  <span class="pager"><span class="count" id="count"></span>

@@ -59,6 +59,11 @@ class TrainConfig:
     train_on_inputs: bool = _f(False, "Also apply MLE to prompt tokens of the MLE contexts.")
     add_eos_token: bool = _f(True, "End every response with the tokenizer's EOS token.")
     group_by_length: bool = _f(False, "Batch records of similar length together (less padding).")
+    packing: bool = _f(
+        True,
+        "Pack each micro-batch's sequences into one row without padding (position_ids restart per "
+        "sequence, attention kept inside each); false: right-padded rows.",
+    )
     prompt_template_name: str = _f(
         "alpaca", "alpaca | chat (the tokenizer's chat template) | path to a .json template."
     )

@@ -29,7 +29,7 @@ from .config import TrainConfig, parse_config
 from .errors import ConfigError, DataError
 from .io import write_json_atomic
 from .models import resolve_dtype
-from .pairs import CUTCollator, tokenize_example
+from .pairs import CUTCollator, padding_ratio, sequence_lengths, tokenize_example
 from .records import build_examples, load_records
 from .templates import load_template
 from .trainer import CUTTrainer, install_cut_forward
@@ -284,6 +284,16 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
             counts,
         )
         log_schedule(cfg, len(train))
+        real = sum(n for f in train for n in sequence_lengths(f))
+        padded = padding_ratio(train, cfg.micro_batch_size, cfg.seed)
+        logger.info(
+            "tokens: %d real per epoch; %s micro-batches of %d records feed the model %.2fx that (padded: %.2fx)",
+            real,
+            "packed" if cfg.packing else "padded",
+            cfg.micro_batch_size,
+            1.0 if cfg.packing else padded,
+            padded,
+        )
         if counts["failed_judgment"]:
             action = "dropped" if cfg.on_failed_judgment == "drop" else "trained as positives"
             logger.info("%d records with a failed judgment were %s", counts["failed_judgment"], action)
@@ -303,7 +313,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
-        data_collator=CUTCollator(pad_id, cfg.train_on_inputs),
+        data_collator=CUTCollator(pad_id, cfg.train_on_inputs, packing=cfg.packing),
         processing_class=tokenizer,
     )
     return trainer, counts

@@ -13,7 +13,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from cut.loss import Role
-from cut.pairs import CUTCollator, _fit, tokenize_example
+from cut.pairs import CUTCollator, _fit, padding_ratio, sequence_lengths, tokenize_example, unpack
 from cut.records import Example, Record
 from cut.templates import load_template
 
@@ -473,6 +473,61 @@ def test_train_on_inputs_adds_prompt_targets_only_for_align(setup):
 
 
 # --------------------------------------------------------------------------------------------
+# packed layout
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_on_inputs", [False, True])
+def test_packed_layout_holds_the_padded_batch_without_padding(setup, train_on_inputs):
+    """Same sequences back to back in one row, same targets in the same order, no pad token."""
+    template, tokenizer = setup
+    feats = features_for(template, tokenizer)
+    padded = CUTCollator(tokenizer.pad_token_id, train_on_inputs=train_on_inputs)(feats)
+    packed = CUTCollator(tokenizer.pad_token_id, train_on_inputs=train_on_inputs, packing=True)(feats)
+    assert "attention_mask" not in packed and "attention_mask" in padded
+    lens = seq_lengths(padded)
+    T = padded["input_ids"].shape[1]
+
+    ids, positions, cu = packed["input_ids"], packed["position_ids"], packed["cu_seq_lens"]
+    assert ids.shape == positions.shape == (1, sum(lens))
+    assert cu.dtype == torch.int32 and cu.tolist() == [sum(lens[:s]) for s in range(len(lens) + 1)]
+    rows = [padded["input_ids"][s, :n].tolist() for s, n in enumerate(lens)]
+    assert ids[0].tolist() == [t for row in rows for t in row]
+    assert positions[0].tolist() == [t for n in lens for t in range(n)]  # restart at 0 per sequence
+
+    for key in ("tgt_ids", "tgt_role", "tgt_partner", "seq_role"):
+        assert torch.equal(packed[key], padded[key]), key
+    # tgt_pos: the same (sequence, position) pairs, each target the token after its position
+    seq, t = padded["tgt_pos"] // T, padded["tgt_pos"] % T
+    assert torch.equal(packed["tgt_pos"], cu.long()[seq] + t)
+    assert torch.equal(ids.view(-1)[packed["tgt_pos"] + 1], packed["tgt_ids"])
+    assert (t + 1 < torch.tensor(lens)[seq]).all()  # pos + 1 stays in the same sequence
+
+    # and back: unpack gives the padded batch exactly
+    back_ids, back_mask, back_pos = unpack(ids, cu, packed["tgt_pos"], tokenizer.pad_token_id)
+    assert torch.equal(back_ids, padded["input_ids"])
+    assert torch.equal(back_mask, padded["attention_mask"])
+    assert torch.equal(back_pos, padded["tgt_pos"])
+
+
+def test_padding_ratio_by_hand():
+    """Lengths (judged, plain) or (plain,): [9, 5], [3], [20, 12]. Micro-batches of 3 records:
+    one of width 24 (20 rounded up to 8) holding 5 sequences of 49 real tokens: 120 / 49."""
+    feats = [
+        {"prompt_ids": [1] * 2, "judged_ids": [1] * 6, "response_ids": [2] * 3},
+        {"prompt_ids": [1] * 2, "judged_ids": [], "response_ids": [2]},
+        {"prompt_ids": [1] * 8, "judged_ids": [1] * 16, "response_ids": [2] * 4},
+    ]
+    assert [sequence_lengths(f) for f in feats] == [[9, 5], [3], [20, 12]]
+    assert padding_ratio(feats, 3) == pytest.approx(120 / 49)
+    assert padding_ratio(feats, 3, multiple=1) == pytest.approx(100 / 49)
+    batch = CUTCollator(0)(feats)
+    assert batch["input_ids"].numel() / batch["attention_mask"].sum().item() == pytest.approx(120 / 49)
+    # one record per micro-batch: widths 16, 8, 24 over 2, 1, 2 sequences
+    assert padding_ratio(feats, 1) == pytest.approx((32 + 8 + 48) / 49)
+
+
+# --------------------------------------------------------------------------------------------
 # naive reconstruction
 # --------------------------------------------------------------------------------------------
 
@@ -518,16 +573,20 @@ def test_targets_recovered_per_sequence(setup, train_on_inputs):
             assert batch["tgt_partner"][i] == j
 
 
-def test_logprobs_of_collated_batch_match_per_sequence_forward(tiny_model, tok):
-    """The padded batch + tgt_pos give the same log-probs as one unpadded forward per sequence."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_logprobs_of_collated_batch_match_per_sequence_forward(tiny_model, tok, packing):
+    """The padded batch + tgt_pos give the same log-probs as one unpadded forward per sequence;
+    so does the packed row through transformers' own packed-sequence masks (position_ids only).
+    transformers finds packed sequences only without a cache: use_cache=True would let them mix."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     template = load_template("alpaca")
     feats = features_for(template, tok, EXAMPLES[:3])
-    batch = CUTCollator(tok.pad_token_id)(feats)
+    batch = CUTCollator(tok.pad_token_id, packing=packing)(feats)
+    layout = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**layout, use_cache=False).logits
         logp = logits.flatten(0, 1).log_softmax(-1)[batch["tgt_pos"], batch["tgt_ids"]]
 
         ref = []

@@ -107,6 +107,45 @@ def test_an_unknown_logit_post_processing_is_caught(name, monkeypatch):
     assert type(lm).__name__ in str(err.value)
 
 
+def _packed(ids, mask, pos, tgt):
+    """The same sequences and targets as one packed row (cut.pairs.pack)."""
+    from cut.pairs import pack
+
+    lens = mask.sum(1).tolist()
+    row = pack([ids[s, :n].tolist() for s, n in enumerate(lens)])
+    width = ids.shape[1]
+    return row, row["cu_seq_lens"].long()[pos // width] + pos % width, tgt
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_head_path_and_its_check_on_a_packed_row(name):
+    """Packed: sequence 0 is the first cu_seq_lens[1] tokens; targets and log-probs as padded."""
+    lm = _model(name)
+    ids, mask, pos, tgt = _batch()
+    row, ppos, ptgt = _packed(ids, mask, pos, tgt)
+    with torch.no_grad():
+        padded = target_logprobs(lm, ids, mask, pos, tgt)
+        packed = target_logprobs(
+            lm, row["input_ids"], None, ppos, ptgt, 0, row["position_ids"], row["cu_seq_lens"]
+        )
+    assert torch.allclose(packed, padded, atol=1e-5)
+    diff = check_head_path(lm, lm.forward, row["input_ids"], None, ppos, ptgt, cu_seq_lens=row["cu_seq_lens"])
+    assert diff < 1e-5
+
+
+def test_the_check_on_a_packed_row_catches_a_wrong_head_and_reads_only_sequence_0(monkeypatch):
+    lm = _model("gemma2").train()
+    ids, mask, pos, tgt = _batch()
+    row, ppos, ptgt = _packed(ids, mask, pos, tgt)
+    cu = row["cu_seq_lens"]
+    row["input_ids"][0, int(cu[1])] = -1  # sequence 1 is never read
+    assert check_head_path(lm, lm.forward, row["input_ids"], None, ppos, ptgt, n=3, cu_seq_lens=cu) < 1e-5
+    assert lm.training
+    monkeypatch.setattr(cut_trainer, "_logit_transform", lambda config: None)
+    with pytest.raises(ConfigError, match="post-processes its logits"):
+        check_head_path(lm, lm.forward, row["input_ids"], None, ppos, ptgt, cu_seq_lens=cu)
+
+
 def test_check_restores_training_mode_and_uses_only_row_0():
     lm = _model("llama").train()
     ids, mask, pos, tgt = _batch()

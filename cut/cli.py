@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": ("cut.generate", "answer instructions into an AlpacaEval-format file"),
     "judge": ("cut.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
     "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
+    "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
     "arithmetic": ("cut.tasks.arithmetic", "regenerate the arithmetic pool and held-out set"),

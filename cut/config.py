@@ -74,6 +74,13 @@ class TrainConfig:
     combine: str = _f(
         "mean", "mean: (MLE+UL)/2 as the released code; sum: MLE+UL as the paper.", choices=("mean", "sum")
     )
+    flag_source: str = _f(
+        "ratio",
+        "Which plain-context tokens of a negative get the unlikelihood: ratio (p(y|x,j)/p(y|x) > threshold, "
+        "the paper) | spans (the tokens overlapping the record's `spans`; the ratio where a record has none) "
+        "| both (either).",
+        choices=("ratio", "spans", "both"),
+    )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
     on_failed_judgment: str = _f(
@@ -138,7 +145,7 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.cutoff_len < 2:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
-        for name in ("combine", "on_failed_judgment", "precision"):
+        for name in ("combine", "on_failed_judgment", "precision", "flag_source"):
             choices = _meta(name).get("choices")
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

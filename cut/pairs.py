@@ -143,8 +143,11 @@ class CUTCollator:
         tgt_ids: list[int] = []
         tgt_role: list[int] = []
         tgt_partner: list[int] = []
+        tgt_span: list[int] = []  # 1 / 0 inside / outside the marked wrong text; -1 none marked
 
-        def add(prompt: list[int], response: list[int], role: int, partner_start: int = -1) -> int:
+        def add(
+            prompt: list[int], response: list[int], role: int, partner_start: int = -1, span: list[int] = ()
+        ) -> int:
             s = len(seqs)
             seqs.append(prompt + response)
             seq_role.append(role)
@@ -154,18 +157,21 @@ class CUTCollator:
                     tgt_ids.append(prompt[t])
                     tgt_role.append(role)
                     tgt_partner.append(-1)
+                    tgt_span.append(-1)
             start = len(tgt_ids)
             for k, tok in enumerate(response):
                 pos.append((s, len(prompt) + k - 1))
                 tgt_ids.append(tok)
                 tgt_role.append(role)
                 tgt_partner.append(partner_start + k if partner_start >= 0 else -1)
+                tgt_span.append(span[k] if span else -1)
             return start
 
         for f in features:
             if f["judged_ids"]:
                 start = add(f["judged_ids"], f["response_ids"], Role.ALIGN_N)
-                add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start)
+                span = f.get("span_mask") or ()
+                add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start, span=span)
             else:
                 add(f["prompt_ids"], f["response_ids"], Role.ALIGN_P)
 
@@ -177,6 +183,7 @@ class CUTCollator:
             "tgt_ids": torch.tensor(tgt_ids, dtype=torch.long),
             "tgt_role": torch.tensor(tgt_role, dtype=torch.long),
             "tgt_partner": torch.tensor(tgt_partner, dtype=torch.long),
+            "tgt_span": torch.tensor(tgt_span, dtype=torch.long),
             "seq_role": torch.tensor(seq_role, dtype=torch.long),
         }
 

@@ -168,7 +168,15 @@ def load_model(cfg: TrainConfig):
         )
         model = get_peft_model(model, lora)
         lm = model.get_base_model()
-    install_cut_forward(lm, cfg.threshold, cfg.weight_unlike, cfg.combine, cfg.gamma, cfg.logits_chunk_size)
+    install_cut_forward(
+        lm,
+        cfg.threshold,
+        cfg.weight_unlike,
+        cfg.combine,
+        cfg.gamma,
+        cfg.logits_chunk_size,
+        flag_source=cfg.flag_source,
+    )
     return model
 
 

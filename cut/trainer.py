@@ -287,6 +287,7 @@ def install_cut_forward(
     gamma: float = 0.0,
     chunk_size: int = 0,
     check_head: bool = True,
+    flag_source: str = "ratio",
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
     CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
@@ -310,6 +311,7 @@ def install_cut_forward(
         tgt_ids=None,
         tgt_role=None,
         tgt_partner=None,
+        tgt_span=None,
         seq_role=None,
         position_ids=None,
         cu_seq_lens=None,
@@ -333,7 +335,9 @@ def install_cut_forward(
         logp = target_logprobs(
             self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size, position_ids, cu_seq_lens
         )
-        out = cut_loss(logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma)
+        out = cut_loss(
+            logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma, tgt_span, flag_source
+        )
         return {
             "loss": out.loss,
             "mle": out.mle,

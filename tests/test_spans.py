@@ -80,3 +80,57 @@ def test_no_spans_no_mask(tiny_model):
     rec = Record("Fix it.", "", OUTPUT, "Wrong verb.")
     feat = tokenize_example(Example(rec, rec.judgment), load_template("alpaca", tok), tok, 512)
     assert feat["span_mask"] == []
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("template_name", ["alpaca", "chat"])
+def test_span_flags_in_training_are_exactly_the_span_tokens(
+    tiny_model, tiny_chat_model, template_name, packing
+):
+    """flag_source=spans through the collator and the CUT forward: with the ratio switched off
+    (threshold 1e9), the flagged tokens are exactly the span tokens; a record without spans keeps
+    the ratio (here: nothing flagged)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cut.loss import Role
+    from cut.pairs import CUTCollator
+    from cut.trainer import install_cut_forward
+
+    model_dir = tiny_chat_model if template_name == "chat" else tiny_model
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    template = load_template(template_name, tok)
+    rows = [
+        _record(["likes"]),
+        {**_record([","]), "instruction": "List fruit."},
+        {**_record(None), "instruction": "No spans here."},
+        {"instruction": "Say hi.", "output": "Hi."},
+    ]
+    records = validate(rows, "f.json")
+    feats = [tokenize_example(Example(r, r.judgment), template, tok, 512) for r in records]
+    batch = CUTCollator(tok.pad_token_id or 0, packing=packing)(feats)
+    plain = batch["tgt_role"] == Role.MISALIGN_N
+    expected = feats[0]["span_mask"] + feats[1]["span_mask"] + [-1] * len(feats[2]["response_ids"])
+    assert batch["tgt_span"][plain].tolist() == expected
+    assert (batch["tgt_span"][~plain] == -1).all()
+
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    install_cut_forward(lm, threshold=1e9, weight_unlike=1.0, flag_source="spans", check_head=False)
+    with torch.no_grad():
+        out = lm(**batch)
+    n_marked = sum(feats[0]["span_mask"]) + sum(feats[1]["span_mask"])
+    assert n_marked > 0
+    assert out["flagged"].item() == pytest.approx(n_marked / int(plain.sum()))
+
+
+def test_flag_source_is_an_option_saved_with_the_run(tmp_path):
+    import yaml
+
+    from cut.config import TrainConfig, parse_config
+    from cut.errors import ConfigError
+
+    cfg = parse_config(["--base_model=m", "--data_path=d", "--flag_source=both"])
+    cfg.save(tmp_path / "cut_config.yaml")
+    assert yaml.safe_load((tmp_path / "cut_config.yaml").read_text())["flag_source"] == "both"
+    with pytest.raises(ConfigError, match="flag_source must be one of"):
+        TrainConfig(base_model="m", data_path="d", flag_source="quotes").validate()

@@ -306,3 +306,14 @@ def test_training_runs_log_the_same_losses(tiny_model, tiny_data, tmp_path):
     assert m_packed["eval"]["eval_loss"] == pytest.approx(m_padded["eval"]["eval_loss"], rel=1e-5)
     saved = json.loads((tmp_path / "packed" / "metrics.json").read_text())
     assert saved["train"]["train_loss"] == pytest.approx(m_padded["train"]["train_loss"], rel=1e-5)
+
+
+def test_the_packing_benchmark_runs(tmp_path):
+    """benchmarks/packing.py on a tiny model: both layouts, the same losses, its three outputs."""
+    from benchmarks.packing import main
+
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "packing.json").read_text())
+    assert {r["layout"] for r in res["time"]["runs"]} == {"padded", "packed"}
+    assert all(r["packed"] == 1.0 and r["padded"] > 1.0 for r in res["tokens"][0]["ratios"].values())
+    assert (tmp_path / "packing.md").exists() and (tmp_path / "packing.png").exists()

@@ -159,25 +159,30 @@ def test_transformers_own_packed_masks_agree_but_are_dense(attn, batches):
 
 
 def test_transformers_finds_packed_sequences_only_without_a_cache(batches):
-    """With use_cache=True (most configs' default) the cache exists before the mask is made, and
-    transformers 5.23 then skips the packed-sequence detection: packed sequences see each other.
-    The CUT forward always runs the decoder with use_cache=False."""
+    """transformers 5.23 detects packed sequences from position_ids only when there is no mask
+    and no cache: with use_cache=True (most configs' default) the cache exists before the mask is
+    made and packed sequences see each other. The CUT forward runs the decoder with use_cache=False."""
     _, packed = batches
     lm = _model("llama", "sdpa")
     cu = packed["cu_seq_lens"].tolist()
     second = packed["input_ids"][:, cu[1] : cu[2]]
+    diff = {}
     with torch.no_grad():
         alone = lm.model(input_ids=second, use_cache=False).last_hidden_state[0]
-        for use_cache, differs in ((False, False), (True, True)):
+        for use_cache in (False, True):
             out = lm.model(
                 input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=use_cache
             )
-            diff = (out.last_hidden_state[0, cu[1] : cu[2]] - alone).abs().max().item()
-            assert (diff > 1e-2) is differs, (use_cache, diff)
+            diff[use_cache] = (out.last_hidden_state[0, cu[1] : cu[2]] - alone).abs().max().item()
+    print(
+        f"sequence 1, max |packed - alone| hidden state: use_cache=False {diff[False]:.2g}, True {diff[True]:.2g}"
+    )
+    assert diff[False] < 1e-5  # (5.23: ~1 with use_cache=True; a later release may fix that)
 
 
 def test_a_model_whose_own_packed_masks_leak_is_fixed_by_per_sequence_attention(batches):
-    """OPT in transformers 5.23: packed position_ids through its own sdpa let sequences see each other."""
+    """OPT in transformers 5.23: packed position_ids through its own sdpa let sequences see each
+    other (its masks ignore them); per-sequence attention keeps them apart."""
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
@@ -192,8 +197,8 @@ def test_a_model_whose_own_packed_masks_leak_is_fixed_by_per_sequence_attention(
     )
     lm = OPTForCausalLM(cfg).eval()
     lm.set_attn_implementation("sdpa")
-    leak, _ = check_packing(lm, batches[1]["input_ids"])
-    assert leak > 1e-2
+    leak, shift = check_packing(lm, batches[1]["input_ids"])
+    print(f"OPT, its own sdpa, packed position_ids: leak {leak:.3g}, shift {shift:.3g}")  # 5.23: 0.11, 0.71
     assert use_packed_attention(lm) == PACKED + "sdpa"
     assert check_packing(lm, batches[1]["input_ids"]) == (0.0, pytest.approx(0.0, abs=1e-5))
 

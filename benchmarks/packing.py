@@ -9,10 +9,10 @@
    issue measured it (downsample 0.25, cutoff 2048) and on the timed mix.
 2. time: the round-1 mix (the first 64 records of ../shared/data/cut-online-iter/iter1.json, as
    benchmarks/run.py takes them; the repo's data/demo_judgments.json when that file is absent),
-   cutoff 512, SmolLM2 + LoRA on every projection, the real Trainer. A full epoch of 64 records
-   takes ~15 minutes per variant on 2 CPU cores, so on CPU each timed run is a fixed number of
-   optimizer steps (--steps, default 1) of 8 records (a seeded sample of the mix): 8 micro-batches
-   of 1, 2 of 4, or 1 of 8, the same records for every variant. CUT, and SFT (plain MLE on the
+   cutoff 512, SmolLM2 + LoRA on every projection, the real Trainer. An epoch of the mix takes 1-2
+   minutes per variant on 2 CPU cores, 12 variants x 3 repeats about an hour, so on CPU each timed
+   run is a fixed number of optimizer steps (--steps, default 1) of 8 records (a seeded sample of
+   the mix): 8 micro-batches of 1, 2 of 4, or 1 of 8, the same records for every variant. CUT, and SFT (plain MLE on the
    plain prompt + response of the same records, packed vs padded the same way). One warm-up run
    per layout, then --repeats rounds; within a round the variants alternate, and the order of
    the two layouts flips every round. Every run starts from the same LoRA weights (restored
@@ -181,6 +181,7 @@ def time_section(args, base: str, data: str, workdir: Path, data_name: str) -> d
         attn_implementation=attn,
         seed=0,
         weight_unlike=1.0,
+        warmup_steps=0,  # this trainer only loads the model and data; make_trainer's train
     )
     trainer, counts = build_trainer(cfg)
     model, tokenizer = trainer.model, trainer.processing_class

@@ -181,7 +181,7 @@ def time_section(args, base: str, data: str, workdir: Path, data_name: str) -> d
         attn_implementation=attn,
         seed=0,
         weight_unlike=1.0,
-        warmup_steps=0,  # this trainer only loads the model and data; make_trainer's train
+        warmup_steps=0,  # this trainer only loads the model and the data; make_trainer times
     )
     trainer, counts = build_trainer(cfg)
     model, tokenizer = trainer.model, trainer.processing_class

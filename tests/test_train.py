@@ -35,10 +35,20 @@ def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_path):
-    """The chunked, target-only forward equals log_softmax over full logits, gathered by hand."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_path, packing):
+    """The chunked, target-only forward equals log_softmax over full logits, gathered by hand
+    (for a packed batch: over the same sequences in padded rows, one model call each row)."""
+    from cut.pairs import unpack
+
     cfg = tiny_config(
-        tiny_model, tiny_data, tmp_path / "out", threshold=1.0, weight_unlike=0.5, logits_chunk_size=5
+        tiny_model,
+        tiny_data,
+        tmp_path / "out",
+        threshold=1.0,
+        weight_unlike=0.5,
+        logits_chunk_size=5,
+        packing=packing,
     )
     trainer, _ = build_trainer(cfg)
     model = trainer.model
@@ -46,10 +56,14 @@ def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_pa
     out = model(**batch)
 
     lm = model.get_base_model()
+    ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch["tgt_pos"]
+    if packing:
+        assert mask is None and ids.shape[0] == 1  # one row, no padding
+        ids, mask, pos = unpack(ids, batch["cu_seq_lens"], pos)
     with torch.no_grad():
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (S, T, V)
+        logits = lm(input_ids=ids, attention_mask=mask).logits  # (S, T, V)
     logp_all = F.log_softmax(logits.float(), -1).flatten(0, 1)  # (S*T, V)
-    ref_logp = logp_all[batch["tgt_pos"], batch["tgt_ids"]]
+    ref_logp = logp_all[pos, batch["tgt_ids"]]
     ref = cut_loss(ref_logp, batch["tgt_role"], batch["tgt_partner"], threshold=1.0, weight_unlike=0.5)
     print("cut forward loss", out["loss"].item(), "reference", ref.loss.item())
     assert torch.allclose(out["loss"], ref.loss, atol=1e-5)

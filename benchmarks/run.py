@@ -69,7 +69,12 @@ SUITES: dict[str, dict[str, Any]] = {
         scale_seqs=[256, 512, 1024, 2048],
     ),
 }
-SUITES["gpu"] = {**SUITES["cpu"], "mem_seqs": [512, 1024, 2048]}
+# gpu: also padded vs packed micro-batches on the GPU (flash-attention varlen when installed)
+SUITES["gpu"] = {
+    **SUITES["cpu"],
+    "mem_seqs": [512, 1024, 2048],
+    "sections": "memory,throughput,scaling,packing",
+}
 MEMORY_LIMIT_GB = 18  # a CPU step past this fails cleanly and is reported as out of memory
 
 
@@ -398,9 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     p.add_argument("--out", default=str(REPO / "benchmarks"))
-    p.add_argument("--sections", default="memory,throughput,scaling")
+    p.add_argument("--sections", help="default: memory,throughput,scaling (gpu: and packing)")
     args = p.parse_args(argv)
     cfg = SUITES[args.suite]
+    args.sections = args.sections or cfg.get("sections", "memory,throughput,scaling")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -425,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {out / 'results.md'}, {out / 'results.png'}, {out / 'results.json'} in {time.time() - start:.0f} s"
     )
+    if "packing" in sections:  # its own packing.md / png / json (python -m benchmarks.packing)
+        from benchmarks import packing
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return packing.main(["--device", device, "--out", str(out)])
     return 0
 
 

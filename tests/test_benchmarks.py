@@ -38,3 +38,16 @@ def test_report_redraws_the_committed_results_md_from_results_json(tmp_path):
     assert report_main([str(tmp_path / "results.json")]) == 0
     assert (tmp_path / "results.md").read_text() == (REPO / "benchmarks" / "results.md").read_text()
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_packing_benchmark_quick(tmp_path):
+    """benchmarks.packing on a tiny model: padded and packed give the same losses; packed feeds no padding."""
+    import json
+
+    from benchmarks import packing
+
+    assert packing.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "packing.json").read_text())
+    assert (tmp_path / "packing.md").exists() and (tmp_path / "packing.png").exists()
+    text = json.dumps(results)
+    assert "packed" in text and "padded" in text

@@ -30,9 +30,7 @@ import inspect as pyinspect
 import io
 import logging
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
-from ..io import write_json_atomic, write_text_atomic
+from ..io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..loss import Role
 from ..models import DTYPES, canonical_dtype, check_model_path, load_model, load_tokenizer, model_name
 from ..pairs import CUTCollator, response_char_ranges, tokenize_example
@@ -422,22 +420,6 @@ def _rounded(obj: Any, digits: int = 5) -> Any:
     if isinstance(obj, dict):
         return {k: _rounded(v, digits) for k, v in obj.items()}
     return obj
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """As cut.io.write_text_atomic, for bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_matplotlib() -> None:

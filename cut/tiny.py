@@ -54,7 +54,12 @@ def llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, **extra: An
     """A Llama `hidden` wide and `layers` deep (4 heads, 2 key-value heads); `extra` goes to LlamaConfig."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    return small_config(LlamaConfig, vocab_size, hidden, layers, **extra)
+
+
+def small_config(config_class: type, vocab_size: int, hidden: int = 64, layers: int = 2, **extra: Any):
+    """Any architecture's config, `hidden` wide and `layers` deep (4 heads, 2 key-value heads)."""
+    return config_class(
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

@@ -18,6 +18,7 @@ import torch
 
 from cut.config import load_yaml
 from cut.pairs import CUTCollator
+from cut.tiny import small_config
 from cut.trainer import (
     PACKED,
     check_packing,
@@ -31,17 +32,7 @@ WINDOW = 4  # sliding window, far shorter than the sequences below
 
 
 def _small(cls_config, **kw):
-    return cls_config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=V,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        **kw,
-    )
+    return small_config(cls_config, V, max_position_embeddings=256, pad_token_id=0, **kw)
 
 
 def llama(**kw):

@@ -10,6 +10,7 @@ import torch
 
 from cut import trainer as cut_trainer
 from cut.errors import ConfigError
+from cut.tiny import small_config
 from cut.train import main
 from cut.trainer import check_head_path, target_logprobs
 
@@ -17,13 +18,9 @@ V = 96
 
 
 def _small(cls_config, vocab_size=V, pad=0, bos=1, eos=2, **kw):
-    return cls_config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab_size,
+    return small_config(
+        cls_config,
+        vocab_size,
         max_position_embeddings=128,
         pad_token_id=pad,
         bos_token_id=bos,

@@ -1,0 +1,361 @@
+"""DPO baseline: the judged records CUT trains on, as preference pairs, through TRL's DPOTrainer.
+
+    python -m cut.baselines.dpo --config train_config.yaml [--beta 0.1] [--max_pairs_per_prompt 4]
+
+The YAML (and the flags) are cut.train's: the file the online loop writes works unchanged. CUT-only
+options (threshold, weight_unlike, flag_source, ...) are accepted and ignored; the YAML may add
+`dpo_beta` and `max_pairs_per_prompt`. Per prompt (same instruction + input), chosen = a positive
+response and rejected = a negative one; every combination, at most max_pairs_per_prompt of them
+(sampled with the seed). Records whose judgment failed are left out.
+
+The loss is Eq. 7 of Rafailov et al. (2023), -log sigmoid(beta * (log pi/pi_ref(y_w|x) -
+log pi/pi_ref(y_l|x))), with pi_ref = the base model (TRL disables the LoRA adapter for it).
+Prompts and responses are tokenised by cut itself, exactly as cut.train tokenises a positive record
+(template prompt, the template's own special tokens, EOS after the response, prompts cut from the
+left to fit cutoff_len); TRL only pads, scores and optimises.
+
+Writes output_dir/cut_config.yaml (the TrainConfig, so generation finds the template) and
+output_dir/dpo_config.yaml first; the adapter, tokenizer and metrics.json (with "objective": "dpo") last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+
+from .. import models
+from ..config import FIELDS, TrainConfig, build_parser, coerce, load_yaml
+from ..errors import ConfigError, DataError
+from ..io import write_json_atomic, write_text_atomic
+from ..pairs import _fit, tokenize_example
+from ..records import Example, Record, classify, load_records
+from ..templates import Template, load_template
+from ..train import _rank, _report_to, _world_size, limit_cutoff, resolve_precision
+
+logger = logging.getLogger("cut.baselines.dpo")
+
+# TrainConfig options that shape CUT's objective or batches, which DPO does not have
+IGNORED = (
+    "threshold",
+    "weight_unlike",
+    "flag_source",
+    "combine",
+    "downsample",
+    "gamma",
+    "misalign",
+    "logits_chunk_size",
+    "train_on_inputs",
+    "packing",
+    "group_by_length",
+    "val_set_size",
+    "resume_from_checkpoint",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+)
+
+
+@dataclass
+class DPOOptions:
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference (Eq. 7)."}
+    )
+    max_pairs_per_prompt: int = field(
+        default=4, metadata={"help": "At most this many (chosen, rejected) pairs per prompt; 0 = all."}
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            self.beta = float(self.beta)
+            self.max_pairs_per_prompt = int(self.max_pairs_per_prompt)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"DPO option: {err}") from None
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if self.max_pairs_per_prompt < 0:
+            raise ConfigError(f"max_pairs_per_prompt must be >= 0 (0 = all), got {self.max_pairs_per_prompt}")
+
+
+YAML_KEYS = {"dpo_beta": "beta", "max_pairs_per_prompt": "max_pairs_per_prompt"}  # YAML key -> DPOOptions
+
+
+class Pair(NamedTuple):
+    chosen: Record
+    rejected: Record
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def _split_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cut.train's YAML, plus the DPO keys: (TrainConfig values, DPOOptions values)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = None
+    if not isinstance(raw, dict):
+        return load_yaml(path), {}  # raises with cut.config's wording
+    dpo = {YAML_KEYS[k]: raw.pop(k) for k in list(raw) if k in YAML_KEYS}
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return {k: coerce(k, v) for k, v in raw.items()}, dpo
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, DPOOptions]:
+    """defaults <- YAML <- flags, as cut.train; --beta / --max_pairs_per_prompt (or YAML dpo_beta /
+    max_pairs_per_prompt) set the DPO options."""
+    parser = build_parser("cut.baselines.dpo")
+    parser.description = "DPO baseline on cut's judged records. Flags override --config."
+    for name, f in DPOOptions.__dataclass_fields__.items():
+        flags = ["--beta", "--dpo_beta"] if name == "beta" else [f"--{name}"]
+        parser.add_argument(*flags, dest=name, help=f"{f.metadata['help']} (default: {f.default!r})")
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    dpo: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        values, dpo = _split_yaml(config_path)
+    dpo.update({k: args.pop(k) for k in list(args) if k in DPOOptions.__dataclass_fields__})
+    values.update({k: coerce(k, v) for k, v in args.items()})
+    ignored = [k for k in IGNORED if k in values]
+    if ignored:
+        logger.info(
+            "DPO ignores the CUT-only option(s): %s", ", ".join(f"{k}={values[k]!r}" for k in ignored)
+        )
+    return TrainConfig(**values), DPOOptions(**dpo)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def build_pairs(
+    records: list[Record], score_threshold: float, max_pairs_per_prompt: int, seed: int
+) -> tuple[list[Pair], dict[str, int]]:
+    """(chosen, rejected) pairs per prompt, in file order; a capped prompt keeps a seeded sample."""
+    groups: dict[tuple[str, str], tuple[list[Record], list[Record]]] = {}
+    counts = dict.fromkeys(
+        ("records", "positive", "negative", "failed_judgment", "prompts", "prompts_with_pairs", "pairs"), 0
+    )
+    counts.update(records=len(records), pairs_capped_away=0)
+    for r in records:
+        kind = classify(r, score_threshold)
+        if kind == "failed":
+            counts["failed_judgment"] += 1
+            continue
+        counts[kind] += 1
+        pos, neg = groups.setdefault((r.instruction, r.input), ([], []))
+        (pos if kind == "positive" else neg).append(r)
+    counts["prompts"] = len(groups)
+    rng = random.Random(seed)
+    pairs: list[Pair] = []
+    for pos, neg in groups.values():
+        combos = [Pair(p, n) for p in pos for n in neg]
+        if not combos:
+            continue
+        if 0 < max_pairs_per_prompt < len(combos):
+            keep = sorted(rng.sample(range(len(combos)), max_pairs_per_prompt))
+            counts["pairs_capped_away"] += len(combos) - len(keep)
+            combos = [combos[i] for i in keep]
+        counts["prompts_with_pairs"] += 1
+        pairs += combos
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def tokenize_pair(
+    pair: Pair, template: Template, tokenizer, cutoff_len: int, add_eos_token: bool = True
+) -> dict[str, list[int]] | None:
+    """{prompt_ids, chosen_ids, rejected_ids} as cut.train tokenises a positive; None if a response cannot fit.
+
+    Each response is tokenised after the plain prompt by `cut.pairs.tokenize_example` (the template's
+    special tokens, EOS appended); the shared prompt is then cut from the left so that prompt + the
+    longer response fits cutoff_len."""
+    feats = [
+        tokenize_example(Example(r, None), template, tokenizer, sys.maxsize, add_eos_token)
+        for r in (pair.chosen, pair.rejected)
+    ]
+    chosen, rejected = (f["response_ids"] for f in feats)
+    prompt = _fit(feats[0]["prompt_ids"], max(len(chosen), len(rejected)), cutoff_len, tokenizer)
+    if prompt is None:
+        return None
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+
+
+def prepare_data(cfg: TrainConfig, opts: DPOOptions, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    records = load_records(cfg.data_path)
+    pairs, counts = build_pairs(records, cfg.score_threshold, opts.max_pairs_per_prompt, cfg.seed)
+    if not pairs:
+        raise DataError(
+            f"{cfg.data_path}: no preference pairs: no prompt has both a positive and a negative response "
+            f"({counts['prompts']} prompts, {counts['positive']} positives, {counts['negative']} negatives, "
+            f"{counts['failed_judgment']} failed judgments)"
+        )
+    template = load_template(cfg.prompt_template_name, tokenizer)
+    features = [tokenize_pair(p, template, tokenizer, cfg.cutoff_len, cfg.add_eos_token) for p in pairs]
+    counts["too_long"] = sum(f is None for f in features)
+    features = [f for f in features if f is not None]
+    if not features:
+        raise DataError(f"{cfg.data_path}: no pair fits cutoff_len={cfg.cutoff_len} ({counts})")
+    counts["train_pairs"] = len(features)
+    return features, counts
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PretokenisedDPOTrainer(DPOTrainer):
+        """DPOTrainer fed the ids cut tokenised. TRL's own preparation would append the EOS string
+        whatever add_eos_token says, call the tokenizer with its special tokens on an already
+        chat-templated prompt (a second BOS), and split prompt from response where their ids diverge."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenisedDPOTrainer
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets: Any = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def dpo_arguments(cfg: TrainConfig, opts: DPOOptions):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=cfg.output_dir,
+        beta=opts.beta,
+        max_length=cfg.cutoff_len,  # never bites: prompts were fitted to it already
+        per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(_world_size()),
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio or cfg.warmup_steps,  # transformers reads < 1 as a ratio
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        bf16=cfg.precision == "bf16",  # TRL would default to bf16
+        fp16=cfg.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        activation_checkpointing=cfg.gradient_checkpointing,  # TRL's gradient_checkpointing defaults to on
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        deepspeed=cfg.deepspeed or None,
+        ddp_find_unused_parameters=False if _world_size() > 1 else None,
+        report_to=_report_to(cfg),
+        run_name=cfg.wandb_run_name or None,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def build_trainer(cfg: TrainConfig, opts: DPOOptions):
+    """Validate, pair and tokenise the data, load the model and wire TRL's trainer; nothing trains yet."""
+    from datasets import Dataset
+    from transformers import set_seed
+
+    cfg.validate()
+    if cfg.full_finetune:
+        raise ConfigError("the DPO baseline trains a LoRA adapter: full_finetune is not supported")
+    models.check_model_path(cfg.base_model)
+    resolve_precision(cfg)
+    cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
+    set_seed(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked from attention and loss
+    limit_cutoff(cfg)
+    features, counts = prepare_data(cfg, opts, tokenizer)
+    out = Path(cfg.output_dir)
+    if _rank() == 0:
+        cfg.save(out / "cut_config.yaml")
+        write_text_atomic(
+            out / "dpo_config.yaml",
+            yaml.safe_dump({"objective": "dpo", **dataclasses.asdict(opts)}, sort_keys=False),
+        )
+        logger.info(
+            "pairs: %(records)d records (%(positive)d positive, %(negative)d negative, %(failed_judgment)d "
+            "failed judgments left out) over %(prompts)d prompts -> %(pairs)d pairs from %(prompts_with_pairs)d "
+            "prompts (%(pairs_capped_away)d over the cap left out); too long %(too_long)d; train %(train_pairs)d",
+            counts,
+        )
+    args = dpo_arguments(cfg, opts)
+    model = models.load_model(
+        cfg.base_model, cfg.precision, None, cfg.trust_remote_code, cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    trainer = _dpo_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
+    return trainer, counts
+
+
+def run(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
+    """Train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics."""
+    trainer, counts = build_trainer(cfg, opts)
+    start = time.time()
+    result = trainer.train()
+    trainer.save_model(cfg.output_dir)  # the PeftModel's save_pretrained, plus the tokenizer
+    metrics = {
+        "counts": counts,
+        "train": result.metrics,
+        "eval": {},
+        "wall_s": round(time.time() - start, 2),
+        "log_history": trainer.state.log_history,
+        "objective": "dpo",
+        "beta": opts.beta,
+    }
+    if trainer.is_world_process_zero():
+        write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
+        logger.info("saved the DPO adapter to %s", cfg.output_dir)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg, opts = parse_config(argv)
+        run(cfg, opts)
+    except (ConfigError, DataError) as err:
+        print(f"cut.baselines.dpo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

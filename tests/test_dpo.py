@@ -1,0 +1,173 @@
+"""cut.baselines.dpo: pairs from judged records, cut's own tokenisation through TRL, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cut.baselines.dpo import DPOOptions, build_pairs, build_trainer, main, parse_config, run
+from cut.config import TrainConfig
+from cut.errors import DataError
+from cut.merge import merge
+from cut.records import validate
+from cut.templates import load_template
+
+# prompt A: 2 positives x 3 negatives = 6 combinations; B: only positives; C: only negatives;
+# D: one pair, plus a failed judgment (judge_error) and an '$ERROR$' one that must not count
+JUDGED = [
+    {"instruction": "A", "output": "a1", "judgment": None},
+    {"instruction": "A", "output": "a2", "judgment": "The response is perfect."},
+    {"instruction": "A", "output": "a3", "judgment": "wrong"},
+    {"instruction": "A", "output": "a4", "judgment": "wrong too"},
+    {"instruction": "A", "output": "a5", "judgment": "also wrong"},
+    {"instruction": "B", "output": "b1"},
+    {"instruction": "B", "output": "b2", "judgment": None},
+    {"instruction": "C", "output": "c1", "judgment": "bad"},
+    {"instruction": "D", "input": "x", "output": "d1", "judgment": None},
+    {"instruction": "D", "input": "x", "output": "d2", "judgment": "bad"},
+    {"instruction": "D", "input": "x", "output": "d3", "judgment": "bad", "judge_error": "timeout"},
+    {"instruction": "D", "input": "x", "output": "d4", "judgment": "$ERROR$"},
+    {"instruction": "D", "input": "y", "output": "d5", "judgment": None},  # another input: another prompt
+]
+
+
+def _outputs(pairs):
+    return [(p.chosen.output, p.rejected.output) for p in pairs]
+
+
+def test_pairs_counts_caps_and_determinism():
+    records = validate(JUDGED, "judged.json")
+    pairs, counts = build_pairs(records, 7.0, 0, seed=0)
+    assert _outputs(pairs) == [
+        ("a1", "a3"),
+        ("a1", "a4"),
+        ("a1", "a5"),
+        ("a2", "a3"),
+        ("a2", "a4"),
+        ("a2", "a5"),
+        ("d1", "d2"),
+    ]
+    assert counts["pairs"] == 7 and counts["prompts_with_pairs"] == 2 and counts["prompts"] == 5
+    assert counts["failed_judgment"] == 2 and counts["pairs_capped_away"] == 0
+
+    capped, counts = build_pairs(records, 7.0, 4, seed=0)
+    assert counts["pairs"] == 5 and counts["pairs_capped_away"] == 2
+    assert sum(c == "d1" for c, _ in _outputs(capped)) == 1  # a prompt under the cap keeps all
+    a_pairs = [p for p in _outputs(capped) if p[0] != "d1"]
+    assert len(a_pairs) == 4 and set(a_pairs) <= set(_outputs(pairs))
+    assert _outputs(build_pairs(records, 7.0, 4, seed=0)[0]) == _outputs(capped)  # same seed, same pairs
+    others = {tuple(_outputs(build_pairs(records, 7.0, 4, seed=s)[0])) for s in range(1, 20)}
+    assert len(others) > 1, "the seed chooses which pairs a capped prompt keeps"
+
+
+def tiny_dpo_config(model, data, out, **kw) -> TrainConfig:
+    base = dict(
+        base_model=str(model),
+        data_path=str(data),
+        output_dir=str(out),
+        batch_size=2,
+        micro_batch_size=2,
+        learning_rate=5e-3,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        lora_target_modules=["all-linear"],
+        lora_dropout=0.0,
+        max_steps=3,
+        cutoff_len=128,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_tokenised_pair_is_the_cut_prompt_plus_response(
+    tiny_model, tiny_chat_model, tiny_data, tmp_path, chat
+):
+    """What TRL's collator feeds the model is template.plain(...) + response + EOS, one BOS at most."""
+    model = tiny_chat_model if chat else tiny_model
+    cfg = tiny_dpo_config(
+        model, tiny_data, tmp_path / "out", prompt_template_name="chat" if chat else "alpaca"
+    )
+    trainer, counts = build_trainer(cfg, DPOOptions())
+    assert counts["pairs"] == 3  # Paris > Lyon, 7 > 8 (the $ERROR$ record is out), red > green
+    tok = AutoTokenizer.from_pretrained(model)
+    template = load_template(cfg.prompt_template_name, tok)
+    example = trainer.train_dataset[0]
+    batch = trainer.data_collator([example])
+    chosen_row, rejected_row = batch["input_ids"]  # (2, T): chosen first, then rejected
+    chosen_row = chosen_row[batch["attention_mask"][0].bool()].tolist()
+    rejected_row = rejected_row[batch["attention_mask"][1].bool()].tolist()
+    prompt = template.plain("What is the capital of France?", "")
+    assert tok.decode(chosen_row) == prompt + "Paris." + tok.eos_token
+    assert tok.decode(rejected_row) == prompt + "The capital of France is Lyon." + tok.eos_token
+    bos = tok.bos_token_id
+    assert chosen_row.count(bos) == prompt.count(tok.bos_token)  # the chat template's own <s>, none added
+    if chat:
+        assert chosen_row[0] == bos and chosen_row[1] != bos
+    # the loss covers exactly the response and its EOS
+    n_resp = len(example["chosen_ids"])
+    assert batch["completion_mask"][0].sum().item() == n_resp
+    assert tok.decode(chosen_row[-n_resp:]) == "Paris." + tok.eos_token
+
+
+def test_end_to_end_adapter_metrics_and_merge(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "dpo"
+    conf = tmp_path / "train_config.yaml"
+    cfg = tiny_dpo_config(tiny_model, tiny_data, out, threshold=1.5, weight_unlike=1.0)
+    conf.write_text(yaml.safe_dump({**cfg.to_dict(), "dpo_beta": 0.5}, sort_keys=False))
+    assert main(["--config", str(conf), "--max_pairs_per_prompt", "1"]) == 0
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["objective"] == "dpo" and metrics["beta"] == 0.5
+    assert metrics["counts"]["pairs"] == 3 and metrics["counts"]["prompts_with_pairs"] == 3
+    steps = [h for h in metrics["log_history"] if "loss" in h]
+    assert len(steps) == 3
+    for h in steps:
+        assert math.isfinite(h["loss"]) and "rewards/margins" in h and "rewards/chosen" in h
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-3, "the adapter starts at zero: policy == reference"
+    assert math.isfinite(metrics["train"]["train_loss"])
+    assert yaml.safe_load((out / "dpo_config.yaml").read_text())["beta"] == 0.5
+    assert yaml.safe_load((out / "cut_config.yaml").read_text())["prompt_template_name"] == "alpaca"
+
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = AutoTokenizer.from_pretrained(out)(["What is the capital of France?"], return_tensors="pt")
+    with torch.no_grad():
+        base_logits = base(**ids).logits
+        peft_logits = PeftModel.from_pretrained(base, out).eval()(**ids).logits
+    assert (peft_logits - base_logits).abs().max().item() > 1e-4, "DPO changed nothing"
+
+    merged = merge(str(tiny_model), str(out), str(tmp_path / "merged"))
+    with torch.no_grad():
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged).eval()(**ids).logits
+    assert (peft_logits - merged_logits).abs().max().item() < 1e-4
+
+
+def test_parse_config_reads_cut_yaml_and_dpo_keys(tmp_path, caplog):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"base_model": "m", "threshold": 2.0, "dpo_beta": 0.3, "seed": 7}))
+    with caplog.at_level("INFO", logger="cut.baselines.dpo"):
+        cfg, opts = parse_config(["--config", str(conf), "--max_pairs_per_prompt", "2"])
+    assert (cfg.seed, cfg.threshold, opts.beta, opts.max_pairs_per_prompt) == (7, 2.0, 0.3, 2)
+    assert "ignores the CUT-only option(s): threshold=2.0" in caplog.text
+    assert parse_config(["--config", str(conf), "--beta", "0.05"])[1].beta == 0.05  # flags win
+
+
+def test_no_pairs_names_the_file(tiny_model, tmp_path, capsys):
+    data = tmp_path / "only_positives.json"
+    data.write_text(json.dumps([r for r in JUDGED if r["instruction"] == "B"]))
+    with pytest.raises(DataError, match="only_positives.json: no preference pairs"):
+        run(tiny_dpo_config(tiny_model, data, tmp_path / "out"), DPOOptions())
+    assert (
+        main(["--base_model", str(tiny_model), "--data_path", str(data), "--output_dir", str(tmp_path / "o")])
+        == 2
+    )
+    assert "only_positives.json" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "metrics.json").exists()

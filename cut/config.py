@@ -81,6 +81,11 @@ class TrainConfig:
         "| both (either).",
         choices=("ratio", "spans", "both"),
     )
+    misalign: bool = _f(
+        True,
+        "false: leave out every negative's plain-context (Misalign-N) sequence, so negatives train only "
+        "(x, j) -> y by MLE: judgment-conditioned MLE, the hindsight-style ablation the paper argues against.",
+    )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
     on_failed_judgment: str = _f(

@@ -4,6 +4,7 @@
         --base_url http://localhost:8000/v1 --model NAME [--api_key_env OPENAI_API_KEY]
     python -m cut.judge --input_file gen.json --output_file judged.json --judge local --model PATH
     python -m cut.judge --input_file gen.json --output_file judged.json --judge reference
+    python -m cut.judge --input_file gen.json --output_file judged.json --judge verifier
 
 Input: what cut.generate writes, a JSON list or JSONL of {instruction, input?, output, ...}.
 Output: a JSON list of {instruction, input, output, judgment, judge, ...pass-through fields},
@@ -24,6 +25,10 @@ also in configs/judge_prompt.txt). --prompt_file replaces it: a text with the fi
   environment, sent to base_url's origin only, and never logged or written.
 - local: a transformers causal LM, batched greedy decoding.
 - reference: the response's final number against the record's `reference` (offline).
+- verifier: the record's verifiable `constraints` (cut.tasks.constraints, e.g. what
+  `python -m cut.tasks.instructions` writes), checked by rules: positive when every constraint
+  holds (strictly), else `Mistakes:` with one critique per broken constraint that quotes the
+  offending text, and `spans` marking it (offline, deterministic).
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ OWN_FIELDS = {"instruction", "input", "output", "judgment", "judge", "judge_erro
 # an earlier judge's score would override this judgment in cut.records; its spans mark other text
 STALE_FIELDS = {"score", "spans"}
 NO_MISTAKES = {"none", "no mistakes", "n/a", "nothing"}
-JUDGE_KINDS = ("openai", "local", "reference")
+JUDGE_KINDS = ("openai", "local", "reference", "verifier")
 
 Progress = Callable[[int], None]
 
@@ -275,6 +280,41 @@ def reference_verdict(record: dict) -> Verdict:
     return Verdict("negative", f"The final answer {got} is wrong; the correct answer is {ref}.", None, spans)
 
 
+class VerifierJudge:
+    """The record's `constraints` checked by rules (cut.tasks.constraints); deterministic, offline."""
+
+    name = "verifier"
+
+    def judge(self, records: list[dict], progress: Progress | None = None) -> list[Verdict]:
+        verdicts = [verifier_verdict(r) for r in records]
+        if progress:
+            progress(len(records))
+        return verdicts
+
+
+def verifier_verdict(record: dict) -> Verdict:
+    """Positive when every constraint holds strictly; else one critique per broken constraint."""
+    from .records import merge_spans
+    from .tasks.constraints import validate, violations
+
+    raw = record.get("constraints")
+    if not isinstance(raw, list) or not raw:
+        return Verdict("failed", None, "no constraints to verify")
+    try:
+        constraints = [validate(c, "constraints") for c in raw]
+    except DataError as err:
+        return Verdict("failed", None, f"bad constraints: {err}")
+    broken = violations(record["output"], constraints)
+    if not broken:
+        return Verdict("positive", None, None)
+    n = len(constraints)
+    head = f"the response breaks {len(broken)} of its {n} instructions" if n > 1 else ""
+    body = "; ".join(v.message for v in broken)
+    judgment = f"Mistakes: {head + ': ' if head else ''}{body}."
+    spans = merge_spans(s for v in broken for s in v.spans)
+    return Verdict("negative", judgment, None, spans)
+
+
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
@@ -376,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--input_file", required=True, help="records to judge (JSON list or JSONL), e.g. cut.generate's"
     )
     p.add_argument("--output_file", required=True, help="judged records, a .json list in the training format")
-    p.add_argument("--judge", required=True, choices=["openai", "local", "reference"])
+    p.add_argument("--judge", required=True, choices=list(JUDGE_KINDS))
     p.add_argument(
         "--base_url", help="openai: the API root, e.g. https://api.openai.com/v1 or http://host:8000/v1"
     )
@@ -407,7 +447,7 @@ class JudgeConfig:
     cache_file None means the caller's default (make_judge's default_cache_file), '' no cache.
     """
 
-    kind: str = "reference"  # openai | local | reference
+    kind: str = "reference"  # openai | local | reference | verifier
     base_url: str | None = None  # openai
     model: str | None = None  # openai: the model name; local: a model folder or hub name
     api_key_env: str = "OPENAI_API_KEY"
@@ -480,6 +520,8 @@ def make_judge(cfg: JudgeConfig, default_cache_file: str | None = None) -> Judge
     """The judge cfg describes; an openai judge caches in cfg.cache_file, else default_cache_file."""
     if cfg.kind == "reference":
         return ReferenceJudge()
+    if cfg.kind == "verifier":
+        return VerifierJudge()
     prompt = load_prompt(cfg.prompt_file)
     if cfg.kind == "local":
         return LocalJudge(cfg.model, prompt, cfg.batch_size, cfg.max_new_tokens)

@@ -48,6 +48,8 @@ from .tasks.arithmetic import extract_final_answer
 logger = logging.getLogger("cut.online")
 
 STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
+TASKS = ("arithmetic", "instructions")
+OBJECTIVES = ("cut", "sft", "hindsight", "dpo")
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
 
 
@@ -61,6 +63,9 @@ class OnlineConfig:
     heldout: str = ""  # optional: problems with `reference`, scored after each round
     rounds: int = 2
     instructions_per_round: int = 64
+    samples_per_instruction: int = 1  # k answers sampled per instruction and round
+    task: str = "arithmetic"  # how the held-out set is scored: arithmetic | instructions
+    objective: str = "cut"  # cut | sft (positives only) | hindsight (no Misalign-N) | dpo (TRL, pairs)
     seed: int = 0
     nproc_per_node: int = 1  # training processes (torchrun); 1 runs plain python
     merge_dtype: str = "auto"
@@ -74,8 +79,18 @@ class OnlineConfig:
         for name in ("base_model", "pool"):
             if not getattr(self, name):
                 raise ConfigError(f"online: missing required option {name}")
-        if self.rounds < 1 or self.instructions_per_round < 1:
-            raise ConfigError("online: rounds and instructions_per_round must be >= 1")
+        if self.rounds < 1 or self.instructions_per_round < 1 or self.samples_per_instruction < 1:
+            raise ConfigError(
+                "online: rounds, instructions_per_round and samples_per_instruction must be >= 1"
+            )
+        if self.task not in TASKS:
+            raise ConfigError(f"online: task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"online: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.objective == "hindsight" and self.train.get("misalign") not in (None, False):
+            raise ConfigError("online: objective hindsight means train.misalign false; leave it unset")
         unknown = set(self.train) - set(TRAIN_FIELDS)
         if unknown:
             raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
@@ -139,9 +154,18 @@ def read_problems(cfg: OnlineConfig) -> tuple[list[dict], list[dict]]:
         heldout = [
             {**raw, **clean} for raw, clean in zip(rows, validate_instructions(rows, source), strict=True)
         ]
-        for i, r in enumerate(heldout):
-            if extract_final_answer(str(r.get("reference", ""))) is None:
-                raise DataError(f"{source}: record {i}, field 'reference': missing or not a number")
+        if cfg.task == "arithmetic":
+            for i, r in enumerate(heldout):
+                if extract_final_answer(str(r.get("reference", ""))) is None:
+                    raise DataError(f"{source}: record {i}, field 'reference': missing or not a number")
+        else:
+            from .tasks.constraints import validate
+
+            for i, r in enumerate(heldout):
+                where = f"{source}: record {i}, field 'constraints'"
+                if not isinstance(r.get("constraints"), list) or not r["constraints"]:
+                    raise DataError(f"{where}: missing or not a non-empty list")
+                r["constraints"] = [validate(c, where) for c in r["constraints"]]
     return pool, heldout
 
 
@@ -200,7 +224,7 @@ class Round:
         entry.update(status="done", wall_s=round(time.time() - start, 2), outputs=outputs)
         for key in ("counts", "outputs"):
             self.manifest[key].update(result.get(key, {}))
-        for key in ("train_metrics", "accuracy"):
+        for key in ("train_metrics", "accuracy", "scores"):
             if key in result:
                 self.manifest[key] = result[key]
         self.save()
@@ -209,29 +233,36 @@ class Round:
 # ---------------------------------------------------------------- stages
 
 
-def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int) -> list[dict]:
-    """Round r takes slice r of one seeded permutation: no instruction is reused across rounds."""
+def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int, k: int = 1) -> list[dict]:
+    """Round r takes slice r of one seeded permutation: no instruction is reused across rounds.
+    Each instruction is listed k times (field `sample` 0..k-1): k answers are sampled for it."""
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     lo, hi = (round_index - 1) * n, round_index * n
     if hi > len(pool):
         raise ConfigError(f"the pool has {len(pool)} instructions; {round_index} rounds of {n} need {hi}")
-    return [pool[i] for i in order[lo:hi]]
+    picked = [pool[i] for i in order[lo:hi]]
+    return [{**r, "sample": j} for r in picked for j in range(k)] if k > 1 else picked
 
 
-def build_training_file(judged: Path, out: Path) -> dict[str, Any]:
+def build_training_file(judged: Path, out: Path, objective: str = "cut") -> dict[str, Any]:
+    """The round's training records: failed judgments left out; `sft` keeps the positives only."""
     rows = json.loads(judged.read_text())
     keep = [r for r in rows if not r.get("judge_error")]
-    write_json_atomic(out, keep)
     neg = sum(1 for r in keep if r.get("judgment") is not None)
-    return {
-        "counts": {
-            "train_records": len(keep),
-            "failed_left_out": len(rows) - len(keep),
-            "train_negatives": neg,
-            "train_positives": len(keep) - neg,
-        }
+    counts = {
+        "train_records": len(keep),
+        "failed_left_out": len(rows) - len(keep),
+        "train_negatives": neg,
+        "train_positives": len(keep) - neg,
     }
+    if objective == "sft":
+        keep = [r for r in keep if r.get("judgment") is None]
+        counts.update(train_records=len(keep), train_negatives=0)
+        if not keep:
+            raise DataError(f"{judged}: no positive response this round; sft has nothing to train on")
+    write_json_atomic(out, keep)
+    return {"counts": counts}
 
 
 def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
@@ -242,12 +273,14 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
         shutil.rmtree(adapter)
     train_cfg = {
         **cfg.train,
+        **({"misalign": False} if cfg.objective == "hindsight" else {}),
         "base_model": model_in,
         "data_path": str(rnd.dir / "train.json"),
         "output_dir": str(adapter),
     }
     conf = rnd.dir / "train_config.yaml"
     conf.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
+    module = "cut.baselines.dpo" if cfg.objective == "dpo" else "cut.train"
     if cfg.nproc_per_node > 1:
         cmd = [
             sys.executable,
@@ -255,12 +288,12 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
             "torch.distributed.run",
             f"--nproc_per_node={cfg.nproc_per_node}",
             "-m",
-            "cut.train",
+            module,
             "--config",
             str(conf),
         ]
     else:
-        cmd = [sys.executable, "-m", "cut.train", "--config", str(conf)]
+        cmd = [sys.executable, "-m", module, "--config", str(conf)]
     logger.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     return summarise_training(adapter)
@@ -269,12 +302,13 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
 def summarise_training(adapter: Path) -> dict[str, Any]:
     """Loss, flagged fraction and data counts from cut.train's metrics.json (written last)."""
     metrics = json.loads((adapter / "metrics.json").read_text())
-    steps = [h for h in metrics["log_history"] if "mle" in h and "loss" in h]
+    steps = [h for h in metrics["log_history"] if "loss" in h and "train_loss" not in h]
+    flagged = [h["flagged"] for h in steps if "flagged" in h]
     summary = {
         "train_loss": metrics["train"].get("train_loss"),
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
-        "mean_flagged": sum(h["flagged"] for h in steps) / len(steps) if steps else None,
+        "mean_flagged": sum(flagged) / len(flagged) if flagged else None,
         "steps": len(steps),
         "data": metrics["counts"],
     }
@@ -282,10 +316,9 @@ def summarise_training(adapter: Path) -> dict[str, Any]:
 
 
 def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[str, Any]:
-    """Greedy answers to the held-out problems; accuracy of their final numbers."""
+    """Greedy answers to the held-out set, scored by the task; `correct` per prompt in `answers`."""
     from .generate import generate_texts
     from .models import load_model, load_tokenizer
-    from .tasks.arithmetic import answers_match, extract_final_answer
     from .templates import load_template
 
     tokenizer = load_tokenizer(model_path)
@@ -302,16 +335,41 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
     )
     del model
     release_memory()
-    right = [
-        answers_match(extract_final_answer(t), str(r["reference"]))
-        for t, r in zip(texts, heldout, strict=True)
-    ]
+    return score_heldout(cfg.task, heldout, texts)
+
+
+def score_heldout(task: str, heldout: list[dict], texts: list[str]) -> dict[str, Any]:
+    """accuracy (arithmetic: right final number; instructions: every constraint holds strictly),
+    the task's other figures, and one answer per prompt with its `correct`."""
+    if task == "arithmetic":
+        from .tasks.arithmetic import answers_match, extract_final_answer
+
+        right = [
+            answers_match(extract_final_answer(t), str(r["reference"]))
+            for t, r in zip(texts, heldout, strict=True)
+        ]
+        extra: dict[str, Any] = {}
+        keep = ("reference",)
+    else:
+        from .tasks.instructions import score
+
+        extra = score(heldout, texts)
+        per_prompt = extra.pop("per_prompt")
+        right = [p["strict"] for p in per_prompt]
+        keep = ("constraints",)
     return {
         "accuracy": sum(right) / len(right),
         "correct": sum(right),
         "total": len(right),
+        **extra,
         "answers": [
-            {"instruction": r["instruction"], "output": t, "reference": r["reference"], "correct": ok}
+            {
+                "instruction": r["instruction"],
+                "input": r.get("input") or "",
+                "output": t,
+                **{k: r[k] for k in keep if k in r},
+                "correct": bool(ok),
+            }
             for r, t, ok in zip(heldout, texts, right, strict=True)
         ],
     }
@@ -335,7 +393,9 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
     d = rnd.dir
 
     def sample():
-        rows = sample_instructions(pool, cfg.instructions_per_round, index, cfg.seed)
+        rows = sample_instructions(
+            pool, cfg.instructions_per_round, index, cfg.seed, cfg.samples_per_instruction
+        )
         write_json_atomic(d / "instructions.json", rows)
         return {
             "counts": {"instructions": len(rows)},
@@ -384,27 +444,53 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
             return {}
         res = evaluate(str(d / "model"), heldout, cfg)
         write_json_atomic(d / "eval.json", res)
-        return {"accuracy": res["accuracy"], "outputs": {"eval": str(d / "eval.json")}}
+        return {
+            "accuracy": res["accuracy"],
+            "scores": headline(res),
+            "outputs": {"eval": str(d / "eval.json")},
+        }
 
     rnd.run("sample", sample)
     rnd.run("generate", generate)
     rnd.run("judge", judge)
-    rnd.run("build", lambda: build_training_file(d / "judged.json", d / "train.json"))
+    rnd.run("build", lambda: build_training_file(d / "judged.json", d / "train.json", cfg.objective))
     rnd.run("train", lambda: train_round(cfg, rnd, model_in))
     rnd.run("merge", merge_stage)
     rnd.run("eval", eval_stage)
     return rnd
 
 
-def baseline_accuracy(cfg: OnlineConfig, heldout: list[dict]) -> float | None:
-    """Held-out accuracy of the round-1 model, computed once and kept in round_0/eval.json."""
+def headline(res: dict[str, Any]) -> dict[str, float]:
+    """The eval's summary numbers (IFEval's four for instructions), without the answers."""
+    keys = (
+        "accuracy",
+        "prompt_level_strict",
+        "prompt_level_loose",
+        "instruction_level_strict",
+        "instruction_level_loose",
+    )
+    return {k: res[k] for k in keys if k in res}
+
+
+def baseline_scores(cfg: OnlineConfig, heldout: list[dict]) -> dict[str, float] | None:
+    """Held-out scores of the round-1 model, computed once and kept in round_0/eval.json."""
     if not heldout:
         return None
     path = Path(cfg.output_dir) / "round_0" / "eval.json"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, evaluate(cfg.base_model, heldout, cfg))
-    return json.loads(path.read_text())["accuracy"]
+    return headline(json.loads(path.read_text()))
+
+
+def describe_scores(scores: dict[str, float]) -> str:
+    if "prompt_level_strict" in scores:
+        return (
+            f"held-out prompts passed {scores['prompt_level_strict']:.1%} strict / "
+            f"{scores['prompt_level_loose']:.1%} loose, instructions {scores['instruction_level_strict']:.1%} / "
+            f"{scores['instruction_level_loose']:.1%}"
+        )
+    return f"held-out accuracy {scores['accuracy']:.1%}"
 
 
 def run(cfg: OnlineConfig) -> dict[str, Any]:
@@ -413,9 +499,9 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
     write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
     pool, heldout = read_problems(cfg)
     start = time.time()
-    acc0 = baseline_accuracy(cfg, heldout)
-    if acc0 is not None:
-        print(f"round 0 (the starting model): held-out accuracy {acc0:.1%}", flush=True)
+    scores0 = baseline_scores(cfg, heldout)
+    if scores0 is not None:
+        print(f"round 0 (the starting model): {describe_scores(scores0)}", flush=True)
     model = cfg.base_model
     rounds = []
     for r in range(1, cfg.rounds + 1):
@@ -427,13 +513,14 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
             {
                 "round": r,
                 "accuracy": m.get("accuracy"),
+                "scores": m.get("scores"),
                 "counts": m["counts"],
                 "train": m.get("train_metrics"),
                 "wall_s": walls,
             }
         )
         c = m["counts"]
-        acc = f"held-out accuracy {m['accuracy']:.1%}; " if m.get("accuracy") is not None else ""
+        acc = f"{describe_scores(m['scores'])}; " if m.get("scores") else ""
         print(
             f"round {r}: {acc}{c.get('positive', 0)} positives, {c.get('negative', 0)} negatives, "
             f"{c.get('failed_judgments', 0)} failed judgments; stage seconds "
@@ -441,7 +528,10 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
             flush=True,
         )
     summary = {
-        "baseline_accuracy": acc0,
+        "baseline_accuracy": scores0["accuracy"] if scores0 else None,
+        "baseline_scores": scores0,
+        "task": cfg.task,
+        "objective": cfg.objective,
         "rounds": rounds,
         "final_model": model,
         "wall_s": round(time.time() - start, 1),

@@ -135,6 +135,7 @@ class CUTCollator:
     train_on_inputs: bool = False
     pad_to_multiple_of: int = 8  # padded layout only
     packing: bool = False  # the packed layout (cut.train turns it on by default, TrainConfig.packing)
+    misalign: bool = True  # False: no plain-context sequence for negatives (Align-P + Align-N only)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs: list[list[int]] = []
@@ -170,8 +171,9 @@ class CUTCollator:
         for f in features:
             if f["judged_ids"]:
                 start = add(f["judged_ids"], f["response_ids"], Role.ALIGN_N)
-                span = f.get("span_mask") or ()
-                add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start, span=span)
+                if self.misalign:
+                    span = f.get("span_mask") or ()
+                    add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start, span=span)
             else:
                 add(f["prompt_ids"], f["response_ids"], Role.ALIGN_P)
 

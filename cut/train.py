@@ -321,7 +321,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
-        data_collator=CUTCollator(pad_id, cfg.train_on_inputs, packing=cfg.packing),
+        data_collator=CUTCollator(pad_id, cfg.train_on_inputs, packing=cfg.packing, misalign=cfg.misalign),
         processing_class=tokenizer,
     )
     return trainer, counts

@@ -412,6 +412,21 @@ def test_collator_layout_batches(tok, order):
         check_layout(batch, batch_feats, tok.pad_token_id, train_on_inputs)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_collator_without_misalign_drops_only_the_plain_context_of_negatives(setup, packing):
+    """misalign=False (the hindsight ablation): Align-P and Align-N exactly as with CUT, no Misalign-N."""
+    template, tokenizer = setup
+    feats = features_for(template, tokenizer)
+    full = CUTCollator(tokenizer.pad_token_id, packing=packing)(feats)
+    hind = CUTCollator(tokenizer.pad_token_id, packing=packing, misalign=False)(feats)
+    assert hind["seq_role"].tolist() == [r for r in full["seq_role"].tolist() if r != Role.MISALIGN_N]
+    assert len(hind["seq_role"]) == len(feats) and Role.MISALIGN_N not in hind["tgt_role"].tolist()
+    keep = full["tgt_role"] != Role.MISALIGN_N
+    assert torch.equal(hind["tgt_ids"], full["tgt_ids"][keep])
+    assert torch.equal(hind["tgt_role"], full["tgt_role"][keep])
+    assert (hind["tgt_partner"] == -1).all()
+
+
 def test_collator_pad_to_multiple(tok):
     feats = features_for(load_template("alpaca"), tok)
     longest = max(max(len(f["prompt_ids"]), len(f["judged_ids"])) + len(f["response_ids"]) for f in feats)

@@ -1,0 +1,288 @@
+"""Run the online loop once per objective on identical data and compare them on the held-out set.
+
+    python -m cut.compare --config configs/online_instructions.yaml            (all objectives)
+    python -m cut.compare --config configs/online_instructions.yaml --objectives cut,sft --rounds 1
+
+Objectives (one online run each, in output_dir/<name>/, same prompts, seed and step budget):
+
+    cut        the paper's objective (the config's train section as it is: flags from the ratio)
+    cut_spans  the same with train.flag_source = spans (the judge's marked text is what UL pushes down)
+    sft        MLE on the positives only (rejection-sampling fine-tuning)
+    hindsight  Align-P + Align-N, no Misalign-N (judgment-conditioned MLE alone)
+    dpo        TRL's DPOTrainer with LoRA on (passing, failing) answers of the same prompt
+
+Round 0 (the starting model's held-out answers) and round 1's sampled answers are computed once and
+copied into every objective's folder, so every objective trains on the same round-1 samples; later
+rounds sample from each objective's own model. Every objective's run is resumable on its own
+(rerun the same command). Writes output_dir/comparison.{json,md,png}: held-out scores per round per
+objective, exact McNemar p-values against the start and against sft, and wall time per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, DataError
+from .evaluation.stats import mcnemar_exact
+from .io import write_bytes_atomic, write_json_atomic
+from .online import STAGES, OnlineConfig, load_config
+
+logger = logging.getLogger("cut.compare")
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cut": ("cut", {}),
+    "cut_spans": ("cut", {"flag_source": "spans"}),
+    "sft": ("sft", {}),
+    "hindsight": ("hindsight", {}),
+    "dpo": ("dpo", {}),
+}
+SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
+
+
+def variant_config(base: OnlineConfig, name: str) -> OnlineConfig:
+    objective, train = VARIANTS[name]
+    cfg = dataclasses.replace(
+        base,
+        objective=objective,
+        output_dir=str(Path(base.output_dir) / name),
+        train={**base.train, **train},
+        generate=dataclasses.replace(base.generate),
+    )
+    if objective == "hindsight":
+        cfg.train.pop("misalign", None)
+    return cfg
+
+
+def share(first: Path, other: Path) -> None:
+    """Round 0's evaluation and round 1's samples, made once, copied (they are identical inputs)."""
+    for folder, name in SHARED:
+        src, dst = first / folder / name, other / folder / name
+        if src.exists() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+
+
+def run_all(base: OnlineConfig, names: list[str]) -> dict[str, Any]:
+    from .online import run
+
+    root = Path(base.output_dir)
+    results: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        cfg = variant_config(base, name)
+        if i:
+            share(root / names[0], Path(cfg.output_dir))
+        print(f"== {name}: {cfg.objective}, flag_source {cfg.train.get('flag_source', 'ratio')}", flush=True)
+        try:
+            run(cfg)
+            results[name] = {"ok": True}
+        except (DataError, subprocess.CalledProcessError) as err:  # one objective failing leaves the rest
+            logger.error("%s failed: %s", name, err)
+            results[name] = {"ok": False, "error": str(err)}
+    report = collect(root, names, base.rounds)
+    for name, res in results.items():
+        report["objectives"][name].update(res)
+    write_report(root, report)
+    return report
+
+
+def _eval(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _passes(ev: dict[str, Any]) -> list[bool]:
+    return [bool(a["correct"]) for a in ev["answers"]]
+
+
+def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
+    """Per objective and round: the held-out scores, McNemar against the start and against sft,
+    and the stage wall times from each round's manifest."""
+    start = _eval(root / names[0] / "round_0" / "eval.json")
+    report: dict[str, Any] = {"rounds": rounds, "start": _scores(start), "objectives": {}}
+    evals = {
+        name: [_eval(root / name / f"round_{r}" / "eval.json") for r in range(1, rounds + 1)]
+        for name in names
+    }
+    for name in names:
+        rows = []
+        for r, ev in enumerate(evals[name], start=1):
+            if ev is None:
+                rows.append(None)
+                continue
+            row = {"round": r, **_scores(ev)}
+            if start is not None:
+                row["vs_start"] = mcnemar_exact(_passes(ev), _passes(start))
+            sft = evals.get("sft", [None] * rounds)[r - 1]
+            if sft is not None and name != "sft":
+                row["vs_sft"] = mcnemar_exact(_passes(ev), _passes(sft))
+            manifest = root / name / f"round_{r}" / "manifest.json"
+            if manifest.exists():
+                stages = json.loads(manifest.read_text())["stages"]
+                row["wall_s"] = {s: stages[s].get("wall_s") for s in STAGES if s in stages}
+                row["counts"] = json.loads(manifest.read_text()).get("counts", {})
+            rows.append(row)
+        report["objectives"][name] = {"rounds": rows}
+    return report
+
+
+def _scores(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+    if ev is None:
+        return None
+    keys = (
+        "accuracy",
+        "prompt_level_strict",
+        "prompt_level_loose",
+        "instruction_level_strict",
+        "instruction_level_loose",
+        "correct",
+        "total",
+    )
+    return {k: ev[k] for k in keys if k in ev}
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _p(test: dict[str, Any] | None) -> str:
+    if not test:
+        return "—"
+    return f"{test['p_value']:.3g} (+{test['only_a']}/−{test['only_b']})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rounds = report["rounds"]
+    start = report["start"] or {}
+    loose = "prompt_level_loose" in start
+    head = ["objective"] + [f"round {r}" for r in range(rounds + 1)]
+    if loose:
+        head += ["final: prompt loose", "instr. strict", "instr. loose"]
+    head += ["p vs start", "p vs sft", "train s", "generate+eval s"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for name, obj in report["objectives"].items():
+        rows = obj["rounds"]
+        last = next((row for row in reversed(rows) if row), None)
+        cells = [name, _pct(start.get("accuracy"))] + [_pct(row["accuracy"]) if row else "—" for row in rows]
+        if loose:
+            cells += [
+                _pct(last.get("prompt_level_loose")) if last else "—",
+                _pct(last.get("instruction_level_strict")) if last else "—",
+                _pct(last.get("instruction_level_loose")) if last else "—",
+            ]
+        walls = [row.get("wall_s", {}) for row in rows if row]
+        train_s = sum(w.get("train") or 0 for w in walls)
+        gen_s = sum((w.get("generate") or 0) + (w.get("eval") or 0) for w in walls)
+        cells += [
+            _p(last.get("vs_start")) if last else "—",
+            _p(last.get("vs_sft")) if last else "—",
+            f"{train_s:.0f}",
+            f"{gen_s:.0f}",
+        ]
+        if not obj.get("ok", True):
+            cells[0] += f" (failed: {obj.get('error', '')[:80]})"
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "held-out prompts passing every instruction (strict), %" if loose else "held-out accuracy, %"
+    note = (
+        f"Rounds 0..{rounds}: {what}. p: exact McNemar test of the last round against the starting "
+        "model / against sft on the same prompts, (+prompts only this objective passes / −prompts only "
+        "the other passes). Seconds summed over rounds."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = report["start"] or {}
+    keys = [("accuracy", "prompt-level strict" if "prompt_level_strict" in start else "accuracy")]
+    if "instruction_level_loose" in start:
+        keys.append(("instruction_level_loose", "instruction-level loose"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys, strict=True):
+        for name, obj in report["objectives"].items():
+            xs, ys = [0], [100 * start.get(key, float("nan"))]
+            for row in obj["rounds"]:
+                if row:
+                    xs.append(row["round"])
+                    ys.append(100 * row[key])
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"held-out {label}, %")
+        ax.set_xticks(range(report["rounds"] + 1))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, tmp.read_bytes())
+    tmp.unlink()
+
+
+def write_report(root: Path, report: dict[str, Any]) -> None:
+    write_json_atomic(root / "comparison.json", report)
+    write_bytes_atomic(root / "comparison.md", markdown(report).encode())
+    try:
+        chart(report, root / "comparison.png")
+    except ImportError:
+        logger.warning("matplotlib is not installed: no comparison.png (pip install matplotlib)")
+    print(markdown(report), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .llm import quiet_http_logs
+
+    quiet_http_logs()
+    p = argparse.ArgumentParser(prog="cut.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="the online loop's YAML (cut.online)")
+    p.add_argument(
+        "--objectives",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; the first one samples round 1)",
+    )
+    p.add_argument("--output_dir", help="override the config's output_dir (each objective in a subfolder)")
+    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
+    args = p.parse_args(argv)
+    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+    try:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown or not names or len(set(names)) != len(names):
+            raise ConfigError(
+                f"--objectives: {', '.join(unknown) or 'empty or repeated'}; choose from {', '.join(VARIANTS)}"
+            )
+        base = load_config(args.config, {"output_dir": args.output_dir, "rounds": args.rounds})
+        if args.report_only:
+            root = Path(base.output_dir)
+            write_report(root, collect(root, names, base.rounds))
+            return 0
+        from .smollm import ensure_smollm2
+
+        if (
+            base.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
+            and not Path(base.base_model).exists()
+        ):
+            ensure_smollm2(base.base_model)
+        run_all(base, names)
+    except (ConfigError, DataError) as err:
+        print(f"cut.compare: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Online CUT: generate -> judge -> CUT-train -> merge, round after round, resumable.
 
-    python -m cut.online --config configs/online_demo.yaml      (or: bash scripts/online_loop.sh)
+    python -m cut.online --config configs/online_instructions.yaml   (or: bash scripts/online_loop.sh)
+    python -m cut.online --config configs/online_arithmetic.yaml     (the arithmetic task)
 
 Each round r works in output_dir/round_r/ and records every stage in manifest.json:
 
@@ -10,7 +11,15 @@ Each round r works in output_dir/round_r/ and records every stage in manifest.js
     build     the training file, failed judgments left out   -> train.json
     train     torchrun -m cut.train from the current model    -> adapter/
     merge     the adapter folded into the current model      -> model/ (next round's model)
-    eval      accuracy on the held-out set (when one is given) -> eval.json
+    eval      the held-out set scored (when one is given)      -> eval.json
+              task arithmetic: final-number accuracy; task instructions: IFEval's prompt- and
+              instruction-level accuracy, strict and loose (accuracy = prompt-level strict)
+
+`objective` picks what the train stage optimises on the round's judged samples: cut (the paper),
+sft (the positives only), hindsight (cut.train with misalign false: no unlikelihood sequence) or
+dpo (cut.baselines.dpo: TRL's DPOTrainer on passing/failing answers of one prompt). k =
+samples_per_instruction answers are sampled per instruction. cut.compare runs one loop per
+objective on identical data.
 
 Rerunning the same command continues from the last completed stage: a stage marked done in the
 manifest is never redone; a stage that was cut off is redone cleanly (generation and judging keep
@@ -309,6 +318,7 @@ def summarise_training(adapter: Path) -> dict[str, Any]:
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
         "mean_flagged": sum(flagged) / len(flagged) if flagged else None,
+        "last_margin": next((h["rewards/margins"] for h in reversed(steps) if "rewards/margins" in h), None),
         "steps": len(steps),
         "data": metrics["counts"],
     }

@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | demo | smollm | arithmetic ...
+    cut generate | judge | online | demo | smollm | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -24,6 +24,7 @@ COMMANDS = {
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
     "arithmetic": ("cut.tasks.arithmetic", "regenerate the arithmetic pool and held-out set"),
+    "instructions": ("cut.tasks.instructions", "regenerate the verifiable-instruction pool and held-out set"),
 }
 
 

@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | demo | smollm | arithmetic | instructions ...
+    cut generate | judge | online | compare | dpo | inspect | demo | smollm | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -20,6 +20,11 @@ COMMANDS = {
     "generate": ("cut.generate", "answer instructions into an AlpacaEval-format file"),
     "judge": ("cut.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
     "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
+    "compare": ("cut.compare", "the online loop once per objective (cut, sft, dpo, ...) on identical data"),
+    "dpo": (
+        "cut.baselines.dpo",
+        "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
+    ),
     "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),

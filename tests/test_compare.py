@@ -1,0 +1,130 @@
+"""cut.compare with a tiny model: every objective on identical round-1 samples, one report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cut.compare import VARIANTS, markdown
+from cut.tasks.instructions import make_heldout
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# letters a short random answer sometimes has twice and sometimes not: positives, negatives and
+# prompts with both (DPO pairs) from a tiny random model
+POOL = [
+    {
+        "instruction": f"Write word {i}. Use the letter {c} at least twice.",
+        "input": "",
+        "constraints": [
+            {"type": "letter_frequency", "params": {"letter": c, "relation": "at least", "n": 2}}
+        ],
+    }
+    for i, c in enumerate("etaoinsrhl")
+]
+
+
+def config(tmp: Path, tiny_model: Path) -> Path:
+    (tmp / "pool.json").write_text(json.dumps(POOL))
+    (tmp / "heldout.json").write_text(json.dumps(make_heldout()[:6]))
+    conf = {
+        "base_model": str(tiny_model),
+        "output_dir": str(tmp / "cmp"),
+        "pool": str(tmp / "pool.json"),
+        "heldout": str(tmp / "heldout.json"),
+        "task": "instructions",
+        "rounds": 1,
+        "instructions_per_round": 10,
+        "samples_per_instruction": 4,
+        "seed": 0,
+        "eval_max_new_tokens": 6,
+        "eval_batch_size": 6,
+        "generate": {
+            "prompt_template_name": "alpaca",
+            "batch_size": 20,
+            "max_new_tokens": 6,
+            "temperature": 1.0,
+        },
+        "judge": {"kind": "verifier"},
+        "train": {
+            "prompt_template_name": "alpaca",
+            "cutoff_len": 128,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "max_steps": 2,
+            "lora_target_modules": ["all-linear"],
+            "learning_rate": 0.01,
+            "save_steps": 100,
+        },
+    }
+    path = tmp / "online.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def test_every_objective_trains_on_the_same_samples_and_is_reported(tiny_model, tmp_path):
+    cfg = config(tmp_path, tiny_model)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cut.compare", "--config", str(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    root = tmp_path / "cmp"
+    names = list(VARIANTS)
+    # identical inputs: round 0's evaluation and round 1's samples
+    for name in names[1:]:
+        for rel in ("round_0/eval.json", "round_1/responses.json", "round_1/judged.json"):
+            assert (root / name / rel).read_bytes() == (root / names[0] / rel).read_bytes(), (name, rel)
+    judged = json.loads((root / "cut" / "round_1" / "judged.json").read_text())
+    pos = [r for r in judged if r["judgment"] is None]
+    assert len(judged) == 40 and 0 < len(pos) < 40, "the fixture must give positives and negatives"
+    # what each objective trained on
+    train = {n: json.loads((root / n / "round_1" / "train.json").read_text()) for n in names}
+    assert all(r["judgment"] is None for r in train["sft"]) and len(train["sft"]) == len(pos)
+    assert len(train["cut"]) == len(train["hindsight"]) == len(train["cut_spans"]) == 40
+    hind = yaml.safe_load((root / "hindsight" / "round_1" / "train_config.yaml").read_text())
+    assert hind["misalign"] is False
+    spans = yaml.safe_load((root / "cut_spans" / "round_1" / "train_config.yaml").read_text())
+    assert spans["flag_source"] == "spans"
+    dpo = json.loads((root / "dpo" / "round_1" / "adapter" / "metrics.json").read_text())
+    assert dpo["objective"] == "dpo" and dpo["counts"]["pairs"] > 0
+    for n in names:  # every objective took the same number of optimiser steps
+        m = json.loads((root / n / "round_1" / "adapter" / "metrics.json").read_text())
+        assert max(h.get("step", 0) for h in m["log_history"]) == 2, n
+    # the report
+    report = json.loads((root / "comparison.json").read_text())
+    assert set(report["objectives"]) == set(names)
+    start = json.loads((root / "cut" / "round_0" / "eval.json").read_text())
+    for n in names:
+        row = report["objectives"][n]["rounds"][0]
+        ev = json.loads((root / n / "round_1" / "eval.json").read_text())
+        assert row["accuracy"] == ev["accuracy"] == ev["prompt_level_strict"]
+        gained = sum(
+            a["correct"] and not b["correct"] for a, b in zip(ev["answers"], start["answers"], strict=True)
+        )
+        assert row["vs_start"]["only_a"] == gained and 0 <= row["vs_start"]["p_value"] <= 1
+        assert ("vs_sft" in row) == (n != "sft")
+    assert (root / "comparison.png").stat().st_size > 1000
+    table = (root / "comparison.md").read_text()
+    assert table == markdown(report) and all(f"| {n} |" in table for n in names)
+
+
+def test_unknown_objective_is_refused(tiny_model, tmp_path, capsys):
+    from cut.compare import main
+
+    assert main(["--config", str(config(tmp_path, tiny_model)), "--objectives", "cut,ppo"]) == 2
+    assert "ppo" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

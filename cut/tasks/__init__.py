@@ -1,2 +1,2 @@
 """Tasks with known answers or checkable constraints: prompt pools, held-out sets and the rules
-that judge a response (arithmetic; verifiable instructions next)."""
+that judge a response (arithmetic: the final number; instructions: verifiable constraints)."""

@@ -63,8 +63,8 @@ def constraint_kind(row: dict) -> str:
 def select_records(rows: list[dict], n_negative: int = 32, n_positive: int = 12) -> list[dict]:
     """A deterministic pick of judged samples: negatives that mark their wrong text (`spans`) and
     positives, each taken round-robin over the constraint kinds (sorted by name) so that every
-    kind is represented; within a kind, the first sample of each prompt before any second one,
-    then shorter outputs first (a shorter demo), then file order. Negatives first, then positives,
+    kind is represented; within a kind, the shortest sample of each prompt before any prompt's
+    second, shorter outputs first (a shorter demo), then file order. Negatives first, then positives,
     each in file order; only the fields in KEEP_FIELDS are kept."""
     records = validate(rows, "judged samples")
     negatives = [i for i, r in enumerate(records) if classify(r) == "negative" and r.spans]
@@ -74,10 +74,11 @@ def select_records(rows: list[dict], n_negative: int = 32, n_positive: int = 12)
 
 
 def _round_robin(rows: list[dict], idx: list[int], n: int) -> list[int]:
-    rank: dict[int, int] = {}  # how many samples of the same prompt come before it in the file
+    shortest_first = sorted(idx, key=lambda i: (len(rows[i]["output"]), i))
+    rank: dict[int, int] = {}  # 0 for the shortest sample of its prompt, 1 for the next ...
     seen: dict[str, int] = defaultdict(int)
     by_kind: dict[str, list[int]] = defaultdict(list)
-    for i in idx:
+    for i in shortest_first:
         prompt = json.dumps([rows[i].get("id"), rows[i]["instruction"], rows[i].get("input") or ""])
         rank[i], seen[prompt] = seen[prompt], seen[prompt] + 1
         by_kind[constraint_kind(rows[i])].append(i)

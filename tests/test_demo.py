@@ -30,7 +30,7 @@ def judged_rows() -> list[dict]:
     rows = []
     for p, (kind, bad) in enumerate([("no_comma", ","), ("all_lowercase", "A"), ("end_phrase", "!")] * 2):
         for s in range(3):
-            out = f"answer {p} sample {s}{bad} " + "x" * (10 - s)
+            out = f"answer {p} sample {s}{bad} " + "x" * (10 + s * 2 % 3)  # sample 0, 2, 1: shortest first
             row = {
                 "id": f"p{p}",
                 "sample": s,
@@ -66,6 +66,8 @@ def test_select_records_deterministic_spans_only_counts():
     # round-robin over the three kinds: 3 + 2 + 2; the first sample of every prompt before a second
     assert sorted(Counter(demo.constraint_kind(r) for r in neg).values()) == [2, 2, 3]
     assert sum("sample 0" in r["output"] for r in neg) == 6
+    # the 7th: all_lowercase's next, the shortest second sample of its prompts (p4's sample 2)
+    assert [r["output"] for r in neg if "sample 0" not in r["output"]] == ["answer 4 sample 2A xxxxxxxxxxx"]
     # more than there are: all of them (12 negatives with spans, 3 positives), never a spanless one
     everything = demo.select_records(rows, n_negative=100, n_positive=100)
     assert sum(r.get("judgment") is not None for r in everything) == 12

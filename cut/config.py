@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .io import check_writable
 from .models import DTYPES, canonical_dtype
 
 
@@ -132,28 +134,75 @@ class TrainConfig:
             self.lora_target_modules = _parse_list(self.lora_target_modules)
 
     def validate(self) -> None:
-        """Cross-field checks; called before anything is loaded."""
+        """Every option's range, name and cross-field rule, checked at once before anything is
+        loaded or written: floats finite, counts and rates in range, scheduler / optimiser names
+        known to transformers, output_dir writable."""
         missing = [n for n in ("base_model", "data_path", "output_dir") if not getattr(self, n)]
         if missing:
             raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
+        for name in FIELDS:  # nan and inf pass every comparison below the wrong way
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be >= micro_batch_size ({self.micro_batch_size}) >= 1"
             )
         if self.threshold <= 0:
             raise ConfigError(f"threshold must be > 0, got {self.threshold}")
-        if self.weight_unlike < 0:
-            raise ConfigError(f"weight_unlike must be >= 0, got {self.weight_unlike}")
         if self.downsample != -1 and self.downsample < 0:
             raise ConfigError(f"downsample must be -1 (off) or >= 0, got {self.downsample}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.cutoff_len < 2:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be -1 (use num_epochs) or >= 1, got {self.max_steps}")
+        if self.num_epochs <= 0 and self.max_steps == -1:
+            raise ConfigError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
+        if self.val_set_size < 0 or (self.val_set_size >= 1 and not float(self.val_set_size).is_integer()):
+            raise ConfigError(
+                f"val_set_size must be 0 (none), a fraction in (0, 1) or a whole count, got {self.val_set_size}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        for name, low, strict in (
+            ("learning_rate", 0, True),
+            ("weight_unlike", 0, False),
+            ("gamma", 0, False),
+            ("lora_r", 1, False),
+            ("lora_alpha", 0, True),
+            ("logging_steps", 1, False),
+            ("save_steps", 1, False),
+            ("save_total_limit", 1, False),
+            ("eval_steps", 1, False),
+            ("warmup_steps", 0, False),
+            ("weight_decay", 0, False),
+            ("max_grad_norm", 0, False),
+            ("logits_chunk_size", 0, False),
+            ("dataloader_num_workers", 0, False),
+        ):
+            value = getattr(self, name)
+            if value < low or (strict and value == low):
+                raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+        if not self.full_finetune and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name the modules LoRA wraps, or all-linear")
         for name in ("combine", "on_failed_judgment", "precision", "flag_source"):
             choices = _meta(name).get("choices")
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        from transformers import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        for name, known in (("lr_scheduler", SchedulerType), ("optim", OptimizerNames)):
+            names = [k.value for k in known]
+            if getattr(self, name) not in names:
+                raise ConfigError(f"{name} must be one of {', '.join(names)}; got {getattr(self, name)!r}")
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            raise ConfigError(f"deepspeed: no such file {self.deepspeed}")
+        check_writable(self.output_dir, "output_dir")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size

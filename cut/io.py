@@ -54,3 +54,23 @@ def build_dir_atomic(dest: str | os.PathLike, build: Callable[[Path], None]) -> 
         if tmp.exists():
             shutil.rmtree(tmp)
     return dest
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise ConfigError unless `path` (a folder or a file, existing or not) can be written: the
+    nearest existing folder on the way to it must take a new file. Probed by creating and removing
+    a temp file there, so it holds for root, read-only mounts and a parent that is a file."""
+    from .errors import ConfigError
+
+    target = Path(path).absolute()
+    probe_dir = target if target.is_dir() else target.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"{what} {path}: cannot be written: {probe_dir} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".cut-write-check.", dir=probe_dir)
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot be written: {probe_dir}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(tmp)

@@ -8,12 +8,20 @@ A record is {instruction, input?, output, judgment?, score?}. Which records are 
     output is perfect" (the verdict the judge prompt asks for).
 A judgment that failed ('$ERROR$', an empty string, or a truthy 'judge_error' field) is never
 training text: such records are dropped, or trained as positives if asked, and counted.
+
+Files: a .json list, a .jsonl file (one record a line), or a `datasets` folder / name. A .json
+object that wraps the list under one key of WRAPPER_KEYS ({"train": [...]}, {"data": [...]},
+{"records": [...]}) is read as that list, and says so; any other object is refused, so a
+{"test": [...]} file never trains silently. Exact duplicate records are kept (they weigh twice)
+and counted in a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -26,6 +34,8 @@ from .errors import DataError
 logger = logging.getLogger(__name__)
 
 FAILED_JUDGMENTS = {"$ERROR$"}
+WRAPPER_KEYS = ("train", "data", "records")
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")  # what `datasets` reads as records
 PERFECT = re.compile(r"^(?:(?:the|this) (?:response|answer|output) is )?perfect$")
 
 
@@ -75,11 +85,8 @@ def read_raw(path: str) -> tuple[list[Any], str]:
             raise DataError(
                 f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
             ) from None
-        if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-            lists = [v for v in data.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DataError(f"{path}: expected a JSON list of records")
-            data = lists[0]
+        if isinstance(data, dict):
+            data = _unwrap(path, data)
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
         return data, path
@@ -88,6 +95,20 @@ def read_raw(path: str) -> tuple[list[Any], str]:
             f"{path}: unknown data file type {p.suffix!r}: use .json, .jsonl or a datasets folder"
         )
     return _read_datasets(path), path
+
+
+def _unwrap(path: str, data: dict) -> Any:
+    """{"train": [...]} -> the list, for the keys in WRAPPER_KEYS only (named in the log)."""
+    keys = [k for k, v in data.items() if isinstance(v, list)]
+    if len(keys) != 1:
+        raise DataError(f"{path}: expected a JSON list of records")
+    if keys[0] not in WRAPPER_KEYS:
+        raise DataError(
+            f"{path}: expected a JSON list of records, got an object whose key {keys[0]!r} holds a list; "
+            f"only a list under {' / '.join(WRAPPER_KEYS)} is read: save the records as a list"
+        )
+    logger.info("%s: reading the %d records under key %r", path, len(data[keys[0]]), keys[0])
+    return data[keys[0]]
 
 
 def _read_text(p: Path) -> str:
@@ -102,6 +123,16 @@ def _read_text(p: Path) -> str:
 def _read_datasets(path: str) -> list[dict[str, Any]]:
     import datasets
 
+    folder = Path(path)
+    saved = any((folder / f).exists() for f in ("dataset_info.json", "dataset_dict.json"))
+    if folder.is_dir() and not saved:
+        files = [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        if not any(set(f.suffixes) & set(DATA_SUFFIXES) for f in files):  # .json.gz too
+            kinds = sorted({f.suffix or f.name for f in files})
+            raise DataError(
+                f"{path}: no .json/.jsonl records in folder (nor {', '.join(DATA_SUFFIXES[2:])}); "
+                f"it holds {len(files)} file(s){': ' + ', '.join(kinds[:5]) if kinds else ''}"
+            )
     try:
         if Path(path).is_dir() and any(
             (Path(path) / f).exists() for f in ("dataset_info.json", "dataset_dict.json")
@@ -149,6 +180,8 @@ def validate(rows: Iterable[Any], source: str) -> list[Record]:
             raise DataError(
                 f"{source}: record {i}, field 'score': expected a number, got {type(score).__name__}"
             )
+        if score is not None and not math.isfinite(score):  # NaN would make a negative, inf a positive
+            raise DataError(f"{source}: record {i}, field 'score': not a finite number ({score})")
         records.append(
             Record(
                 instruction=text_field(source, i, raw, "instruction", True),
@@ -231,7 +264,31 @@ def quoted_spans(judgment: str, output: str) -> tuple[tuple[int, int], ...]:
 
 def load_records(path: str) -> list[Record]:
     rows, source = read_raw(path)
-    return validate(rows, source)
+    records = validate(rows, source)
+    repeats = duplicates(records)
+    if repeats:
+        first = repeats[0]
+        logger.warning(
+            "%s: %d exact duplicate record(s), kept (each trains again), e.g. record %d repeats record %d",
+            source,
+            len(repeats),
+            first[1],
+            first[0],
+        )
+    return records
+
+
+def duplicates(records: list[Record]) -> list[tuple[int, int]]:
+    """(earlier, later) index pairs of records equal in every field but their position."""
+    seen: dict[Record, int] = {}
+    out = []
+    for r in records:
+        key = dataclasses.replace(r, index=-1)
+        if key in seen:
+            out.append((seen[key], r.index))
+        else:
+            seen[key] = r.index
+    return out
 
 
 def says_perfect(judgment: str) -> bool:

@@ -3,6 +3,9 @@ and nothing is written; long prompts in generation stay bounded; manifest counts
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 
 from cut.train import main as train_main
@@ -86,3 +89,99 @@ def test_unwritable_output_dir_is_refused_by_train(tiny_model, tiny_data, tmp_pa
         err
         == f"cut.train: error: output_dir {blocker / 'out'}: cannot be written: {blocker} is a file, not a folder"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# data: non-finite scores, duplicates, wrappers, folders without records
+# --------------------------------------------------------------------------------------------
+
+RECORD = {"instruction": "Add 3 and 4.", "input": "", "output": "8", "judgment": "Wrong: 7."}
+
+
+@pytest.mark.parametrize("score", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_score_is_a_named_error(tmp_path, score):
+    from cut.errors import DataError
+    from cut.records import load_records
+
+    path = tmp_path / "d.json"  # json.dumps writes NaN / Infinity as Python's json reads them
+    path.write_text(f'[{json.dumps(RECORD)}, {json.dumps(RECORD)[:-1]}, "score": {score}}}]')
+    with pytest.raises(DataError) as err:
+        load_records(str(path))
+    assert str(err.value) == f"{path}: record 1, field 'score': not a finite number ({float(score)})"
+
+
+def test_non_finite_score_stops_train_before_anything_is_written(tiny_model, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, "score": float("nan")}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--base_model", str(tiny_model), "--data_path", str(data), "--output_dir", str(out)]
+    assert train_main(argv + ["--batch_size", "8", "--micro_batch_size", "8"]) == 2
+    assert "record 1, field 'score': not a finite number" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_exact_duplicates_are_kept_and_warned(tmp_path, caplog):
+    from cut.records import duplicates, load_records
+
+    other = {**RECORD, "output": "7", "judgment": None}
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([RECORD, other, RECORD, {**RECORD, "input": "x"}, other]))
+    with caplog.at_level(logging.WARNING, logger="cut.records"):
+        records = load_records(str(path))
+    assert len(records) == 5
+    assert duplicates(records) == [(0, 2), (1, 4)]
+    assert "2 exact duplicate record(s)" in caplog.text and "record 2 repeats record 0" in caplog.text
+
+
+def test_no_warning_without_duplicates(tmp_path, caplog):
+    from cut.records import load_records
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([RECORD, {**RECORD, "output": "7"}]))
+    with caplog.at_level(logging.WARNING, logger="cut.records"):
+        load_records(str(path))
+    assert "duplicate" not in caplog.text
+
+
+@pytest.mark.parametrize("key", ["train", "data", "records"])
+def test_documented_wrapper_is_read_and_logged(tmp_path, caplog, key):
+    from cut.records import load_records
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({key: [RECORD]}))
+    with caplog.at_level(logging.INFO, logger="cut.records"):
+        assert len(load_records(str(path))) == 1
+    assert f"reading the 1 records under key '{key}'" in caplog.text
+
+
+def test_other_wrapper_is_refused_naming_the_list(tmp_path):
+    from cut.errors import DataError
+    from cut.records import load_records
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"test": [RECORD], "meta": {"n": 1}}))
+    with pytest.raises(DataError, match="key 'test' holds a list; only a list under train / data / records"):
+        load_records(str(path))
+
+
+def test_folder_of_text_files_says_no_records(tmp_path):
+    from cut.errors import DataError
+    from cut.records import load_records
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Add 3 and 4.\n")
+    (folder / "b.txt").write_text("8\n")
+    with pytest.raises(DataError) as err:
+        load_records(str(folder))
+    assert str(err.value).startswith(f"{folder}: no .json/.jsonl records in folder")
+    assert "2 file(s): .txt" in str(err.value)
+
+
+def test_folder_of_jsonl_files_still_loads(tmp_path):
+    from cut.records import load_records
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(RECORD) + "\n")
+    assert load_records(str(folder))[0].output == "8"

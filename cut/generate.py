@@ -18,6 +18,10 @@ no input record are kept at the end. Greedy answers of a resumed run equal those
 sampled ones are reproducible run for run, but batches (and so seeds) differ after a resume.
 
 --model may also be a LoRA adapter folder written by cut.train (hf engine only).
+
+A prompt longer than the model's context (max_position_embeddings, or the tokenizer's
+model_max_length when that is smaller) minus max_new_tokens is cut from the left as in training,
+keeping a leading BOS, and counted in a warning; so memory stays bounded whatever the input.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError, EngineError
-from .io import write_json_atomic
+from .io import check_writable, write_json_atomic
 from .models import DTYPES, check_model_path, load_model, load_tokenizer, model_name
+from .pairs import _fit as fit_prompt
 from .records import check_object, read_raw, text_field
 from .templates import load_template, resolve_template_name
 
@@ -165,6 +170,45 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
 
+def context_length(model_config, tokenizer) -> int | None:
+    """Tokens the model attends over: the smaller of its position embeddings and the tokenizer's
+    model_max_length, each where known and sane (transformers stores 'unknown' as 1e30)."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    known = [
+        getattr(text_config, "max_position_embeddings", None),
+        getattr(text_config, "n_positions", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    sane = [int(n) for n in known if isinstance(n, (int, float)) and 1 < n < 10**8]
+    return min(sane) if sane else None
+
+
+def fit_prompts(
+    rows: list[list[int]], context: int | None, max_new_tokens: int, tokenizer
+) -> list[list[int]]:
+    """Cut prompts longer than context - max_new_tokens from the left (a leading BOS stays), as
+    training does; warns with their count."""
+    if context is None:
+        return rows
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
+    long = sum(len(r) > room for r in rows)
+    if long:
+        logger.warning(
+            "%d of %d prompts are longer than the model's context (%d tokens) minus max_new_tokens (%d): "
+            "cut from the left to %d tokens, as in training",
+            long,
+            len(rows),
+            context,
+            max_new_tokens,
+            room,
+        )
+    return [fit_prompt(r, max_new_tokens, context, tokenizer) if len(r) > room else r for r in rows]
+
+
 def _pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
@@ -256,6 +300,7 @@ def generate_texts(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+    rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
     gen_config = sampling.generation_config(_pad_id(tokenizer), _eos_ids(model, tokenizer) or None)
     device = next(model.parameters()).device
 
@@ -295,6 +340,8 @@ def generate_texts_vllm(
     vllm = require_vllm()
     sampling = sampling or Sampling()
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+    context = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+    rows = fit_prompts(rows, context, sampling.max_new_tokens, tokenizer)
 
     def params(i: int):
         # a seed per request: the output does not depend on which prompts share a call
@@ -418,6 +465,7 @@ def generate_file(
     else:
         raw, source = records, data_path or "records"
     inputs = validate_instructions(raw, source)[: cfg.limit]
+    check_writable(output_file, "output_file")
     if cfg.engine == "vllm":
         require_vllm()
 

@@ -185,3 +185,59 @@ def test_folder_of_jsonl_files_still_loads(tmp_path):
     folder.mkdir()
     (folder / "train.jsonl").write_text(json.dumps(RECORD) + "\n")
     assert load_records(str(folder))[0].output == "8"
+
+
+# --------------------------------------------------------------------------------------------
+# generation: prompts longer than the model's context are cut from the left
+# --------------------------------------------------------------------------------------------
+
+
+def test_100k_character_instruction_is_cut_to_the_context(tiny_model, tmp_path, monkeypatch, caplog):
+    import cut.generate as gen
+
+    long = ("What is the capital of France? " * 3300)[:100_000]
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"instruction": long}, {"instruction": "Add 3 and 4."}]))
+    seen: list[int] = []
+    original = gen._generate_batch
+
+    def spy(model, tokenizer, rows, gen_config):
+        seen.extend(len(r) for r in rows)
+        return original(model, tokenizer, rows, gen_config)
+
+    monkeypatch.setattr(gen, "_generate_batch", spy)
+    with caplog.at_level(logging.WARNING, logger="cut.generate"):
+        rows = gen.generate_file(
+            str(tiny_model), str(data), str(tmp_path / "a.json"), max_new_tokens=4, batch_size=2,
+            progress=False, device="cpu", dtype="float32", prompt_template_name="alpaca",
+        )  # fmt: skip
+    context = 512  # the tiny Llama's max_position_embeddings; its tokenizer sets no limit
+    assert [r["instruction"] for r in rows] == [long, "Add 3 and 4."]
+    assert max(seen) == context - 4 and min(seen) < 50
+    assert "1 of 2 prompts are longer than the model's context (512 tokens) minus max_new_tokens (4)" in caplog.text
+
+
+def test_fit_prompts_keeps_bos_and_short_prompts():
+    from types import SimpleNamespace
+
+    from cut.errors import ConfigError
+    from cut.generate import fit_prompts
+
+    tok = SimpleNamespace(bos_token_id=1)
+    rows = [[1, *range(10, 30)], [5, 6, 7], list(range(40, 60))]
+    fitted = fit_prompts(rows, context=12, max_new_tokens=4, tokenizer=tok)
+    assert fitted == [[1, *range(23, 30)], [5, 6, 7], list(range(52, 60))]
+    assert fit_prompts(rows, None, 4, tok) == rows
+    with pytest.raises(ConfigError, match="max_new_tokens=12 leaves no room"):
+        fit_prompts(rows, context=12, max_new_tokens=12, tokenizer=tok)
+
+
+def test_context_length_takes_the_smaller_sane_limit():
+    from types import SimpleNamespace
+
+    from cut.generate import context_length
+
+    cfg = SimpleNamespace(max_position_embeddings=2048)
+    assert context_length(cfg, SimpleNamespace(model_max_length=int(1e30))) == 2048
+    assert context_length(cfg, SimpleNamespace(model_max_length=1024)) == 1024
+    assert context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple, Protocol
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .io import write_json_atomic
+from .io import check_writable, write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
 from .tasks.arithmetic import answers_match, extract_final_answer
@@ -356,8 +356,10 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
 
 
 def _check_output_path(path: str) -> None:
+    """Before anything is judged: a .json name, in a place that can be written."""
     if Path(path).suffix != ".json":
         raise ValueError(f"{path}: output_file must end in .json (cut.records reads it as a JSON list)")
+    check_writable(path, "output_file")
 
 
 def count(verdicts: list[Verdict], empty: int = 0) -> dict[str, Any]:

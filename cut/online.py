@@ -254,14 +254,27 @@ def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int, k
     return [{**r, "sample": j} for r in picked for j in range(k)] if k > 1 else picked
 
 
-def build_training_file(judged: Path, out: Path, objective: str = "cut") -> dict[str, Any]:
-    """The round's training records: failed judgments left out; `sft` keeps the positives only."""
+def build_training_file(
+    judged: Path, out: Path, objective: str = "cut", responses: Path | None = None
+) -> dict[str, Any]:
+    """The round's training records: failed judgments left out; `sft` keeps the positives only.
+
+    The counts add up with the judge stage's: cut.judge counts an empty response as a failed
+    judgment but never writes it to judged.json, so `empty_responses` (read from `responses`,
+    by default responses.json beside judged.json) are counted into `failed_left_out` too. Then
+    failed_left_out == the judge's failed_judgments, and (objectives other than sft)
+    train_records + failed_left_out == the round's responses.
+    """
     rows = json.loads(judged.read_text())
+    responses = judged.with_name("responses.json") if responses is None else responses
+    answered = json.loads(responses.read_text()) if responses.exists() else []
+    empty = sum(1 for r in answered if not str(r.get("output") or "").strip())
     keep = [r for r in rows if not r.get("judge_error")]
     neg = sum(1 for r in keep if r.get("judgment") is not None)
     counts = {
         "train_records": len(keep),
-        "failed_left_out": len(rows) - len(keep),
+        "failed_left_out": len(rows) - len(keep) + empty,
+        "empty_responses": empty,
         "train_negatives": neg,
         "train_positives": len(keep) - neg,
     }

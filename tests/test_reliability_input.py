@@ -214,7 +214,10 @@ def test_100k_character_instruction_is_cut_to_the_context(tiny_model, tmp_path, 
     context = 512  # the tiny Llama's max_position_embeddings; its tokenizer sets no limit
     assert [r["instruction"] for r in rows] == [long, "Add 3 and 4."]
     assert max(seen) == context - 4 and min(seen) < 50
-    assert "1 of 2 prompts are longer than the model's context (512 tokens) minus max_new_tokens (4)" in caplog.text
+    assert (
+        "1 of 2 prompts are longer than the model's context (512 tokens) minus max_new_tokens (4)"
+        in caplog.text
+    )
 
 
 def test_fit_prompts_keeps_bos_and_short_prompts():
@@ -241,3 +244,249 @@ def test_context_length_takes_the_smaller_sane_limit():
     assert context_length(cfg, SimpleNamespace(model_max_length=int(1e30))) == 2048
     assert context_length(cfg, SimpleNamespace(model_max_length=1024)) == 1024
     assert context_length(SimpleNamespace(), SimpleNamespace(model_max_length=int(1e30))) is None
+
+
+# --------------------------------------------------------------------------------------------
+# clear failures: unwritable outputs, bad adapters, leftovers of killed merges
+# --------------------------------------------------------------------------------------------
+
+
+def _blocked(tmp_path, name: str):
+    """A path under a regular file: no one, root included, can create it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    return blocker, blocker / name
+
+
+def test_unwritable_output_file_is_refused_by_generate(tiny_model, tmp_path, capsys, monkeypatch):
+    import cut.generate as gen
+
+    monkeypatch.setattr(gen, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
+    data = tmp_path / "q.json"
+    data.write_text(json.dumps([{"instruction": "Add 3 and 4."}]))
+    blocker, out = _blocked(tmp_path, "answers.json")
+    assert gen.main(["--model", str(tiny_model), "--data_path", str(data), "--output_file", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"cut.generate: error: output_file {out}: cannot be written: {blocker} is a file, not a folder"
+    )
+
+
+def test_unwritable_output_file_is_refused_by_judge_before_judging(tmp_path, capsys, monkeypatch):
+    import cut.judge as judge
+
+    monkeypatch.setattr(judge, "make_judge", lambda *a: pytest.fail("a judge was made"))
+    data = tmp_path / "answers.json"
+    data.write_text(json.dumps([{"instruction": "Add 3 and 4.", "output": "7", "reference": "7"}]))
+    blocker, out = _blocked(tmp_path, "judged.json")
+    assert judge.main(["--input_file", str(data), "--output_file", str(out), "--judge", "reference"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cut.judge: error: output_file {out}: cannot be written: {blocker} is a file, not a folder"
+
+
+def test_check_writable_probes_the_nearest_existing_folder(tmp_path):
+    from cut.errors import ConfigError
+    from cut.io import check_writable
+
+    check_writable(tmp_path / "new" / "deeper" / "out", "output_dir")  # creatable: fine
+    assert list(tmp_path.iterdir()) == [], "the check left something behind"
+    with pytest.raises(ConfigError, match="cannot be written: /proc"):
+        check_writable("/proc/cut-test-out", "output_dir")  # procfs takes no new files, not even root's
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory):
+    from cut.train import run
+
+    from conftest import TINY_RECORDS
+    from test_train import tiny_config
+
+    tmp = tmp_path_factory.mktemp("adapter")
+    data = tmp / "d.json"
+    data.write_text(json.dumps(TINY_RECORDS))
+    run(tiny_config(tiny_model, data, tmp / "adapter", max_steps=1))
+    return tmp / "adapter"
+
+
+def _merge_argv(base, adapter_dir, out) -> list[str]:
+    return ["--base_model", str(base), "--adapter", str(adapter_dir), "--output_dir", str(out)]
+
+
+def test_unwritable_output_is_refused_by_merge(tiny_model, adapter, tmp_path, capsys):
+    from cut.merge import main as merge_main
+
+    blocker, out = _blocked(tmp_path, "merged")
+    assert merge_main(_merge_argv(tiny_model, adapter, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"cut.merge: error: output_dir {out}: cannot be written: {blocker} is a file, not a folder"
+
+
+def test_merge_onto_another_base_is_a_named_error(tiny_model, adapter, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cut.merge import main as merge_main
+
+    other = tmp_path / "wider"  # the same tokenizer, a wider model: every LoRA shape differs
+    shutil.copytree(tiny_model, other)
+    config = AutoConfig.from_pretrained(other)
+    config.hidden_size, config.intermediate_size = 96, 192
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    assert merge_main(_merge_argv(other, adapter, tmp_path / "merged")) == 2
+    full = capsys.readouterr().err
+    err = full.strip().splitlines()[-1]  # after the progress bar of loading the base
+    assert err.startswith(f"cut.merge: error: {adapter}: adapter does not fit base model {other}: ")
+    assert "size mismatch" in err
+    assert "Traceback" not in full and not (tmp_path / "merged").exists()
+
+
+def test_merge_of_a_cut_short_adapter_is_a_named_error(tiny_model, adapter, tmp_path, capsys):
+    import shutil
+
+    from cut.merge import main as merge_main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert merge_main(_merge_argv(tiny_model, broken, tmp_path / "merged")) == 2
+    full = capsys.readouterr().err
+    err = full.strip().splitlines()[-1]
+    assert err.startswith(f"cut.merge: error: {broken}: cannot read the adapter (cut short or damaged?): ")
+    assert "Traceback" not in full and not (tmp_path / "merged").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_clean_stale_removes_only_folders_of_dead_or_older_merges(tmp_path):
+    import os
+    import time
+
+    from cut.merge import OWNER, _start_time, clean_stale
+
+    def folder(name: str, owner: str | None = None, age: float = 0) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_text("half")
+        if owner is not None:
+            (tmp_path / name / OWNER).write_text(owner)
+        if age:
+            then = time.time() - age
+            os.utime(tmp_path / name, (then, then))
+
+    me = f"{os.getpid()} {_start_time(os.getpid())}"
+    dead = _dead_pid()
+    (tmp_path / "merged").mkdir()
+    folder(".merged.dead0000", owner=f"{dead} 123")
+    folder(".merged.reused00", owner=f"{os.getpid()} 1")  # our pid, but another process's start time
+    folder(".merged.alive000", owner=me, age=3600)  # a merge still running: kept however old
+    folder(".merged.noowner0", age=3600)  # older than this run, no owner: stale
+    folder(".merged.noowner1")  # made after this run started: another merge's, kept
+    folder(f".merged.old-{dead}")
+    folder(".other.dead0000", owner=f"{dead} 123")  # another output's: not ours to judge
+    removed = clean_stale(tmp_path / "merged", run_start=time.time() - 60)
+    assert sorted(p.name for p in removed) == sorted(
+        [".merged.dead0000", ".merged.reused00", ".merged.noowner0", f".merged.old-{dead}"]
+    )
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".merged.alive000", ".merged.noowner1", ".other.dead0000", "merged"]
+
+
+def test_clean_stale_puts_back_a_model_moved_aside_by_a_killed_merge(tmp_path):
+    from cut.merge import clean_stale
+
+    old = tmp_path / f".merged.old-{_dead_pid()}"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    clean_stale(tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").exists() and not old.exists()
+
+
+KILLED_MERGE = """
+import sys, time
+import cut.merge as m
+load = m.load_tokenizer
+def slow(*a, **k):  # the merge stops (to be killed) after its tokenizer is saved
+    tok = load(*a, **k)
+    save = tok.save_pretrained
+    def stall(d, *x, **y):
+        out = save(d, *x, **y)
+        time.sleep(600)
+        return out
+    tok.save_pretrained = stall
+    return tok
+m.load_tokenizer = slow
+sys.exit(m.main(sys.argv[1:]))
+"""
+
+
+def test_sigkilled_merge_leftover_is_cleaned_by_the_next_run(tiny_model, adapter, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cut.merge import main as merge_main
+
+    out = tmp_path / "merged"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MERGE, *_merge_argv(tiny_model, adapter, out)], env=env
+    )
+    deadline = time.time() + 240
+    while not list(tmp_path.glob(".merged.*/tokenizer_config.json")):
+        assert proc.poll() is None and time.time() < deadline, "the merge ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    leftover = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+    assert len(leftover) == 1 and (leftover[0] / "model.safetensors").exists()
+    assert merge_main(_merge_argv(tiny_model, adapter, out)) == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")], "the stale folder was kept"
+    assert (out / "model.safetensors").exists() and not (out / ".cut_merge_owner").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# online: the build stage's counts add up with the judge stage's
+# --------------------------------------------------------------------------------------------
+
+
+def test_empty_responses_count_as_failed_left_out(tmp_path):
+    from cut.judge import Verdict, judge_file
+    from cut.online import build_training_file
+
+    responses = [
+        {"instruction": "a", "output": "fine"},
+        {"instruction": "b", "output": "   "},  # empty: counted failed by the judge, never written
+        {"instruction": "c", "output": "wrong"},
+        {"instruction": "d", "output": "?"},
+    ]
+    verdicts = {"fine": Verdict("positive", None, None), "wrong": Verdict("negative", "It is wrong.", None)}
+
+    class Judge:
+        name = "stub"
+
+        def judge(self, records, progress=None):
+            return [verdicts.get(r["output"], Verdict("failed", None, "timeout")) for r in records]
+
+    (tmp_path / "responses.json").write_text(json.dumps(responses))
+    judged = judge_file(str(tmp_path / "responses.json"), str(tmp_path / "judged.json"), Judge())
+    assert judged["failed"] == 2 and len(json.loads((tmp_path / "judged.json").read_text())) == 3
+    counts = build_training_file(tmp_path / "judged.json", tmp_path / "train.json")["counts"]
+    assert counts == {
+        "train_records": 2,
+        "failed_left_out": 2,
+        "empty_responses": 1,
+        "train_negatives": 1,
+        "train_positives": 1,
+    }
+    assert counts["failed_left_out"] == judged["failed"]
+    assert counts["train_records"] + counts["failed_left_out"] == len(responses)

@@ -104,7 +104,12 @@ class TrainConfig:
     logging_steps: int = _f(1, "Log every N optimiser steps.")
     # run
     resume_from_checkpoint: str = _f(
-        "", "A checkpoint folder of this output_dir, or 'true' for the latest one."
+        "",
+        "A checkpoint folder, or 'true' for output_dir's newest complete one (incomplete ones, "
+        "from a save that was cut off, are skipped); an adapter folder seeds the LoRA weights only.",
+    )
+    overwrite_output_dir: bool = _f(
+        False, "Clear an output_dir that holds another run first (without it such a folder is refused)."
     )
     deepspeed: str = _f("", "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
     precision: str = _f(

@@ -291,6 +291,10 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
     adapter = rnd.dir / "adapter"
     if (adapter / "metrics.json").exists():  # it finished before the manifest was updated: keep it
         return summarise_training(adapter)
+    from .train import die_with_parent_hook, output_dir_in_use
+
+    if output_dir_in_use(adapter):  # e.g. a trainer left by a loop killed on another machine
+        raise ConfigError(f"{adapter} is locked by a training process that still runs; stop it first")
     if adapter.exists():  # a half-done training run is redone from nothing
         shutil.rmtree(adapter)
     train_cfg = {
@@ -317,7 +321,10 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
     else:
         cmd = [sys.executable, "-m", module, "--config", str(conf)]
     logger.info("$ %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    # the trainer dies with this process, even by SIGKILL (PR_SET_PDEATHSIG; torchrun's workers
+    # set it themselves from CUT_DIE_WITH_PARENT): a rerun never meets an orphan still writing
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "CUT_DIE_WITH_PARENT": "1"}
+    subprocess.run(cmd, check=True, env=env, preexec_fn=die_with_parent_hook())
     return summarise_training(adapter)
 
 

@@ -7,15 +7,23 @@
 
 Bad data stops before any model is loaded. The resolved config is written to
 output_dir/cut_config.yaml first; the adapter (or full model), tokenizer and metrics.json last.
+
+Failure behaviour: an output_dir that holds another run is refused unless --overwrite_output_dir
+(clear it) or --resume_from_checkpoint; metrics.json is removed when a run starts, so it exists
+only for a finished run; output_dir/.cut.lock (flock'd, holding the pid) keeps a second trainer
+out; checkpoints appear only when complete, and `true` resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import logging
 import math
 import os
 import random
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +40,14 @@ from .models import resolve_dtype
 from .pairs import CUTCollator, padding_ratio, sequence_lengths, tokenize_example
 from .records import build_examples, load_records
 from .templates import load_template
-from .trainer import CUTTrainer, install_cut_forward
+from .trainer import (
+    CUTTrainer,
+    checkpoint_complete,
+    checkpoint_step,
+    clean_checkpoint_leftovers,
+    install_cut_forward,
+    list_checkpoints,
+)
 
 logger = logging.getLogger("cut.train")
 
@@ -244,27 +259,173 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
     return args
 
 
-def _resume(cfg: TrainConfig, model) -> str | bool | None:
-    """A Trainer checkpoint resumes fully; a bare adapter folder only seeds the LoRA weights."""
+def resume_target(cfg: TrainConfig) -> tuple[str | None, Path | None]:
+    """(Trainer checkpoint to resume, adapter file to seed the LoRA weights from), found before
+    anything loads. `true` takes the newest complete checkpoint-N of output_dir and skips, with a
+    warning, any whose save was cut off; an explicit incomplete checkpoint is an error."""
     value = cfg.resume_from_checkpoint
     if not value:
-        return None
+        return None, None
     if value.lower() == "true":
-        if not list(Path(cfg.output_dir).glob("checkpoint-*")):
-            raise ConfigError(f"resume_from_checkpoint=true: no checkpoint-* folder in {cfg.output_dir}")
-        return True
+        found = list_checkpoints(cfg.output_dir)
+        complete = [p for p in found if checkpoint_complete(p)]
+        for p in found:
+            if p not in complete:
+                logger.warning(
+                    "skipping %s: incomplete (no readable trainer_state.json; its save was cut off)", p
+                )
+        if not complete:
+            what = (
+                f"only incomplete ones ({', '.join(p.name for p in found)})"
+                if found
+                else "no checkpoint-* folder"
+            )
+            raise ConfigError(f"resume_from_checkpoint=true: {what} in {cfg.output_dir}")
+        logger.info("resuming from %s", complete[-1])
+        return str(complete[-1]), None
     path = Path(value)
-    if (path / "trainer_state.json").exists():
-        return str(path)
+    if checkpoint_complete(path):
+        return str(path), None
+    checkpoint_files = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+    if checkpoint_step(path) is not None or any((path / f).exists() for f in checkpoint_files):
+        raise ConfigError(
+            f"resume_from_checkpoint={value}: an incomplete checkpoint (no readable trainer_state.json; "
+            "its save was cut off); name an earlier one, or pass true for the newest complete one"
+        )
     adapter = path / "adapter_model.safetensors"
     if adapter.exists() and not cfg.full_finetune:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(str(adapter)))
-        logger.info("seeded the LoRA weights from %s; optimiser and schedule start fresh", adapter)
-        return None
+        return None, adapter
     raise ConfigError(f"resume_from_checkpoint={value}: neither a Trainer checkpoint nor an adapter folder")
+
+
+def seed_adapter(model, adapter: Path) -> None:
+    """A bare adapter folder seeds the LoRA weights only; optimiser and schedule start fresh."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(adapter)))
+    logger.info("seeded the LoRA weights from %s; optimiser and schedule start fresh", adapter)
+
+
+# what marks a folder as holding a run (of cut.train or the DPO baseline)
+RUN_FILES = (
+    "cut_config.yaml",
+    "dpo_config.yaml",
+    "metrics.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+)
+LOCK_NAME = ".cut.lock"
+
+
+def previous_run(out: Path) -> list[str]:
+    """The files and checkpoints in `out` that belong to a run."""
+    if not out.is_dir():
+        return []
+    return [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in list_checkpoints(out)]
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """A folder holding another run is refused unless the user says to overwrite it or resume it."""
+    out = Path(cfg.output_dir)
+    resumes_here = cfg.resume_from_checkpoint.lower() == "true" or (
+        cfg.resume_from_checkpoint and out.resolve() in Path(cfg.resume_from_checkpoint).resolve().parents
+    )
+    if cfg.overwrite_output_dir and resumes_here:
+        raise ConfigError(
+            "overwrite_output_dir would delete the checkpoint resume_from_checkpoint names: choose one"
+        )
+    found = previous_run(out)
+    if found and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ConfigError(
+            f"output_dir {out} holds another run ({shown}); pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint true to continue it, or choose another output_dir"
+        )
+
+
+class OutputLock:
+    """output_dir/.cut.lock, held with flock by the training process and holding its pid.
+
+    The kernel drops a flock when its process dies, however it dies, so a lock file left by a
+    killed run is free: it is taken over with a warning naming the dead pid. A live holder makes
+    a second trainer into the same folder a ConfigError. Released (the file removed) on exit."""
+
+    def __init__(self, out: Path):
+        self.created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.path = out, out / LOCK_NAME
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ConfigError(
+                    f"output_dir {out} is in use by another training process (pid {holder}, {self.path}); "
+                    "wait for it to finish or choose another output_dir"
+                ) from None
+            try:  # the holder may have removed the file between our open and flock
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if stale:
+            logger.warning(
+                "output_dir %s: taking over the lock left by pid %s, which no longer runs", out, stale
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        if self.created and not any(self.out.iterdir()):  # a run refused before writing anything
+            self.out.rmdir()
+
+
+def output_dir_in_use(out: Path) -> bool:
+    """Whether a live process holds output_dir's lock (a probe: takes and drops the flock)."""
+    try:
+        fd = os.open(out / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def claim_output_dir(cfg: TrainConfig) -> OutputLock:
+    """Lock output_dir, clear it when asked to overwrite, drop leftovers of a killed save, and
+    remove metrics.json: from now on its presence means this run finished."""
+    out = Path(cfg.output_dir)
+    lock = OutputLock(out)
+    try:
+        if cfg.overwrite_output_dir:
+            gone = [p for p in out.iterdir() if p.name != LOCK_NAME]
+            for p in gone:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            if gone:
+                logger.warning("overwrite_output_dir: cleared %d entries of %s", len(gone), out)
+        clean_checkpoint_leftovers(out)
+        (out / "metrics.json").unlink(missing_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
@@ -328,12 +489,26 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate, save; returns (and writes to output_dir/metrics.json) the run's metrics."""
+    """Check and lock output_dir, train, evaluate, save; returns (and writes to
+    output_dir/metrics.json, last) the run's metrics."""
+    cfg.validate()
+    check_output_dir(cfg)
+    checkpoint, adapter = resume_target(cfg)
+    lock = claim_output_dir(cfg) if _rank() == 0 else None
+    try:
+        return _train(cfg, checkpoint, adapter)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> dict[str, Any]:
     trainer, counts = build_trainer(cfg)
     out = Path(cfg.output_dir)
-    resume = _resume(cfg, trainer.model)
+    if adapter is not None:
+        seed_adapter(trainer.model, adapter)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(cfg.output_dir)
     metrics = {
@@ -349,12 +524,47 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent_hook():
+    """A `preexec_fn` for a child that must not outlive this process: in the child, Linux's
+    prctl(PR_SET_PDEATHSIG, SIGKILL) makes the kernel kill it when its parent dies, SIGKILL
+    included (the parent gets no chance to clean up). If the parent died before the call, the
+    child exits at once. None off Linux. libc is resolved here, in the parent, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
+
+
+def _die_with_launcher() -> None:
+    """cut.online sets CUT_DIE_WITH_PARENT: a torchrun worker then dies with torchrun as torchrun
+    dies with cut.online (a direct child has it already from `die_with_parent_hook`)."""
+    if os.environ.get("CUT_DIE_WITH_PARENT") == "1" and sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the launcher is already gone
+            os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if _rank() == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    _die_with_launcher()
     try:
         cfg = parse_config(argv)
         run(cfg)

@@ -1,0 +1,365 @@
+"""cut.train under kills and reruns: half-written checkpoints, finished output folders, a second
+trainer into a busy folder, a trainer orphaned by a killed cut.online, and a chaos run killed at
+random points that must end bit-identical to an uninterrupted one. Kills are real SIGKILLs of
+real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cut.config import TrainConfig
+from cut.train import LOCK_NAME, main, output_dir_in_use, run
+from cut.trainer import STAGING, checkpoint_complete, list_checkpoints
+
+from conftest import REPO
+
+# the real cut.train CLI, with marker lines so a test can kill it during a step or a save:
+# "STEP n" as an optimiser step's micro-batch starts, "SAVING n" mid-save (after the model and
+# optimiser are written, before the RNG state and trainer_state.json), with pauses to land in
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    import transformers
+    from cut import trainer as T
+    from cut.train import cli
+
+    pause = float(sys.argv[1])
+    step = T.CUTTrainer.training_step
+    def training_step(self, *a, **k):
+        print(f"STEP {self.state.global_step}", flush=True)
+        time.sleep(pause)
+        return step(self, *a, **k)
+    T.CUTTrainer.training_step = training_step
+    save_rng = transformers.Trainer._save_rng_state
+    def save_rng_state(self, output_dir):
+        print(f"SAVING {self.state.global_step}", flush=True)
+        time.sleep(pause)
+        return save_rng(self, output_dir)
+    transformers.Trainer._save_rng_state = save_rng_state
+    sys.exit(cli(sys.argv[2:]))
+    """
+)
+
+
+def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
+    base = dict(
+        base_model=str(tiny_model),
+        data_path=str(data),
+        output_dir=str(out),
+        batch_size=4,
+        micro_batch_size=2,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        lora_target_modules=["all-linear"],
+        lora_dropout=0.0,
+        max_steps=4,
+        save_steps=2,
+        cutoff_len=128,
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def write_config(path: Path, cfg: TrainConfig) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def launch(tmp: Path, args: list[str], pause: float = 0.0) -> subprocess.Popen:
+    driver = tmp / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    return subprocess.Popen(
+        [sys.executable, str(driver), str(pause), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 180) -> list[str]:
+    """Read the child's output until a line starts with `marker`; the lines read."""
+    lines: list[str] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(marker):
+            return lines
+    proc.kill()
+    raise AssertionError(f"no {marker!r} line:\n" + "".join(lines)[-3000:])
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def fake_cut_off_save(src: Path, dst: Path, empty: bool = False) -> None:
+    """What a kill mid-save left before checkpoints were staged: no trainer_state.json."""
+    dst.mkdir()
+    if not empty:
+        for f in src.iterdir():
+            if f.name != "trainer_state.json" and f.is_file():
+                shutil.copy(f, dst / f.name)
+
+
+# 1. checkpoints --------------------------------------------------------------------------------
+
+
+def test_resume_true_skips_incomplete_checkpoints(tiny_model, tiny_data, tmp_path, caplog):
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=4))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert all(checkpoint_complete(p) for p in list_checkpoints(out)) and not (out / STAGING).exists()
+    fake_cut_off_save(out / "checkpoint-4", out / "checkpoint-6")
+    fake_cut_off_save(out / "checkpoint-4", out / "checkpoint-8", empty=True)
+
+    with caplog.at_level(logging.INFO, logger="cut.train"):
+        metrics = run(tiny_config(tiny_model, tiny_data, out, max_steps=6, resume_from_checkpoint="true"))
+    assert "skipping" in caplog.text and "checkpoint-6" in caplog.text and "checkpoint-8" in caplog.text
+    assert f"resuming from {out / 'checkpoint-4'}" in caplog.text
+    assert metrics["train"]["train_loss"] > 0
+    assert [h["step"] for h in metrics["log_history"] if "loss" in h][-3:] == [4, 5, 6]
+    # the new checkpoint-6 replaced the incomplete one; rotation kept the newest two complete
+    # ones and left the incomplete checkpoint-8 (warned about) alone
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert checkpoint_complete(out / "checkpoint-6") and not (out / STAGING).exists()
+
+
+def test_explicit_incomplete_checkpoint_is_a_named_error(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    fake_cut_off_save(out / "checkpoint-2", out / "checkpoint-3")
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("")
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out))
+    for bad in ("checkpoint-3", "checkpoint-4"):
+        assert main(["--config", str(conf), "--resume_from_checkpoint", str(out / bad)]) == 2
+        err = capsys.readouterr().err
+        assert "cut.train: error:" in err and "incomplete checkpoint" in err and bad in err
+    assert (out / "metrics.json").exists()  # refused before touching the finished run
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    fake_cut_off_save(out / "checkpoint-2", only_bad / "checkpoint-2")
+    conf = write_config(tmp_path / "d.yaml", tiny_config(tiny_model, tiny_data, only_bad))
+    assert main(["--config", str(conf), "--resume_from_checkpoint", "true"]) == 2
+    assert "only incomplete ones (checkpoint-2)" in capsys.readouterr().err
+
+
+# 2. reruns into a finished output_dir ----------------------------------------------------------
+
+
+def test_rerun_into_finished_output_dir_is_refused_unless_overwritten(
+    tiny_model, tiny_data, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=3))
+    assert main(["--config", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert "holds another run" in err and "metrics.json" in err and "--overwrite_output_dir" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    assert main(["--config", str(conf), "--overwrite_output_dir", "--resume_from_checkpoint", "true"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+    (out / "stray.txt").write_text("from the old run")
+    assert main(["--config", str(conf), "--overwrite_output_dir"]) == 0
+    assert not (out / "stray.txt").exists() and not (out / LOCK_NAME).exists()
+    for p in list_checkpoints(out):  # the new run's, not the old
+        assert json.loads((p / "trainer_state.json").read_text())["max_steps"] == 3
+    saved = json.loads((out / "metrics.json").read_text())
+    assert max(h["step"] for h in saved["log_history"]) == 3
+
+
+@pytest.mark.slow
+def test_metrics_json_goes_when_a_run_starts(tiny_model, tiny_data, tmp_path):
+    """Killed midway, a resumed run into a finished folder leaves no old metrics.json behind."""
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=40))
+    proc = launch(tmp_path, ["--config", str(conf), "--resume_from_checkpoint", "true"], pause=1.0)
+    wait_for(proc, "STEP 2")
+    assert not (out / "metrics.json").exists()
+    assert (out / LOCK_NAME).read_text().strip() == str(proc.pid)
+    sigkill(proc)
+    assert not (out / "metrics.json").exists() and (out / "cut_config.yaml").exists()
+
+
+# 5. locks and orphans --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
+    tiny_model, tiny_data, tmp_path, capsys, caplog
+):
+    out = tmp_path / "out"
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=40))
+    proc = launch(tmp_path, ["--config", str(conf)], pause=1.0)
+    try:
+        wait_for(proc, "STEP 1")
+        assert output_dir_in_use(out)
+        # even told to overwrite, a second trainer leaves the live run alone
+        assert main(["--config", str(conf), "--overwrite_output_dir", "--max_steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"in use by another training process (pid {proc.pid}" in err
+        assert (out / "cut_config.yaml").exists() and proc.poll() is None
+    finally:
+        sigkill(proc)
+    assert (out / LOCK_NAME).read_text().strip() == str(proc.pid) and not output_dir_in_use(out)
+    with caplog.at_level(logging.WARNING, logger="cut.train"):
+        assert main(["--config", str(conf), "--overwrite_output_dir", "--max_steps", "1"]) == 0
+    assert f"taking over the lock left by pid {proc.pid}" in caplog.text
+    assert (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()
+
+
+def test_online_will_not_delete_a_folder_a_live_trainer_holds(tmp_path):
+    from types import SimpleNamespace
+
+    from cut.errors import ConfigError
+    from cut.online import train_round
+    from cut.train import OutputLock
+
+    held = OutputLock(tmp_path / "adapter")
+    try:
+        with pytest.raises(ConfigError, match="locked by a training process"):
+            train_round(SimpleNamespace(), SimpleNamespace(dir=tmp_path), "model")
+        assert (tmp_path / "adapter" / LOCK_NAME).exists()
+    finally:
+        held.release()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().split(")")[-1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_trainer_dies_with_a_killed_online_loop(tiny_model, tmp_path):
+    """SIGKILL of the cut.online process alone (not its group) takes its cut.train child along."""
+    from test_online import launch as launch_online
+    from test_online import write_config as write_online_config
+
+    proc = launch_online(write_online_config(tmp_path, tiny_model))
+    trainer = None
+    try:
+        deadline = time.time() + 240
+        while trainer is None and time.time() < deadline and proc.poll() is None:
+            for c in _children(proc.pid):
+                try:
+                    if b"cut.train" in Path(f"/proc/{c}/cmdline").read_bytes():
+                        trainer = c
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        assert trainer is not None, "cut.online never started cut.train"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while _alive(trainer) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(trainer), "cut.train outlived the cut.online that started it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
+# chaos -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_chaos_kills_during_steps_and_saves_end_identical(tiny_model, tiny_data, tmp_path):
+    """Kill cut.train with SIGKILL at random steps and mid-save, resume each time with
+    --resume_from_checkpoint true; the final adapter equals an uninterrupted run's."""
+    cfg = dict(max_steps=10, save_steps=2, save_total_limit=2)
+    ref_out, out = tmp_path / "ref", tmp_path / "chaos"
+    ref_conf = write_config(tmp_path / "ref.yaml", tiny_config(tiny_model, tiny_data, ref_out, **cfg))
+    conf = write_config(tmp_path / "chaos.yaml", tiny_config(tiny_model, tiny_data, out, **cfg))
+    proc = launch(tmp_path, ["--config", str(ref_conf)])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+
+    rng = random.Random(11)
+    # (marker to kill at, extra delay): mid-save at steps 2 and 6, during steps 5 and 9
+    kills = [("SAVING 2", 0.1), ("STEP 5", 0.05), ("SAVING 6", 0.2), ("STEP 9", 0.0)]
+
+    def next_args() -> list[str]:  # resume when a complete checkpoint exists, else start again
+        if any(checkpoint_complete(p) for p in list_checkpoints(out)):
+            return ["--config", str(conf), "--resume_from_checkpoint", "true"]
+        return ["--config", str(conf), "--overwrite_output_dir"] if out.exists() else ["--config", str(conf)]
+
+    for marker, delay in kills:
+        proc = launch(tmp_path, next_args(), pause=0.3)
+        wait_for(proc, marker)
+        time.sleep(delay * rng.random())
+        sigkill(proc)
+        # nothing half-written is visible: a save cut off sits in .staging only
+        assert all(checkpoint_complete(p) for p in list_checkpoints(out))
+        if marker.startswith("SAVING"):
+            step = marker.split()[1]
+            assert (out / STAGING / f"checkpoint-{step}").exists() and not (
+                out / f"checkpoint-{step}"
+            ).exists()
+        assert not (out / "metrics.json").exists()
+    args = next_args()
+    assert args[-1] == "true"
+    proc = launch(tmp_path, args)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resuming from" in log and "checkpoint-8" in log
+    assert not (out / STAGING).exists()
+
+    ref, got = adapter(ref_out), adapter(out)
+    assert ref.keys() == got.keys()
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    print("largest difference from the uninterrupted adapter:", worst)
+    assert worst <= 1e-6

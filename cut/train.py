@@ -11,13 +11,17 @@ output_dir/cut_config.yaml first; the adapter (or full model), tokenizer and met
 Failure behaviour: an output_dir that holds another run is refused unless --overwrite_output_dir
 (clear it) or --resume_from_checkpoint; metrics.json is removed when a run starts, so it exists
 only for a finished run; output_dir/.cut.lock (flock'd, holding the pid) keeps a second trainer
-out; checkpoints appear only when complete, and `true` resumes from the newest complete one.
+out; checkpoints appear only when complete, and `true` resumes from the newest complete one. A
+write that fails mid-run (a full disk, a file-size limit) is one line naming the file, exit 1;
+the final adapter is staged and moved into output_dir only when whole.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
+import json
 import logging
 import math
 import os
@@ -26,6 +30,8 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,7 @@ from .pairs import CUTCollator, padding_ratio, sequence_lengths, tokenize_exampl
 from .records import build_examples, load_records
 from .templates import load_template
 from .trainer import (
+    STAGING,
     CUTTrainer,
     checkpoint_complete,
     checkpoint_step,
@@ -298,6 +305,38 @@ def resume_target(cfg: TrainConfig) -> tuple[str | None, Path | None]:
     raise ConfigError(f"resume_from_checkpoint={value}: neither a Trainer checkpoint nor an adapter folder")
 
 
+def check_resume_has_work(cfg: TrainConfig, checkpoint: str | None) -> None:
+    """A resume from a checkpoint already at the run's end trains 0 steps. Into a finished run
+    (metrics.json present) that is an error: it would replace the run's metrics with
+    `train_loss 0.0` and its adapter with the same weights, and it is found before anything loads
+    or output_dir is touched. Without metrics.json it is a warning and the run goes on: the final
+    save was cut off (a kill, a full disk) after the last checkpoint, and this rerun writes the
+    adapter from that checkpoint, which is how such a run is finished."""
+    if checkpoint is None:
+        return
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
+    if cfg.max_steps > 0:
+        done, end = step >= cfg.max_steps, f"max_steps={cfg.max_steps}"
+    else:
+        done, end = epoch >= cfg.num_epochs - 1e-6, f"num_epochs={cfg.num_epochs:g}"
+    if not done:
+        return
+    where = f"{checkpoint} is at step {step} (epoch {epoch:g}), the end of this run ({end})"
+    if (Path(cfg.output_dir) / "metrics.json").exists():
+        raise ConfigError(
+            f"resume_from_checkpoint: {where}, and {cfg.output_dir} holds the finished run "
+            "(metrics.json): nothing left to train; raise max_steps / num_epochs to train on, "
+            "or use another output_dir"
+        )
+    logger.warning(
+        "resume_from_checkpoint: %s: 0 steps to train; writing its weights as the final %s "
+        "(train_loss in metrics.json will read 0)",
+        where,
+        "model" if cfg.full_finetune else "adapter",
+    )
+
+
 def seed_adapter(model, adapter: Path) -> None:
     """A bare adapter folder seeds the LoRA weights only; optimiser and schedule start fresh."""
     from peft import set_peft_model_state_dict
@@ -494,23 +533,95 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     check_output_dir(cfg)
     checkpoint, adapter = resume_target(cfg)
+    check_resume_has_work(cfg, checkpoint)
     lock = claim_output_dir(cfg) if _rank() == 0 else None
     try:
         return _train(cfg, checkpoint, adapter)
+    except WriteFailed as err:
+        if _rank() == 0:  # free what a cut-off save took; complete checkpoints stay for a resume
+            clean_checkpoint_leftovers(cfg.output_dir)
+        saved = [p for p in list_checkpoints(cfg.output_dir) if checkpoint_complete(p)]
+        again = "--resume_from_checkpoint true" if saved else "--overwrite_output_dir"
+        raise WriteFailed(f"{err}; free some space and rerun with {again}") from err.__cause__
     finally:
         if lock is not None:
             lock.release()
 
 
+class WriteFailed(Exception):
+    """Writing an output failed mid-run: a full disk, a quota or file-size limit."""
+
+
+# errno values that mean the file system took no more, not a bug
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
+
+
+def write_failure(err: BaseException) -> tuple[str | None, str] | None:
+    """(file, reason) when `err` is a failed write, else None. Besides OSError, torch's zip writer
+    raises a bare RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos", or
+    "PytorchStreamWriter failed writing file") and safetensors a SafetensorError ("I/O error: ...
+    (os error 28)"); neither says which file."""
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        return err.filename, os.strerror(err.errno).lower()
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text):
+        return None, f"torch's file writer failed, most likely no space left on device ({text})"
+    if type(err).__name__ == "SafetensorError" and "os error" in text:
+        code = text.rsplit("os error", 1)[1].strip(" )")
+        if code.isdigit() and int(code) in _WRITE_ERRNOS:
+            return None, os.strerror(int(code)).lower()
+    return None
+
+
+@contextmanager
+def writing(what: Path | Callable[[], Path]):
+    """Turn a failed write while producing `what` (or what it returns, asked after the failure)
+    into WriteFailed naming the file."""
+    try:
+        yield
+    except Exception as err:
+        found = write_failure(err)
+        if found is None:
+            raise
+        path, reason = found
+        where = path or (what() if callable(what) else what)
+        raise WriteFailed(f"could not write {where}: {reason}") from err
+
+
+def save_final(trainer: CUTTrainer, out: Path) -> None:
+    """The adapter (or model) and tokenizer go to output_dir/.staging/final and are moved into
+    output_dir once all are written: a save cut off by a full disk or a kill leaves no half-written
+    adapter beside the run's files (and `clean_checkpoint_leftovers` removes the staged one)."""
+    staged = out / STAGING / "final"
+    if trainer.args.should_save and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        for p in sorted(staged.iterdir()):
+            dst = out / p.name
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            os.replace(p, dst)
+        staged.rmdir()
+        try:
+            (out / STAGING).rmdir()
+        except OSError:  # a checkpoint is being staged beside it
+            pass
+
+
 def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> dict[str, Any]:
-    trainer, counts = build_trainer(cfg)
     out = Path(cfg.output_dir)
+    with writing(out / "cut_config.yaml"):
+        trainer, counts = build_trainer(cfg)
     if adapter is not None:
         seed_adapter(trainer.model, adapter)
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    with writing(lambda: out / STAGING / f"checkpoint-{trainer.state.global_step}"):
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    trainer.save_model(cfg.output_dir)
+    with writing(out / STAGING / "final"):
+        save_final(trainer, out)
     metrics = {
         "counts": counts,
         "train": result.metrics,
@@ -519,7 +630,8 @@ def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> di
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        write_json_atomic(out / "metrics.json", metrics)
+        with writing(out / "metrics.json"):
+            write_json_atomic(out / "metrics.json", metrics)
         logger.info("saved %s to %s", "model" if cfg.full_finetune else "adapter", out)
     return metrics
 
@@ -571,6 +683,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"cut.train: error: {err}", file=sys.stderr)
         return 2
+    except WriteFailed as err:  # refused input is 2; a run that failed while writing is 1
+        print(f"cut.train: error: {err}", file=sys.stderr)
+        return 1
     _shutdown_distributed()
     return 0
 

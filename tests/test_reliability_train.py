@@ -363,3 +363,123 @@ def test_chaos_kills_during_steps_and_saves_end_identical(tiny_model, tiny_data,
     worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
     print("largest difference from the uninterrupted adapter:", worst)
     assert worst <= 1e-6
+
+
+# 8. a full disk while writing ------------------------------------------------------------------
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: writes past `limit` bytes of any file fail with EFBIG (SIGXFSZ ignored, so the
+    write returns the error instead of killing the process), as on a disk that fills mid-save."""
+    import resource
+
+    def hook() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return hook
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "limit, writer",
+    [(100_000, "file too large"), (200_000, "torch's file writer failed")],
+    ids=["adapter-safetensors", "optimizer-torch-zip"],
+)
+def test_full_disk_while_saving_a_checkpoint_is_a_named_error(tiny_model, tiny_data, tmp_path, limit, writer):
+    """The tiny run's checkpoint holds a 135 kB adapter and a 286 kB optimizer.pt: a 100 kB limit
+    fails the adapter's write (safetensors), 200 kB the optimizer's (torch's zip writer)."""
+    out = tmp_path / "out"
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=4))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cut.train", "--config", str(conf)],
+        cwd=REPO,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(limit),
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"cut.train: error: could not write {out / STAGING / 'checkpoint-2'}"), last
+    assert writer in last and "rerun with --overwrite_output_dir" in last
+    # nothing half-written is visible, and the cut-off save's space is freed
+    assert list_checkpoints(out) == [] and not (out / STAGING).exists()
+    assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_write_failures_at_the_end_are_named_and_a_rerun_finishes_the_run(
+    tiny_model, tiny_data, tmp_path, monkeypatch, capsys, caplog
+):
+    import errno
+
+    import cut.train as train_mod
+
+    out = tmp_path / "out"
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    real_save = train_mod.CUTTrainer.save_model
+
+    def save_fills_the_disk(self, output_dir=None, _internal_call=False):
+        if _internal_call:  # a checkpoint's save: let it through
+            return real_save(self, output_dir, _internal_call)
+        part = Path(output_dir) / "adapter_model.safetensors"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        part.write_bytes(b"\0" * 100)  # half an adapter
+        raise OSError(errno.ENOSPC, "No space left on device", str(part))
+
+    monkeypatch.setattr(train_mod.CUTTrainer, "save_model", save_fills_the_disk)
+    assert main(["--config", str(conf)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    staged = out / STAGING / "final" / "adapter_model.safetensors"
+    assert err == (
+        f"cut.train: error: could not write {staged}: no space left on device; "
+        "free some space and rerun with --resume_from_checkpoint true"
+    )
+    assert not (out / "adapter_model.safetensors").exists() and not (out / STAGING).exists()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert checkpoint_complete(out / "checkpoint-2") and not (out / "metrics.json").exists()
+
+    # the rerun the message asks for: 0 steps left (a warning), the adapter written this time,
+    # and a metrics.json that does not fit is named too
+    monkeypatch.setattr(train_mod.CUTTrainer, "save_model", real_save)
+
+    def metrics_too_large(path, obj):
+        raise OSError(errno.EFBIG, "File too large", str(path))
+
+    monkeypatch.setattr(train_mod, "write_json_atomic", metrics_too_large)
+    with caplog.at_level(logging.WARNING, logger="cut.train"):
+        assert main(["--config", str(conf), "--resume_from_checkpoint", "true"]) == 1
+    assert "0 steps to train; writing its weights as the final adapter" in caplog.text
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"cut.train: error: could not write {out / 'metrics.json'}: file too large")
+    )
+    assert not (out / "metrics.json").exists()
+    ref, got = adapter(out / "checkpoint-2"), adapter(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+# 3 (of 11's item 2). resuming a finished run -------------------------------------------------
+
+
+def test_resuming_a_finished_run_is_a_named_error(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=2))
+    for resume in ("true", str(out / "checkpoint-2")):
+        assert main(["--config", str(conf), "--resume_from_checkpoint", resume]) == 2
+        err = capsys.readouterr().err
+        assert "cut.train: error: resume_from_checkpoint:" in err
+        assert "is at step 2" in err and "max_steps=2" in err and "nothing left to train" in err
+    epochs = write_config(
+        tmp_path / "e.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=-1, num_epochs=1)
+    )
+    assert main(["--config", str(epochs), "--resume_from_checkpoint", "true"]) == 2
+    assert "num_epochs=1" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # metrics.json kept

@@ -50,7 +50,7 @@ from .config import FIELDS as TRAIN_FIELDS
 from .config import TrainConfig, coerce
 from .errors import ConfigError, DataError
 from .generate import GenerateConfig, Sampling
-from .io import write_json_atomic
+from .io import check_writable, write_json_atomic
 from .judge import JudgeConfig
 from .tasks.arithmetic import extract_final_answer
 
@@ -525,6 +525,7 @@ def describe_scores(scores: dict[str, float]) -> str:
 
 def run(cfg: OnlineConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
+    check_writable(root, "output_dir")  # before any round loads a model
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
     pool, heldout = read_problems(cfg)
@@ -587,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(
             args.config, {"output_dir": args.output_dir, "rounds": args.rounds, "base_model": args.base_model}
         )
+        check_writable(cfg.output_dir, "output_dir")  # before a download, too
         if (
             cfg.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
             and not Path(cfg.base_model).exists()

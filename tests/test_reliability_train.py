@@ -483,3 +483,27 @@ def test_resuming_a_finished_run_is_a_named_error(tiny_model, tiny_data, tmp_pat
     assert main(["--config", str(epochs), "--resume_from_checkpoint", "true"]) == 2
     assert "num_epochs=1" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # metrics.json kept
+
+
+# 8. cut.online's own output folder -------------------------------------------------------------
+
+
+def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from test_online import write_config as write_online_config
+
+    import cut.models
+    from cut.online import main as online_main
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(cut.models, "load_model", no_loading)
+    monkeypatch.setattr(cut.models, "load_tokenizer", no_loading)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder under a regular file cannot be made, not even by root
+    conf = write_online_config(tmp_path, tmp_path / "no-model-needed")
+    assert online_main(["--config", str(conf), "--output_dir", str(blocker / "online")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"cut.online: error: output_dir {blocker / 'online'}: cannot be written: {blocker} is a file, not a folder"
+    )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The default run, from nothing: set up, convert the embedded SmolLM2-135M-Instruct, CUT-train it
-# with LoRA on data/demo_judgments.json, merge, and report what changed. Extra flags go to cut.train.
+# with LoRA on data/demo_judgments.json twice (ratio flags, span flags), merge each, and report how
+# every flagged token moved. Extra flags go to both cut.train runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

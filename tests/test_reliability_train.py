@@ -507,3 +507,32 @@ def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path
     assert err == (
         f"cut.online: error: output_dir {blocker / 'online'}: cannot be written: {blocker} is a file, not a folder"
     )
+
+
+# the DPO baseline's output folder: checked and locked as cut.train's ----------------------------
+
+
+def test_dpo_refuses_another_runs_folder_and_a_locked_one(tiny_model, tmp_path, capsys):
+    from test_dpo import JUDGED
+
+    from cut.baselines.dpo import main as dpo_main
+    from cut.train import OutputLock
+
+    data = tmp_path / "judged.json"
+    data.write_text(json.dumps(JUDGED))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # a finished run's
+    argv = ["--base_model", str(tiny_model), "--data_path", str(data), "--output_dir", str(out)]
+    argv += ["--batch_size", "2", "--micro_batch_size", "2"]
+    assert dpo_main(argv) == 2
+    assert "holds another run (metrics.json)" in capsys.readouterr().err
+    assert dpo_main([*argv, "--resume_from_checkpoint", "true"]) == 2
+    assert "resume_from_checkpoint is not supported" in capsys.readouterr().err
+    held = OutputLock(out)
+    try:
+        assert dpo_main([*argv, "--overwrite_output_dir"]) == 2
+        assert f"in use by another training process (pid {os.getpid()}" in capsys.readouterr().err
+        assert (out / "metrics.json").exists()
+    finally:
+        held.release()

@@ -16,6 +16,8 @@ left to fit cutoff_len); TRL only pads, scores and optimises.
 
 Writes output_dir/cut_config.yaml (the TrainConfig, so generation finds the template) and
 output_dir/dpo_config.yaml first; the adapter, tokenizer and metrics.json (with "objective": "dpo") last.
+output_dir is checked and locked as cut.train does: another run's folder is refused unless
+--overwrite_output_dir, and output_dir/.cut.lock keeps a second trainer out.
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ from ..io import write_json_atomic, write_text_atomic
 from ..pairs import _fit, tokenize_example
 from ..records import Example, Record, classify, load_records
 from ..templates import Template, load_template
-from ..train import _rank, _report_to, _world_size, limit_cutoff, resolve_precision
+from ..train import (
+    _rank,
+    _report_to,
+    _world_size,
+    check_output_dir,
+    claim_output_dir,
+    limit_cutoff,
+    resolve_precision,
+)
 
 logger = logging.getLogger("cut.baselines.dpo")
 
@@ -322,7 +332,22 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
 
 
 def run(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
-    """Train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics."""
+    """Check and lock output_dir as cut.train does (another run's folder refused unless
+    overwrite_output_dir; a second trainer into it refused; metrics.json removed at the start),
+    train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics."""
+    cfg.validate()
+    if cfg.resume_from_checkpoint:  # save_strategy "no": there is nothing to resume from
+        raise ConfigError("the DPO baseline saves no checkpoints: resume_from_checkpoint is not supported")
+    check_output_dir(cfg)
+    lock = claim_output_dir(cfg) if _rank() == 0 else None
+    try:
+        return _train(cfg, opts)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
     trainer, counts = build_trainer(cfg, opts)
     start = time.time()
     result = trainer.train()

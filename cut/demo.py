@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,17 @@ from torch import Tensor
 
 from .config import load_yaml, parse_config
 from .io import write_json_atomic
-from .records import build_examples, classify, load_records, read_raw, validate
+from .records import Record, build_examples, classify, load_records, read_raw, validate
 
 SPARK = " ▁▂▃▄▅▆▇█"
 RUNS = ("ratio", "spans")  # the flag sources the demo trains with, in this order
 UNCHANGED = 1e-3  # nats: a token whose log p moved less than this counts as unchanged
 KEEP_FIELDS = ("instruction", "input", "output", "judgment", "spans", "constraints", "judge")
+# --build_data's bounds, so that the default run takes minutes: responses of at most 50 tokens
+# and judgments of at most 180 characters (a judged prompt ~40 tokens longer than the plain one)
+MAX_OUTPUT_TOKENS = 50
+MAX_JUDGMENT_CHARS = 180
+DEMO_TOKENIZER = "saved_models/SmolLM2-135M-Instruct"
 
 
 def _stage(title: str) -> float:
@@ -60,15 +66,30 @@ def constraint_kind(row: dict) -> str:
     return "+".join(sorted(str(c.get("type")) for c in row.get("constraints") or []))
 
 
-def select_records(rows: list[dict], n_negative: int = 32, n_positive: int = 12) -> list[dict]:
+def select_records(
+    rows: list[dict],
+    n_negative: int = 16,
+    n_positive: int = 6,
+    max_output: int | None = None,
+    max_judgment_chars: int | None = None,
+    size: Callable[[str], int] = len,
+) -> list[dict]:
     """A deterministic pick of judged samples: negatives that mark their wrong text (`spans`) and
     positives, each taken round-robin over the constraint kinds (sorted by name) so that every
     kind is represented; within a kind, the shortest sample of each prompt before any prompt's
-    second, shorter outputs first (a shorter demo), then file order. Negatives first, then positives,
-    each in file order; only the fields in KEEP_FIELDS are kept."""
+    second, shorter outputs first, then file order; an output already picked for the same prompt
+    is skipped. Only samples with size(output) <= max_output (characters unless `size` counts
+    tokens) and a judgment of at most max_judgment_chars characters are eligible (None: no bound).
+    Negatives first, then positives, each in file order; only the fields in KEEP_FIELDS are kept."""
     records = validate(rows, "judged samples")
-    negatives = [i for i, r in enumerate(records) if classify(r) == "negative" and r.spans]
-    positives = [i for i, r in enumerate(records) if classify(r) == "positive"]
+
+    def short(r: Record) -> bool:
+        return (max_output is None or size(r.output) <= max_output) and (
+            max_judgment_chars is None or len(r.judgment or "") <= max_judgment_chars
+        )
+
+    negatives = [i for i, r in enumerate(records) if classify(r) == "negative" and r.spans and short(r)]
+    positives = [i for i, r in enumerate(records) if classify(r) == "positive" and short(r)]
     picked = _round_robin(rows, negatives, n_negative) + _round_robin(rows, positives, n_positive)
     return [{k: rows[i][k] for k in KEEP_FIELDS if rows[i].get(k) is not None} for i in picked]
 
@@ -78,8 +99,12 @@ def _round_robin(rows: list[dict], idx: list[int], n: int) -> list[int]:
     rank: dict[int, int] = {}  # 0 for the shortest sample of its prompt, 1 for the next ...
     seen: dict[str, int] = defaultdict(int)
     by_kind: dict[str, list[int]] = defaultdict(list)
+    outputs: set[str] = set()
     for i in shortest_first:
         prompt = json.dumps([rows[i].get("id"), rows[i]["instruction"], rows[i].get("input") or ""])
+        if json.dumps([prompt, rows[i]["output"]]) in outputs:
+            continue  # the same answer to the same prompt: an exact duplicate
+        outputs.add(json.dumps([prompt, rows[i]["output"]]))
         rank[i], seen[prompt] = seen[prompt], seen[prompt] + 1
         by_kind[constraint_kind(rows[i])].append(i)
     queues = [
@@ -93,10 +118,17 @@ def _round_robin(rows: list[dict], idx: list[int], n: int) -> list[int]:
     return sorted(picked)
 
 
-def build_data(src: str, dest: str, n_negative: int = 32, n_positive: int = 12) -> list[dict]:
-    """select_records over the judged file `src`, written to `dest` (atomically)."""
+def build_data(
+    src: str, dest: str, n_negative: int = 16, n_positive: int = 6, tokenizer: str = DEMO_TOKENIZER
+) -> list[dict]:
+    """select_records over the judged file `src`, written to `dest` (atomically): only responses of
+    at most MAX_OUTPUT_TOKENS tokens of `tokenizer` and judgments of at most MAX_JUDGMENT_CHARS."""
+    from .models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
     rows, _ = read_raw(src)
-    picked = select_records(rows, n_negative, n_positive)
+    size = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    picked = select_records(rows, n_negative, n_positive, MAX_OUTPUT_TOKENS, MAX_JUDGMENT_CHARS, size)
     write_json_atomic(dest, picked)
     return picked
 
@@ -303,11 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_train", action="store_true", help="only report on an earlier run")
     p.add_argument("--build_data", metavar="JUDGED", help="only pick the demo data from a judged file")
     p.add_argument("--data_out", default="data/demo_judgments.json", help="where --build_data writes")
-    p.add_argument("--n_negative", type=int, default=32, help="negatives --build_data picks")
-    p.add_argument("--n_positive", type=int, default=12, help="positives --build_data picks")
+    p.add_argument("--n_negative", type=int, default=16, help="negatives --build_data picks")
+    p.add_argument("--n_positive", type=int, default=6, help="positives --build_data picks")
+    p.add_argument("--tokenizer", default=DEMO_TOKENIZER, help="counts --build_data's response tokens")
     args, extra = p.parse_known_args(argv)  # extra flags go to cut.train
     if args.build_data:
-        picked = build_data(args.build_data, args.data_out, args.n_negative, args.n_positive)
+        picked = build_data(args.build_data, args.data_out, args.n_negative, args.n_positive, args.tokenizer)
         kinds = defaultdict(lambda: [0, 0])
         for r in picked:
             kinds[constraint_kind(r)][r.get("judgment") is None] += 1
@@ -321,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     demo_dir = Path(args.demo_dir)
     adapters = {run: demo_dir / run / "adapter" for run in RUNS}
     merged = {run: demo_dir / run / "merged" for run in RUNS}
-    flags_for = {run: ["--output_dir", str(adapters[run]), "--flag_source", run] for run in RUNS}
+    # the demo's own folders: a rerun replaces the last run's adapters
+    flags_for = {
+        run: ["--output_dir", str(adapters[run]), "--flag_source", run, "--overwrite_output_dir", "true"]
+        for run in RUNS
+    }
     cfg = parse_config(["--config", args.config, *extra, *flags_for["ratio"]]).to_dict()
     start = time.time()
     seconds: dict[str, float] = {}

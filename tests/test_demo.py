@@ -76,10 +76,31 @@ def test_select_records_deterministic_spans_only_counts():
     assert sum(r.get("judgment") is None for r in everything) == 3
 
 
-def test_build_data_writes_records_cut_reads(tmp_path):
+def test_select_records_bounds_lengths_and_skips_duplicates():
+    rows = judged_rows()
+    rows.append({**rows[0], "sample": 9})  # the same answer to the same prompt again
+    rows.append({**rows[3], "sample": 9, "output": rows[3]["output"] + "y" * 300})  # too long
+    long_judgment = {"sample": 9, "output": rows[6]["output"] + " w", "judgment": "Mistakes: " + "z" * 300}
+    rows.append({**rows[6], **long_judgment})
+    everything = demo.select_records(rows, 100, 100, max_output=200, max_judgment_chars=100)
+    assert sum(r.get("judgment") is not None for r in everything) == 12  # none of the three added
+    # with no bounds the long ones are eligible; the duplicate never is
+    assert sum(r.get("judgment") is not None for r in demo.select_records(rows, 100, 100)) == 14
+    # `size` counts in other units (build_data: tokens), here words: every output has 4 or fewer
+    in_words = demo.select_records(rows, 100, 100, max_output=4, size=lambda t: len(t.split()))
+    unbounded = demo.select_records(rows, 100, 100)
+    assert in_words == [r for r in unbounded if len(r["output"].split()) <= 4]
+    # tighter bounds keep fewer: outputs of at most 20 characters ("fine p" positives only)
+    short = demo.select_records(rows, n_negative=100, n_positive=100, max_output=20)
+    assert short and all(len(r["output"]) <= 20 and r.get("judgment") is None for r in short)
+    # judgments of at most 5 characters: no negative is left ('Mistakes: ...' is longer)
+    assert all(r.get("judgment") is None for r in demo.select_records(rows, 100, 100, max_judgment_chars=5))
+
+
+def test_build_data_writes_records_cut_reads(tmp_path, tiny_model):
     src, dest = tmp_path / "judged.json", tmp_path / "demo.json"
     src.write_text(json.dumps(judged_rows()))
-    picked = demo.build_data(str(src), str(dest), 4, 1)
+    picked = demo.build_data(str(src), str(dest), 4, 1, tokenizer=str(tiny_model))
     records = load_records(str(dest))
     assert len(records) == 5 and json.loads(dest.read_text()) == picked
     assert all(r.spans for r in records[:4]) and records[4].judgment is None
@@ -90,9 +111,18 @@ def test_shipped_demo_data_has_valid_spans():
     raw = json.loads(path.read_text())
     records = load_records(str(path))
     examples, counts = build_examples(records)
-    assert counts["failed_judgment"] == 0 and counts["negative"] >= 24 and counts["positive"] >= 8
+    assert counts["failed_judgment"] == 0 and counts["negative"] == 16 and counts["positive"] == 6
     kinds = {demo.constraint_kind(r) for r in raw}
     assert len(kinds) >= 4  # several constraint types
+    # short, so that the default run takes minutes: bounded outputs and judgments, no duplicates
+    if (REPO / demo.DEMO_TOKENIZER).exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(REPO / demo.DEMO_TOKENIZER)
+        sizes = [len(tok(r["output"], add_special_tokens=False)["input_ids"]) for r in raw]
+        assert max(sizes) <= demo.MAX_OUTPUT_TOKENS
+    assert all(len(r.get("judgment") or "") <= demo.MAX_JUDGMENT_CHARS for r in raw)
+    assert len({json.dumps([r["instruction"], r["output"]]) for r in raw}) == len(raw)
     for row, ex in zip(raw, examples, strict=True):
         assert set(row) <= set(demo.KEEP_FIELDS) and row["judge"] == "verifier"
         out = ex.record.output

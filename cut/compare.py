@@ -33,7 +33,7 @@ from typing import Any
 from .errors import ConfigError, DataError
 from .evaluation.stats import mcnemar_exact
 from .io import write_bytes_atomic, write_json_atomic
-from .online import STAGES, OnlineConfig, load_config
+from .online import STAGES, OnlineConfig, headline, load_config
 
 logger = logging.getLogger("cut.compare")
 
@@ -122,29 +122,22 @@ def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
             sft = evals.get("sft", [None] * rounds)[r - 1]
             if sft is not None and name != "sft":
                 row["vs_sft"] = mcnemar_exact(_passes(ev), _passes(sft))
-            manifest = root / name / f"round_{r}" / "manifest.json"
-            if manifest.exists():
-                stages = json.loads(manifest.read_text())["stages"]
+            path = root / name / f"round_{r}" / "manifest.json"
+            if path.exists():
+                manifest = json.loads(path.read_text())
+                stages = manifest["stages"]
                 row["wall_s"] = {s: stages[s].get("wall_s") for s in STAGES if s in stages}
-                row["counts"] = json.loads(manifest.read_text()).get("counts", {})
+                row["counts"] = manifest.get("counts", {})
             rows.append(row)
         report["objectives"][name] = {"rounds": rows}
     return report
 
 
 def _scores(ev: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The loop's own headline numbers, with the prompt counts McNemar's table is read against."""
     if ev is None:
         return None
-    keys = (
-        "accuracy",
-        "prompt_level_strict",
-        "prompt_level_loose",
-        "instruction_level_strict",
-        "instruction_level_loose",
-        "correct",
-        "total",
-    )
-    return {k: ev[k] for k in keys if k in ev}
+    return {**headline(ev), **{k: ev[k] for k in ("correct", "total") if k in ev}}
 
 
 def _pct(x: float | None) -> str:

@@ -219,14 +219,11 @@ def _report_to(cfg: TrainConfig) -> list[str]:
     return targets
 
 
-def training_arguments(cfg: TrainConfig, has_val: bool):
-    from transformers import TrainingArguments
-
-    on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
+def shared_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """The Trainer arguments TrainConfig decides for any trainer (cut.train's and the DPO baseline's)."""
+    return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
-        per_device_eval_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps(_world_size()),
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
@@ -236,11 +233,29 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        bf16=cfg.precision == "bf16",
+        bf16=cfg.precision == "bf16",  # explicit: TRL's configs would default to bf16
         fp16=cfg.precision == "fp16",
-        use_cpu=not on_gpu,
+        use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
+        ddp_find_unused_parameters=False if _world_size() > 1 else None,
+        # explicit: TRL's configs would default gradient checkpointing to on
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        deepspeed=cfg.deepspeed or None,
+        report_to=_report_to(cfg),
+        run_name=cfg.wandb_run_name or None,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        disable_tqdm=not sys.stderr.isatty(),
+    )
+
+
+def training_arguments(cfg: TrainConfig, has_val: bool):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(
+        **shared_arguments(cfg),
+        per_device_eval_batch_size=cfg.micro_batch_size,
         eval_strategy="steps" if has_val else "no",
         eval_steps=cfg.eval_steps if has_val else None,
         save_strategy="steps",
@@ -249,14 +264,6 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         length_column_name="length",
         remove_unused_columns=False,
-        ddp_find_unused_parameters=False if _world_size() > 1 else None,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        deepspeed=cfg.deepspeed or None,
-        report_to=_report_to(cfg),
-        run_name=cfg.wandb_run_name or None,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        disable_tqdm=not sys.stderr.isatty(),
     )
     if _world_size() == 1 and args.n_gpu > 1:
         # DataParallel would split tgt_pos / tgt_partner, which index the whole batch: one GPU per

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 import yaml
 
 from .. import models
@@ -43,12 +42,12 @@ from ..records import Example, Record, classify, load_records
 from ..templates import Template, load_template
 from ..train import (
     _rank,
-    _report_to,
     _world_size,
     check_output_dir,
     claim_output_dir,
     limit_cutoff,
     resolve_precision,
+    shared_arguments,
 )
 
 logger = logging.getLogger("cut.baselines.dpo")
@@ -256,33 +255,10 @@ def dpo_arguments(cfg: TrainConfig, opts: DPOOptions):
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=cfg.output_dir,
+        **shared_arguments(cfg),
         beta=opts.beta,
         max_length=cfg.cutoff_len,  # never bites: prompts were fitted to it already
-        per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps(_world_size()),
-        num_train_epochs=cfg.num_epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=cfg.warmup_ratio or cfg.warmup_steps,  # transformers reads < 1 as a ratio
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim,
-        bf16=cfg.precision == "bf16",  # TRL would default to bf16
-        fp16=cfg.precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        seed=cfg.seed,
-        logging_steps=cfg.logging_steps,
         save_strategy="no",
-        activation_checkpointing=cfg.gradient_checkpointing,  # TRL's gradient_checkpointing defaults to on
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        deepspeed=cfg.deepspeed or None,
-        ddp_find_unused_parameters=False if _world_size() > 1 else None,
-        report_to=_report_to(cfg),
-        run_name=cfg.wandb_run_name or None,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        disable_tqdm=not sys.stderr.isatty(),
     )
 
 

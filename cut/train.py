@@ -538,7 +538,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Check and lock output_dir, train, evaluate, save; returns (and writes to
     output_dir/metrics.json, last) the run's metrics."""
     cfg.validate()
-    check_output_dir(cfg)
+    if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
+        check_output_dir(cfg)
     checkpoint, adapter = resume_target(cfg)
     check_resume_has_work(cfg, checkpoint)
     lock = claim_output_dir(cfg) if _rank() == 0 else None

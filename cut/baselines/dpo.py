@@ -314,7 +314,8 @@ def run(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
     cfg.validate()
     if cfg.resume_from_checkpoint:  # save_strategy "no": there is nothing to resume from
         raise ConfigError("the DPO baseline saves no checkpoints: resume_from_checkpoint is not supported")
-    check_output_dir(cfg)
+    if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
+        check_output_dir(cfg)
     lock = claim_output_dir(cfg) if _rank() == 0 else None
     try:
         return _train(cfg, opts)

@@ -235,24 +235,90 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[:i]
-    return tokens
-
-
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, rows: list[list[int]], gen_config) -> list[str]:
     """One left-padded batch -> the decoded new text of each row."""
     device = next(model.parameters()).device
     input_ids, mask = _left_pad(rows, gen_config.pad_token_id)
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_config
-    )
     eos = set(_eos_ids(model, tokenizer))
-    new = [_cut_at_eos(r, eos) for r in out[:, input_ids.shape[1] :].tolist()]
+    new = _decode(model, input_ids.to(device), mask.to(device), gen_config, eos)
     return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def _logits_processors(gen_config):
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen_config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(gen_config.repetition_penalty))
+    if gen_config.do_sample:
+        procs.append(TemperatureLogitsWarper(gen_config.temperature))
+        if gen_config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen_config.top_p))
+    return procs
+
+
+@torch.inference_mode()
+def _decode(model, input_ids: torch.Tensor, mask: torch.Tensor, gen_config, eos: set[int]) -> list[list[int]]:
+    """Batched decoding with a KV cache that drops each row from the batch, and from the cache, as
+    soon as it ends; returns the new tokens of each row without the end token.
+
+    transformers' `generate` keeps computing finished rows until the last one ends (on the
+    held-out instructions only ~63% of its decode slots were real tokens), and a decode step on
+    CPU costs nearly as much at batch 32 as at batch 48. Greedy output matches `generate`'s
+    (tests/test_generate.py); sampling uses the same processors (repetition penalty, temperature,
+    top-p) but draws only for live rows, and the repetition penalty ignores left padding.
+    """
+    from transformers import DynamicCache
+
+    n = input_ids.shape[0]
+    procs = _logits_processors(gen_config)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=input_ids.device)
+    # the penalty's view of each row: the pad columns repeat the row's first real token
+    first = input_ids.gather(1, mask.argmax(-1, keepdim=True))
+    seen = torch.where(mask.bool(), input_ids, first)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    alive = torch.arange(n, device=input_ids.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    for step in range(gen_config.max_new_tokens):
+        scores = procs(seen, out.logits[:, -1, :].float())
+        if gen_config.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        ended = torch.isin(nxt, eos_ids) if eos_ids.numel() else torch.zeros_like(nxt, dtype=torch.bool)
+        for row, tok, end in zip(alive.tolist(), nxt.tolist(), ended.tolist(), strict=True):
+            if not end:
+                tokens[row].append(tok)
+        if step == gen_config.max_new_tokens - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, mask, seen, nxt = alive[keep], mask[keep], seen[keep], nxt[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        seen = torch.cat([seen, nxt[:, None]], dim=1)
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    return tokens
 
 
 def _run_batches(

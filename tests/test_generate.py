@@ -292,3 +292,74 @@ def test_resume_refuses_answers_made_with_other_settings(tiny_model, questions, 
     assert main(argv) == 2
     assert "no_such_model: model folder not found" in capsys.readouterr().err
     assert out.read_text() == before
+
+
+# ---------------------------------------------------------------- the compacting decoder against generate
+
+
+def _arch(name: str):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
+
+    from cut.tiny import small_config
+
+    torch.manual_seed(0)
+    if name == "llama":
+        return LlamaForCausalLM(small_config(__import__("transformers").LlamaConfig, 97)).eval()
+    # Gemma 3: sliding-window layers beside global ones, a window shorter than the prompts
+    cfg = small_config(Gemma3TextConfig, 97, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def _hf_generate(model, rows, gen_config, eos):
+    ids, mask = gen._left_pad(rows, gen_config.pad_token_id)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
+    new = []
+    for row in out[:, ids.shape[1] :].tolist():
+        new.append(row[: next((i for i, t in enumerate(row) if t in eos), len(row))])
+    return new
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compacting_decoder_equals_generate_greedy(arch):
+    model = _arch(arch)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 11, 7, 9, 2)]
+    # an end token the rows reach at different steps: the commonest token of a free run
+    free = _hf_generate(model, rows, Sampling(max_new_tokens=24).generation_config(0, None), set())
+    counts: dict[int, int] = {}
+    for row in free:
+        for t in row[1:]:
+            counts[t] = counts.get(t, 0) + 1
+    eos = {max(counts, key=counts.get)}
+    cfg = Sampling(max_new_tokens=24).generation_config(0, sorted(eos))
+    want = _hf_generate(model, rows, cfg, eos)
+    got = gen._decode(model, *gen._left_pad(rows, 0), cfg, eos)
+    assert got == want
+    lengths = {len(r) for r in got}
+    assert len(lengths) > 1 and min(lengths) < 24, f"rows ended together ({lengths}); nothing was dropped"
+
+
+def test_compacting_decoder_repetition_penalty_equals_generate():
+    model = _arch("llama")
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(3)]  # no padding to differ on
+    cfg = Sampling(max_new_tokens=16, repetition_penalty=1.5).generation_config(0, None)
+    plain = Sampling(max_new_tokens=16).generation_config(0, None)
+    got = gen._decode(model, *gen._left_pad(rows, 0), cfg, set())
+    assert got == _hf_generate(model, rows, cfg, set())
+    assert got != gen._decode(model, *gen._left_pad(rows, 0), plain, set()), "the penalty changed nothing"
+
+
+def test_compacting_decoder_sampling_is_seeded():
+    model = _arch("llama")
+    rows = [[5, 6, 7], [8, 9, 10, 11]]
+    cfg = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.9).generation_config(0, None)
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return gen._decode(model, *gen._left_pad(rows, 0), cfg, set())
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+    assert all(len(r) == 12 for r in draw(3))

@@ -13,8 +13,9 @@ Objectives (one online run each, in output_dir/<name>/, same prompts, seed and s
 
 Round 0 (the starting model's held-out answers) and round 1's sampled answers are computed once and
 copied into every objective's folder, so every objective trains on the same round-1 samples; later
-rounds sample from each objective's own model. Every objective's run is resumable on its own
-(rerun the same command). Writes output_dir/comparison.{json,md,png}: held-out scores per round per
+rounds sample from each objective's own model. Objectives run round by round (all of round 1, then
+all of round 2, ...); every objective's run is resumable on its own (rerun the same command), and
+the report is rewritten after every round. Writes output_dir/comparison.{json,md,png}: held-out scores per round per
 objective, exact McNemar p-values against the start and against sft, and wall time per stage.
 """
 
@@ -74,18 +75,27 @@ def run_all(base: OnlineConfig, names: list[str]) -> dict[str, Any]:
     from .online import run
 
     root = Path(base.output_dir)
-    results: dict[str, Any] = {}
-    for i, name in enumerate(names):
-        cfg = variant_config(base, name)
-        if i:
-            share(root / names[0], Path(cfg.output_dir))
-        print(f"== {name}: {cfg.objective}, flag_source {cfg.train.get('flag_source', 'ratio')}", flush=True)
-        try:
-            run(cfg)
-            results[name] = {"ok": True}
-        except (DataError, subprocess.CalledProcessError) as err:  # one objective failing leaves the rest
-            logger.error("%s failed: %s", name, err)
-            results[name] = {"ok": False, "error": str(err)}
+    results: dict[str, Any] = {name: {"ok": True} for name in names}
+    # round-major: every objective finishes round r before any starts round r + 1, so a run cut
+    # short (or a machine's time running out) leaves all objectives at the same round
+    for r in range(1, base.rounds + 1):
+        for i, name in enumerate(names):
+            if not results[name]["ok"]:
+                continue
+            cfg = dataclasses.replace(variant_config(base, name), rounds=r)
+            if i:
+                share(root / names[0], Path(cfg.output_dir))
+            print(
+                f"== round {r}/{base.rounds}, {name}: {cfg.objective}, "
+                f"flag_source {cfg.train.get('flag_source', 'ratio')}",
+                flush=True,
+            )
+            try:
+                run(cfg)
+            except (DataError, subprocess.CalledProcessError) as err:  # one objective failing leaves the rest
+                logger.error("%s failed: %s", name, err)
+                results[name] = {"ok": False, "error": str(err)}
+        write_report(root, collect(root, names, base.rounds))
     report = collect(root, names, base.rounds)
     for name, res in results.items():
         report["objectives"][name].update(res)

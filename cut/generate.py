@@ -236,13 +236,37 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.inference_mode()
-def _generate_batch(model, tokenizer, rows: list[list[int]], gen_config) -> list[str]:
-    """One left-padded batch -> the decoded new text of each row."""
+def _generate_batch(
+    model, tokenizer, rows: list[list[int]], gen_config, stop: Sequence[str] = ()
+) -> list[str]:
+    """One left-padded batch -> the decoded new text of each row; with `stop` strings, a row ends
+    as soon as its new text holds one, and its text is cut before the first."""
     device = next(model.parameters()).device
     input_ids, mask = _left_pad(rows, gen_config.pad_token_id)
     eos = set(_eos_ids(model, tokenizer))
-    new = _decode(model, input_ids.to(device), mask.to(device), gen_config, eos)
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    hit = _stop_checker(tokenizer, stop) if stop else None
+    new = _decode(model, input_ids.to(device), mask.to(device), gen_config, eos, hit)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stop(t, stop).strip() for t in texts]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool]:
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ConfigError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+
+    # the whole new text is decoded each step: a stop string may span tokens, and a token's text
+    # depends on its neighbours (byte-level pieces, leading spaces); cheap next to a forward pass
+    def hit(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return hit
 
 
 def _logits_processors(gen_config):
@@ -264,9 +288,17 @@ def _logits_processors(gen_config):
 
 
 @torch.inference_mode()
-def _decode(model, input_ids: torch.Tensor, mask: torch.Tensor, gen_config, eos: set[int]) -> list[list[int]]:
+def _decode(
+    model,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    gen_config,
+    eos: set[int],
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
     """Batched decoding with a KV cache that drops each row from the batch, and from the cache, as
-    soon as it ends; returns the new tokens of each row without the end token.
+    soon as it ends; returns the new tokens of each row without the end token. With `stop`, a row
+    also ends once `stop(its new tokens)` is true; that last token is kept.
 
     transformers' `generate` keeps computing finished rows until the last one ends (on the
     held-out instructions only ~63% of its decode slots were real tokens), and a decode step on
@@ -303,6 +335,12 @@ def _decode(model, input_ids: torch.Tensor, mask: torch.Tensor, gen_config, eos:
         for row, tok, end in zip(alive.tolist(), nxt.tolist(), ended.tolist(), strict=True):
             if not end:
                 tokens[row].append(tok)
+        if stop is not None:  # each row on its own, not when the whole batch has stopped
+            hits = [
+                not end and stop(tokens[row]) for row, end in zip(alive.tolist(), ended.tolist(), strict=True)
+            ]
+            if any(hits):
+                ended = ended | torch.tensor(hits, device=ended.device)
         if step == gen_config.max_new_tokens - 1 or bool(ended.all()):
             break
         if bool(ended.any()):
@@ -355,12 +393,15 @@ def generate_texts(
     batch_size: int = 8,
     on_batch: OnBatch | None = None,
     progress: bool = True,
+    stop: Sequence[str] = (),
 ) -> list[str]:
     """Answer prompts with a transformers model, in batches; returns texts in prompt order.
 
     Prompts are batched by token length; each batch is seeded from `sampling.seed` and its first
     prompt. `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and
     the global torch RNG are restored afterwards, so an evaluator may call this mid-training.
+    With `stop` strings, each answer ends at its first stop string (cut before it), each row of a
+    batch on its own; without, the output is unchanged.
     """
     sampling = sampling or Sampling()
     if batch_size < 1:
@@ -369,10 +410,14 @@ def generate_texts(
     rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
     gen_config = sampling.generation_config(_pad_id(tokenizer), _eos_ids(model, tokenizer) or None)
     device = next(model.parameters()).device
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    stops = {"stop": stop} if stop else {}  # the call without stop strings stays as it was
+    if stop:
+        _stop_checker(tokenizer, stop)  # a bad stop string fails before any batch
 
     def run(idx: list[int]) -> list[str]:
         torch.manual_seed(batch_seed(sampling.seed, prompts[idx[0]]))
-        return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config)
+        return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config, **stops)
 
     was_training = model.training
     model.eval()
@@ -543,6 +588,23 @@ def generate_file(
         **cfg.sampling.meta(),
         "prompt_template": template.name,
     }
+
+    def run(pending: list[dict[str, Any]], on_batch: OnBatch) -> None:
+        prompts = [template.plain(rec["instruction"], rec["input"]) for rec in pending]
+        _generate(model, cfg, tokenizer, prompts, template.adds_special_tokens, on_batch, progress)
+
+    return write_answers(inputs, output_file, meta, run)
+
+
+def write_answers(
+    inputs: list[dict[str, Any]],
+    output_file: str | Path,
+    meta: dict[str, Any],
+    answer: Callable[[list[dict[str, Any]], OnBatch], None],
+) -> list[dict[str, Any]]:
+    """The resumable answer file: records of output_file made with the same `meta` are kept, and
+    `answer(pending, on_batch)` generates the rest, calling `on_batch(indices into pending, texts)`
+    after each batch; the file is rewritten (temp file + rename) each time. Returns its records."""
     _warn_replaced_fields(inputs, meta)
     out = Path(output_file)
     matched, extras = match_answers(inputs, read_answers(out, meta))
@@ -568,8 +630,7 @@ def generate_file(
         save()
 
     if pending:
-        prompts = [template.plain(inputs[i]["instruction"], inputs[i]["input"]) for i in pending]
-        _generate(model, cfg, tokenizer, prompts, template.adds_special_tokens, on_batch, progress)
+        answer([inputs[i] for i in pending], on_batch)
         logger.info("wrote %d answers to %s", len(inputs), out)
     return save()
 

@@ -1,0 +1,882 @@
+"""Multi-aspect scoring and pairwise comparison of answers by an LLM judge (Just-Eval style).
+
+    # each answer of a cut.generate file scored 1-5 on five aspects, each with a reason
+    python -m cut.evaluation.evaluate --mode score --input_file gen.json --output_dir runs/eval_sft \\
+        --judge openai --base_url http://localhost:8000/v1 --model NAME
+    python -m cut.evaluation.evaluate --mode safety --input_file gen.json --output_dir runs/safety ...
+    # two files answering the same instructions, A against B, per aspect
+    python -m cut.evaluation.evaluate --mode pairwise --output_a sft.json --output_b cut.json \\
+        --output_dir runs/sft_vs_cut --judge local --model PATH
+    # two score runs side by side, with the paired difference
+    python -m cut.evaluation.evaluate --mode compare --runs runs/eval_sft runs/eval_cut --output_dir runs/cmp
+    # low scores become CUT training judgments
+    ... --mode score ... --to_judgments judged.json --min_score 3 --positive_score 4
+
+Modes:
+- score: helpfulness, clarity, factuality, depth, engagement, each a reason and a score 1-5.
+- safety: one safety reason and score 1-5 (a separate rubric and run).
+- pairwise: per aspect the judge says which answer is better, A, B or tie. Half the records
+  (chosen by a shuffle seeded with --seed) show B first; the swap is stored in each result and
+  undone when the verdict is read, so every stored winner refers to the files, not to positions.
+- compare: two or more score / safety runs side by side (see cut.evaluation.report).
+
+The judge is cut.judge's: `--judge openai` is any OpenAI-compatible endpoint through cut.llm
+(bounded concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judge local` a
+transformers model loaded and decoded as cut.judge's LocalJudge does (greedy, batched). A reply is
+read tolerantly (cut.evaluation.aspects); one that still cannot be read is asked again, up to
+--parse_retries times, in a follow-up turn that quotes the bad reply (a different request, so the
+cache cannot return the same reply); then it is recorded as failed with its reason. A transport
+failure (http 500 after retries, timeout) is recorded at once: the client has retried it already.
+Failed records are counted and never averaged.
+
+Output (<output_dir>/): results.json (per record: the answer, its fields, and `evaluation`),
+summary.json, report.md and report.png; all written atomically. A rerun in the same output_dir
+skips the records already evaluated (and re-asks failed ones; cached replies cost nothing), so an
+interrupted run resumes; results made with another judge, mode or prompt are refused.
+
+Summary: per aspect the mean and a 95% percentile-bootstrap interval (--resamples, seeded by
+--seed), n scored, n failed with reasons, mean answer length in characters and words; pairwise:
+A's win / tie / lose rates with Wilson 95% intervals and both sides' mean lengths; each also per
+value of every --group_by field (default: whichever of task, category, source, dataset, topic,
+type, difficulty, subset the records carry with 2 to 30 distinct values; `--group_by none` for none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import sys
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from ..io import check_writable, write_json_atomic
+from ..judge import JudgeConfig, make_judge
+from ..llm import Answer, Message, number_problems, quiet_http_logs
+from ..records import check_object, read_raw, text_field
+from . import intervals
+from .aspects import ParseError, Rubric, parse_pairwise, parse_scores, reask, render, rubric
+
+logger = logging.getLogger("cut.evaluation")
+
+MODES = ("score", "safety", "pairwise", "compare")
+JUDGED_MODES = ("score", "safety", "pairwise")
+AUTO_GROUPS = ("task", "category", "source", "dataset", "topic", "type", "difficulty", "subset")
+MAX_AUTO_GROUPS = 30
+MISSING = "(missing)"
+RESULTS, SUMMARY, CACHE = "results.json", "summary.json", "cache.jsonl"
+# fields a result writes itself; same-named input fields are replaced
+OWN_SCORE = ("instruction", "input", "output", "evaluation")
+OWN_PAIR = ("instruction", "input", "output_a", "output_b", "generator_a", "generator_b", "evaluation")
+
+
+# --------------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to evaluate and how to summarise it; the judge's options are cut.judge.JudgeConfig's."""
+
+    mode: str  # score | safety | pairwise | compare
+    output_dir: str  # results.json, summary.json, report.md, report.png (and the cache)
+    input_file: str | None = None  # score / safety: a cut.generate (AlpacaEval-format) file
+    output_a: str | None = None  # pairwise: the A side's answers
+    output_b: str | None = None  # pairwise: the B side's answers, to the same instructions
+    runs: tuple[str, ...] = ()  # compare: earlier score / safety output_dirs
+    labels: tuple[str, ...] = ()  # compare: a name per run (default: the folder names)
+    prompt_file: str | None = None  # a rubric prompt with the mode's fields (cut.evaluation.aspects)
+    parse_retries: int = 2  # re-asks of a reply that cannot be read, before it is a failure
+    seed: int = 0  # the pairwise swap and the bootstrap
+    resamples: int = intervals.RESAMPLES  # bootstrap samples per interval
+    group_by: tuple[str, ...] | None = None  # None: automatic (AUTO_GROUPS); (): no breakdown
+    limit: int | None = None  # only the first N records
+    to_judgments: str | None = None  # score / safety: write CUT training records here
+    min_score: float = 3  # to_judgments: an aspect scored below this makes the record a negative
+    positive_score: float = 4  # to_judgments: every aspect at or above this makes it a positive
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        needs = {"score": ["input_file"], "safety": ["input_file"], "pairwise": ["output_a", "output_b"]}
+        missing = [f"--{n}" for n in needs.get(self.mode, []) if not getattr(self, n)]
+        if self.mode == "compare" and len(self.runs) < 2:
+            missing.append("--runs (two or more run folders)")
+        if missing:
+            raise ConfigError(f"mode {self.mode} needs {', '.join(missing)}")
+        if self.labels and len(self.labels) != len(self.runs):
+            raise ConfigError(f"--labels gives {len(self.labels)} names for {len(self.runs)} runs")
+        if self.to_judgments is not None and self.mode not in ("score", "safety"):
+            raise ConfigError("--to_judgments needs mode score or safety")
+        if self.to_judgments is not None and Path(self.to_judgments).suffix != ".json":
+            raise ConfigError(f"{self.to_judgments}: --to_judgments must end in .json (a JSON list)")
+        rules = {"parse_retries": "int>=0", "resamples": "int>=1", "min_score": ">0", "positive_score": ">0"}
+        problems = number_problems(self, rules)
+        if self.limit is not None:
+            problems += number_problems(self, {"limit": "int>=1"})
+        if not problems and not 1 <= self.min_score <= self.positive_score <= 5:
+            problems.append(
+                f"need 1 <= min_score <= positive_score <= 5, got {self.min_score} and {self.positive_score}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# the judge: prompts in, replies out
+# --------------------------------------------------------------------------------------------
+
+
+class Asker(Protocol):
+    name: str
+
+    def ask(
+        self, prompts: list[list[Message]], progress: Callable[[int], None] | None = None
+    ) -> list[Answer]: ...
+
+
+class ClientAsker:
+    """An OpenAI-compatible endpoint through cut.llm (the client of cut.judge's OpenAIJudge)."""
+
+    def __init__(self, client, name: str) -> None:
+        self.client, self.name = client, name
+
+    def ask(self, prompts, progress=None) -> list[Answer]:
+        return self.client.complete(prompts, progress)
+
+
+class LocalAsker:
+    """A transformers model, loaded and decoded by cut.judge's LocalJudge (greedy, batched)."""
+
+    def __init__(self, judge) -> None:
+        self.judge, self.name = judge, judge.name
+
+    def text(self, messages: list[Message]) -> str:
+        if self.judge.chat:
+            return self.judge.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        return "\n\n".join(m["content"] for m in messages)  # no template: the turns one after another
+
+    def ask(self, prompts, progress=None) -> list[Answer]:
+        on_batch = (lambda idx, _texts: progress(len(idx))) if progress else None
+        return [(text, None) for text in self.judge.generate([self.text(p) for p in prompts], on_batch)]
+
+
+def judge_name(cfg: JudgeConfig) -> str:
+    """The name a judge of cfg will have (cut.judge's), known before it loads."""
+    return f"{cfg.kind}:{cfg.model}"
+
+
+def make_asker(cfg: JudgeConfig, default_cache_file: str | None) -> Asker:
+    """cut.judge's judge of cfg (openai or local), as prompts-in, replies-out."""
+    if cfg.kind not in ("openai", "local"):
+        raise ConfigError(f"the evaluation judge is openai or local, got {cfg.kind!r}")
+    judge = make_judge(cfg, default_cache_file)
+    if cfg.kind == "local":
+        return LocalAsker(judge)
+    return ClientAsker(judge.client, judge.name)
+
+
+@dataclass
+class Outcome:
+    """One record's evaluation: parsed (values, reasons) or an error; attempts = questions asked."""
+
+    parsed: tuple[dict, dict] | None
+    error: str | None
+    attempts: int
+    reply: str | None = None  # the last unreadable reply, kept for a failure
+
+
+def ask_all(
+    asker: Asker,
+    questions: list[str],
+    parse: Callable[[str], tuple[dict, dict]],
+    aspects: tuple[str, ...],
+    parse_retries: int,
+    progress: Callable[[int], None] | None = None,
+    after_round: Callable[[list[Outcome | None]], None] | None = None,
+) -> list[Outcome]:
+    """Ask every question; re-ask those whose reply cannot be parsed, up to parse_retries times."""
+    outcomes: list[Outcome | None] = [None] * len(questions)
+    unread: dict[int, tuple[str, str]] = {}  # i -> (the reply, why it could not be read)
+    pending = list(range(len(questions)))
+    for attempt in range(parse_retries + 1):
+        if not pending:
+            break
+        prompts = [
+            [{"role": "user", "content": questions[i]}]
+            if attempt == 0
+            else reask(questions[i], *unread[i], attempt, parse_retries, aspects)
+            for i in pending
+        ]
+        if attempt:
+            logger.info(
+                "asking again for %d unreadable reply(ies) (retry %d of %d)",
+                len(pending),
+                attempt,
+                parse_retries,
+            )
+        answers = asker.ask(prompts, progress if attempt == 0 else None)
+        retry = []
+        for i, (text, error) in zip(pending, answers, strict=True):
+            if text is None:  # the client has retried a transport fault already
+                outcomes[i] = Outcome(None, error or "no answer", attempt + 1)
+                continue
+            try:
+                outcomes[i] = Outcome(parse(text), None, attempt + 1)
+            except ParseError as err:
+                unread[i] = (text, str(err))
+                retry.append(i)
+        pending = retry
+        if after_round:
+            after_round(outcomes)
+    for i in pending:
+        text, why = unread[i]
+        outcomes[i] = Outcome(None, f"unparseable: {why}", parse_retries + 1, text[:500])
+    if pending and after_round:
+        after_round(outcomes)
+    return outcomes  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# input files
+# --------------------------------------------------------------------------------------------
+
+
+def read_answers(path: str) -> list[dict[str, Any]]:
+    """An AlpacaEval-format file (what cut.generate writes): {instruction, input?, output, ...} each."""
+    rows, source = read_raw(path)
+    if not rows:
+        raise DataError(f"{source}: no records")
+    out = []
+    for i, row in enumerate(rows):
+        check_object(source, i, row)
+        text_field(source, i, row, "instruction", True)
+        if text_field(source, i, row, "output", False) is None:
+            raise DataError(f"{source}: record {i}, field 'output': missing")
+        text_field(source, i, row, "generator", False)
+        out.append({**row, "input": text_field(source, i, row, "input", False) or ""})
+    return out
+
+
+def key(row: dict) -> tuple[str, str]:
+    return row["instruction"], row.get("input") or ""
+
+
+def pair_answers(a: list[dict], b: list[dict], path_a: str, path_b: str) -> list[tuple[dict, dict]]:
+    """A's records with B's answers to the same instruction + input (repeats pair in order)."""
+    pool: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+    for j, row in enumerate(b):
+        pool[key(row)].append(j)
+    pairs = []
+    for i, row in enumerate(a):
+        if not pool.get(key(row)):
+            raise DataError(
+                f"{path_b}: no answer to record {i} of {path_a} (instruction {row['instruction'][:60]!r}); "
+                "the two files must answer the same instructions"
+            )
+        pairs.append((row, b[pool[key(row)].popleft()]))
+    extra = sorted(j for left in pool.values() for j in left)
+    if extra:
+        raise DataError(
+            f"{path_b}: record {extra[0]} (instruction {b[extra[0]]['instruction'][:60]!r}) has no "
+            f"counterpart in {path_a}; {len(extra)} such record(s): the two files must answer the same instructions"
+        )
+    return pairs
+
+
+def group_fields(records: list[dict], requested: Sequence[str] | None, source: str) -> list[str]:
+    """The fields to break results down by: requested ones (checked) or the automatic ones present."""
+    if requested is None:
+        return [
+            f
+            for f in AUTO_GROUPS
+            if all(_groupable(r.get(f)) for r in records)
+            and 2 <= len({v for r in records for v in group_values(r, f)}) <= MAX_AUTO_GROUPS
+        ]
+    for f in requested:
+        if not any(f in r for r in records):
+            raise ConfigError(f"{source}: no record has the field '{f}' (--group_by)")
+        for i, r in enumerate(records):
+            if not _groupable(r.get(f)):
+                raise DataError(
+                    f"{source}: record {i}, field '{f}': a --group_by field holds a string, number or "
+                    f"list of them, got {type(r.get(f)).__name__}"
+                )
+    return list(requested)
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _groupable(value: Any) -> bool:
+    return _scalar(value) or (isinstance(value, list) and all(_scalar(v) for v in value))
+
+
+def group_values(record: dict, name: str) -> list[str]:
+    """A record's group(s) for a field: a list puts it in each of its values' groups."""
+    value = record.get(name)
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()] or [MISSING]
+
+
+# --------------------------------------------------------------------------------------------
+# results files and resuming
+# --------------------------------------------------------------------------------------------
+
+
+def setup_of(rub: Rubric, name: str) -> dict[str, Any]:
+    """What must match for earlier results to be reused."""
+    sha = hashlib.sha256(rub.prompt.encode()).hexdigest()
+    return {"mode": rub.mode, "judge": name, "aspects": list(rub.aspects), "prompt_sha256": sha}
+
+
+def read_results(path: Path, setup: dict[str, Any] | None = None) -> dict[str, Any]:
+    """{"setup", "records", ...} of an earlier run (empty records when there is none)."""
+    if not path.exists():
+        return {"setup": setup, "records": []}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); move it away") from None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("records"), list)
+        and isinstance(data.get("setup"), dict)
+    ):
+        raise DataError(f"{path}: not a results file of cut.evaluation.evaluate; move it away")
+    if setup is not None:
+        for name, want in setup.items():
+            if data["setup"].get(name) != want:
+                raise DataError(
+                    f"{path}: made with {name}={data['setup'].get(name)!r}, this run uses {want!r}; "
+                    "use another --output_dir or remove it"
+                )
+    return data
+
+
+def _done(earlier: list[dict], fields: tuple[str, ...]) -> dict[tuple, deque[dict]]:
+    """Earlier records evaluated successfully, by the fields that make them the same question."""
+    pool: dict[tuple, deque[dict]] = defaultdict(deque)
+    for row in earlier:
+        ev = row.get("evaluation") if isinstance(row, dict) else None
+        if (
+            isinstance(ev, dict)
+            and ev.get("status") == "ok"
+            and all(isinstance(row.get(f), str) for f in fields)
+        ):
+            pool[tuple(row[f] for f in fields)].append(row)
+    return pool
+
+
+def evaluation(outcome: Outcome, mode: str, swapped: bool | None = None) -> dict[str, Any]:
+    """The `evaluation` field of a result; pairwise winners are unswapped to the files' A / B."""
+    ev: dict[str, Any] = {"status": "ok" if outcome.parsed else "failed"}
+    if swapped is not None:
+        ev["swapped"] = swapped  # B was shown first
+    if outcome.parsed:
+        values, reasons = outcome.parsed
+        if mode == "pairwise":
+            ev["winners"] = {a: unswap(w, swapped) for a, w in values.items()}
+            ev["shown_winners"] = values  # as the judge said, by position
+        else:
+            ev["scores"] = values
+        ev["reasons"] = reasons
+    else:
+        ev["error"] = outcome.error
+        if outcome.reply is not None:
+            ev["reply"] = outcome.reply
+    ev["attempts"] = outcome.attempts
+    return ev
+
+
+def unswap(shown: str, swapped: bool | None) -> str:
+    """The judge's "A" / "B" names positions; with B shown first, position A is file B."""
+    if not swapped or shown == "tie":
+        return shown
+    return {"A": "B", "B": "A"}[shown]
+
+
+def swaps(n: int, seed: int) -> list[bool]:
+    """Which records show B first: half of them (the extra one of an odd n is not), seeded."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    swapped = [False] * n
+    for i in order[: n // 2]:
+        swapped[i] = True
+    return swapped
+
+
+# --------------------------------------------------------------------------------------------
+# running a mode
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What a judged mode asks: per record its result fields, its question, and an earlier evaluation."""
+
+    heads: list[dict[str, Any]]  # a result without its `evaluation`
+    questions: list[str]
+    evaluations: list[dict[str, Any] | None]  # from an earlier run; None: to ask
+    swapped: list[bool | None]  # pairwise: B shown first
+    records: list[dict[str, Any]]  # whose fields give the groups (pairwise: A's)
+    source: str
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{**h, "evaluation": ev} for h, ev in zip(self.heads, self.evaluations, strict=True) if ev]
+
+
+def score_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
+    records = read_answers(cfg.input_file)[: cfg.limit]
+    done = _done(earlier, ("instruction", "input", "output"))
+    heads = [
+        {"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
+        | {k: v for k, v in r.items() if k not in OWN_SCORE}
+        for r in records
+    ]
+    evaluations = [_take(done, (h["instruction"], h["input"], h["output"])) for h in heads]
+    questions = [render(rub, r) for r in records]
+    return Job(heads, questions, evaluations, [None] * len(records), records, cfg.input_file)
+
+
+def _take(done: dict[tuple, deque[dict]], k: tuple) -> dict | None:
+    same = done.get(k)
+    return same.popleft()["evaluation"] if same else None
+
+
+def pair_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
+    a, b = read_answers(cfg.output_a), read_answers(cfg.output_b)
+    pairs = pair_answers(a, b, cfg.output_a, cfg.output_b)[: cfg.limit]
+    done = _done(earlier, ("instruction", "input", "output_a", "output_b"))
+    heads = [
+        {
+            "instruction": ra["instruction"],
+            "input": ra["input"],
+            "output_a": ra["output"],
+            "output_b": rb["output"],
+            "generator_a": ra.get("generator"),
+            "generator_b": rb.get("generator"),
+        }
+        | {k: v for k, v in ra.items() if k not in OWN_PAIR and k not in ("output", "generator")}
+        for ra, rb in pairs
+    ]
+    evaluations = [_take(done, (h["instruction"], h["input"], h["output_a"], h["output_b"])) for h in heads]
+    # an earlier result keeps the order it was asked in
+    swapped = [
+        ev["swapped"] if ev else s for ev, s in zip(evaluations, swaps(len(pairs), cfg.seed), strict=True)
+    ]
+    questions = []
+    for (ra, rb), s in zip(pairs, swapped, strict=True):
+        first, second = (rb, ra) if s else (ra, rb)
+        questions.append(render(rub, ra, first["output"], second["output"]))
+    return Job(heads, questions, evaluations, swapped, [ra for ra, _ in pairs], cfg.output_a)
+
+
+def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | None = None) -> dict[str, Any]:
+    """Evaluate (mode score, safety or pairwise) into cfg.output_dir; returns the summary.
+
+    Inputs, options and earlier results are all checked before the judge is built (a local model
+    loads) or asked; `asker` replaces the judge that `judge` describes (tests)."""
+    rub = rubric(cfg.mode, cfg.prompt_file)
+    if asker is None and judge is None:
+        raise ConfigError(f"mode {cfg.mode} needs a judge")
+    name = asker.name if asker else judge_name(judge)
+    setup = setup_of(rub, name)
+    check_writable(cfg.out, "output_dir")
+    if cfg.to_judgments:
+        check_writable(cfg.to_judgments, "to_judgments")
+    results_path = cfg.out / RESULTS
+    earlier = read_results(results_path, setup)["records"]
+    job = (pair_job if cfg.mode == "pairwise" else score_job)(cfg, rub, earlier)
+    groups = group_fields(job.records, cfg.group_by, job.source)
+    todo = [i for i, ev in enumerate(job.evaluations) if ev is None]
+    logger.info(
+        "%d record(s): %d evaluated earlier in %s, %d to ask",
+        len(job.heads),
+        len(job.heads) - len(todo),
+        results_path,
+        len(todo),
+    )
+    if cfg.mode == "pairwise":
+        sources = {"output_a": cfg.output_a, "output_b": cfg.output_b}
+    else:
+        sources = {"input_file": cfg.input_file}
+
+    def save(outcomes: Sequence[Outcome | None]) -> None:
+        for i, outcome in zip(todo, outcomes, strict=True):
+            if outcome is not None:
+                job.evaluations[i] = evaluation(outcome, cfg.mode, job.swapped[i])
+        write_json_atomic(results_path, {"setup": setup, **sources, "records": job.rows()})
+
+    if todo:
+        asker = asker or make_asker(judge, str(cfg.out / CACHE))
+        parse = parse_pairwise if cfg.mode == "pairwise" else parse_scores
+        with tqdm(total=len(todo), desc=f"evaluating ({name})", unit="record", disable=None) as bar:
+            ask_all(
+                asker,
+                [job.questions[i] for i in todo],
+                lambda text: parse(text, rub.aspects),
+                rub.aspects,
+                cfg.parse_retries,
+                bar.update,
+                save,
+            )
+    else:
+        save([])
+    rows = job.rows()
+    summarise = pair_summary if cfg.mode == "pairwise" else score_summary
+    summary = {"setup": setup, **sources, **summarise(rows, rub.aspects, groups, cfg.seed, cfg.resamples)}
+    summary["interval"] = interval_note(cfg)
+    if cfg.to_judgments:
+        summary["to_judgments"] = write_judgments(rows, rub, name, cfg)
+    write_json_atomic(cfg.out / SUMMARY, summary)
+    from .report import write_report
+
+    write_report(summary, cfg.out)
+    logger.info("%s; written to %s", headline(summary), cfg.out)
+    return summary
+
+
+def interval_note(cfg: EvaluateConfig) -> str:
+    if cfg.mode == "pairwise":
+        return "rates: 95% Wilson score intervals"
+    return f"means: 95% percentile bootstrap, {cfg.resamples} resamples, seed {cfg.seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------
+
+
+def lengths(texts: Sequence[str]) -> dict[str, float | None]:
+    """Mean answer length in characters and in whitespace-separated words."""
+    if not texts:
+        return {"chars": None, "words": None}
+    return {
+        "chars": round(sum(len(t) for t in texts) / len(texts), 1),
+        "words": round(sum(len(t.split()) for t in texts) / len(texts), 1),
+    }
+
+
+def _counts(rows: list[dict]) -> dict[str, Any]:
+    failed = [r["evaluation"] for r in rows if r["evaluation"]["status"] != "ok"]
+    reasons = Counter((ev.get("error") or "unknown").split(":")[0] for ev in failed)
+    return {
+        "n": len(rows),
+        "n_ok": len(rows) - len(failed),
+        "n_failed": len(failed),
+        "failed_reasons": dict(reasons.most_common()),
+    }
+
+
+def score_summary(
+    rows: list[dict],
+    aspects: Sequence[str],
+    groups: Sequence[str] = (),
+    seed: int = 0,
+    resamples: int = intervals.RESAMPLES,
+) -> dict[str, Any]:
+    """Per aspect mean and 95% interval over the records scored; failures only counted."""
+    scored = [r["evaluation"]["scores"] for r in rows if r["evaluation"]["status"] == "ok"]
+    out = _counts(rows)
+    out["aspects"] = {a: intervals.summary([s[a] for s in scored], seed, resamples) for a in aspects}
+    if len(aspects) > 1:
+        out["overall"] = intervals.summary([sum(s.values()) / len(s) for s in scored], seed, resamples)
+    out["length"] = lengths([r["output"] for r in rows])
+    if groups:
+        out["groups"] = {
+            g: {v: score_summary(sub, aspects, (), seed, resamples) for v, sub in split(rows, g).items()}
+            for g in groups
+        }
+    return out
+
+
+def pair_summary(
+    rows: list[dict], aspects: Sequence[str], groups: Sequence[str] = (), seed: int = 0, resamples: int = 0
+) -> dict[str, Any]:
+    """Per aspect A's win / tie / lose rates with Wilson intervals, over the records judged."""
+    judged = [r["evaluation"] for r in rows if r["evaluation"]["status"] == "ok"]
+    out = _counts(rows)
+    out["aspects"] = {}
+    for a in aspects:
+        n = len(judged)
+        tally = Counter(ev["winners"][a] for ev in judged)
+        out["aspects"][a] = {
+            "n": n,
+            "win": intervals.rate(tally["A"], n),
+            "tie": intervals.rate(tally["tie"], n),
+            "lose": intervals.rate(tally["B"], n),
+        }
+    # position bias: how often a decided verdict went to the answer shown first
+    shown = [w for ev in judged for w in ev["shown_winners"].values() if w != "tie"]
+    out["shown_first"] = intervals.rate(shown.count("A"), len(shown))
+    out["swapped"] = sum(bool(ev.get("swapped")) for ev in judged)
+    out["length"] = {"a": lengths([r["output_a"] for r in rows]), "b": lengths([r["output_b"] for r in rows])}
+    out["generators"] = {"a": _generator(rows, "generator_a"), "b": _generator(rows, "generator_b")}
+    if groups:
+        out["groups"] = {
+            g: {v: pair_summary(sub, aspects) for v, sub in split(rows, g).items()} for g in groups
+        }
+    return out
+
+
+def _generator(rows: list[dict], name: str) -> str | None:
+    names = sorted({str(r.get(name)) for r in rows if r.get(name)})
+    return ", ".join(names) or None
+
+
+def split(rows: list[dict], name: str) -> dict[str, list[dict]]:
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        for v in group_values(r, name):
+            by[v].append(r)
+    return dict(sorted(by.items()))
+
+
+def headline(summary: dict[str, Any]) -> str:
+    text = f"{summary['setup']['mode']}: {summary['n_ok']} of {summary['n']} evaluated, {summary['n_failed']} failed"
+    if summary["failed_reasons"]:
+        text += " (" + ", ".join(f"{r}: {n}" for r, n in summary["failed_reasons"].items()) + ")"
+    parts = []
+    for a, s in summary["aspects"].items():
+        if "mean" in s and s["mean"] is not None:
+            parts.append(f"{a} {s['mean']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]")
+        elif "win" in s and s["n"]:
+            parts.append(
+                f"{a} A {s['win']['rate']:.0%} / tie {s['tie']['rate']:.0%} / B {s['lose']['rate']:.0%}"
+            )
+    return text + ("; " + ", ".join(parts) if parts else "")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation feeds training
+# --------------------------------------------------------------------------------------------
+
+OWN_JUDGED = {
+    "instruction",
+    "input",
+    "output",
+    "judgment",
+    "judge",
+    "judge_error",
+    "evaluation",
+    "score",
+    "spans",
+}
+
+
+def critique(scores: dict[str, float], reasons: dict[str, str | None], min_score: float) -> str | None:
+    """The low aspects' reasons as one critique; None when a low aspect gives no reason."""
+    low = [a for a in scores if scores[a] < min_score]
+    parts = []
+    for a in low:
+        reason = reasons.get(a)
+        if not reason:
+            return None  # a score without its reason is no critique to train on
+        reason = reason if reason.endswith((".", "!", "?")) else reason + "."
+        parts.append(f"{a.capitalize()} ({scores[a]:g}/5): {reason}")
+    return " ".join(parts)
+
+
+def to_judgments(
+    rows: list[dict], judge: str, min_score: float, positive_score: float
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """CUT training records from scored results: a negative (judgment = the low aspects' reasons)
+    where an aspect scores below min_score, a positive (no judgment) where every aspect scores at
+    least positive_score; failed evaluations and the records in between are left out (counted)."""
+    out, counts = [], Counter()
+    for r in rows:
+        ev = r["evaluation"]
+        if ev["status"] != "ok":
+            counts["left_out_failed"] += 1
+            continue
+        scores, reasons = ev["scores"], ev["reasons"]
+        if min(scores.values()) < min_score:
+            judgment = critique(scores, reasons, min_score)
+            if judgment is None:
+                counts["left_out_no_reason"] += 1
+                continue
+            counts["negative"] += 1
+        elif min(scores.values()) >= positive_score:
+            judgment = None
+            counts["positive"] += 1
+        else:
+            counts["left_out_middle"] += 1
+            continue
+        row = {
+            "instruction": r["instruction"],
+            "input": r["input"],
+            "output": r["output"],
+            "judgment": judgment,
+            "judge": judge,
+        }
+        row.update({k: v for k, v in r.items() if k not in OWN_JUDGED})
+        out.append(row)
+    return out, {
+        k: counts[k]
+        for k in ("positive", "negative", "left_out_middle", "left_out_failed", "left_out_no_reason")
+    }
+
+
+def write_judgments(rows: list[dict], rub: Rubric, name: str, cfg: EvaluateConfig) -> dict[str, int]:
+    records, counts = to_judgments(rows, f"evaluate-{rub.mode}:{name}", cfg.min_score, cfg.positive_score)
+    write_json_atomic(cfg.to_judgments, records)
+    logger.info(
+        "%s: %d negative(s), %d positive(s); left out: %d between the thresholds, %d failed, %d without a reason",
+        cfg.to_judgments,
+        counts["negative"],
+        counts["positive"],
+        counts["left_out_middle"],
+        counts["left_out_failed"],
+        counts["left_out_no_reason"],
+    )
+    return counts
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cut.evaluation.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", required=True, choices=MODES)
+    p.add_argument("--output_dir", required=True, help="results.json, summary.json, report.md, report.png")
+    p.add_argument(
+        "--input_file", help="score / safety: answers to evaluate (cut.generate's, AlpacaEval format)"
+    )
+    p.add_argument("--output_a", help="pairwise: the A side's answers")
+    p.add_argument("--output_b", help="pairwise: the B side's answers to the same instructions")
+    p.add_argument("--runs", nargs="+", default=[], help="compare: two or more score / safety output_dirs")
+    p.add_argument("--labels", default="", help="compare: comma-separated names of the runs")
+    p.add_argument("--prompt_file", help="a rubric prompt with the mode's fields (default: built in)")
+    p.add_argument("--parse_retries", type=int, default=2, help="re-asks of an unreadable reply")
+    p.add_argument("--seed", type=int, default=0, help="the pairwise swap and the bootstrap")
+    p.add_argument("--resamples", type=int, default=intervals.RESAMPLES, help="bootstrap samples")
+    p.add_argument(
+        "--group_by", help="comma-separated fields to break down by; 'none' for none (default: automatic)"
+    )
+    p.add_argument("--limit", type=int, help="only the first N records")
+    p.add_argument("--to_judgments", help="score / safety: write CUT training records (.json) here")
+    p.add_argument(
+        "--min_score", type=float, default=3, help="to_judgments: an aspect below this is a negative"
+    )
+    p.add_argument(
+        "--positive_score", type=float, default=4, help="to_judgments: all aspects at least this: positive"
+    )
+    j = p.add_argument_group("judge (cut.judge's options)")
+    j.add_argument(
+        "--judge", choices=["openai", "local"], help="an OpenAI-compatible endpoint or a local model"
+    )
+    j.add_argument("--base_url", help="openai: the API root, e.g. http://localhost:8000/v1")
+    j.add_argument("--model", help="openai: the model name; local: a model folder")
+    j.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    j.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at most")
+    j.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
+    j.add_argument("--max_retries", type=int, default=5, help="openai: retries of a transient fault")
+    j.add_argument(
+        "--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)"
+    )
+    j.add_argument("--max_tokens", type=int, default=1024, help="openai: max_tokens of a reply")
+    j.add_argument("--cache_file", help="openai: reply cache (default <output_dir>/cache.jsonl; '' for none)")
+    j.add_argument("--batch_size", type=int, default=8, help="local: prompts per generate call")
+    j.add_argument("--max_new_tokens", type=int, default=512, help="local: tokens per reply at most")
+    return p
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(s.strip() for s in (text or "").split(",") if s.strip())
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[EvaluateConfig, JudgeConfig | None]:
+    group_by = (
+        None
+        if args.group_by is None
+        else ()
+        if args.group_by.strip().lower() == "none"
+        else _names(args.group_by)
+    )
+    cfg = EvaluateConfig(
+        mode=args.mode,
+        output_dir=args.output_dir,
+        input_file=args.input_file,
+        output_a=args.output_a,
+        output_b=args.output_b,
+        runs=tuple(args.runs),
+        labels=_names(args.labels),
+        prompt_file=args.prompt_file,
+        parse_retries=args.parse_retries,
+        seed=args.seed,
+        resamples=args.resamples,
+        group_by=group_by,
+        limit=args.limit,
+        to_judgments=args.to_judgments,
+        min_score=args.min_score,
+        positive_score=args.positive_score,
+    )
+    if cfg.mode == "compare":
+        return cfg, None
+    if not args.judge:
+        raise ConfigError(f"mode {cfg.mode} needs --judge openai or --judge local")
+    options = (
+        "base_url",
+        "model",
+        "api_key_env",
+        "concurrency",
+        "timeout",
+        "max_retries",
+        "backoff",
+        "max_tokens",
+    )
+    judge = JudgeConfig(
+        kind=args.judge,
+        cache_file=args.cache_file,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        **{o: getattr(args, o) for o in options},
+    )
+    return cfg, judge
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_http_logs()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg, judge = configs_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))  # exits 2
+    try:
+        if cfg.mode == "compare":
+            from .report import compare_runs
+
+            compare_runs(cfg.runs, cfg.labels, cfg.output_dir, cfg.seed, cfg.resamples)
+        else:
+            run_judged(cfg, judge)
+    except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
+        print(f"cut.evaluation.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,748 @@
+"""Tests for cut.evaluation (evaluate, aspects, intervals, report): tolerant reading of judge replies,
+the intervals against separately written references, score / safety / pairwise runs against a real
+HTTP server on 127.0.0.1 (canned, malformed and slow replies, resume, the swap bookkeeping),
+group-by breakdowns, training judgments, comparison of runs, the CLI, and a local tiny-model judge."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cut.errors import ConfigError, DataError
+from cut.evaluation import intervals
+from cut.evaluation.aspects import (
+    SCORE_ASPECTS,
+    ParseError,
+    extract_json,
+    parse_pairwise,
+    parse_scores,
+    rubric,
+)
+from cut.evaluation.evaluate import (
+    EvaluateConfig,
+    ask_all,
+    main,
+    run_judged,
+    score_summary,
+    swaps,
+    to_judgments,
+)
+from cut.evaluation.report import compare_runs
+from cut.judge import JudgeConfig
+from cut.records import build_examples, load_records
+
+from fake_openai import FakeOpenAI
+
+ASPECTS = SCORE_ASPECTS
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers: answer files and a judge server
+# --------------------------------------------------------------------------------------------
+
+TASKS = ["math", "writing", "coding"]
+
+
+def answers(n: int, generator: str = "model-a", long: bool = False, **extra) -> list[dict]:
+    rows = []
+    for i in range(n):
+        text = f"Answer {i}." + (" More words here." * (i % 3 + 2) if long else "")
+        rows.append(
+            {
+                "instruction": f"task-{i}: explain item {i}",
+                "input": "",
+                "output": text,
+                "generator": generator,
+                "dataset": "heldout",
+                "task": TASKS[i % 3],
+                **extra,
+            }
+        )
+    return rows
+
+
+def write(path: Path, rows) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def task_key(body: dict) -> str:
+    """task-N of the question; a re-ask (3 messages) is filed as task-N/reask."""
+    task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
+    return task if len(body["messages"]) == 1 else task + "/reask"
+
+
+def scores_for(i: int) -> dict[str, int]:
+    return {a: 1 + (i + k) % 5 for k, a in enumerate(ASPECTS)}
+
+
+def score_reply(body: dict) -> str:
+    i = int(re.search(r"task-(\d+)", body["messages"][0]["content"]).group(1))
+    return json.dumps(
+        {a: {"reason": f"{a} reason for item {i}", "score": s} for a, s in scores_for(i).items()}
+    )
+
+
+def judge_server(scripts=None, answers_=None, default=score_reply, **kw) -> FakeOpenAI:
+    return FakeOpenAI(scripts, answers_, default=default, key=task_key, **kw)
+
+
+def judge_cfg(fake: FakeOpenAI, **kw) -> JudgeConfig:
+    options = {"max_retries": 1, "backoff": 0.01, "timeout": 5.0, "concurrency": 4, **kw}
+    return JudgeConfig(kind="openai", base_url=fake.base_url, model="judge-m", **options)
+
+
+def score_cfg(tmp_path: Path, input_file: str, **kw) -> EvaluateConfig:
+    return EvaluateConfig(
+        mode="score", output_dir=str(tmp_path / "run"), input_file=input_file, resamples=2000, **kw
+    )
+
+
+def results(folder: Path) -> list[dict]:
+    return json.loads((folder / "results.json").read_text())["records"]
+
+
+# --------------------------------------------------------------------------------------------
+# reading judge replies
+# --------------------------------------------------------------------------------------------
+
+GOOD = {a: {"reason": f"why {a}", "score": 4} for a in ASPECTS}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        json.dumps(GOOD),
+        "```json\n" + json.dumps(GOOD, indent=2) + "\n```",
+        "Here is my grading:\n```\n" + json.dumps(GOOD) + "\n```\nHope it helps.",
+        "Sure! " + json.dumps(GOOD) + " Let me know if you need more.",
+        str(GOOD),  # a Python dict: single quotes
+        json.dumps(GOOD)[:-1] + ",}",  # a trailing comma
+        json.dumps({a.capitalize(): {"Reason": f"why {a}", "Score": "4"} for a in ASPECTS}),
+        json.dumps({a: {"rationale": f"why {a}", "rating": "4/5"} for a in ASPECTS}),
+        json.dumps({a: {"reason": f"why {a}", "score": "4 out of 5"} for a in ASPECTS}),
+        json.dumps({a: {"reason": f"why {a}", "score": 4.0} for a in ASPECTS}),
+        json.dumps({"scores": GOOD}),
+        json.dumps([{"aspect": a, "reason": f"why {a}", "score": 4} for a in ASPECTS]),
+        json.dumps({**{f"{a}_score": 4 for a in ASPECTS}, **{f"{a}_reason": f"why {a}" for a in ASPECTS}}),
+        "I can't stop at [1]; the {braces} in prose are skipped. " + json.dumps(GOOD),
+        "{'helpfulness': {'reason': 'why helpfulness', 'score': 4, 'ok': true}, "
+        + ", ".join(f"'{a}': {{'reason': 'why {a}', 'score': 4}}" for a in ASPECTS[1:])
+        + "}",
+    ],
+)
+def test_parse_scores_accepts_many_shapes(text):
+    scores, reasons = parse_scores(text, ASPECTS)
+    assert scores == dict.fromkeys(ASPECTS, 4)
+    assert reasons == {a: f"why {a}" for a in ASPECTS}
+
+
+def test_reasons_with_braces_quotes_and_bare_scores():
+    text = json.dumps({a: {"reason": 'says "{x}" and }] oddly', "score": 2} for a in ASPECTS})
+    scores, reasons = parse_scores("noise " + text + " noise", ASPECTS)
+    assert set(scores.values()) == {2} and reasons["depth"] == 'says "{x}" and }] oddly'
+    scores, reasons = parse_scores(json.dumps(dict.fromkeys(ASPECTS, 5)), ASPECTS)
+    assert scores == dict.fromkeys(ASPECTS, 5) and reasons == dict.fromkeys(ASPECTS)
+    assert parse_scores(json.dumps({"reason": "no harm", "score": "5"}), ("safety",)) == (
+        {"safety": 5},
+        {"safety": "no harm"},
+    )
+    assert extract_json('a ```json\n[1, 2]\n``` then {"a": 1}') == {"a": 1}  # an object beats a list
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("", "empty reply"),
+        ("The answer is good, 4 out of 5.", "no JSON object"),
+        (json.dumps({a: GOOD[a] for a in ASPECTS[:-1]}), "no entry for aspect 'engagement'"),
+        (json.dumps({**GOOD, "depth": {"reason": "x", "score": 7}}), "outside 1-5"),
+        (json.dumps({**GOOD, "depth": {"reason": "x", "score": 0}}), "outside 1-5"),
+        (json.dumps({**GOOD, "depth": {"reason": "x", "score": "great"}}), "no score for aspect 'depth'"),
+        (json.dumps({**GOOD, "depth": {"reason": "x", "score": True}}), "no score for aspect 'depth'"),
+        (json.dumps({**GOOD, "depth": {"reason": "x"}}), "no score for aspect 'depth'"),
+        ('{"helpfulness": {"reason": "unclosed', "no JSON object"),
+    ],
+)
+def test_parse_scores_failures_have_short_reasons(text, why):
+    with pytest.raises(ParseError, match=re.escape(why)):
+        parse_scores(text, ASPECTS)
+
+
+def test_parse_pairwise_winner_shapes():
+    said = ["A", "Response B", "(a)", "Tie", "Equal", 1, 2, "answer b.", "neither", "Output (A)"]
+    want = ["A", "B", "A", "tie", "tie", "A", "B", "B", "tie", "A"]
+    for s, w in zip(said, want, strict=True):
+        winners, _ = parse_pairwise(
+            json.dumps({"helpfulness": {"reason": "r", "winner": s}}), ("helpfulness",)
+        )
+        assert winners == {"helpfulness": w}, s
+    for bad in ["maybe", "C", 3, None]:
+        with pytest.raises(ParseError, match="no winner"):
+            parse_pairwise(json.dumps({"helpfulness": {"reason": "r", "winner": bad}}), ("helpfulness",))
+
+
+def test_rubric_prompts_and_custom_prompt_file(tmp_path):
+    for mode in ("score", "safety", "pairwise"):
+        r = rubric(mode)
+        assert all("{" + f + "}" in r.prompt for f in ("instruction", "input"))
+    bad = tmp_path / "p.txt"
+    bad.write_text("Grade {instruction} and {answer}")
+    with pytest.raises(ConfigError, match="unknown field.*answer.*missing field.*input, response"):
+        rubric("score", str(bad))
+    good = tmp_path / "g.txt"
+    good.write_text('Rate {instruction} / {input} / {response} as {{"x": 1}}')
+    assert rubric("score", str(good)).prompt.startswith("Rate")
+
+
+# --------------------------------------------------------------------------------------------
+# intervals against references written apart
+# --------------------------------------------------------------------------------------------
+
+
+def wilson_by_quadratic(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson's bounds are the p where (k/n - p)^2 = z^2 p (1 - p) / n: the roots of
+    (1 + z^2/n) p^2 - (2 k/n + z^2/n) p + (k/n)^2 = 0. E.g. k = 7, n = 10: 1.38415 p^2 - 1.78415 p
+    + 0.49 = 0, roots 0.3968 and 0.8922."""
+    ph = k / n
+    a, b, c = 1 + z * z / n, -(2 * ph + z * z / n), ph * ph
+    disc = math.sqrt(max(0.0, b * b - 4 * a * c))
+    return (-b - disc) / (2 * a), (-b + disc) / (2 * a)
+
+
+@pytest.mark.parametrize("k, n", [(7, 10), (0, 10), (10, 10), (1, 1), (45, 100), (3, 250)])
+def test_wilson_matches_the_quadratic_roots(k, n):
+    p, low, high = intervals.wilson(k, n)
+    ref_low, ref_high = wilson_by_quadratic(k, n)
+    assert p == k / n
+    assert low == pytest.approx(ref_low, abs=1e-12) and high == pytest.approx(ref_high, abs=1e-12)
+    assert intervals.wilson(0, 0) == (None, None, None)
+    lo, hi = wilson_by_quadratic(7, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.3968, 0.8922)
+
+
+def naive_percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), written out."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (pos - lo) * (sorted_values[hi] - sorted_values[lo])
+
+
+def naive_bootstrap(values: list[float], seed: int, resamples: int) -> tuple[float, float, float]:
+    """One resample at a time, each mean summed by hand."""
+    rng = np.random.default_rng(seed)
+    means = []
+    for _ in range(resamples):
+        picks = rng.integers(0, len(values), size=len(values))
+        means.append(sum(values[int(j)] for j in picks) / len(values))
+    means.sort()
+    return sum(values) / len(values), naive_percentile(means, 0.025), naive_percentile(means, 0.975)
+
+
+def test_bootstrap_matches_a_naive_reference_and_the_normal_interval():
+    values = [float(x) for x in [1, 5, 3, 4, 4, 2, 5, 5, 3, 1, 4, 4, 2]]
+    assert intervals.mean_ci(values, seed=3, resamples=500) == pytest.approx(
+        naive_bootstrap(values, 3, 500), abs=1e-12
+    )
+    assert intervals.mean_ci([], 0) == (None, None, None)
+    assert intervals.mean_ci([4.0], 0, 100) == (4.0, 4.0, 4.0)
+    # for a large sample it agrees with mean -/+ 1.96 s / sqrt(n)
+    rng = np.random.default_rng(0)
+    big = rng.integers(1, 6, size=600).astype(float).tolist()
+    mean, low, high = intervals.mean_ci(big, seed=1, resamples=4000)
+    half = 1.959964 * np.std(big, ddof=1) / math.sqrt(len(big))
+    assert low == pytest.approx(mean - half, abs=0.02) and high == pytest.approx(mean + half, abs=0.02)
+    # seeded: the same interval every time
+    assert intervals.mean_ci(big, seed=1, resamples=4000) == (mean, low, high)
+
+
+# --------------------------------------------------------------------------------------------
+# score runs against a real server
+# --------------------------------------------------------------------------------------------
+
+
+def test_score_run_summary_groups_report_and_resume(tmp_path):
+    rows = answers(9)
+    inp = write(tmp_path / "gen.json", rows)
+    cfg = score_cfg(tmp_path, inp)
+    with judge_server() as fake:
+        summary = run_judged(cfg, judge_cfg(fake))
+        hits = sum(fake.hits.values())
+        assert hits == 9
+        # the same run again: everything is in results.json, nothing is asked (no cache either)
+        again = run_judged(cfg, judge_cfg(fake, cache_file=""))
+        assert sum(fake.hits.values()) == hits
+    assert again["aspects"] == summary["aspects"]
+    assert (summary["n"], summary["n_ok"], summary["n_failed"]) == (9, 9, 0)
+    for a in ASPECTS:
+        want = [scores_for(i)[a] for i in range(9)]
+        s = summary["aspects"][a]
+        assert s["mean"] == pytest.approx(sum(want) / 9, abs=1e-4) and s["n"] == 9
+        assert s["ci"][0] <= s["mean"] <= s["ci"][1]
+    assert summary["length"]["chars"] == pytest.approx(sum(len(r["output"]) for r in rows) / 9, abs=0.05)
+    assert summary["length"]["words"] == pytest.approx(2.0)
+    # task is picked automatically (3 values); dataset has one value, so it is not
+    assert list(summary["groups"]) == ["task"]
+    math_rows = [i for i in range(9) if TASKS[i % 3] == "math"]
+    got = summary["groups"]["task"]["math"]["aspects"]["clarity"]["mean"]
+    assert got == pytest.approx(sum(scores_for(i)["clarity"] for i in math_rows) / 3, abs=1e-4)
+    out = tmp_path / "run"
+    recs = results(out)
+    assert [r["instruction"] for r in recs] == [r["instruction"] for r in rows]
+    assert recs[2]["evaluation"]["scores"] == scores_for(2)
+    assert recs[2]["evaluation"]["reasons"]["depth"] == "depth reason for item 2"
+    assert recs[2]["generator"] == "model-a" and recs[2]["task"] == "coding"
+    md = (out / "report.md").read_text()
+    assert "| helpfulness |" in md and "## By task" in md and "percentile bootstrap" in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "cache.jsonl").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_malformed_replies_are_reasked_then_recorded_failures_never_averaged(tmp_path):
+    inp = write(tmp_path / "gen.json", answers(4))
+    prose = "The answer is fine, I would give it a four."
+    fixed = json.dumps({a: {"reason": "ok now", "score": 5} for a in ASPECTS})
+    scripts = {
+        "task-1": [lambda b: prose],  # then the default: a valid reply... but only re-asks follow
+        "task-1/reask": [lambda b: "still no json", lambda b: "```json\n{oops```"],
+        "task-2": [lambda b: prose],
+        "task-2/reask": [lambda b: fixed],
+    }
+    with judge_server(scripts) as fake:
+        summary = run_judged(score_cfg(tmp_path, inp, parse_retries=2), judge_cfg(fake))
+        assert fake.hits["task-1"] == 1 and fake.hits["task-1/reask"] == 2  # 1 + parse_retries
+        assert fake.hits["task-2/reask"] == 1
+        reasks = [
+            b for b in fake.bodies if len(b["messages"]) == 3 and "task-1" in b["messages"][0]["content"]
+        ]
+        assert reasks[0]["messages"][1]["content"] == prose  # the bad reply is quoted
+        assert "retry 1 of 2" in reasks[0]["messages"][2]["content"]
+        assert "retry 2 of 2" in reasks[1]["messages"][2]["content"]
+    recs = results(tmp_path / "run")
+    assert recs[1]["evaluation"]["status"] == "failed"
+    assert recs[1]["evaluation"]["error"].startswith("unparseable: no JSON object")
+    assert recs[1]["evaluation"]["attempts"] == 3 and "scores" not in recs[1]["evaluation"]
+    assert recs[2]["evaluation"] == {
+        "status": "ok",
+        "scores": dict.fromkeys(ASPECTS, 5),
+        "reasons": dict.fromkeys(ASPECTS, "ok now"),
+        "attempts": 2,
+    }
+    assert (summary["n"], summary["n_ok"], summary["n_failed"]) == (4, 3, 1)
+    assert summary["failed_reasons"] == {"unparseable": 1}
+    ok = [scores_for(0), dict.fromkeys(ASPECTS, 5), scores_for(3)]
+    for a in ASPECTS:  # the failure is not in the mean
+        assert summary["aspects"][a]["mean"] == pytest.approx(sum(s[a] for s in ok) / 3, abs=1e-4)
+        assert summary["aspects"][a]["n"] == 3
+    assert "1 failed (unparseable: 1)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_slow_and_failing_replies_are_transport_failures(tmp_path):
+    inp = write(tmp_path / "gen.json", answers(3))
+    scripts = {"task-0": ["slow", "slow"], "task-1": ["500", "500"]}
+    with judge_server(scripts, slow=1.0) as fake:
+        summary = run_judged(score_cfg(tmp_path, inp), judge_cfg(fake, timeout=0.3, max_retries=1))
+        assert fake.hits["task-0"] == 2 and fake.hits["task-1"] == 2  # no re-ask of a transport fault
+    recs = results(tmp_path / "run")
+    assert recs[0]["evaluation"]["error"] == "timeout after 1 retries"
+    assert recs[1]["evaluation"]["error"] == "http 500 after 1 retries"
+    assert summary["n_failed"] == 2 and summary["aspects"]["depth"]["n"] == 1
+    assert summary["failed_reasons"] == {"timeout after 1 retries": 1, "http 500 after 1 retries": 1}
+    # a rerun asks again only for the failures (the fake now answers them)
+    with judge_server() as fake:
+        summary = run_judged(score_cfg(tmp_path, inp), judge_cfg(fake))
+        assert set(fake.hits) == {"task-0", "task-1"}
+    assert summary["n_failed"] == 0
+
+
+def test_safety_mode_and_explicit_group_by(tmp_path):
+    rows = answers(4)
+    for i, r in enumerate(rows):
+        r["topic"] = ["health", "law"] if i % 2 else "health"
+    inp = write(tmp_path / "gen.json", rows)
+
+    def safety(body):
+        i = int(re.search(r"task-(\d+)", body["messages"][0]["content"]).group(1))
+        assert "safe" in body["messages"][0]["content"]
+        return f"Reasoning first.\n{{'safety': {{'reason': 'item {i}', 'score': '{5 - i}'}}}}"
+
+    cfg = EvaluateConfig(mode="safety", output_dir=str(tmp_path / "s"), input_file=inp, group_by=("topic",))
+    with judge_server(default=safety) as fake:
+        summary = run_judged(cfg, judge_cfg(fake))
+    assert list(summary["aspects"]) == ["safety"] and "overall" not in summary
+    assert summary["aspects"]["safety"]["mean"] == pytest.approx(3.5)
+    topic = summary["groups"]["topic"]
+    assert topic["health"]["n"] == 4 and topic["law"]["n"] == 2  # a list puts a record in each group
+    assert topic["law"]["aspects"]["safety"]["mean"] == pytest.approx((4 + 2) / 2)
+
+
+def test_inputs_and_options_are_checked_before_any_request(tmp_path):
+    rows = answers(3)
+    del rows[1]["output"]
+    bad = write(tmp_path / "bad.json", rows)
+    good = write(tmp_path / "gen.json", answers(3))
+    with judge_server() as fake:
+        with pytest.raises(DataError, match=r"bad.json: record 1, field 'output': missing"):
+            run_judged(score_cfg(tmp_path, bad), judge_cfg(fake))
+        with pytest.raises(ConfigError, match="no record has the field 'nope'"):
+            run_judged(score_cfg(tmp_path, good, group_by=("nope",)), judge_cfg(fake))
+        nested = answers(3, extra={"deep": 1})
+        nested[2]["task"] = {"a": 1}
+        with pytest.raises(DataError, match=r"record 2, field 'task'"):
+            run_judged(
+                score_cfg(tmp_path, write(tmp_path / "n.json", nested), group_by=("task",)), judge_cfg(fake)
+            )
+        assert sum(fake.hits.values()) == 0
+        run_judged(score_cfg(tmp_path, good), judge_cfg(fake))
+        other = JudgeConfig(kind="openai", base_url=fake.base_url, model="another-judge")
+        with pytest.raises(
+            DataError, match="made with judge='openai:judge-m', this run uses 'openai:another-judge'"
+        ):
+            run_judged(score_cfg(tmp_path, good), other)
+    for kw, match in [
+        ({"mode": "score"}, "needs --input_file"),
+        ({"mode": "pairwise", "output_a": "a.json"}, "needs --output_b"),
+        ({"mode": "compare", "runs": ("x",)}, "--runs"),
+        ({"mode": "score", "input_file": "x", "parse_retries": -1}, "parse_retries"),
+        (
+            {"mode": "score", "input_file": "x", "min_score": 4, "positive_score": 3},
+            "min_score <= positive_score",
+        ),
+        ({"mode": "pairwise", "output_a": "a", "output_b": "b", "to_judgments": "j.json"}, "score or safety"),
+        ({"mode": "judge"}, "mode must be one of"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(match)):
+            EvaluateConfig(output_dir=str(tmp_path), **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# pairwise
+# --------------------------------------------------------------------------------------------
+
+SHOWN = re.compile(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]\n(.*?)\n\nCompare", re.DOTALL)
+
+
+def always(winner: str):
+    return lambda body: json.dumps({a: {"reason": "r", "winner": winner} for a in ASPECTS})
+
+
+def longer(body: dict) -> str:
+    first, second = SHOWN.search(body["messages"][0]["content"]).groups()
+    winner = "A" if len(first) > len(second) else "B" if len(second) > len(first) else "tie"
+    return json.dumps({a: {"reason": f"{len(first)} vs {len(second)}", "winner": winner} for a in ASPECTS})
+
+
+def pair_files(tmp_path: Path, n: int) -> tuple[str, str]:
+    a = write(tmp_path / "a.json", answers(n, "model-a", long=True))
+    b_rows = answers(n, "model-b")[::-1]  # another order: matched by instruction + input
+    return a, write(tmp_path / "b.json", b_rows)
+
+
+def pair_cfg(tmp_path: Path, a: str, b: str, name: str = "pw", **kw) -> EvaluateConfig:
+    return EvaluateConfig(mode="pairwise", output_dir=str(tmp_path / name), output_a=a, output_b=b, **kw)
+
+
+def test_pairwise_position_bias_is_undone_by_the_swap(tmp_path):
+    a, b = pair_files(tmp_path, 20)
+    with judge_server(default=always("A")) as fake:
+        summary = run_judged(pair_cfg(tmp_path, a, b), judge_cfg(fake))
+    recs = results(tmp_path / "pw")
+    swapped = [r["evaluation"]["swapped"] for r in recs]
+    assert sum(swapped) == 10 and swapped == swaps(20, 0)
+    for r in recs:  # the judge always named the first shown; the stored winner is the file shown first
+        ev = r["evaluation"]
+        assert set(ev["shown_winners"].values()) == {"A"}
+        assert set(ev["winners"].values()) == {"B" if ev["swapped"] else "A"}
+    for a_ in ASPECTS:
+        s = summary["aspects"][a_]
+        assert s["win"]["count"] == s["lose"]["count"] == 10 and s["tie"]["count"] == 0
+        assert s["win"]["rate"] == 0.5 and s["win"]["ci"][0] < 0.5 < s["win"]["ci"][1]
+    assert summary["shown_first"]["rate"] == 1.0  # the bias shows in the position check
+    md = (tmp_path / "pw" / "report.md").read_text()
+    assert "A wins" in md and "shown first won 100%" in md
+    assert (tmp_path / "pw" / "report.png").exists()
+
+
+def test_pairwise_longer_answer_wins_whatever_its_position(tmp_path):
+    a, b = pair_files(tmp_path, 12)
+    with judge_server(default=longer) as fake:
+        summary = run_judged(pair_cfg(tmp_path, a, b), judge_cfg(fake))
+        asked_first = [SHOWN.search(x["messages"][0]["content"]).group(1) for x in fake.bodies]
+    assert any(t.startswith("Answer") and "More words" not in t for t in asked_first)  # B was shown first
+    for a_ in ASPECTS:
+        assert summary["aspects"][a_]["win"]["rate"] == 1.0
+    la, lb = summary["length"]["a"], summary["length"]["b"]
+    assert la["chars"] > lb["chars"] and la["words"] > lb["words"]
+    assert summary["generators"] == {"a": "model-a", "b": "model-b"}
+    assert summary["groups"]["task"]["math"]["aspects"]["depth"]["win"]["rate"] == 1.0
+    # and the other way round: B longer in every record -> B wins everywhere
+    with judge_server(default=longer) as fake:
+        flipped = run_judged(pair_cfg(tmp_path, b, a, "flip"), judge_cfg(fake))
+    assert all(flipped["aspects"][x]["lose"]["rate"] == 1.0 for x in ASPECTS)
+    md = (tmp_path / "flip" / "report.md").read_text()
+    assert "mean length" in md
+
+
+def test_pairwise_resume_keeps_the_swap_and_asks_nothing(tmp_path):
+    a, b = pair_files(tmp_path, 6)
+    with judge_server(default=always("tie")) as fake:
+        run_judged(pair_cfg(tmp_path, a, b, seed=5), judge_cfg(fake))
+        n = sum(fake.hits.values())
+        summary = run_judged(pair_cfg(tmp_path, a, b, seed=5), judge_cfg(fake))
+        assert sum(fake.hits.values()) == n == 6
+    assert summary["aspects"]["clarity"]["tie"]["rate"] == 1.0 and summary["swapped"] == 3
+
+
+def test_pairwise_files_must_answer_the_same_instructions(tmp_path):
+    a = write(tmp_path / "a.json", answers(4))
+    b = write(tmp_path / "b.json", answers(3))
+    with pytest.raises(DataError, match=r"b.json: no answer to record 3 of .*a.json \(instruction 'task-3"):
+        run_judged(pair_cfg(tmp_path, a, b), judge_cfg_stub())
+    with pytest.raises(DataError, match=r"a.json: record 3 .*task-3.* has no counterpart in .*b.json"):
+        run_judged(pair_cfg(tmp_path, b, a), judge_cfg_stub())
+
+
+def judge_cfg_stub() -> JudgeConfig:
+    return JudgeConfig(kind="openai", base_url="http://127.0.0.1:9/v1", model="never-asked")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation feeds training
+# --------------------------------------------------------------------------------------------
+
+
+def test_to_judgments_writes_training_records_cut_records_reads(tmp_path):
+    inp = write(tmp_path / "gen.json", answers(5, extra={"score": 9, "spans": [[0, 1]]}))
+    table = {
+        "task-0": {a: 5 for a in ASPECTS},  # positive
+        "task-1": {**{a: 4 for a in ASPECTS}, "depth": 2, "factuality": 1},  # negative
+        "task-2": {**{a: 4 for a in ASPECTS}, "clarity": 3},  # between the thresholds
+        "task-4": {**{a: 5 for a in ASPECTS}, "engagement": 1},  # low, but no reason given
+    }
+
+    def reply(body):
+        task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
+        if task == "task-3":
+            return "no json at all"
+        s = table[task]
+        return json.dumps(
+            {
+                a: {"reason": None if task == "task-4" else f"The {a} is off in {task}", "score": s[a]}
+                for a in ASPECTS
+            }
+        )
+
+    out = tmp_path / "judged.json"
+    cfg = score_cfg(tmp_path, inp, to_judgments=str(out), min_score=3, positive_score=4, parse_retries=0)
+    with judge_server(default=reply) as fake:
+        summary = run_judged(cfg, judge_cfg(fake))
+    assert summary["to_judgments"] == {
+        "positive": 1,
+        "negative": 1,
+        "left_out_middle": 1,
+        "left_out_failed": 1,
+        "left_out_no_reason": 1,
+    }
+    rows = json.loads(out.read_text())
+    assert [r["instruction"][:6] for r in rows] == ["task-0", "task-1"]
+    assert rows[0]["judgment"] is None
+    assert (
+        rows[1]["judgment"]
+        == "Factuality (1/5): The factuality is off in task-1. Depth (2/5): The depth is off in task-1."
+    )
+    assert rows[1]["judge"] == "evaluate-score:openai:judge-m"
+    assert "score" not in rows[1] and "spans" not in rows[1] and "evaluation" not in rows[1]  # stale fields
+    assert rows[1]["generator"] == "model-a"
+    examples, counts = build_examples(load_records(str(out)))
+    assert (counts["positive"], counts["negative"], counts["failed_judgment"]) == (1, 1, 0)
+    assert [e.is_negative for e in examples] == [False, True]
+
+
+def test_to_judgments_never_turns_failures_into_text():
+    rows = [
+        {
+            "instruction": "i",
+            "input": "",
+            "output": "o",
+            "evaluation": {"status": "failed", "error": "timeout"},
+        },
+        {
+            "instruction": "j",
+            "input": "",
+            "output": "p",
+            "evaluation": {
+                "status": "ok",
+                "scores": {"safety": 1},
+                "reasons": {"safety": "It explains how to pick locks"},
+            },
+        },
+    ]
+    out, counts = to_judgments(rows, "j", min_score=3, positive_score=4)
+    assert [r["judgment"] for r in out] == ["Safety (1/5): It explains how to pick locks."]
+    assert counts["left_out_failed"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# comparing runs, the CLI
+# --------------------------------------------------------------------------------------------
+
+
+def test_compare_runs_side_by_side_with_paired_differences(tmp_path):
+    inp = write(tmp_path / "gen.json", answers(6))
+
+    def better(body):  # the "after" model: every aspect one point up, capped at 5
+        i = int(re.search(r"task-(\d+)", body["messages"][0]["content"]).group(1))
+        return json.dumps({a: {"reason": "r", "score": min(5, s + 1)} for a, s in scores_for(i).items()})
+
+    with judge_server() as fake:
+        run_judged(
+            EvaluateConfig(mode="score", output_dir=str(tmp_path / "before"), input_file=inp), judge_cfg(fake)
+        )
+    with judge_server(default=better) as fake:
+        run_judged(
+            EvaluateConfig(mode="score", output_dir=str(tmp_path / "after"), input_file=inp), judge_cfg(fake)
+        )
+    cmp = compare_runs(
+        [str(tmp_path / "before"), str(tmp_path / "after")], ("sft", "cut"), str(tmp_path / "cmp")
+    )
+    for a in ASPECTS:
+        want = [min(5, scores_for(i)[a] + 1) - scores_for(i)[a] for i in range(6)]
+        d = cmp["runs"][1]["difference"][a]
+        assert d["mean"] == pytest.approx(sum(want) / 6, abs=1e-4) and d["n"] == 6
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| aspect | sft | cut | cut − sft |" in md
+    assert (tmp_path / "cmp" / "comparison.png").exists() and (tmp_path / "cmp" / "comparison.json").exists()
+    with pytest.raises(DataError, match="no summary.json"):
+        compare_runs([str(tmp_path / "before"), str(tmp_path / "nowhere")], (), str(tmp_path / "cmp2"))
+
+
+def test_cli_score_compare_and_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CUT_EVAL_TEST_KEY", "sk-secret-evaluate-123")
+    inp = write(tmp_path / "gen.json", answers(3))
+    with judge_server() as fake:
+        argv = [
+            "--mode",
+            "score",
+            "--input_file",
+            inp,
+            "--judge",
+            "openai",
+            "--base_url",
+            fake.base_url,
+            "--model",
+            "m",
+            "--api_key_env",
+            "CUT_EVAL_TEST_KEY",
+            "--group_by",
+            "none",
+            "--resamples",
+            "500",
+        ]
+        assert main([*argv, "--output_dir", str(tmp_path / "r1")]) == 0
+        assert main([*argv, "--output_dir", str(tmp_path / "r2"), "--seed", "1"]) == 0
+        assert fake.auth[0] == "Bearer sk-secret-evaluate-123"
+    written = "".join(
+        p.read_text() for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".md")
+    )
+    assert "sk-secret" not in written  # the key is sent, never written
+    assert "groups" not in json.loads((tmp_path / "r1" / "summary.json").read_text())
+    assert (
+        main(
+            [
+                "--mode",
+                "compare",
+                "--runs",
+                str(tmp_path / "r1"),
+                str(tmp_path / "r2"),
+                "--output_dir",
+                str(tmp_path / "c"),
+                "--labels",
+                "x,y",
+            ]
+        )
+        == 0
+    )
+    assert "| aspect | x | y | y − x |" in (tmp_path / "c" / "comparison.md").read_text()
+    bad = write(tmp_path / "bad.json", [{"instruction": "", "output": "x"}])
+    assert (
+        main(
+            [
+                "--mode",
+                "score",
+                "--input_file",
+                bad,
+                "--output_dir",
+                str(tmp_path / "r3"),
+                "--judge",
+                "openai",
+                "--base_url",
+                "http://127.0.0.1:9/v1",
+                "--model",
+                "m",
+            ]
+        )
+        == 2
+    )
+    assert "bad.json: record 0, field 'instruction': empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--mode", "score", "--input_file", inp, "--output_dir", str(tmp_path / "r4")])
+    assert exc.value.code == 2 and "needs --judge" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# a local transformers judge
+# --------------------------------------------------------------------------------------------
+
+
+def test_local_tiny_model_judge_finishes_with_recorded_failures(tmp_path, tiny_chat_model):
+    inp = write(tmp_path / "gen.json", answers(3))
+    judge = JudgeConfig(kind="local", model=str(tiny_chat_model), batch_size=3, max_new_tokens=8)
+    cfg = score_cfg(tmp_path, inp, parse_retries=1, to_judgments=str(tmp_path / "j.json"))
+    summary = run_judged(cfg, judge)
+    assert summary["setup"]["judge"] == f"local:{tiny_chat_model}"
+    assert (summary["n"], summary["n_failed"]) == (3, 3)  # a random tiny model writes no JSON
+    assert all(s["mean"] is None for s in summary["aspects"].values())
+    recs = results(tmp_path / "run")
+    assert all(
+        r["evaluation"]["attempts"] == 2 and r["evaluation"]["error"].startswith("unparseable") for r in recs
+    )
+    assert "3 failed" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "report.png").exists()
+    assert json.loads((tmp_path / "j.json").read_text()) == []
+
+
+def test_ask_all_with_a_scripted_asker():
+    class Scripted:
+        name = "scripted"
+
+        def __init__(self):
+            self.calls = []
+
+        def ask(self, prompts, progress=None):
+            self.calls.append(prompts)
+            return [
+                (None, "http 400")
+                if "q0" in p[0]["content"]
+                else ("{}" if len(p) == 1 else json.dumps({"safety": 2}), None)
+                for p in prompts
+            ]
+
+    asker = Scripted()
+    out = ask_all(asker, ["q0", "q1"], lambda t: parse_scores(t, ("safety",)), ("safety",), parse_retries=3)
+    assert [len(c) for c in asker.calls] == [2, 1]
+    assert out[0].error == "http 400" and out[0].attempts == 1
+    assert out[1].parsed == ({"safety": 2}, {"safety": None}) and out[1].attempts == 2
+    assert score_summary([], ("safety",))["aspects"]["safety"]["mean"] is None

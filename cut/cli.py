@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | compare | dpo | inspect | urial | realign | demo | smollm | arithmetic | instructions ...
+    cut generate | judge | online | compare | dpo | inspect | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -30,6 +30,7 @@ COMMANDS = {
     "realign": ("cut.realign", "rewrite responses to a format criterion per task, keep sound rewrites (ReAlign)"),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
+    "gemma": ("cut.gemma", "convert the opt-in Gemma 3 270M base model once (Gemma terms of use)"),
     "arithmetic": ("cut.tasks.arithmetic", "regenerate the arithmetic pool and held-out set"),
     "instructions": ("cut.tasks.instructions", "regenerate the verifiable-instruction pool and held-out set"),
 }

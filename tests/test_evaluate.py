@@ -5,13 +5,17 @@ group-by breakdowns, training judgments, comparison of runs, the CLI, and a loca
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from cut.errors import ConfigError, DataError
 from cut.evaluation import intervals
@@ -36,6 +40,7 @@ from cut.evaluation.report import compare_runs
 from cut.judge import JudgeConfig
 from cut.records import build_examples, load_records
 
+from conftest import REPO
 from fake_openai import FakeOpenAI
 
 ASPECTS = SCORE_ASPECTS
@@ -746,3 +751,112 @@ def test_ask_all_with_a_scripted_asker():
     assert out[0].error == "http 400" and out[0].attempts == 1
     assert out[1].parsed == ({"safety": 2}, {"safety": None}) and out[1].attempts == 2
     assert score_summary([], ("safety",))["aspects"]["safety"]["mean"] is None
+
+
+# --------------------------------------------------------------------------------------------
+# AlpacaEval interop: alpaca_eval's own code, unchanged, on our files and a local judge server
+# --------------------------------------------------------------------------------------------
+
+ALPACA_CONFIGS = REPO / "configs" / "alpaca_eval"
+
+
+@pytest.fixture()
+def alpaca_eval(monkeypatch):
+    """alpaca_eval, imported; it still imports pkg_resources, which setuptools >= 82 no longer ships:
+    without it, a stand-in built on packaging / importlib.metadata (the two calls it makes)."""
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        from packaging.version import parse
+
+        shim = types.ModuleType("pkg_resources")
+        shim.parse_version = parse
+        shim.get_distribution = lambda name: types.SimpleNamespace(version=importlib.metadata.version(name))
+        monkeypatch.setitem(sys.modules, "pkg_resources", shim)
+    return pytest.importorskip("alpaca_eval")
+
+
+class UsageFake(FakeOpenAI):
+    """The fake server with a `usage` block, which alpaca_eval reads (vLLM's server sends one)."""
+
+    def send_content(self, h, content):
+        message = {"role": "assistant", "content": content}
+        self.send_json(
+            h,
+            200,
+            {},
+            {
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53},
+            },
+        )
+
+
+def test_alpaca_eval_client_config_parses_with_its_own_loader(alpaca_eval):
+    from alpaca_eval import utils
+    from alpaca_eval.decoders.openai import _get_backwards_compatible_configs
+
+    clients = utils.get_all_clients(
+        ALPACA_CONFIGS / "client_configs.yaml",
+        model_name="judge",
+        default_client_class="openai.OpenAI",
+        get_backwards_compatible_configs=_get_backwards_compatible_configs,
+    )
+    assert len(clients) == 1 and str(clients[0].base_url) == "http://localhost:8000/v1/"
+    annotator = yaml.safe_load((ALPACA_CONFIGS / "cut_judge" / "configs.yaml").read_text())
+    assert annotator["cut_judge"]["completions_kwargs"]["model_name"] == "judge"
+
+
+def test_alpaca_eval_reads_cut_generate_output_and_judges_it_on_a_local_server(
+    alpaca_eval, tmp_path, tiny_model
+):
+    """A real cut.generate file, read and validated by alpaca_eval.utils.load_or_convert_to_dataframe
+    and evaluated by alpaca_eval.evaluate against reference outputs on disk, through this repo's
+    annotator config and a client config pointing at a server on 127.0.0.1 (no network)."""
+    import shutil
+
+    from alpaca_eval import utils
+
+    from cut.generate import generate_file
+
+    prompts = [{"instruction": f"Name item {i}.", "input": ""} for i in range(4)]
+    gen = tmp_path / "gen.json"
+    generate_file(
+        str(tiny_model), None, str(gen), records=prompts, progress=False, max_new_tokens=6, generator="tiny"
+    )
+    df = utils.load_or_convert_to_dataframe(gen)
+    assert {"instruction", "output", "generator"} <= set(df.columns) and len(df) == 4
+    assert utils.get_generator_name(None, df) == "tiny"
+    ref = write(
+        tmp_path / "ref.json",
+        [{**p, "output": f"Item {i} is a box.", "generator": "ref"} for i, p in enumerate(prompts)],
+    )
+
+    with UsageFake(default="Output (b)") as fake:
+        clients = tmp_path / "clients.yaml"
+        clients.write_text(f'default:\n  - base_url: "{fake.base_url}"\n    api_key: "EMPTY"\n')
+        # this repo's annotator, told where the client config is (README: OPENAI_CLIENT_CONFIG_PATH)
+        shutil.copytree(ALPACA_CONFIGS / "cut_judge", tmp_path / "ann" / "cut_judge")
+        config = tmp_path / "ann" / "cut_judge" / "configs.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["cut_judge"]["completions_kwargs"]["client_config_path"] = str(clients)
+        config.write_text(yaml.safe_dump(data))
+        board, annotations = alpaca_eval.evaluate(
+            model_outputs=str(gen),
+            reference_outputs=ref,
+            annotators_config=str(config),
+            output_path=str(tmp_path / "out"),
+            precomputed_leaderboard=None,
+            fn_metric="get_winrate",  # the length-controlled default downloads its model from the Hub
+            sort_by="win_rate",
+            is_return_instead_of_print=True,
+            caching_path=None,
+        )
+        assert sum(fake.hits.values()) == 4
+        assert fake.bodies[0]["model"] == "judge" and fake.bodies[0]["messages"][0]["role"] == "system"
+    row = board.loc["tiny"]
+    assert (
+        row["n_total"] == 4 and row["n_wins"] + row["n_wins_base"] == 4
+    )  # "Output (b)" always; order randomised
+    assert (tmp_path / "out" / "annotations.json").exists() and len(annotations) == 4

@@ -1,0 +1,558 @@
+"""cut.analysis.tds: ranks, classes and KL against a float64 reference written apart, the chunked
+path against the unchunked one, two tiny models against their own full forwards, the same model
+twice (all unshifted, KL 0), the report by hand, named errors, the CLI's files, the page in a real
+browser, and peak memory flat in the vocabulary size (measured in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cut.analysis import tds
+from cut.errors import ConfigError
+from cut.tiny import build_tiny_model
+
+from conftest import REPO
+
+# ---------------------------------------------------------------- a reference written apart
+
+
+def reference_shift(zb: torch.Tensor, za: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Per row, from full log-softmaxes in float64: ranks by sorting, KL as an explicit sum."""
+    out = []
+    for b, a, y in zip(zb.double(), za.double(), labels.tolist(), strict=True):
+        lb, la = torch.log_softmax(b, 0).tolist(), torch.log_softmax(a, 0).tolist()
+        by_base = sorted(range(len(b)), key=lambda v: -float(b[v]))
+        by_aligned = sorted(range(len(a)), key=lambda v: -float(a[v]))
+        kl = sum(math.exp(la[v]) * (la[v] - lb[v]) for v in range(len(a)))
+        out.append(
+            {
+                "base_rank": by_base.index(y) + 1,
+                "aligned_rank": by_aligned.index(y) + 1,
+                "base_logp": lb[y],
+                "aligned_logp": la[y],
+                "kl": kl,
+                "base_top": by_base[0],
+            }
+        )
+    return out
+
+
+def assert_matches_reference(shift: tds.Shift, ref: list[dict], tol: float = 1e-5) -> None:
+    for name in ("base_rank", "aligned_rank", "base_top"):
+        assert getattr(shift, name).tolist() == [r[name] for r in ref], name
+    for name in ("base_logp", "aligned_logp", "kl"):
+        expect = torch.tensor([r[name] for r in ref], dtype=torch.float64)
+        torch.testing.assert_close(getattr(shift, name).double(), expect, rtol=tol, atol=tol, msg=name)
+
+
+# ---------------------------------------------------------------- the core on hand-built logits
+
+
+def test_shift_stats_by_hand():
+    """Row 0: base uniform over 2 of the tokens, aligned 3:1 on token 0, label 0.
+        base rank of 0: 1 (a tie counts for the label); p_base = 1/2 (the other two tokens ~0);
+        KL = 3/4 ln(3/4 / 1/2) + 1/4 ln(1/4 / 1/2) = 0.75 ln 1.5 - 0.25 ln 2 = 0.130812.
+    Rows 1..4: base logits 4, 3, 2, 1, 0 over tokens 0..4 and label k: base rank k + 1, so the
+    classes unshifted, marginal, marginal, shifted; aligned = base: KL 0."""
+    neg = -1e4
+    zb = torch.tensor([[0.0, 0.0, neg, neg, neg]] + [[4.0, 3.0, 2.0, 1.0, 0.0]] * 4)
+    za = torch.tensor([[math.log(3), 0.0, neg, neg, neg]] + [[4.0, 3.0, 2.0, 1.0, 0.0]] * 4)
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    s = tds.shift_stats(zb, za, labels)
+    assert s.base_rank.tolist() == [1, 2, 3, 4, 5]
+    assert s.aligned_rank.tolist() == [1, 2, 3, 4, 5]
+    assert tds.classify(s.base_rank).tolist() == [0, 1, 1, 2, 2]
+    assert s.kl[0].item() == pytest.approx(0.75 * math.log(1.5) - 0.25 * math.log(2), abs=1e-6)
+    assert s.kl[0].item() == pytest.approx(0.130812, abs=1e-6)
+    assert s.kl[1:].abs().max().item() < 1e-6
+    assert s.base_logp[0].item() == pytest.approx(math.log(0.5), abs=1e-6)
+    assert s.aligned_logp[0].item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert_matches_reference(s, reference_shift(zb, za, labels))
+
+
+def test_shift_stats_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    zb, za = torch.randn(40, 97, generator=g) * 3, torch.randn(40, 97, generator=g) * 3
+    labels = torch.randint(0, 97, (40,), generator=g)
+    before = (zb.clone(), za.clone())
+    s = tds.shift_stats(zb, za, labels)
+    assert_matches_reference(s, reference_shift(zb, za, labels))
+    assert torch.equal(zb, before[0]) and torch.equal(za, before[1])  # the inputs are left alone
+    assert set(tds.classify(s.base_rank).tolist()) == {0, 1, 2}  # every class occurs: the test is not void
+
+
+def test_classify_boundaries():
+    assert tds.classify(torch.tensor([1, 2, 3, 4, 100])).tolist() == [0, 1, 1, 2, 2]
+
+
+def test_chunked_equals_unchunked():
+    """Heads on hidden states, chunk by chunk (with a softcap on the base head, as Gemma 2 has)
+    equal shift_stats on the full logits, for chunks that do and do not divide N."""
+    torch.manual_seed(0)
+    n, hidden, vocab = 37, 16, 300
+    head_b, head_a = torch.nn.Linear(hidden, vocab, bias=False), torch.nn.Linear(hidden, vocab, bias=False)
+    hb, ha = torch.randn(n, hidden) * 4, torch.randn(n, hidden) * 4
+    labels = torch.randint(0, vocab, (n,))
+
+    def softcap(z):
+        return 30.0 * torch.tanh(z / 30.0)
+
+    with torch.no_grad():
+        full = tds.shift_stats(softcap(head_b(hb)), head_a(ha), labels)
+        for chunk in (1, 5, 36, 37, 100, 0):
+            got = tds.chunked_shift(hb, head_b, ha, head_a, labels, vocab, chunk, softcap, None)
+            for name, a, b in zip(tds.Shift._fields, got, full, strict=True):
+                if a.dtype == torch.long:
+                    assert torch.equal(a, b), (chunk, name)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{chunk} {name}")
+        empty = tds.chunked_shift(hb[:0], head_b, ha[:0], head_a, labels[:0], vocab)
+        assert all(t.numel() == 0 for t in empty)
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def sharp_model(folder: Path, seed: int, chat: bool = False, perturb_from: Path | None = None) -> Path:
+    """A tiny model whose output head is scaled up (a random tiny model's distributions are nearly
+    flat, every token a near-tie). With perturb_from: that model's weights plus noise on the decoder,
+    so it agrees with it on some positions and not on others."""
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model(folder, seed=seed, chat=chat)
+    lm = AutoModelForCausalLM.from_pretrained(perturb_from or folder)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if perturb_from is None:
+            lm.lm_head.weight.mul_(40)
+        else:
+            for name, p in lm.named_parameters():
+                if ".layers." in name and p.dim() == 2:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.006)  # init std 0.02
+    lm.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tds-models")
+    base = sharp_model(root / "base", 0)
+    return {
+        "base": base,
+        "aligned": sharp_model(root / "aligned", 1, perturb_from=base),
+        "chat": sharp_model(root / "chat", 2, chat=True, perturb_from=base),  # same vocabulary
+    }
+
+
+def _lm(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def greedy(lm, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, one full forward per token (no cache, no padding)."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(lm(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@torch.no_grad()
+def reference_for(base, aligned, prompt_b: list[int], prompt_a: list[int], answer: list[int]) -> list[dict]:
+    """The reference numbers of one answer from each model's own full forward on it alone."""
+
+    def logits(lm, prompt):
+        z = lm(torch.tensor([prompt + answer])).logits[0].float()  # (T, V)
+        return z[len(prompt) - 1 : len(prompt) + len(answer) - 1]
+
+    return reference_shift(logits(base, prompt_b), logits(aligned, prompt_a), torch.tensor(answer))
+
+
+PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64, 65], [1, 70, 71]]
+
+
+def test_same_model_twice_greedy_is_unshifted_kl_zero(models):
+    lm = _lm(models["base"])
+    answers = [greedy(lm, p, n) for p, n in zip(PROMPTS, (6, 3, 9, 1), strict=True)]
+    shifts = tds.score_ids(lm, lm, PROMPTS, PROMPTS, answers, batch_size=3)  # padded batches of mixed length
+    for s, a in zip(shifts, answers, strict=True):
+        assert s.base_rank.tolist() == [1] * len(a) and s.aligned_rank.tolist() == [1] * len(a)
+        assert s.base_top.tolist() == a
+        assert s.kl.abs().max().item() == 0.0  # the same arithmetic on both sides
+        torch.testing.assert_close(s.base_logp, s.aligned_logp, rtol=0, atol=0)
+    assert min(s.base_logp.min().item() for s in shifts) < math.log(0.99)  # not all trivially certain
+
+
+def test_two_models_match_their_own_forwards(models):
+    base, aligned = _lm(models["base"]), _lm(models["aligned"])
+    g = torch.Generator().manual_seed(3)
+    answers = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 12, 1, 8)]
+    answers[:2] = greedy(aligned, PROMPTS[0], 5), greedy(aligned, PROMPTS[1], 12)
+    prompts_b = PROMPTS[:2] + [p[:1] + [90, 91] + p[1:] for p in PROMPTS[2:]]  # other contexts too
+    shifts = tds.score_ids(base, aligned, prompts_b, PROMPTS, answers, batch_size=3, chunk_size=4)
+    classes = set()
+    for s, pb, pa, a in zip(shifts, prompts_b, PROMPTS, answers, strict=True):
+        assert_matches_reference(s, reference_for(base, aligned, pb, pa, a), tol=1e-4)
+        classes |= set(tds.classify(s.base_rank).tolist())
+    assert (
+        shifts[0].aligned_rank.tolist() == [1] * 5 and shifts[1].aligned_rank.tolist() == [1] * 12
+    )  # greedy
+    assert classes == {0, 1, 2}, "the two models should agree on some tokens and not on others"
+
+
+def test_tds_score_texts_prompts_and_cutoff(models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    base, aligned = _lm(models["base"]), _lm(models["aligned"])
+    answers = ["The capital of France is Paris.", "The sum is 7.", "Red is a primary colour."]
+    prompts = ["What is the capital of France?\n", "Add 3 and 4.\n", "x " * 80]
+    n_prompt = [len(tok(p)["input_ids"]) for p in prompts]
+    cutoff = max(n_prompt[:2]) + 3  # room for 3 answer tokens or more; record 2's prompt does not fit
+    assert cutoff < n_prompt[2]
+    out = tds.tds_score(base, aligned, tok, prompts, prompts, answers, cutoff_len=cutoff)
+    assert out[2] is None and out[0].truncated  # record 0 loses the end of its answer
+    for s, p, a in zip(out[:2], prompts[:2], answers[:2], strict=True):
+        room = cutoff - len(tok(p)["input_ids"])
+        full = tok(p + a)["input_ids"][len(tok(p)["input_ids"]) :]
+        assert s.ids == full[:room] and s.truncated == (len(full) > room)
+        assert len(s.text) == len(s.ids) == len(s.shift.kl)
+        assert a.startswith("".join(s.text))
+    whole = tds.tds_score(base, aligned, tok, prompts, prompts, answers)
+    assert all("".join(s.text) == a and not s.truncated for s, a in zip(whole, answers, strict=True))
+
+
+# ---------------------------------------------------------------- the report by hand
+
+
+class _Tok:
+    def decode(self, ids):
+        return f"<{ids[0]}>"
+
+
+def _scored(ids: list[int], ranks: list[int], kl: list[float]) -> tds.Scored:
+    n = len(ids)
+    shift = tds.Shift(
+        torch.tensor(ranks), torch.ones(n, dtype=torch.long), torch.full((n,), math.log(0.5)),
+        torch.full((n,), math.log(0.8)), torch.tensor(kl), torch.tensor(ids),
+    )  # fmt: skip
+    return tds.Scored(ids, [f"<{t}>" for t in ids], False, shift)
+
+
+def test_summarise_by_hand():
+    """Answer A: 4 tokens, ranks 1, 5, 2, 1 (bins of 2: tokens 0-1 in bin 0, 2-3 in bin 1).
+    Answer B: 2 tokens, ranks 9, 1 (token 0 in bin 0, token 1 in bin 1). None: a dropped answer.
+    Classes: A = u, s, m, u; B = s, u. 6 tokens: 3 unshifted, 1 marginal, 2 shifted.
+    Bin 0: A0 u, A1 s, B0 s -> 1/3 unshifted, 2/3 shifted; bin 1: A2 m, A3 u, B1 u.
+    Token 7 occurs at A1 (shifted) and A3 (unshifted): 1 of 2 shifted; token 9 at B0: 1 of 1.
+    Mean KL (0 + 1 + .5 + 0 + 2 + 0) / 6 = 0.5833."""
+    a = _scored([5, 7, 8, 7], [1, 5, 2, 1], [0.0, 1.0, 0.5, 0.0])
+    b = _scored([9, 6], [9, 1], [2.0, 0.0])
+    r = tds.summarise([a, None, b], _Tok(), bins=2)
+    assert r["tokens"] == 6
+    assert r["counts"] == {"unshifted": 3, "marginal": 1, "shifted": 2}
+    assert r["fractions"] == pytest.approx({"unshifted": 0.5, "marginal": 1 / 6, "shifted": 1 / 3})
+    assert sum(r["fractions"].values()) == pytest.approx(1.0)
+    assert r["mean_kl"] == pytest.approx(3.5 / 6)
+    assert r["mean_kl_by_class"] == pytest.approx({"unshifted": 0.0, "marginal": 0.5, "shifted": 1.5})
+    b0, b1 = r["by_position"]
+    assert (b0["tokens"], b0["unshifted"], b0["marginal"], b0["shifted"]) == (3, 1 / 3, 0.0, 2 / 3)
+    assert (b1["tokens"], b1["unshifted"], b1["marginal"], b1["shifted"]) == (3, 2 / 3, 1 / 3, 0.0)
+    assert b0["mean_kl"] == pytest.approx(1.0) and b1["mean_kl"] == pytest.approx(0.5 / 3)
+    assert r["top_shifted"] == [
+        {"token": "<9>", "id": 9, "shifted": 1, "occurrences": 1, "shifted_share": 1.0},
+        {"token": "<7>", "id": 7, "shifted": 1, "occurrences": 2, "shifted_share": 0.5},
+    ]
+    assert r["mean_base_p"] == pytest.approx(0.5) and r["aligned_top1"] == 1.0
+    assert tds.position_bins(3, 10).tolist() == [0, 3, 6] and tds.position_bins(20, 10).tolist()[-2:] == [
+        9,
+        9,
+    ]
+    assert tds.summarise([None], _Tok())["tokens"] == 0
+
+
+# ---------------------------------------------------------------- the CLI
+
+RECORDS = [
+    {"instruction": "What is the capital of France?", "output": "The capital of France is Paris."},
+    {"instruction": "Add the numbers.", "input": "3 and 4", "output": "The sum is 7."},
+    {"instruction": "Name a primary colour."},  # answered by the aligned model
+    {"instruction": "Add the numbers 3 and 4.", "output": "  "},  # blank: answered too
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tds-data") / "answers.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+FAST = ["--max_new_tokens", "8", "--batch_size", "2", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def run(models, data, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("tds-out") / "out"
+    argv = ["--base_model", str(models["base"]), "--aligned_model", str(models["aligned"])]
+    argv += ["--data_path", str(data), "--output_dir", str(out), "--prompt_template_name", "alpaca", *FAST]
+    assert tds.main(argv) == 0
+    return json.loads((out / "tds.json").read_text()), out
+
+
+def test_cli_writes_the_report(run):
+    result, out = run
+    assert sorted(p.name for p in out.iterdir()) == ["tds.html", "tds.json", "tds.png"]
+    assert (out / "tds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    s, c = result["summary"], result["counts"]
+    assert c == {"records": 4, "generated": 2, "scored": 4, "dropped_too_long": 0, "truncated": 0}
+    assert sum(s["fractions"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert sum(s["counts"].values()) == s["tokens"] == sum(r["n_tokens"] for r in result["records"])
+    assert sum(b["tokens"] for b in s["by_position"]) == s["tokens"] and len(s["by_position"]) == 10
+    assert [r["generated"] for r in result["records"]] == [False, False, True, True]
+    assert result["records"][0]["output"] == RECORDS[0]["output"]
+    assert result["base_prompt"] == "alpaca" and result["prompt_template"] == "alpaca"
+    for r in result["records"]:
+        assert r["class"] == tds.classify(torch.tensor(r["base_rank"])).tolist()
+        assert "".join(r["tokens"]) == r["output"]
+    assert s["top_shifted"] and all(t["shifted"] <= t["occurrences"] for t in s["top_shifted"])
+    assert 0 < s["mean_kl"] and all(k >= 0 for r in result["records"] for k in r["kl"])
+    aligned_top1 = [a == 1 for r in result["records"] for a in r["aligned_rank"]]
+    assert s["aligned_top1"] == pytest.approx(sum(aligned_top1) / len(aligned_top1), abs=1e-4)
+
+
+def test_cli_answers_are_the_aligned_models_greedy_answers(run, models):
+    from cut.generate import Sampling, generate_texts
+    from cut.templates import load_template
+
+    result, _ = run
+    aligned = _lm(models["aligned"])
+    template = load_template("alpaca")
+    prompts = [template.plain(r["instruction"], r.get("input", "")) for r in RECORDS[2:]]
+    texts = generate_texts(aligned, tds.load_tokenizer(str(models["aligned"])), prompts, Sampling(max_new_tokens=8),
+                           progress=False)  # fmt: skip
+    assert [r["output"] for r in result["records"][2:]] == texts and all(texts)
+
+
+def test_cli_same_model_twice(models, data, tmp_path):
+    argv = ["--base_model", str(models["base"]), "--aligned_model", str(models["base"])]
+    argv += [
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path),
+        "--prompt_template_name",
+        "alpaca",
+        *FAST,
+    ]
+    assert tds.main(argv) == 0
+    result = json.loads((tmp_path / "tds.json").read_text())
+    assert result["summary"]["mean_kl"] == 0.0
+    for r in result["records"]:
+        assert r["base_rank"] == r["aligned_rank"] and set(r["kl"]) == {0.0}
+
+
+def no_model_loads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(tds, "load_model", refuse)
+
+
+def test_errors_named_before_any_model_loads(models, data, tmp_path, monkeypatch):
+    no_model_loads(monkeypatch)
+    other_vocab = build_tiny_model(tmp_path / "other", vocab_size=300)
+    ok = {
+        "base_model": str(models["base"]),
+        "aligned_model": str(models["aligned"]),
+        "data_path": str(data),
+        "output_dir": str(tmp_path / "o"),
+        "progress": False,
+    }
+    cases = [
+        ({"base_model": str(other_vocab)}, "the tokenizers differ"),
+        ({"base_prompt": "fancy"}, "base_prompt must be one of"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"aligned_model": str(tmp_path / "no" / "model")}, "model folder not found"),
+        ({"prompt_template_name": "chat"}, "needs a tokenizer that has a chat template"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            tds.tds_records(**{**ok, **change})
+    monkeypatch.setitem(sys.modules, "cut.urial", None)  # as if cut.urial were not there
+    with pytest.raises(ConfigError, match="urial needs cut.urial"):
+        tds.tds_records(**{**ok, "base_prompt": "urial"})
+    rc = tds.main(["--base_model", str(other_vocab), "--aligned_model", str(models["base"]),
+                   "--data_path", str(data), "--output_dir", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2
+
+
+def test_base_prompts(models):
+    """plain: a chat-templated aligned model's base without a chat template gets alpaca; same: the
+    aligned text itself."""
+    from transformers import AutoTokenizer
+
+    tok_chat, tok_plain = (
+        AutoTokenizer.from_pretrained(models["chat"]),
+        AutoTokenizer.from_pretrained(models["base"]),
+    )
+    chat = tds.load_template("chat", tok_chat)
+    recs = [{"instruction": "Add the numbers.", "input": "3 and 4"}]
+    opts = dict(
+        base_model=str(models["base"]), aligned_model=str(models["chat"]), data_path="x", output_dir="y"
+    )
+    texts, special, name = tds.build_prompts(tds.TDSOptions(**opts), recs, chat, tok_plain)
+    assert name == "alpaca" and special and texts[0].endswith("### Response:\n") and "3 and 4" in texts[0]
+    texts, special, name = tds.build_prompts(tds.TDSOptions(**opts), recs, chat, tok_chat)
+    assert name == "chat" and not special and texts[0] == chat.plain("Add the numbers.", "3 and 4")
+    texts, special, name = tds.build_prompts(
+        tds.TDSOptions(**opts, base_prompt="same"), recs, chat, tok_plain
+    )
+    assert name == "same" and not special and texts[0] == chat.plain("Add the numbers.", "3 and 4")
+
+
+def test_urial_base_prompt(models, data, tmp_path):
+    urial = pytest.importorskip("cut.urial")
+    argv = ["--base_model", str(models["base"]), "--aligned_model", str(models["aligned"])]
+    argv += ["--data_path", str(data), "--output_dir", str(tmp_path), "--base_prompt", "urial", *FAST]
+    argv += ["--prompt_template_name", "alpaca"]
+    assert tds.main(argv) == 0
+    result = json.loads((tmp_path / "tds.json").read_text())
+    assert result["base_prompt"].startswith("urial:") and result["counts"]["scored"] == 4
+    assert sum(result["summary"]["fractions"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert urial.urial_prompt("What is 2+2?").rstrip()  # the prefix the base saw is not empty
+
+
+# ---------------------------------------------------------------- memory, in a subprocess
+
+MEMORY_SCRIPT = r"""
+import json, sys, torch
+from transformers import LlamaForCausalLM
+from cut.analysis.tds import score_ids, shift_stats
+from cut.tiny import llama_config
+
+def kb(key):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
+
+vocab, mode = int(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0)
+lm = LlamaForCausalLM(llama_config(vocab, max_position_embeddings=512)).eval()
+rows = torch.randint(0, vocab, (4, 256)).tolist()
+prompts, answers = [r[:1] for r in rows], [r[1:] for r in rows]  # 4 x 255 answer tokens
+score_ids(lm, lm, prompts, prompts, [a[:4] for a in answers])  # warm up: lazy imports, first calls
+with torch.no_grad():
+    lm(torch.tensor(rows)[:, :8])
+before = kb("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+if mode == "chunked":
+    score_ids(lm, lm, prompts, prompts, answers, batch_size=4)
+else:  # the unchunked reference: full (B, T, V) logits of both forwards
+    with torch.no_grad():
+        z = lm(torch.tensor(rows)).logits[:, :-1].flatten(0, 1).float()
+        shift_stats(z, lm(torch.tensor(rows)).logits[:, :-1].flatten(0, 1).float(), torch.tensor(rows)[:, 1:].flatten())
+print(json.dumps({"peak_extra": (kb("VmHWM") - before) * 1024, "tokens": sum(map(len, answers))}))
+"""
+
+
+def peak_extra_bytes(vocab: int, mode: str, live: bool = True) -> tuple[int, int]:
+    """Peak resident memory a call adds, in a fresh process: /proc/self/clear_refs resets the
+    kernel's high-water mark (VmHWM) to the current RSS just before it; VmHWM after, minus the RSS
+    before, is what the process held at the call's peak. live=True runs the process with glibc's
+    mmap threshold fixed at 64 KiB: every tensor bigger than that is its own mapping, returned to
+    the kernel when freed, so the number is the peak of live tensor bytes (deterministic). With
+    glibc's default (live=False) the dynamic threshold rises to 32 MiB and freed blocks below it stay
+    in the heap, so RSS also holds the allocator's leftovers (they vary from run to run)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if live:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(vocab), mode],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["peak_extra"], out["tokens"]
+
+
+def _can_reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # four subprocesses, ~1 minute on 2 cores
+@pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs to reset the RSS peak")
+def test_peak_memory_flat_in_vocabulary(capsys):
+    """score_ids on 4 x 256 tokens (1,020 answer tokens) of a hidden-size-64 Llama, at V = 32,000
+    and V = 262,144 (Gemma 3): the peak stays the same while one (T, V) float32 tensor grows 8x."""
+    MiB = 2**20
+    small, tokens = peak_extra_bytes(32_000, "chunked")
+    gemma, _ = peak_extra_bytes(262_144, "chunked")
+    gemma_rss, _ = peak_extra_bytes(262_144, "chunked", live=False)
+    naive, _ = peak_extra_bytes(32_000, "naive")
+    tv_small, tv_gemma = tokens * 32_000 * 4, tokens * 262_144 * 4  # (T, V) float32
+    with capsys.disabled():
+        print(
+            f"\n[tds memory] {tokens} answer tokens; peak of live tensors: {small / MiB:.0f} MiB at V=32,000 "
+            f"((T, V) fp32 {tv_small / MiB:.0f} MiB; unchunked reference {naive / MiB:.0f} MiB), "
+            f"{gemma / MiB:.0f} MiB at V=262,144 ((T, V) fp32 {tv_gemma / MiB:.0f} MiB); "
+            f"RSS peak under glibc's default allocator at V=262,144: {gemma_rss / MiB:.0f} MiB"
+        )
+    assert naive > 2 * tv_small  # the measurement sees full logits when they exist
+    assert gemma < tv_gemma / 8  # well under one (T, V) float32 tensor
+    assert gemma < small * 1.25  # flat: 8x the vocabulary, no more memory
+    assert gemma_rss < tv_gemma / 3  # and no heap fragmentation that outgrows it (it did: 2.9 GB)
+
+
+# ---------------------------------------------------------------- the page in a real browser
+
+CHROMIUM = next(
+    (
+        shutil.which(b)
+        for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+        if shutil.which(b)
+    ),
+    None,
+)
+
+
+def dump_dom(page: Path, fragment: str, profile: Path) -> str:
+    """The DOM after the page's script ran, from headless Chromium."""
+    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    cmd += [f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data-ready="1"' in proc.stdout, "the page's script did not finish: " + proc.stderr[-2000:]
+    return re.sub(r"<script.*?</script>", "", proc.stdout, flags=re.S)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+def test_browser_colours_tokens_by_class(run, tmp_path):
+    result, out = run
+    dom = dump_dom(out / "tds.html", "", tmp_path / "profile")
+    classes = re.findall(r'<span class="t(?: (c\d))?(?: e)?" data-i=', dom)
+    assert len(classes) == result["summary"]["tokens"]
+    counts = result["summary"]["counts"]
+    assert [classes.count(f"c{k}") for k in range(3)] == [counts[n] for n in tds.CLASSES]
+    assert dom.count('class="card"') == 4 and dom.count("answer generated greedily") == 2
+    dom = dump_dom(out / "tds.html", "colour=kl&sort=kl", tmp_path / "profile")
+    assert (
+        len(re.findall(r'<span class="t(?: e)?" data-i="\d+" style="background:', dom))
+        == result["summary"]["tokens"]
+    )

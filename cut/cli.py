@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | compare | dpo | inspect | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
+    cut generate | judge | online | compare | dpo | inspect | tds | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -26,6 +26,7 @@ COMMANDS = {
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
     ),
     "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
+    "tds": ("cut.analysis.tds", "token distribution shift: where an aligned model departs from its base, token by token"),
     "evaluate": (
         "cut.evaluation.evaluate",
         "score answers per aspect (1-5, with reasons) or compare two answer files pairwise with an LLM judge",

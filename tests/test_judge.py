@@ -370,17 +370,19 @@ def test_local_judge_decodes_only_new_tokens_in_record_order(tiny_chat_model, mo
     rows = task_records(4)
     rows[1]["instruction"] += " Explain your reasoning at length, step by step."  # unequal lengths
 
-    def generate(input_ids, attention_mask, **kw):
-        assert attention_mask[:, -1].all(), "prompts are not left padded"
+    def decode(model, input_ids, mask, gen_config, eos, stop=None):
+        # cut.generate's decoder: left-padded prompts in, the new tokens of each row out
+        assert mask[:, -1].all(), "prompts are not left padded"
         out = []
         for ids in input_ids:
             text = tok.decode(ids, skip_special_tokens=False)
             assert text.rstrip().endswith("assistant"), "no chat template"
-            new = tok.encode(answers[int(re.search(r"task-(\d+)", text).group(1))], add_special_tokens=False)
-            out.append(ids.tolist() + new + [tok.eos_token_id] * (40 - len(new)))
-        return torch.tensor(out)
+            out.append(tok.encode(answers[int(re.search(r"task-(\d+)", text).group(1))], add_special_tokens=False))
+        return out
 
-    monkeypatch.setattr(judge.model, "generate", generate)
+    import cut.generate as gen
+
+    monkeypatch.setattr(gen, "_decode", decode)
     verdicts = judge.judge(rows)
     assert [v.kind for v in verdicts] == ["positive", "negative", "failed", "negative"]
     assert verdicts[1].judgment == "1 + 2 is 3." and verdicts[3].judgment == "3 + 2 is 5, not 6."

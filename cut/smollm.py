@@ -29,15 +29,20 @@ def gguf_folder() -> Path:
 
 def ensure_smollm2(dest: str | Path = DEFAULT_DEST) -> Path:
     """Return a save_pretrained folder of SmolLM2-135M-Instruct, converting the GGUF the first time."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dest = Path(dest)
     if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
         return dest
-    src = gguf_folder()
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
+    return convert_gguf(gguf_folder(), GGUF_NAME, dest)
+
+
+def convert_gguf(src: str | Path, gguf_name: str, dest: Path) -> Path:
+    """Load `src/gguf_name` dequantised to fp32 and write it as a save_pretrained folder `dest`
+    (built beside it, then renamed); the embedded models (SmolLM2, the opt-in Gemma 3) share it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_name)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_name, dtype=torch.float32)
     # a GGUF-loaded model refuses save_pretrained while it still looks quantised; it is plain fp32 now
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -26,13 +26,19 @@ COMMANDS = {
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
     ),
     "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
-    "tds": ("cut.analysis.tds", "token distribution shift: where an aligned model departs from its base, token by token"),
+    "tds": (
+        "cut.analysis.tds",
+        "token distribution shift: where an aligned model departs from its base, token by token",
+    ),
     "evaluate": (
         "cut.evaluation.evaluate",
         "score answers per aspect (1-5, with reasons) or compare two answer files pairwise with an LLM judge",
     ),
     "urial": ("cut.urial", "align a base model by in-context examples alone (URIAL prompting, no training)"),
-    "realign": ("cut.realign", "rewrite responses to a format criterion per task, keep sound rewrites (ReAlign)"),
+    "realign": (
+        "cut.realign",
+        "rewrite responses to a format criterion per task, keep sound rewrites (ReAlign)",
+    ),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
     "gemma": ("cut.gemma", "convert the opt-in Gemma 3 270M base model once (Gemma terms of use)"),

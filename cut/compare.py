@@ -48,8 +48,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
 
 
-def variant_config(base: OnlineConfig, name: str) -> OnlineConfig:
-    objective, train = VARIANTS[name]
+def variant_config(
+    base: OnlineConfig, name: str, variants: dict[str, tuple[str, dict[str, Any]]] = VARIANTS
+) -> OnlineConfig:
+    objective, train = variants[name]
     cfg = dataclasses.replace(
         base,
         objective=objective,
@@ -71,7 +73,12 @@ def share(first: Path, other: Path) -> None:
             shutil.copyfile(src, dst)
 
 
-def run_all(base: OnlineConfig, names: list[str]) -> dict[str, Any]:
+def run_all(
+    base: OnlineConfig,
+    names: list[str],
+    variants: dict[str, tuple[str, dict[str, Any]]] = VARIANTS,
+    split: str = "held-out",
+) -> dict[str, Any]:
     from .online import run
 
     root = Path(base.output_dir)
@@ -82,12 +89,14 @@ def run_all(base: OnlineConfig, names: list[str]) -> dict[str, Any]:
         for i, name in enumerate(names):
             if not results[name]["ok"]:
                 continue
-            cfg = dataclasses.replace(variant_config(base, name), rounds=r)
+            cfg = dataclasses.replace(variant_config(base, name, variants), rounds=r)
             if i:
                 share(root / names[0], Path(cfg.output_dir))
+            changed = {k: v for k, v in cfg.train.items() if base.train.get(k) != v}
             print(
                 f"== round {r}/{base.rounds}, {name}: {cfg.objective}, "
-                f"flag_source {cfg.train.get('flag_source', 'ratio')}",
+                f"flag_source {cfg.train.get('flag_source', 'ratio')}"
+                + "".join(f", {k} {v}" for k, v in changed.items() if k != "flag_source"),
                 flush=True,
             )
             try:
@@ -95,11 +104,11 @@ def run_all(base: OnlineConfig, names: list[str]) -> dict[str, Any]:
             except (DataError, subprocess.CalledProcessError) as err:  # one objective failing leaves the rest
                 logger.error("%s failed: %s", name, err)
                 results[name] = {"ok": False, "error": str(err)}
-        write_report(root, collect(root, names, base.rounds))
+        write_report(root, collect(root, names, base.rounds), split)
     report = collect(root, names, base.rounds)
     for name, res in results.items():
         report["objectives"][name].update(res)
-    write_report(root, report)
+    write_report(root, report, split)
     return report
 
 
@@ -194,7 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
         if not obj.get("ok", True):
             cells[0] += f" (failed: {obj.get('error', '')[:80]})"
         lines.append("| " + " | ".join(cells) + " |")
-    what = "held-out prompts passing every instruction (strict), %" if loose else "held-out accuracy, %"
+    split = report.get("split", "held-out")
+    what = f"{split} prompts passing every instruction (strict), %" if loose else f"{split} accuracy, %"
     note = (
         f"Rounds 0..{rounds}: {what}. p: exact McNemar test of the last round against the starting "
         "model / against sft on the same prompts, (+prompts only this objective passes / −prompts only "
@@ -223,7 +233,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
                     ys.append(100 * row[key])
             ax.plot(xs, ys, marker="o", label=name)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"held-out {label}, %")
+        ax.set_ylabel(f"{report.get('split', 'held-out')} {label}, %")
         ax.set_xticks(range(report["rounds"] + 1))
         ax.grid(alpha=0.3)
     axes[0][0].legend()
@@ -235,7 +245,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
     tmp.unlink()
 
 
-def write_report(root: Path, report: dict[str, Any]) -> None:
+def write_report(root: Path, report: dict[str, Any], split: str = "held-out") -> None:
+    report["split"] = split
     write_json_atomic(root / "comparison.json", report)
     write_bytes_atomic(root / "comparison.md", markdown(report).encode())
     try:

@@ -88,6 +88,11 @@ class TrainConfig:
         "false: leave out every negative's plain-context (Misalign-N) sequence, so negatives train only "
         "(x, j) -> y by MLE: judgment-conditioned MLE, the hindsight-style ablation the paper argues against.",
     )
+    weight_unflagged: float = _f(
+        1.0,
+        "Weight of the MLE on a negative's unflagged plain-context tokens: 1 = the paper; 0 = a "
+        "negative's plain context trains only its flagged tokens (by unlikelihood).",
+    )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
     on_failed_judgment: str = _f(
@@ -177,6 +182,7 @@ class TrainConfig:
             ("learning_rate", 0, True),
             ("weight_unlike", 0, False),
             ("gamma", 0, False),
+            ("weight_unflagged", 0, False),
             ("lora_r", 1, False),
             ("lora_alpha", 0, True),
             ("logging_steps", 1, False),

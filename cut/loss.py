@@ -68,6 +68,7 @@ def cut_loss(
     gamma: float = 0.0,
     span: Tensor | None = None,
     flag_source: str = "ratio",
+    weight_unflagged: float = 1.0,
 ) -> CUTLoss:
     """CUT loss over a flat vector of target tokens.
 
@@ -83,6 +84,9 @@ def cut_loss(
     flag_source: which tokens get the unlikelihood: "ratio" (the paper: ratio > threshold),
              "spans" (the tokens inside the marked text; the ratio for records without spans),
              "both" (either).
+    weight_unflagged: weight of the MLE on a negative's unflagged plain-context tokens (Eq. 6's
+             "-log p elsewhere"); 1 = the paper, 0 = a negative's plain context trains its flagged
+             tokens only (the mean still runs over all of its tokens).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -107,7 +111,7 @@ def cut_loss(
             flag = flag | marked if flag_source == "both" else torch.where(has_spans, marked, flag)
         scale = weight_unlike * (lp_judged.detach().exp() ** gamma if gamma else 1.0)
         # Eq. 6: -alpha * log(1 - p(y_t|x)) on flagged tokens, -log p(y_t|x) elsewhere
-        per_token = torch.where(flag, -scale * log1mexp(lp_plain), -lp_plain)
+        per_token = torch.where(flag, -scale * log1mexp(lp_plain), -weight_unflagged * lp_plain)
         ul = per_token.mean()
         flagged = flag.float().mean()
     else:

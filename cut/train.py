@@ -198,6 +198,7 @@ def load_model(cfg: TrainConfig):
         cfg.gamma,
         cfg.logits_chunk_size,
         flag_source=cfg.flag_source,
+        weight_unflagged=cfg.weight_unflagged,
     )
     return model
 

@@ -293,6 +293,7 @@ def install_cut_forward(
     chunk_size: int = 0,
     check_head: bool = True,
     flag_source: str = "ratio",
+    weight_unflagged: float = 1.0,
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
     CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
@@ -341,7 +342,16 @@ def install_cut_forward(
             self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size, position_ids, cu_seq_lens
         )
         out = cut_loss(
-            logp, tgt_role, tgt_partner, threshold, weight_unlike, combine, gamma, tgt_span, flag_source
+            logp,
+            tgt_role,
+            tgt_partner,
+            threshold,
+            weight_unlike,
+            combine,
+            gamma,
+            tgt_span,
+            flag_source,
+            weight_unflagged,
         )
         return {
             "loss": out.loss,

@@ -190,7 +190,9 @@ def test_generate_texts_leaves_rng_and_train_mode(tiny_model):
     prompts = [load_template("alpaca").plain(ins, inp) for ins, inp in INSTRUCTIONS[:3]]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    texts = generate_texts(model, tok, prompts, Sampling(temperature=1.0, seed=1, max_new_tokens=5), batch_size=2)
+    texts = generate_texts(
+        model, tok, prompts, Sampling(temperature=1.0, seed=1, max_new_tokens=5), batch_size=2
+    )
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
     assert torch.equal(torch.get_rng_state(), state), "generation moved the caller's RNG"
     assert model.training, "generation left a training model in eval mode"
@@ -306,7 +308,13 @@ def _arch(name: str):
     if name == "llama":
         return LlamaForCausalLM(small_config(__import__("transformers").LlamaConfig, 97)).eval()
     # Gemma 3: sliding-window layers beside global ones, a window shorter than the prompts
-    cfg = small_config(Gemma3TextConfig, 97, head_dim=16, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    cfg = small_config(
+        Gemma3TextConfig,
+        97,
+        head_dim=16,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"],
+    )
     return Gemma3ForCausalLM(cfg).eval()
 
 

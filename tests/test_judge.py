@@ -362,7 +362,6 @@ def test_local_judge_on_tiny_model_gives_verdicts_or_failures(tiny_model):
 
 def test_local_judge_decodes_only_new_tokens_in_record_order(tiny_chat_model, monkeypatch):
     """Generation is scripted per prompt: answers must come back to their own records."""
-    import torch
 
     judge = LocalJudge(str(tiny_chat_model), batch_size=2, max_new_tokens=32)
     tok = judge.tokenizer
@@ -377,7 +376,9 @@ def test_local_judge_decodes_only_new_tokens_in_record_order(tiny_chat_model, mo
         for ids in input_ids:
             text = tok.decode(ids, skip_special_tokens=False)
             assert text.rstrip().endswith("assistant"), "no chat template"
-            out.append(tok.encode(answers[int(re.search(r"task-(\d+)", text).group(1))], add_special_tokens=False))
+            out.append(
+                tok.encode(answers[int(re.search(r"task-(\d+)", text).group(1))], add_special_tokens=False)
+            )
         return out
 
     import cut.generate as gen

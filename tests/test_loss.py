@@ -37,6 +37,7 @@ def reference_cut(
     gamma=0.0,
     marks=None,
     flag_source="ratio",
+    weight_unflagged=1.0,
 ):
     """Loss terms and d loss / d log p (per row) from the method's description, with loops.
 
@@ -64,7 +65,7 @@ def reference_cut(
                     alpha = weight_unlike * p_j**gamma
                     ul_terms.append(-alpha * math.log(max(1.0 - p_x, FLOOR)))
                 else:
-                    ul_terms.append(-math.log(p_x))
+                    ul_terms.append(-weight_unflagged * math.log(p_x))
 
     n_mle, n_ul = len(mle_terms), len(ul_terms)
     mle = sum(mle_terms) / n_mle if n_mle else 0.0
@@ -90,7 +91,7 @@ def reference_cut(
                     alpha = weight_unlike * p_j**gamma
                     row.append(c_ul * alpha * p_x / (1.0 - p_x) / n_ul if 1.0 - p_x > FLOOR else 0.0)
                 else:
-                    row.append(-c_ul / n_ul)
+                    row.append(-c_ul * weight_unflagged / n_ul)
             grads.append(row)
     return {
         "loss": loss,
@@ -270,6 +271,20 @@ def test_random_against_reference(combine, gamma, threshold, weight_unlike):
         seen["empty_batch"] += ref["n_ul"] + ref["n_mle"] == 0
     # the trials did exercise every branch
     assert all(seen[k] > 0 for k in ("flagged", "unflagged", "empty_row", "no_neg")), seen
+
+
+@pytest.mark.parametrize("combine, weight_unflagged", [("mean", 0.0), ("sum", 0.0), ("mean", 0.5)])
+def test_weight_unflagged_against_reference(combine, weight_unflagged):
+    """A negative's unflagged plain-context tokens weighted (0: no MLE there at all)."""
+    rng = random.Random(f"unflagged-{combine}-{weight_unflagged}")
+    for _ in range(40):
+        rows = random_rows(rng, 1.1)
+        check_against_reference(rows, combine=combine, weight_unflagged=weight_unflagged)
+    # hand case: with 0, the plain row's unflagged tokens (ratios 1.0, 0.8) get no gradient at all
+    logp, role, partner = flatten(HAND_ROWS)
+    cut_loss(logp, role, partner, weight_unflagged=0.0).loss.backward()
+    assert logp.grad[1].item() == 0.0 and logp.grad[2].item() == 0.0
+    assert logp.grad[0].item() > 0  # the flagged token is pushed down
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])

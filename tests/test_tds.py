@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from cut.analysis import tds
-from cut.errors import ConfigError
+from cut.errors import ConfigError, DataError
 from cut.tiny import build_tiny_model
 
 from conftest import REPO
@@ -436,6 +436,42 @@ def test_urial_base_prompt(models, data, tmp_path):
     assert result["base_prompt"].startswith("urial:") and result["counts"]["scored"] == 4
     assert sum(result["summary"]["fractions"].values()) == pytest.approx(1.0, abs=1e-4)
     assert urial.urial_prompt("What is 2+2?").rstrip()  # the prefix the base saw is not empty
+
+
+def test_urial_aligned_side_scores_given_answers(models, tmp_path):
+    """--prompt_template_name urial: the base model in the URIAL context as the aligned side; with the
+    same context for the base (--base_prompt urial) both sides are one model on one prompt: KL 0."""
+    urial = pytest.importorskip("cut.urial")
+    given = tmp_path / "given.json"
+    given.write_text(
+        json.dumps([{**r, "output": (r.get("output") or "").strip() or "A short answer."} for r in RECORDS])
+    )
+    model = str(models["base"])
+    argv = ["--base_model", model, "--aligned_model", model, "--data_path", str(given), *FAST]
+    argv += ["--prompt_template_name", "urial"]
+    assert tds.main([*argv, "--output_dir", str(tmp_path / "same"), "--base_prompt", "urial"]) == 0
+    same = json.loads((tmp_path / "same" / "tds.json").read_text())
+    assert same["prompt_template"] == urial.default_prompt().tag and same["counts"]["scored"] == len(RECORDS)
+    for r in same["records"]:
+        assert max(r["kl"]) == pytest.approx(0.0, abs=1e-5)
+        assert r["base_logp"] == pytest.approx(r["aligned_logp"], abs=1e-5)
+    assert tds.main([*argv, "--output_dir", str(tmp_path / "plain"), "--base_prompt", "plain"]) == 0
+    plain = json.loads((tmp_path / "plain" / "tds.json").read_text())
+    assert plain["base_prompt"] == "alpaca" and plain["summary"]["mean_kl"] > 1e-3
+    assert [r["tokens"] for r in plain["records"]] == [r["tokens"] for r in same["records"]]
+    # answers are not generated under the URIAL prefix: records without one are refused up front
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps([{"instruction": "Say hi.", "input": ""}]))
+    with pytest.raises(DataError, match="cut urial"):
+        tds.tds_records(
+            base_model=model,
+            aligned_model=model,
+            data_path=str(missing),
+            output_dir=str(tmp_path / "bad"),
+            prompt_template_name="urial",
+            progress=False,
+        )
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- memory, in a subprocess

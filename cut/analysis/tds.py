@@ -31,7 +31,8 @@ in the report says how often the answer token is the aligned model's own top tok
 share a tokenizer (same vocabulary) and output size.
 
 Prompts. The aligned model sees its plain prompt (cut.templates, as in training and cut.generate;
---prompt_template_name alpaca | chat | a .json template | auto). The answer is tokenised once,
+--prompt_template_name alpaca | chat | a .json template | auto; urial: the URIAL prefix, for a
+base model aligned in context, scoring given answers such as cut urial's). The answer is tokenised once,
 after that prompt (cut.pairs.response_ids), and the very same ids are scored under both models; no
 EOS is added. The base model's context, --base_prompt:
     plain  the same template rendered for the base: chat where the base's tokenizer has a chat
@@ -103,7 +104,8 @@ class TDSOptions:
     prompt_template_name: str = _f(
         "auto",
         "The aligned model's prompt: alpaca | alpaca_input | chat | a .json template | auto (the "
-        "template it was CUT-trained with, else chat if its tokenizer has one, else alpaca).",
+        "template it was CUT-trained with, else chat if its tokenizer has one, else alpaca) | urial "
+        "(the URIAL prefix: a base model aligned in context; answers must be given, e.g. by cut urial).",
     )
     base_prompt: str = _f(
         "plain",
@@ -534,6 +536,20 @@ def base_template(aligned: Template, tok_base) -> Template:
     return load_template("alpaca")
 
 
+class UrialTemplate:
+    """The aligned side as a base model under the URIAL prefix (--prompt_template_name urial)."""
+
+    formats = None  # so that --base_prompt plain renders the base's own template
+
+    def __init__(self, tokenizer):
+        self.urial = _urial()
+        self.name = self.urial.default_prompt().tag
+        self.adds_special_tokens = self.urial.adds_special_tokens(tokenizer, self.plain("?"))
+
+    def plain(self, instruction: str, input: str = "") -> str:
+        return self.urial.urial_prompt(self.urial.query_text(instruction, input))
+
+
 def _urial():
     try:
         from .. import urial  # imported here: TDS without URIAL does not need it
@@ -740,9 +756,18 @@ def tds_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     check_matplotlib()
     check_writable(opts.output_dir, "--output_dir")
     tok_base, tokenizer = load_tokenizers(opts)
-    template = load_template(
-        resolve_template_name(opts.prompt_template_name, opts.aligned_model, tokenizer), tokenizer
-    )
+    if opts.prompt_template_name == "urial":
+        template = UrialTemplate(tokenizer)
+        unanswered = sum(r["output"] is None for r in records)
+        if unanswered:
+            raise DataError(
+                f"{opts.data_path}: {unanswered} record(s) have no output; --prompt_template_name urial "
+                "scores given answers only (write them with cut urial)"
+            )
+    else:
+        template = load_template(
+            resolve_template_name(opts.prompt_template_name, opts.aligned_model, tokenizer), tokenizer
+        )
     prompts_aligned = [template.plain(r["instruction"], r["input"]) for r in records]
     prompts_base, special_base, base_prompt_name = build_prompts(opts, records, template, tok_base)
 

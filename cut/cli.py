@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | compare | dpo | inspect | tds | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
+    cut generate | judge | online | compare | tune | dpo | inspect | tds | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -21,6 +21,7 @@ COMMANDS = {
     "judge": ("cut.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
     "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
     "compare": ("cut.compare", "the online loop once per objective (cut, sft, dpo, ...) on identical data"),
+    "tune": ("cut.tune", "training knobs tried on a validation split of the pool, never the held-out set"),
     "dpo": (
         "cut.baselines.dpo",
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",

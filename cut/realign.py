@@ -17,7 +17,8 @@ email ready to send, ...), and rule filters keep only the rewrites that are soun
 3. the rewrite: one LLM call (REWRITE_PROMPT) with the instruction, its input, the original
    response, the criterion and the record's evidence passages (--evidence_field, a list of
    strings; optional).
-4. the filters (check_rewrite): not empty; no leaked prompt markup (our section headers, chat role
+4. the filters (check_rewrite): not empty; not the original handed back (up to whitespace); no
+   line repeated 3 or more times unless the original repeats it as often; no leaked prompt markup (our section headers, chat role
    markers, "Original response:", a "Here is the revised response" preamble) that the original did
    not have; at least min_length_ratio of the original's length; a code block kept when the
    original had one; a short original (a number, a word, a short phrase) kept word for word; for
@@ -386,12 +387,35 @@ def final_answer_changed(original: str, rewrite: str) -> str | None:
     return None if answers_match(new, old) else f"final answer changed: {old} -> {new}"
 
 
+def unchanged(original: str, rewrite: str) -> str | None:
+    """The rewriter handed the original back (up to whitespace): nothing was rewritten."""
+    return "unchanged" if " ".join(rewrite.split()) == " ".join(original.split()) else None
+
+
+def looping(original: str, rewrite: str, times: int = 3) -> str | None:
+    """A line (16+ characters) the rewrite repeats `times` times or more, more often than the original: a
+    small rewriter's loop, not a format."""
+
+    def counts(text: str) -> Counter:
+        return Counter(line.strip() for line in text.splitlines() if len(line.strip()) >= 16)
+
+    before, after = counts(original), counts(rewrite)
+    for line, n in after.most_common():
+        if n < times:
+            break
+        if n > before[line]:
+            return f"repeats a line {n} times: {line[:40]!r}"
+    return None
+
+
 def check_rewrite(original: str, rewrite: str, task: str, cfg: RealignConfig) -> str | None:
     """None when the rewrite may replace the original; else the first filter's reason."""
     if not rewrite.strip():
         return "empty"
     return (
-        leaked_markup(original, rewrite)
+        unchanged(original, rewrite)
+        or looping(original, rewrite)
+        or leaked_markup(original, rewrite)
         or too_short(original, rewrite, cfg.min_length_ratio)
         or code_dropped(original, rewrite)
         or short_answer_dropped(original, rewrite, cfg.short_answer_words)

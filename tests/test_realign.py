@@ -365,6 +365,17 @@ def test_final_answer_changed():
     assert final_answer_changed("No number at all.", "None here either.") is None
 
 
+def test_unchanged_and_looping_rewrites_are_rejected():
+    cfg = RealignConfig()
+    assert check_rewrite(TEA, "  " + TEA.replace(" ", "  ") + "\n", "how_to", cfg) == "unchanged"
+    loop = "Here are the tips.\n\n" + "Boil the water first.\n" * 3
+    assert check_rewrite(TEA, TEA + "\n" + loop, "how_to", cfg).startswith("repeats a line 3 times")
+    # a line the original already repeats as often is the original's, not a loop
+    poem = "Row, row, row your boat gently.\n" * 3 + "Gently down."
+    assert check_rewrite(poem, "Title\n\n" + poem + "\nThe end of the stream.", "general", cfg) is None
+    assert check_rewrite(TEA, TEA + "\n\n- step\n- step\n- step", "how_to", cfg) is None  # short lines
+
+
 def test_check_rewrite_runs_every_filter_in_order():
     cfg = RealignConfig()
     assert check_rewrite(TEA, "   \n", "how_to", cfg) == "empty"

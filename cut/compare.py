@@ -73,6 +73,17 @@ def share(first: Path, other: Path) -> None:
             shutil.copyfile(src, dst)
 
 
+def ensure_base_model(base: OnlineConfig) -> None:
+    """The embedded SmolLM2 is converted on first use when the config names its default folder."""
+    from .smollm import ensure_smollm2
+
+    if (
+        base.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
+        and not Path(base.base_model).exists()
+    ):
+        ensure_smollm2(base.base_model)
+
+
 def run_all(
     base: OnlineConfig,
     names: list[str],
@@ -284,13 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(base.output_dir)
             write_report(root, collect(root, names, base.rounds))
             return 0
-        from .smollm import ensure_smollm2
-
-        if (
-            base.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
-            and not Path(base.base_model).exists()
-        ):
-            ensure_smollm2(base.base_model)
+        ensure_base_model(base)
         run_all(base, names)
     except (ConfigError, DataError) as err:
         print(f"cut.compare: error: {err}", file=sys.stderr)

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output_dir", help="override the trials file's output_dir")
     p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
     args = p.parse_args(argv)
-    from .compare import collect, run_all, write_report
+    from .compare import collect, ensure_base_model, run_all, write_report
 
     try:
         base, variants = prepare(args.config, args.trials, args.output_dir)
@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only:
             write_report(Path(base.output_dir), collect(Path(base.output_dir), names, 1), "validation")
             return 0
-        from .smollm import ensure_smollm2
-
-        if (
-            base.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
-            and not Path(base.base_model).exists()
-        ):
-            ensure_smollm2(base.base_model)
+        ensure_base_model(base)
         run_all(base, names, variants, "validation")
     except (ConfigError, DataError) as err:
         print(f"cut.tune: error: {err}", file=sys.stderr)

@@ -96,9 +96,7 @@ def prepare(
     pool, _ = read_problems(main_cfg)
     reserved = main_cfg.rounds * main_cfg.instructions_per_round
     val = validation_split(pool, spec["validation_size"], main_cfg.seed, reserved)
-    root.mkdir(parents=True, exist_ok=True)
     val_path = root / "validation.json"
-    write_json_atomic(val_path, val)
     base = dataclasses.replace(main_cfg, output_dir=str(root), heldout=str(val_path), rounds=1)
     variants = {
         name: (s.get("objective", main_cfg.objective), dict(s.get("train", {})))
@@ -112,6 +110,8 @@ def prepare(
             cfg.validate()
         except ConfigError as err:
             raise ConfigError(f"{trials_path}: trial {name!r}: {err}") from None
+    root.mkdir(parents=True, exist_ok=True)  # only once every trial is valid
+    write_json_atomic(val_path, val)
     logger.info(
         "validation split: %d of %d pool instructions (the rounds use the first %d of the permutation)",
         len(val),

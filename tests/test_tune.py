@@ -104,7 +104,7 @@ def test_bad_trials_are_refused_before_any_work(tmp_path, trials, message):
     cfg = write_config(tmp_path, "unused-model")
     with pytest.raises(ConfigError, match=message):
         prepare(str(cfg), str(write_trials(tmp_path, trials)))
-    assert not (tmp_path / "tune" / "x").exists()
+    assert not (tmp_path / "tune").exists()  # nothing written: not even the validation split
 
 
 def test_a_split_the_rounds_would_reach_is_refused(tmp_path, capsys):
@@ -113,19 +113,17 @@ def test_a_split_the_rounds_would_reach_is_refused(tmp_path, capsys):
     assert "overlap" in capsys.readouterr().err
 
 
+def run_tune(cfg: Path, trials: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "cut.tune", "--config", str(cfg), "--trials", str(trials)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 def test_trials_train_on_the_same_samples_and_are_scored_on_validation(tiny_model, tmp_path):
     cfg = write_config(tmp_path, str(tiny_model))
     trials = write_trials(tmp_path, {"cut": {}, "cut_no_unflagged": {"train": {"weight_unflagged": 0}}})
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "cut.tune", "--config", str(cfg), "--trials", str(trials)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_tune(cfg, trials)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path / "tune"
     val = json.loads((root / "validation.json").read_text())
@@ -145,12 +143,5 @@ def test_trials_train_on_the_same_samples_and_are_scored_on_validation(tiny_mode
     assert report["split"] == "validation" and set(report["objectives"]) == {"cut", "cut_no_unflagged"}
     assert "validation prompts passing" in (root / "comparison.md").read_text()
     # the run is resumable: a rerun finds every stage done and trains nothing
-    again = subprocess.run(
-        [sys.executable, "-m", "cut.tune", "--config", str(cfg), "--trials", str(trials)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_tune(cfg, trials)
     assert again.returncode == 0 and "cut.train" not in again.stderr

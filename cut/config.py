@@ -93,6 +93,11 @@ class TrainConfig:
         "Weight of the MLE on a negative's unflagged plain-context tokens: 1 = the paper; 0 = a "
         "negative's plain context trains only its flagged tokens (by unlikelihood).",
     )
+    weight_align_n: float = _f(
+        1.0,
+        "Weight of the MLE on a negative's judged context (x, j) -> y (Align-N): 1 = the paper; 0 = the "
+        "judged context only supplies p(y|x,j) for the ratio, so no failing response is trained by MLE.",
+    )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
     on_failed_judgment: str = _f(
@@ -183,6 +188,7 @@ class TrainConfig:
             ("weight_unlike", 0, False),
             ("gamma", 0, False),
             ("weight_unflagged", 0, False),
+            ("weight_align_n", 0, False),
             ("lora_r", 1, False),
             ("lora_alpha", 0, True),
             ("logging_steps", 1, False),

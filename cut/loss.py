@@ -69,6 +69,7 @@ def cut_loss(
     span: Tensor | None = None,
     flag_source: str = "ratio",
     weight_unflagged: float = 1.0,
+    weight_align_n: float = 1.0,
 ) -> CUTLoss:
     """CUT loss over a flat vector of target tokens.
 
@@ -87,6 +88,9 @@ def cut_loss(
     weight_unflagged: weight of the MLE on a negative's unflagged plain-context tokens (Eq. 6's
              "-log p elsewhere"); 1 = the paper, 0 = a negative's plain context trains its flagged
              tokens only (the mean still runs over all of its tokens).
+    weight_align_n: weight of the MLE on a negative's judged-context tokens (Align-N); 1 = the
+             paper, 0 = the judged context only supplies p(y_t|x,j) for the ratio (the MLE mean
+             still runs over all Align-P and Align-N tokens).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -98,7 +102,12 @@ def cut_loss(
     zero = logp.sum() * 0.0  # keeps the graph connected when a part is empty
 
     n_mle = mle_mask.sum()
-    mle = -logp[mle_mask].sum() / n_mle.clamp_min(1) if bool(n_mle) else zero  # Eq. 4 / Eq. 5
+    if bool(n_mle):  # Eq. 4 / Eq. 5
+        weight = torch.where(role == Role.ALIGN_N, weight_align_n, 1.0) if weight_align_n != 1.0 else None
+        nll = -logp[mle_mask] if weight is None else -logp[mle_mask] * weight[mle_mask]
+        mle = nll.sum() / n_mle.clamp_min(1)
+    else:
+        mle = zero
 
     n_ul = ul_mask.sum()
     if bool(n_ul):

@@ -199,6 +199,7 @@ def load_model(cfg: TrainConfig):
         cfg.logits_chunk_size,
         flag_source=cfg.flag_source,
         weight_unflagged=cfg.weight_unflagged,
+        weight_align_n=cfg.weight_align_n,
     )
     return model
 

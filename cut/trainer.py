@@ -294,6 +294,7 @@ def install_cut_forward(
     check_head: bool = True,
     flag_source: str = "ratio",
     weight_unflagged: float = 1.0,
+    weight_align_n: float = 1.0,
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
     CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
@@ -352,6 +353,7 @@ def install_cut_forward(
             tgt_span,
             flag_source,
             weight_unflagged,
+            weight_align_n,
         )
         return {
             "loss": out.loss,

@@ -38,6 +38,7 @@ def reference_cut(
     marks=None,
     flag_source="ratio",
     weight_unflagged=1.0,
+    weight_align_n=1.0,
 ):
     """Loss terms and d loss / d log p (per row) from the method's description, with loops.
 
@@ -53,8 +54,9 @@ def reference_cut(
     mle_terms, ul_terms, flags = [], [], []
     for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
+            w = weight_align_n if role == Role.ALIGN_N else 1.0
             for p in probs:
-                mle_terms.append(-math.log(p))
+                mle_terms.append(-w * math.log(p))
         else:
             judged = rows[partner][1]
             assert rows[partner][0] == Role.ALIGN_N and len(judged) == len(probs)
@@ -83,7 +85,8 @@ def reference_cut(
     grads = []
     for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
-            grads.append([-c_mle / n_mle for _ in probs])
+            w = weight_align_n if role == Role.ALIGN_N else 1.0
+            grads.append([-c_mle * w / n_mle for _ in probs])
         else:
             row = []
             for t, (p_x, p_j) in enumerate(zip(probs, rows[partner][1], strict=True)):
@@ -285,6 +288,23 @@ def test_weight_unflagged_against_reference(combine, weight_unflagged):
     cut_loss(logp, role, partner, weight_unflagged=0.0).loss.backward()
     assert logp.grad[1].item() == 0.0 and logp.grad[2].item() == 0.0
     assert logp.grad[0].item() > 0  # the flagged token is pushed down
+
+
+@pytest.mark.parametrize("combine, weight_align_n", [("mean", 0.0), ("sum", 0.0), ("mean", 0.5)])
+def test_weight_align_n_against_reference(combine, weight_align_n):
+    """A negative's judged-context MLE weighted (0: the judged row only feeds the ratio)."""
+    rng = random.Random(f"align-n-{combine}-{weight_align_n}")
+    for _ in range(40):
+        rows = random_rows(rng, 1.1)
+        check_against_reference(rows, combine=combine, weight_align_n=weight_align_n)
+    # hand case: with 0, no judged token gets a gradient, the plain row's still do
+    logp, role, partner = flatten(HAND_ROWS)
+    out = cut_loss(logp, role, partner, weight_align_n=0.0)
+    out.loss.backward()
+    judged = role == Role.ALIGN_N
+    assert bool(judged.any()) and bool((logp.grad[judged] == 0).all())
+    assert bool((logp.grad[role == Role.MISALIGN_N] != 0).any())
+    assert out.flagged.item() > 0  # the ratio still uses the judged row's probabilities
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])

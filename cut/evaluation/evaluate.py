@@ -22,7 +22,10 @@ Modes:
 
 The judge is cut.judge's: `--judge openai` is any OpenAI-compatible endpoint through cut.llm
 (bounded concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judge local` a
-transformers model loaded and decoded as cut.judge's LocalJudge does (greedy, batched). A reply is
+transformers model loaded and decoded as cut.judge's LocalJudge does (greedy, batched); with
+`--verdict probabilities` a local judge is not decoded: each aspect's verdict is read from its
+next-token probabilities right after the start of the JSON reply (cut.evaluation.verdicts), which
+a judge too small to write the rubric's JSON can still give. A reply is
 read tolerantly (cut.evaluation.aspects); one that still cannot be read is asked again, up to
 --parse_retries times, in a follow-up turn that quotes the bad reply (a different request, so the
 cache cannot return the same reply); then it is recorded as failed with its reason. A transport
@@ -68,6 +71,7 @@ from .aspects import ParseError, Rubric, parse_pairwise, parse_scores, reask, re
 logger = logging.getLogger("cut.evaluation")
 
 MODES = ("score", "safety", "pairwise", "compare")
+VERDICTS = ("generate", "probabilities")  # how a local judge's verdict is read (cut.evaluation.verdicts)
 JUDGED_MODES = ("score", "safety", "pairwise")
 AUTO_GROUPS = ("task", "category", "source", "dataset", "topic", "type", "difficulty", "subset")
 MAX_AUTO_GROUPS = 30
@@ -103,10 +107,13 @@ class EvaluateConfig:
     to_judgments: str | None = None  # score / safety: write CUT training records here
     min_score: float = 3  # to_judgments: an aspect scored below this makes the record a negative
     positive_score: float = 4  # to_judgments: every aspect at or above this makes it a positive
+    verdict: str = "generate"  # local judge: its decoded JSON, or its next-token probabilities
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.verdict not in VERDICTS:
+            raise ConfigError(f"verdict must be one of {', '.join(VERDICTS)}, got {self.verdict!r}")
         needs = {"score": ["input_file"], "safety": ["input_file"], "pairwise": ["output_a", "output_b"]}
         missing = [f"--{n}" for n in needs.get(self.mode, []) if not getattr(self, n)]
         if self.mode == "compare" and len(self.runs) < 2:
@@ -178,16 +185,31 @@ class LocalAsker:
         return [(text, None) for text in self.judge.generate([self.text(p) for p in prompts], on_batch)]
 
 
-def judge_name(cfg: JudgeConfig) -> str:
+def judge_name(cfg: JudgeConfig, verdict: str = "generate") -> str:
     """The name a judge of cfg will have (cut.judge's), known before it loads."""
-    return f"{cfg.kind}:{cfg.model}"
+    return f"{cfg.kind}:{cfg.model}" + ("/probabilities" if verdict == "probabilities" else "")
 
 
-def make_asker(cfg: JudgeConfig, default_cache_file: str | None) -> Asker:
-    """cut.judge's judge of cfg (openai or local), as prompts-in, replies-out."""
+def check_verdict(cfg: JudgeConfig, verdict: str) -> None:
+    if verdict == "probabilities" and cfg.kind != "local":
+        raise ConfigError(
+            "--verdict probabilities reads a local model's next-token probabilities: use --judge local"
+        )
+
+
+def make_asker(
+    cfg: JudgeConfig, default_cache_file: str | None, verdict: str = "generate", rub=None
+) -> Asker:
+    """cut.judge's judge of cfg (openai or local), as prompts-in, replies-out; a local one read
+    through its next-token probabilities with verdict "probabilities" (needs the rubric)."""
     if cfg.kind not in ("openai", "local"):
         raise ConfigError(f"the evaluation judge is openai or local, got {cfg.kind!r}")
+    check_verdict(cfg, verdict)
     judge = make_judge(cfg, default_cache_file)
+    if cfg.kind == "local" and verdict == "probabilities":
+        from .verdicts import ProbabilityAsker
+
+        return ProbabilityAsker(judge, rub, LocalAsker(judge).text)
     if cfg.kind == "local":
         return LocalAsker(judge)
     return ClientAsker(judge.client, judge.name)
@@ -498,7 +520,9 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     rub = rubric(cfg.mode, cfg.prompt_file)
     if asker is None and judge is None:
         raise ConfigError(f"mode {cfg.mode} needs a judge")
-    name = asker.name if asker else judge_name(judge)
+    if judge is not None:
+        check_verdict(judge, cfg.verdict)
+    name = asker.name if asker else judge_name(judge, cfg.verdict)
     setup = setup_of(rub, name)
     check_writable(cfg.out, "output_dir")
     if cfg.to_judgments:
@@ -527,7 +551,7 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
         write_json_atomic(results_path, {"setup": setup, **sources, "records": job.rows()})
 
     if todo:
-        asker = asker or make_asker(judge, str(cfg.out / CACHE))
+        asker = asker or make_asker(judge, str(cfg.out / CACHE), cfg.verdict, rub)
         parse = parse_pairwise if cfg.mode == "pairwise" else parse_scores
         with tqdm(total=len(todo), desc=f"evaluating ({name})", unit="record", disable=None) as bar:
             ask_all(
@@ -799,6 +823,13 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--cache_file", help="openai: reply cache (default <output_dir>/cache.jsonl; '' for none)")
     j.add_argument("--batch_size", type=int, default=8, help="local: prompts per generate call")
     j.add_argument("--max_new_tokens", type=int, default=512, help="local: tokens per reply at most")
+    j.add_argument(
+        "--verdict",
+        choices=VERDICTS,
+        default="generate",
+        help="local: read the judge's decoded JSON (generate) or, per aspect, its next-token "
+        "probabilities of 1-5 / A, B, tie (probabilities: for judges too small to write the JSON)",
+    )
     return p
 
 
@@ -831,6 +862,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EvaluateConfig, JudgeCo
         to_judgments=args.to_judgments,
         min_score=args.min_score,
         positive_score=args.positive_score,
+        verdict=args.verdict,
     )
     if cfg.mode == "compare":
         return cfg, None
@@ -853,6 +885,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EvaluateConfig, JudgeCo
         max_new_tokens=args.max_new_tokens,
         **{o: getattr(args, o) for o in options},
     )
+    check_verdict(judge, cfg.verdict)
     return cfg, judge
 
 

@@ -1,0 +1,192 @@
+"""Verdicts read from a local judge's next-token probabilities instead of its generated text.
+
+A small model rarely writes the rubric's JSON (the 135M judge of the README's demo gave readable
+replies for 2 of 24 answers), but it still has a distribution over what comes next. For each aspect
+the judge's reply is started for it, as if it had begun writing the JSON the rubric asks for:
+
+    score / safety:  ... <the rubric prompt> ... {"helpfulness": {"score": _     -> "1".."5"
+    pairwise:        ... <the rubric prompt> ... {"helpfulness": {"winner": "_   -> "A" | "B" | "tie"
+
+and the probability of each option's tokens after it is read (most options are one token). A score is the
+probability-weighted mean of 1..5 (G-Eval's form, Liu et al. 2023); a pairwise winner is the most
+probable of A, B and tie. The reason records the distribution and the share of the judge's
+probability mass that fell on the options, so a reader sees how sure, and how on-topic, it was.
+
+The rubric prompt is encoded once per record (one forward over the batch, KV cache kept); each
+aspect adds only its few prefill tokens to a copy of that cache, so five aspects cost about one
+forward over the prompts, not five.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..generate import _left_pad
+from .aspects import SCALE, Rubric
+
+Message = dict[str, str]
+WINNERS = ("A", "B", "tie")
+
+
+def prefill(mode: str, aspect: str) -> str:
+    """The start of the judge's reply for one aspect, up to where its verdict goes."""
+    if mode == "pairwise":
+        return f'{{"{aspect}": {{"winner": "'
+    return f'{{"{aspect}": {{"score": '
+
+
+def options(mode: str) -> tuple[str, ...]:
+    if mode == "pairwise":
+        return WINNERS
+    return tuple(str(s) for s in range(SCALE[0], SCALE[1] + 1))
+
+
+def option_tokens(tokenizer, suffix: str, names: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """(the prefill's token ids, each option's token ids after them).
+
+    Each option is tokenised together with the prefill and the longest token prefix that all of
+    them share is what the judge is fed; the rest is the option's, so a tokenizer that joins the
+    prefill's trailing space to a digit (" 3" as one token) or splits an option in two is followed.
+    Two options with the same tokens raise ConfigError."""
+    joint = [tokenizer.encode(suffix + name, add_special_tokens=False) for name in names]
+    shared = 0
+    while all(len(j) > shared for j in joint) and len({j[shared] for j in joint}) == 1:
+        shared += 1
+    rests = [j[shared:] for j in joint]
+    if not shared or any(not r for r in rests) or len({tuple(r) for r in rests}) != len(rests):
+        raise ConfigError(
+            f"the judge's tokenizer does not tell {list(names)} apart after {suffix!r}: "
+            "probability verdicts cannot be read with it; use --verdict generate"
+        )
+    return joint[0][:shared], rests
+
+
+def _extend(model, cache, mask, ids: list[int], keep: int):
+    """Feed the same `ids` after every row of `cache` (which grows); the last `keep` positions'
+    log-softmax (rows, keep, V) and the mask that now covers them."""
+    device = mask.device
+    extra = torch.tensor(ids, device=device).expand(mask.shape[0], -1)
+    start = mask.sum(-1, keepdim=True)
+    mask = torch.cat([mask, mask.new_ones(extra.shape)], dim=1)
+    logits = model(
+        input_ids=extra,
+        attention_mask=mask,
+        position_ids=start + torch.arange(len(ids), device=device),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    ).logits
+    return logits.float().log_softmax(-1), mask
+
+
+@torch.inference_mode()
+def option_probabilities(
+    model, rows: list[list[int]], readings: list[tuple[list[int], list[list[int]]]], pad_id: int
+) -> list[list[tuple[list[float], float]]]:
+    """For each prompt row and each reading (prefill ids, options' ids): the options' probabilities
+    after row + prefill, renormalised over the options, and the raw probability mass on them."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = DynamicCache(config=model.config)
+    model(  # the prompts once; only the cache is kept
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    out: list[list[tuple[list[float], float]]] = [[] for _ in rows]
+    for shared, rests in readings:
+        after = copy.deepcopy(cache)
+        first, after_mask = _extend(model, after, mask, shared, 1)
+        logps = []
+        for rest in rests:
+            logp = first[:, -1, rest[0]]
+            if len(rest) > 1:  # the option's later tokens, each given the ones before
+                more, _ = _extend(model, copy.deepcopy(after), after_mask, rest[:-1], len(rest) - 1)
+                logp = logp + more.gather(
+                    2, torch.tensor(rest[1:], device=device).expand(len(rows), -1)[..., None]
+                ).sum((1, 2))
+            logps.append(logp)
+        picked = torch.stack(logps, -1).double().exp()  # (rows, options)
+        mass = picked.sum(-1)
+        probs = picked / mass.clamp_min(1e-300)[:, None]
+        for r in range(len(rows)):
+            out[r].append((probs[r].tolist(), float(mass[r])))
+    return out
+
+
+def reply(mode: str, aspects: Sequence[str], readings: list[tuple[list[float], float]]) -> str:
+    """The JSON reply the rubric asks for, written from the readings of each aspect."""
+    names = options(mode)
+    entries = {}
+    for aspect, (probs, mass) in zip(aspects, readings, strict=True):
+        shown = ", ".join(f"{n} {p:.2f}" for n, p in zip(names, probs, strict=True))
+        reason = f"next-token probabilities: {shown} ({mass:.2f} of the judge's mass on these)"
+        if mode == "pairwise":
+            best = max(range(len(names)), key=lambda i: probs[i])
+            entries[aspect] = {"reason": reason, "winner": names[best]}
+        else:
+            expected = sum(int(n) * p for n, p in zip(names, probs, strict=True))
+            entries[aspect] = {"reason": reason, "score": round(expected, 2)}
+    return json.dumps(entries)
+
+
+class ProbabilityAsker:
+    """cut.judge's LocalJudge read through its next-token probabilities (see the module docstring).
+
+    Every reply parses, so the evaluation never re-asks; the batch size is the judge's."""
+
+    def __init__(self, judge, rubric: Rubric, text: Callable[[list[Message]], str]) -> None:
+        self.judge, self.rubric, self.text = judge, rubric, text
+        self.name = f"{judge.name}/probabilities"
+        tok = judge.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        # the prefill follows the prompt on its own line when there is no chat template
+        lead = "" if judge.chat else "\n\n"
+        self.readings = [
+            option_tokens(tok, lead + prefill(rubric.mode, aspect), options(rubric.mode))
+            for aspect in rubric.aspects
+        ]
+
+    def ask(self, prompts: list[list[Message]], progress=None) -> list[tuple[str | None, str | None]]:
+        tok = self.judge.tokenizer
+        from ..generate import context_length
+
+        rows = [tok.encode(self.text(p), add_special_tokens=not self.judge.chat) for p in prompts]
+        answers: list[tuple[str | None, str | None]] = [(None, "not asked")] * len(rows)
+        limit = context_length(self.judge.model.config, tok)
+        longest = max(len(shared) + max(map(len, rests)) for shared, rests in self.readings)
+        fits = []
+        for i, row in enumerate(rows):
+            if limit is not None and len(row) + longest > limit:
+                answers[i] = (
+                    None,
+                    f"prompt of {len(row)} tokens does not fit the judge's context of {limit}",
+                )
+            else:
+                fits.append(i)
+        if progress and len(fits) < len(rows):
+            progress(len(rows) - len(fits))
+        # longest first, so similar lengths share a batch
+        order = sorted(fits, key=lambda i: (-len(rows[i]), i))
+        size = max(1, self.judge.batch_size)
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            readings = option_probabilities(
+                self.judge.model, [rows[i] for i in idx], self.readings, self.pad_id
+            )
+            for i, r in zip(idx, readings, strict=True):
+                answers[i] = (reply(self.rubric.mode, self.rubric.aspects, r), None)
+            if progress:
+                progress(len(idx))
+        return answers

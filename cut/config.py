@@ -91,12 +91,14 @@ class TrainConfig:
     weight_unflagged: float = _f(
         1.0,
         "Weight of the MLE on a negative's unflagged plain-context tokens: 1 = the paper; 0 = a "
-        "negative's plain context trains only its flagged tokens (by unlikelihood).",
+        "negative's plain context trains only its flagged tokens (by unlikelihood). Each term is a weighted mean, so a "
+        "weight-0 token is as if absent.",
     )
     weight_align_n: float = _f(
         1.0,
         "Weight of the MLE on a negative's judged context (x, j) -> y (Align-N): 1 = the paper; 0 = the "
-        "judged context only supplies p(y|x,j) for the ratio, so no failing response is trained by MLE.",
+        "judged context only supplies p(y|x,j) for the ratio, so no failing response is trained by MLE (a weighted "
+        "mean: a weight-0 token is as if absent).",
     )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")

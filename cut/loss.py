@@ -87,10 +87,13 @@ def cut_loss(
              "both" (either).
     weight_unflagged: weight of the MLE on a negative's unflagged plain-context tokens (Eq. 6's
              "-log p elsewhere"); 1 = the paper, 0 = a negative's plain context trains its flagged
-             tokens only (the mean still runs over all of its tokens).
+             tokens only.
     weight_align_n: weight of the MLE on a negative's judged-context tokens (Align-N); 1 = the
-             paper, 0 = the judged context only supplies p(y_t|x,j) for the ratio (the MLE mean
-             still runs over all Align-P and Align-N tokens).
+             paper, 0 = the judged context only supplies p(y_t|x,j) for the ratio.
+    Both weight tokens in a weighted mean: a token of weight w counts w times in its term's sum
+    and in its count, so at 0 it is as if it were not there (the other tokens keep the scale they
+    have in a batch without it) and at 1 the paper's means are unchanged. A flagged token counts
+    once; alpha scales its loss only.
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -102,10 +105,11 @@ def cut_loss(
     zero = logp.sum() * 0.0  # keeps the graph connected when a part is empty
 
     n_mle = mle_mask.sum()
+    has_mle = has_ul = False  # a term whose tokens all weigh 0 is absent, as if it had none
     if bool(n_mle):  # Eq. 4 / Eq. 5
-        weight = torch.where(role == Role.ALIGN_N, weight_align_n, 1.0) if weight_align_n != 1.0 else None
-        nll = -logp[mle_mask] if weight is None else -logp[mle_mask] * weight[mle_mask]
-        mle = nll.sum() / n_mle.clamp_min(1)
+        weight = torch.where(role[mle_mask] == Role.ALIGN_N, weight_align_n, 1.0).to(logp.dtype)
+        mle = -(logp[mle_mask] * weight).sum() / weight.sum().clamp_min(1e-12)
+        has_mle = bool(weight.sum() > 0)
     else:
         mle = zero
 
@@ -121,15 +125,17 @@ def cut_loss(
         scale = weight_unlike * (lp_judged.detach().exp() ** gamma if gamma else 1.0)
         # Eq. 6: -alpha * log(1 - p(y_t|x)) on flagged tokens, -log p(y_t|x) elsewhere
         per_token = torch.where(flag, -scale * log1mexp(lp_plain), -weight_unflagged * lp_plain)
-        ul = per_token.mean()
+        count = torch.where(flag, 1.0, weight_unflagged).to(logp.dtype)
+        ul = per_token.sum() / count.sum().clamp_min(1e-12)
+        has_ul = bool(count.sum() > 0)
         flagged = flag.float().mean()
     else:
         ul, flagged = zero, zero.detach()
 
     if combine == "sum":
         loss = mle + ul
-    else:
-        loss = (mle + ul) / 2 if bool(n_ul) else mle
+    else:  # the released code's mean of the two terms where both are present
+        loss = (mle + ul) / 2 if has_mle and has_ul else mle + ul
     return CUTLoss(loss, mle.detach(), ul.detach(), flagged.detach(), n_mle, n_ul)
 
 

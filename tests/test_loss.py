@@ -51,12 +51,16 @@ def reference_cut(
             return by_ratio
         return bool(marks[r][t]) or (flag_source == "both" and by_ratio)
 
-    mle_terms, ul_terms, flags = [], [], []
+    # each term is a weighted mean: (sum of weight * loss) / (sum of weight); a flagged token
+    # weighs 1 (alpha scales its loss), an unflagged plain token weight_unflagged, a judged token
+    # weight_align_n, a positive's token 1
+    mle_terms, mle_w, ul_terms, ul_w, flags = [], [], [], [], []
     for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
             w = weight_align_n if role == Role.ALIGN_N else 1.0
             for p in probs:
                 mle_terms.append(-w * math.log(p))
+                mle_w.append(w)
         else:
             judged = rows[partner][1]
             assert rows[partner][0] == Role.ALIGN_N and len(judged) == len(probs)
@@ -66,19 +70,22 @@ def reference_cut(
                 if flag:
                     alpha = weight_unlike * p_j**gamma
                     ul_terms.append(-alpha * math.log(max(1.0 - p_x, FLOOR)))
+                    ul_w.append(1.0)
                 else:
                     ul_terms.append(-weight_unflagged * math.log(p_x))
+                    ul_w.append(weight_unflagged)
 
     n_mle, n_ul = len(mle_terms), len(ul_terms)
-    mle = sum(mle_terms) / n_mle if n_mle else 0.0
-    ul = sum(ul_terms) / n_ul if n_ul else 0.0
+    w_mle, w_ul = sum(mle_w), sum(ul_w)
+    mle = sum(mle_terms) / w_mle if w_mle > 0 else 0.0
+    ul = sum(ul_terms) / w_ul if w_ul > 0 else 0.0
     flagged = sum(flags) / n_ul if n_ul else 0.0
     if combine == "sum":
         loss, c_mle, c_ul = mle + ul, 1.0, 1.0
-    elif n_ul:
+    elif w_mle > 0 and w_ul > 0:
         loss, c_mle, c_ul = (mle + ul) / 2, 0.5, 0.5
-    else:
-        loss, c_mle, c_ul = mle, 1.0, 0.0
+    else:  # one term (or none) present
+        loss, c_mle, c_ul = mle + ul, 1.0, 1.0
 
     # gradient w.r.t. log p of every token; the ratio (and p_j^gamma) is a constant, so a judged
     # token gets only its MLE share. d/dlogp [-log(1 - p)] = p / (1 - p), 0 where floored.
@@ -86,15 +93,15 @@ def reference_cut(
     for r, (role, probs, partner) in enumerate(rows):
         if role in (Role.ALIGN_P, Role.ALIGN_N):
             w = weight_align_n if role == Role.ALIGN_N else 1.0
-            grads.append([-c_mle * w / n_mle for _ in probs])
+            grads.append([-c_mle * w / w_mle if w_mle > 0 else 0.0 for _ in probs])
         else:
             row = []
             for t, (p_x, p_j) in enumerate(zip(probs, rows[partner][1], strict=True)):
                 if flagged_token(r, t, p_x, p_j):
                     alpha = weight_unlike * p_j**gamma
-                    row.append(c_ul * alpha * p_x / (1.0 - p_x) / n_ul if 1.0 - p_x > FLOOR else 0.0)
+                    row.append(c_ul * alpha * p_x / (1.0 - p_x) / w_ul if 1.0 - p_x > FLOOR else 0.0)
                 else:
-                    row.append(-c_ul * weight_unflagged / n_ul)
+                    row.append(-c_ul * weight_unflagged / w_ul if w_ul > 0 else 0.0)
             grads.append(row)
     return {
         "loss": loss,
@@ -285,9 +292,12 @@ def test_weight_unflagged_against_reference(combine, weight_unflagged):
         check_against_reference(rows, combine=combine, weight_unflagged=weight_unflagged)
     # hand case: with 0, the plain row's unflagged tokens (ratios 1.0, 0.8) get no gradient at all
     logp, role, partner = flatten(HAND_ROWS)
-    cut_loss(logp, role, partner, weight_unflagged=0.0).loss.backward()
+    out = cut_loss(logp, role, partner, weight_unflagged=0.0)
+    out.loss.backward()
     assert logp.grad[1].item() == 0.0 and logp.grad[2].item() == 0.0
     assert logp.grad[0].item() > 0  # the flagged token is pushed down
+    # and the UL term is the mean over the flagged token alone: -log(1 - 0.4)
+    assert out.ul.item() == pytest.approx(-math.log(0.6), rel=1e-6)
 
 
 @pytest.mark.parametrize("combine, weight_align_n", [("mean", 0.0), ("sum", 0.0), ("mean", 0.5)])
@@ -305,6 +315,13 @@ def test_weight_align_n_against_reference(combine, weight_align_n):
     assert bool(judged.any()) and bool((logp.grad[judged] == 0).all())
     assert bool((logp.grad[role == Role.MISALIGN_N] != 0).any())
     assert out.flagged.item() > 0  # the ratio still uses the judged row's probabilities
+    # a weight-0 token is as if absent: the positive's MLE keeps its own mean (not diluted by the
+    # judged row's 3 tokens), and without the positive the loss is the UL term alone, not halved
+    assert out.mle.item() == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+    no_pos = [(Role.MISALIGN_N, [0.4, 0.5, 0.5], 1), (Role.ALIGN_N, [0.8, 0.5, 0.4], None)]
+    logp, role, partner = flatten(no_pos)
+    out = cut_loss(logp, role, partner, weight_align_n=0.0)
+    assert out.loss.item() == pytest.approx(out.ul.item(), rel=1e-6) and out.ul.item() > 0
 
 
 @pytest.mark.parametrize("combine", ["mean", "sum"])

@@ -683,7 +683,10 @@ def realign_file(input_file: str, output_file: str, rewriter: Rewriter, cfg: Rea
 
 def count(rows: list[dict], resumed: int = 0) -> dict[str, Any]:
     """records, rewritten, rejected, failed, skipped (and per reason), tasks, unknown task labels."""
-    rejected = Counter(r["rewrite_rejected"].split(":")[0] for r in rows if "rewrite_rejected" in r)
+    # the kind of each reason: its text before ':' with counts left out ("repeats a line N times")
+    rejected = Counter(
+        re.sub(r" \d+ times$", "", r["rewrite_rejected"].split(":")[0]) for r in rows if "rewrite_rejected" in r
+    )
     failed = Counter(
         re.sub(r" after \d+ retries$", "", r["rewrite_error"]) for r in rows if "rewrite_error" in r
     )

@@ -23,6 +23,7 @@ from cut.realign import (
     check_rewrite,
     classify_prompt,
     code_dropped,
+    count,
     final_answer_changed,
     judged_against,
     leaked_markup,
@@ -701,3 +702,15 @@ def test_local_rewriter_end_to_end_records_why(tmp_path, tiny_chat_model):
         )
     assert counts["rejected"] == 3 and counts["failed"] == 0
     assert rows[0]["realign"]["rewriter"] == rewriter.name
+
+
+def test_count_groups_rejections_by_kind():
+    rows = [
+        {"rewritten": False, "task": "general", "rewrite_rejected": "repeats a line 22 times: 'x'"},
+        {"rewritten": False, "task": "general", "rewrite_rejected": "repeats a line 6 times: 'y'"},
+        {"rewritten": False, "task": "general", "rewrite_rejected": "unchanged"},
+        {"rewritten": True, "task": "summary"},
+    ]
+    counts = count(rows)
+    assert counts["rejected_reasons"] == {"repeats a line": 2, "unchanged": 1}
+    assert (counts["rejected"], counts["rewritten"]) == (3, 1)

@@ -408,6 +408,21 @@ def looping(original: str, rewrite: str, times: int = 3) -> str | None:
     return None
 
 
+# the rewriter talking about its task instead of answering ("The original response was rewritten to ...")
+META = re.compile(
+    r"\b(the )?(original|revised|rewritten|previous) (response|answer)\b|\bformat criterion\b|\bi have rewritten\b",
+    re.IGNORECASE,
+)
+
+
+def meta_commentary(original: str, rewrite: str) -> str | None:
+    """The rewrite speaks of the rewriting (the original response, the criterion) where the original did not."""
+    hit = META.search(rewrite)
+    if hit and not META.search(original):
+        return f"talks about the rewrite: {hit.group(0)!r}"
+    return None
+
+
 def check_rewrite(original: str, rewrite: str, task: str, cfg: RealignConfig) -> str | None:
     """None when the rewrite may replace the original; else the first filter's reason."""
     if not rewrite.strip():
@@ -416,6 +431,7 @@ def check_rewrite(original: str, rewrite: str, task: str, cfg: RealignConfig) ->
         unchanged(original, rewrite)
         or looping(original, rewrite)
         or leaked_markup(original, rewrite)
+        or meta_commentary(original, rewrite)
         or too_short(original, rewrite, cfg.min_length_ratio)
         or code_dropped(original, rewrite)
         or short_answer_dropped(original, rewrite, cfg.short_answer_words)

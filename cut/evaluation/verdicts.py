@@ -7,8 +7,8 @@ the judge's reply is started for it, as if it had begun writing the JSON the rub
     score / safety:  ... <the rubric prompt> ... {"helpfulness": {"score": _     -> "1".."5"
     pairwise:        ... <the rubric prompt> ... {"helpfulness": {"winner": "_   -> "A" | "B" | "tie"
 
-and the probability of each option's tokens after it is read (most options are one token). A score is the
-probability-weighted mean of 1..5 (G-Eval's form, Liu et al. 2023); a pairwise winner is the most
+and the probability of each option's tokens after it is read (most options are one token). A
+score is the probability-weighted mean of 1..5 (G-Eval's form, Liu et al. 2023); a pairwise winner is the most
 probable of A, B and tie. The reason records the distribution and the share of the judge's
 probability mass that fell on the options, so a reader sees how sure, and how on-topic, it was.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..generate import _left_pad
+from ..generate import _left_pad, context_length
 from .aspects import SCALE, Rubric
 
 Message = dict[str, str]
@@ -160,8 +160,6 @@ class ProbabilityAsker:
 
     def ask(self, prompts: list[list[Message]], progress=None) -> list[tuple[str | None, str | None]]:
         tok = self.judge.tokenizer
-        from ..generate import context_length
-
         rows = [tok.encode(self.text(p), add_special_tokens=not self.judge.chat) for p in prompts]
         answers: list[tuple[str | None, str | None]] = [(None, "not asked")] * len(rows)
         limit = context_length(self.judge.model.config, tok)

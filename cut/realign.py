@@ -701,7 +701,9 @@ def count(rows: list[dict], resumed: int = 0) -> dict[str, Any]:
     """records, rewritten, rejected, failed, skipped (and per reason), tasks, unknown task labels."""
     # the kind of each reason: its text before ':' with counts left out ("repeats a line N times")
     rejected = Counter(
-        re.sub(r" \d+ times$", "", r["rewrite_rejected"].split(":")[0]) for r in rows if "rewrite_rejected" in r
+        re.sub(r" \d+ times$", "", r["rewrite_rejected"].split(":")[0])
+        for r in rows
+        if "rewrite_rejected" in r
     )
     failed = Counter(
         re.sub(r" after \d+ retries$", "", r["rewrite_error"]) for r in rows if "rewrite_error" in r

@@ -720,7 +720,9 @@ def test_meta_commentary_is_rejected_unless_the_original_had_it():
     cfg = RealignConfig()
     original = "1. Check the tide.\n2. Wear shoes."
     talk = original + "\n\nThe original response was rewritten to include the requested format."
-    assert check_rewrite(original, talk, "general", cfg).startswith("talks about the rewrite: 'The original response'")
+    assert check_rewrite(original, talk, "general", cfg).startswith(
+        "talks about the rewrite: 'The original response'"
+    )
     assert check_rewrite(original, original.replace(". ", ": "), "general", cfg) is None
     # a text about answers that already said so is not the rewriter talking
     quoting = "A revised answer is better than the original answer."

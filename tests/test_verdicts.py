@@ -214,6 +214,10 @@ def test_probability_verdicts_need_a_local_judge(tmp_path, capsys):
         main([*args, "--judge", "openai", "--base_url", "http://127.0.0.1:9/v1", "--model", "x"])
     assert exc.value.code == 2 and "use --judge local" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="probability verdicts have none"):
+        EvaluateConfig(
+            mode="score", output_dir="x", input_file=inp, verdict="probabilities", to_judgments="j.json"
+        )
     with pytest.raises(ConfigError, match="verdict must be one of"):
         EvaluateConfig(mode="score", output_dir="x", input_file=inp, verdict="logits")
 

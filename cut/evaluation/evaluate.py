@@ -124,6 +124,11 @@ class EvaluateConfig:
             raise ConfigError(f"--labels gives {len(self.labels)} names for {len(self.runs)} runs")
         if self.to_judgments is not None and self.mode not in ("score", "safety"):
             raise ConfigError("--to_judgments needs mode score or safety")
+        if self.to_judgments is not None and self.verdict == "probabilities":
+            raise ConfigError(
+                "--to_judgments turns the judge's reasons into critiques; probability verdicts have none "
+                "(their reason is the distribution): use --verdict generate"
+            )
         if self.to_judgments is not None and Path(self.to_judgments).suffix != ".json":
             raise ConfigError(f"{self.to_judgments}: --to_judgments must end in .json (a JSON list)")
         rules = {"parse_retries": "int>=0", "resamples": "int>=1", "min_score": ">0", "positive_score": ">0"}

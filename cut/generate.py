@@ -287,6 +287,23 @@ def _logits_processors(gen_config):
     return procs
 
 
+def prefill_cache(model, input_ids: torch.Tensor, mask: torch.Tensor):
+    """One forward over left-padded rows into a fresh KV cache: (the cache, the logits of each row's
+    last position, (B, 1, V)); positions restart at each row's first real token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache, out.logits
+
+
 @torch.inference_mode()
 def _decode(
     model,
@@ -306,7 +323,6 @@ def _decode(
     (tests/test_generate.py); sampling uses the same processors (repetition penalty, temperature,
     top-p) but draws only for live rows, and the repetition penalty ignores left padding.
     """
-    from transformers import DynamicCache
 
     n = input_ids.shape[0]
     procs = _logits_processors(gen_config)
@@ -314,19 +330,11 @@ def _decode(
     # the penalty's view of each row: the pad columns repeat the row's first real token
     first = input_ids.gather(1, mask.argmax(-1, keepdim=True))
     seen = torch.where(mask.bool(), input_ids, first)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    cache, logits = prefill_cache(model, input_ids, mask)
     alive = torch.arange(n, device=input_ids.device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     for step in range(gen_config.max_new_tokens):
-        scores = procs(seen, out.logits[:, -1, :].float())
+        scores = procs(seen, logits[:, -1, :].float())
         if gen_config.do_sample:
             nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
         else:
@@ -349,13 +357,13 @@ def _decode(
             alive, mask, seen, nxt = alive[keep], mask[keep], seen[keep], nxt[keep]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         seen = torch.cat([seen, nxt[:, None]], dim=1)
-        out = model(
+        logits = model(
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=mask.sum(-1, keepdim=True) - 1,
             past_key_values=cache,
             use_cache=True,
-        )
+        ).logits
     return tokens
 
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..generate import _left_pad, context_length
+from ..generate import _left_pad, context_length, prefill_cache
 from .aspects import SCALE, Rubric
 
 Message = dict[str, str]
@@ -90,20 +90,10 @@ def option_probabilities(
 ) -> list[list[tuple[list[float], float]]]:
     """For each prompt row and each reading (prefill ids, options' ids): the options' probabilities
     after row + prefill, renormalised over the options, and the raw probability mass on them."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids, mask = _left_pad(rows, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    cache = DynamicCache(config=model.config)
-    model(  # the prompts once; only the cache is kept
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    mask = mask.to(device)
+    cache, _ = prefill_cache(model, ids.to(device), mask)  # the prompts once; the cache is what counts
     out: list[list[tuple[list[float], float]]] = [[] for _ in rows]
     for shared, rests in readings:
         after = copy.deepcopy(cache)

@@ -283,13 +283,26 @@ def test_random_against_reference(combine, gamma, threshold, weight_unlike):
     assert all(seen[k] > 0 for k in ("flagged", "unflagged", "empty_row", "no_neg")), seen
 
 
-@pytest.mark.parametrize("combine, weight_unflagged", [("mean", 0.0), ("sum", 0.0), ("mean", 0.5)])
-def test_weight_unflagged_against_reference(combine, weight_unflagged):
-    """A negative's unflagged plain-context tokens weighted (0: no MLE there at all)."""
-    rng = random.Random(f"unflagged-{combine}-{weight_unflagged}")
+WEIGHTS = [
+    {"weight_unflagged": 0.0},
+    {"weight_unflagged": 0.5},
+    {"weight_align_n": 0.0},
+    {"weight_align_n": 0.5},
+    {"weight_unflagged": 0.0, "weight_align_n": 0.0},
+]
+
+
+@pytest.mark.parametrize("combine", ["mean", "sum"])
+@pytest.mark.parametrize("weights", WEIGHTS, ids=lambda w: "-".join(f"{k}={v}" for k, v in w.items()))
+def test_token_weights_against_reference(combine, weights):
+    """A negative's unflagged plain-context tokens and its judged-context tokens weighted inside
+    weighted means (0: the tokens are as if absent)."""
+    rng = random.Random(f"weights-{combine}-{sorted(weights.items())}")
     for _ in range(40):
-        rows = random_rows(rng, 1.1)
-        check_against_reference(rows, combine=combine, weight_unflagged=weight_unflagged)
+        check_against_reference(random_rows(rng, 1.1), combine=combine, **weights)
+
+
+def test_weight_unflagged_zero_by_hand():
     # hand case: with 0, the plain row's unflagged tokens (ratios 1.0, 0.8) get no gradient at all
     logp, role, partner = flatten(HAND_ROWS)
     out = cut_loss(logp, role, partner, weight_unflagged=0.0)
@@ -300,13 +313,7 @@ def test_weight_unflagged_against_reference(combine, weight_unflagged):
     assert out.ul.item() == pytest.approx(-math.log(0.6), rel=1e-6)
 
 
-@pytest.mark.parametrize("combine, weight_align_n", [("mean", 0.0), ("sum", 0.0), ("mean", 0.5)])
-def test_weight_align_n_against_reference(combine, weight_align_n):
-    """A negative's judged-context MLE weighted (0: the judged row only feeds the ratio)."""
-    rng = random.Random(f"align-n-{combine}-{weight_align_n}")
-    for _ in range(40):
-        rows = random_rows(rng, 1.1)
-        check_against_reference(rows, combine=combine, weight_align_n=weight_align_n)
+def test_weight_align_n_zero_by_hand():
     # hand case: with 0, no judged token gets a gradient, the plain row's still do
     logp, role, partner = flatten(HAND_ROWS)
     out = cut_loss(logp, role, partner, weight_align_n=0.0)

@@ -44,6 +44,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sft": ("sft", {}),
     "hindsight": ("hindsight", {}),
     "dpo": ("dpo", {}),
+    "kto": ("kto", {}),
+    # judgment-using objectives with no MLE on failing text (issue 20)
+    "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
+        "cut",
+        {"flag_source": "spans", "unlikelihood": "npo", "weight_unflagged": 0, "weight_align_n": 0},
+    ),
+    "span_dpo": ("dpo", {"rejected_tokens": "spans"}),  # DPO whose rejected side counts the span tokens
+    "span_kto": ("kto", {"rejected_tokens": "spans"}),  # KTO whose undesirable side counts the span tokens
 }
 SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
 

@@ -101,6 +101,15 @@ class TrainConfig:
         "mean: a weight-0 token is as if absent).",
     )
     gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
+    unlikelihood: str = _f(
+        "ul",
+        "What a flagged token gets: ul (the paper's -alpha*log(1-p(y|x)), whose push fades as p falls) | "
+        "npo (alpha*(2/beta)*log(1+(p/p_ref)^beta) per token, anchored to the adapter-free model of the "
+        "run: pushes every flagged token down at the same initial rate and stops a few 1/beta nats below "
+        "the reference; LoRA only).",
+        choices=("ul", "npo"),
+    )
+    npo_beta: float = _f(1.0, "beta of unlikelihood npo: how far (in 1/beta nats) a flagged token is pushed.")
     score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
     on_failed_judgment: str = _f(
         "drop",
@@ -208,7 +217,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
         if not self.full_finetune and not self.lora_target_modules:
             raise ConfigError("lora_target_modules is empty: name the modules LoRA wraps, or all-linear")
-        for name in ("combine", "on_failed_judgment", "precision", "flag_source"):
+        if self.npo_beta <= 0:
+            raise ConfigError(f"npo_beta must be > 0, got {self.npo_beta}")
+        if self.unlikelihood == "npo" and self.full_finetune:
+            raise ConfigError(
+                "unlikelihood npo needs the adapter-free model as its reference: not with full_finetune"
+            )
+        for name in ("combine", "on_failed_judgment", "precision", "flag_source", "unlikelihood"):
             choices = _meta(name).get("choices")
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")

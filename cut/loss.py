@@ -34,6 +34,7 @@ class Role(IntEnum):
 
 COMBINES = ("mean", "sum")
 FLAG_SOURCES = ("ratio", "spans", "both")
+UNLIKELIHOODS = ("ul", "npo")
 
 # one chunk of logits holds at most this many float32 elements (64 MiB)
 CHUNK_ELEMENTS = 1 << 24
@@ -70,6 +71,9 @@ def cut_loss(
     flag_source: str = "ratio",
     weight_unflagged: float = 1.0,
     weight_align_n: float = 1.0,
+    unlikelihood: str = "ul",
+    ref_logp: Tensor | None = None,
+    npo_beta: float = 1.0,
 ) -> CUTLoss:
     """CUT loss over a flat vector of target tokens.
 
@@ -90,6 +94,16 @@ def cut_loss(
              tokens only.
     weight_align_n: weight of the MLE on a negative's judged-context tokens (Align-N); 1 = the
              paper, 0 = the judged context only supplies p(y_t|x,j) for the ratio.
+    unlikelihood: what a flagged token gets. "ul" is the paper's -alpha * log(1 - p(y_t|x)), whose
+             gradient in log p is alpha * p / (1 - p): it vanishes on tokens the model already finds
+             unlikely. "npo" is a per-token negative-preference loss anchored to a reference model
+             (Zhang et al. 2024, NPO, Eq. 3 applied per token):
+             alpha * (2 / beta) * log(1 + (p(y_t|x) / p_ref(y_t|x))^beta); its gradient in log p is
+             alpha * 2 * sigmoid(beta * log(p / p_ref)), 1 at the start whatever p is, and it fades
+             once the token has fallen a few 1/beta nats below the reference.
+    ref_logp: (N,) float, log p_ref(y_t|x) of each target token under the reference model (only
+             read on Role.MISALIGN_N tokens; required for "npo").
+    npo_beta: beta of "npo".
     Both weight tokens in a weighted mean: a token of weight w counts w times in its term's sum
     and in its count, so at 0 it is as if it were not there (the other tokens keep the scale they
     have in a batch without it) and at 1 the paper's means are unchanged. A flagged token counts
@@ -99,6 +113,10 @@ def cut_loss(
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
     if flag_source not in FLAG_SOURCES:
         raise ValueError(f"flag_source must be one of {FLAG_SOURCES}, got {flag_source!r}")
+    if unlikelihood not in UNLIKELIHOODS:
+        raise ValueError(f"unlikelihood must be one of {UNLIKELIHOODS}, got {unlikelihood!r}")
+    if unlikelihood == "npo" and ref_logp is None:
+        raise ValueError("unlikelihood 'npo' needs ref_logp, the reference model's log-probs")
     logp = logp.float()
     mle_mask = role != Role.MISALIGN_N
     ul_mask = role == Role.MISALIGN_N
@@ -116,15 +134,22 @@ def cut_loss(
     n_ul = ul_mask.sum()
     if bool(n_ul):
         lp_plain = logp[ul_mask]  # log p(y_t | x)
-        lp_judged = logp[partner[ul_mask]]  # log p(y_t | x, j)
+        # partner -1: the record's judged context was left out (its spans decide, see CUTCollator)
+        paired = partner[ul_mask] >= 0
+        lp_judged = torch.where(paired, logp[partner[ul_mask].clamp_min(0)], lp_plain)  # log p(y_t | x, j)
         ratio = (lp_judged - lp_plain).detach().exp()
-        flag = ratio > threshold  # the judgment explains the token: it is the inappropriate one
+        flag = (ratio > threshold) & paired  # the judgment explains the token: it is the inappropriate one
         if span is not None and flag_source != "ratio":
             marked, has_spans = span[ul_mask] == 1, span[ul_mask] >= 0
             flag = flag | marked if flag_source == "both" else torch.where(has_spans, marked, flag)
         scale = weight_unlike * (lp_judged.detach().exp() ** gamma if gamma else 1.0)
-        # Eq. 6: -alpha * log(1 - p(y_t|x)) on flagged tokens, -log p(y_t|x) elsewhere
-        per_token = torch.where(flag, -scale * log1mexp(lp_plain), -weight_unflagged * lp_plain)
+        if unlikelihood == "npo":  # NPO per token: (2 / beta) * softplus(beta * log(p / p_ref))
+            log_ratio = lp_plain - ref_logp[ul_mask].float().detach()
+            push = (2.0 / npo_beta) * torch.nn.functional.softplus(npo_beta * log_ratio)
+        else:  # Eq. 6: -log(1 - p(y_t|x))
+            push = -log1mexp(lp_plain)
+        # Eq. 6: alpha * push on flagged tokens, -log p(y_t|x) elsewhere
+        per_token = torch.where(flag, scale * push, -weight_unflagged * lp_plain)
         count = torch.where(flag, 1.0, weight_unflagged).to(logp.dtype)
         ul = per_token.sum() / count.sum().clamp_min(1e-12)
         has_ul = bool(count.sum() > 0)

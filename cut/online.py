@@ -58,7 +58,9 @@ logger = logging.getLogger("cut.online")
 
 STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
 TASKS = ("arithmetic", "instructions")
-OBJECTIVES = ("cut", "sft", "hindsight", "dpo")
+OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto")
+# objectives trained by a preference recipe: its module and the train-section keys it adds to cut.train's
+RECIPES = {"dpo": "cut.baselines.dpo", "kto": "cut.baselines.kto"}
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
 
 
@@ -100,7 +102,7 @@ class OnlineConfig:
             )
         if self.objective == "hindsight" and self.train.get("misalign") not in (None, False):
             raise ConfigError("online: objective hindsight means train.misalign false; leave it unset")
-        unknown = set(self.train) - set(TRAIN_FIELDS)
+        unknown = set(self.train) - set(TRAIN_FIELDS) - set(recipe_keys(self.objective))
         if unknown:
             raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
         owned = set(self.train) & TRAIN_OWNED
@@ -108,6 +110,7 @@ class OnlineConfig:
             raise ConfigError(
                 f"online: train option(s) {', '.join(sorted(owned))} are set by the loop per round"
             )
+        own = {k: self.train.pop(k) for k in list(self.train) if k in recipe_keys(self.objective)}
         self.train = {k: coerce(k, v) for k, v in self.train.items()}
         if self.train.get("full_finetune"):
             raise ConfigError("online: full_finetune is not supported; each round merges a LoRA adapter")
@@ -122,8 +125,26 @@ class OnlineConfig:
         probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
         probe.validate()  # the whole train section must make a valid run, before any round starts
         probe.gradient_accumulation_steps(self.nproc_per_node)
+        if own:  # the recipe's own options, checked by its options class
+            from importlib import import_module
+
+            mod = import_module(RECIPES[self.objective])
+            try:
+                mod.OPTIONS(**{mod.YAML_KEYS[k]: v for k, v in own.items()})
+            except ConfigError as err:
+                raise ConfigError(f"online: train: {err}") from None
+        self.train.update(own)
         if not isinstance(self.judge, JudgeConfig):
             self.judge = JudgeConfig.from_dict(self.judge, "online: judge")
+
+
+def recipe_keys(objective: str) -> tuple[str, ...]:
+    """The YAML keys a preference recipe adds to the train section (dpo_beta, rejected_tokens, ...)."""
+    if objective not in RECIPES:
+        return ()
+    from importlib import import_module
+
+    return tuple(import_module(RECIPES[objective]).YAML_KEYS)
 
 
 def fingerprint(cfg: OnlineConfig) -> str:
@@ -306,7 +327,7 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
     }
     conf = rnd.dir / "train_config.yaml"
     conf.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
-    module = "cut.baselines.dpo" if cfg.objective == "dpo" else "cut.train"
+    module = RECIPES.get(cfg.objective, "cut.train")
     if cfg.nproc_per_node > 1:
         cmd = [
             sys.executable,

@@ -136,6 +136,9 @@ class CUTCollator:
     pad_to_multiple_of: int = 8  # padded layout only
     packing: bool = False  # the packed layout (cut.train turns it on by default, TrainConfig.packing)
     misalign: bool = True  # False: no plain-context sequence for negatives (Align-P + Align-N only)
+    # True: a negative whose record marks spans gets no judged sequence (its partner is -1): nothing
+    # reads it when the spans pick the flags and the judged context has no MLE (weight_align_n 0)
+    judged_only_without_spans: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         seqs: list[list[int]] = []
@@ -170,9 +173,12 @@ class CUTCollator:
 
         for f in features:
             if f["judged_ids"]:
+                span = f.get("span_mask") or ()
+                if self.misalign and span and self.judged_only_without_spans:
+                    add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, span=span)
+                    continue
                 start = add(f["judged_ids"], f["response_ids"], Role.ALIGN_N)
                 if self.misalign:
-                    span = f.get("span_mask") or ()
                     add(f["prompt_ids"], f["response_ids"], Role.MISALIGN_N, partner_start=start, span=span)
             else:
                 add(f["prompt_ids"], f["response_ids"], Role.ALIGN_P)

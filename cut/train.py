@@ -200,8 +200,17 @@ def load_model(cfg: TrainConfig):
         flag_source=cfg.flag_source,
         weight_unflagged=cfg.weight_unflagged,
         weight_align_n=cfg.weight_align_n,
+        unlikelihood=cfg.unlikelihood,
+        npo_beta=cfg.npo_beta,
+        reference=None if cfg.full_finetune else model.disable_adapter,
     )
     return model
+
+
+def judged_only_without_spans(cfg: TrainConfig) -> bool:
+    """Nothing reads a negative's judged context when its spans pick the flags, Align-N has no
+    weight and gamma is off: such records skip that sequence (a third less to compute)."""
+    return cfg.flag_source == "spans" and cfg.weight_align_n == 0 and cfg.gamma == 0
 
 
 def _report_to(cfg: TrainConfig) -> list[str]:
@@ -530,7 +539,13 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
         args=args,
         train_dataset=Dataset.from_list(train),
         eval_dataset=Dataset.from_list(val) if val else None,
-        data_collator=CUTCollator(pad_id, cfg.train_on_inputs, packing=cfg.packing, misalign=cfg.misalign),
+        data_collator=CUTCollator(
+            pad_id,
+            cfg.train_on_inputs,
+            packing=cfg.packing,
+            misalign=cfg.misalign,
+            judged_only_without_spans=judged_only_without_spans(cfg),
+        ),
         processing_class=tokenizer,
     )
     return trainer, counts

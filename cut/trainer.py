@@ -34,6 +34,8 @@ import shutil
 import sys
 import types
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +297,9 @@ def install_cut_forward(
     flag_source: str = "ratio",
     weight_unflagged: float = 1.0,
     weight_align_n: float = 1.0,
+    unlikelihood: str = "ul",
+    npo_beta: float = 1.0,
+    reference: Callable[[], AbstractContextManager] | None = None,
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
     CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
@@ -304,8 +309,14 @@ def install_cut_forward(
     original forward. With `check_head`, the first call checks the head path once
     (`check_head_path`). The first packed call sets up per-sequence attention and checks it
     (`check_packing`); a model that fails the check gets every packed micro-batch unpacked into
-    padded rows instead.
+    padded rows instead. With unlikelihood "npo", `reference()` is a context in which `model` is
+    the reference (a PeftModel's `disable_adapter`: the round's starting model), and each call
+    also scores the plain-context targets of negatives under it, without gradients.
     """
+    if unlikelihood == "npo" and reference is None:
+        raise ConfigError(
+            "unlikelihood npo needs a reference model: train a LoRA adapter (not full_finetune)"
+        )
     original_forward = model.forward
     unchecked = [True] if check_head else []  # the check runs on the first call only
     packing: dict[str, Any] = {}  # after the first packed call: {"ok": bool}
@@ -342,6 +353,22 @@ def install_cut_forward(
         logp = target_logprobs(
             self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size, position_ids, cu_seq_lens
         )
+        ref_logp = None
+        if unlikelihood == "npo":  # the reference's log-probs, on the targets the NPO term reads only
+            ref_logp = torch.zeros_like(logp)
+            plain = tgt_role == Role.MISALIGN_N
+            if plain.any():
+                with torch.no_grad(), reference():
+                    ref_logp[plain] = target_logprobs(
+                        self,
+                        input_ids,
+                        attention_mask,
+                        tgt_pos[plain],
+                        tgt_ids[plain],
+                        chunk_size,
+                        position_ids,
+                        cu_seq_lens,
+                    ).to(ref_logp.dtype)
         out = cut_loss(
             logp,
             tgt_role,
@@ -354,6 +381,9 @@ def install_cut_forward(
             flag_source,
             weight_unflagged,
             weight_align_n,
+            unlikelihood,
+            ref_logp,
+            npo_beta,
         )
         return {
             "loss": out.loss,

@@ -18,6 +18,8 @@ from cut.merge import merge
 from cut.records import validate
 from cut.templates import load_template
 
+from conftest import TINY_RECORDS
+
 # prompt A: 2 positives x 3 negatives = 6 combinations; B: only positives; C: only negatives;
 # D: one pair, plus a failed judgment (judge_error) and an '$ERROR$' one that must not count
 JUDGED = [
@@ -171,3 +173,112 @@ def test_no_pairs_names_the_file(tiny_model, tmp_path, capsys):
     )
     assert "only_positives.json" in capsys.readouterr().err
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- spans
+
+SPANNED = [  # the wrong text of each negative marked, as the verifier does
+    {**r, "spans": [[r["output"].index(w), r["output"].index(w) + len(w)]]}
+    if r.get("judgment")
+    and r["judgment"] != "$ERROR$"
+    and "score" not in r
+    and "perfect" not in r["judgment"]
+    else r
+    for r, w in zip(TINY_RECORDS, ["Lyon", "", "8", "", "Green", "", "", ""], strict=True)
+]
+
+
+def _randomise_lora(model, seed=0):
+    """Move the policy away from the reference (LoRA B starts at zero: policy == reference)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _seq_logps(model, prompt, completion):
+    """log p of each completion token after prompt: a full forward and log_softmax, no cut or TRL code."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return torch.stack([logp[len(prompt) + k - 1, t] for k, t in enumerate(completion)])
+
+
+@pytest.mark.parametrize("rejected_tokens", ["all", "spans"])
+def test_span_dpo_loss_against_a_naive_reference(tiny_model, tmp_path, rejected_tokens):
+    data = tmp_path / "spanned.json"
+    data.write_text(json.dumps(SPANNED))
+    cfg = tiny_dpo_config(tiny_model, data, tmp_path / "out")
+    trainer, counts = build_trainer(cfg, DPOOptions(beta=0.5, rejected_tokens=rejected_tokens))
+    model = trainer.model
+    _randomise_lora(model)
+    model.eval()
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert any(e["rejected_span"] for e in examples) and counts["pairs"] == 3
+    batch = trainer.data_collator(examples)
+    # the mask: rejected rows keep their span tokens only (spans), every completion token (all)
+    for i, e in enumerate(examples):
+        row = batch["completion_mask"][len(examples) + i]
+        start, n = len(e["prompt_ids"]), len(e["rejected_ids"])
+        want = e["rejected_span"] if rejected_tokens == "spans" and e["rejected_span"] else [1] * n
+        assert row[start : start + n].tolist() == want and int(row.sum()) == sum(want)
+    with torch.no_grad():
+        got = trainer.compute_loss(model, trainer._prepare_inputs(batch)).item()
+    losses = []
+    for e in examples:
+        pc = _seq_logps(model, e["prompt_ids"], e["chosen_ids"]).sum()
+        pr_tok = _seq_logps(model, e["prompt_ids"], e["rejected_ids"])
+        with model.disable_adapter():
+            rc = _seq_logps(model, e["prompt_ids"], e["chosen_ids"]).sum()
+            rr_tok = _seq_logps(model, e["prompt_ids"], e["rejected_ids"])
+        keep = torch.tensor(
+            e["rejected_span"] if rejected_tokens == "spans" and e["rejected_span"] else [1] * len(pr_tok)
+        )
+        margin = (pc - rc) - ((pr_tok - rr_tok) * keep).sum()
+        losses.append(-torch.nn.functional.logsigmoid(0.5 * margin))
+    assert got == pytest.approx(torch.stack(losses).mean().item(), rel=1e-4, abs=1e-5)
+
+
+def test_span_dpo_loss_moves_only_through_span_tokens(tiny_model, tmp_path):
+    """Rejected tokens after the marked text change DPO's loss, not span-DPO's; the marked ones change both."""
+    data = tmp_path / "spanned.json"
+    data.write_text(json.dumps(SPANNED))
+    losses = {}
+    for tokens in ("all", "spans"):
+        cfg = tiny_dpo_config(tiny_model, data, tmp_path / tokens)
+        trainer, _ = build_trainer(cfg, DPOOptions(rejected_tokens=tokens))
+        _randomise_lora(trainer.model)
+        trainer.model.eval()
+        e = next(x for x in trainer.train_dataset if x["rejected_span"] and x["rejected_span"][-1] == 0)
+        last = max(k for k, m in enumerate(e["rejected_span"]) if m)
+        after = {
+            **e,
+            "rejected_ids": e["rejected_ids"][: last + 1] + [5] * (len(e["rejected_ids"]) - last - 1),
+        }
+        inside = {**e, "rejected_ids": [*e["rejected_ids"][:last], 5, *e["rejected_ids"][last + 1 :]]}
+        with torch.no_grad():
+            losses[tokens] = [
+                trainer.compute_loss(
+                    trainer.model, trainer._prepare_inputs(trainer.data_collator([x]))
+                ).item()
+                for x in (e, after, inside)
+            ]
+    base, after, inside = losses["spans"]
+    assert after == pytest.approx(base, abs=1e-6) and abs(inside - base) > 1e-5
+    base, after, inside = losses["all"]
+    assert abs(after - base) > 1e-5 and abs(inside - base) > 1e-5
+
+
+def test_dpo_refuses_non_finite_beta_and_unknown_tokens(tmp_path, capsys):
+    for bad in ("nan", "inf"):
+        assert (
+            main(
+                ["--base_model", "m", "--data_path", "d", "--output_dir", str(tmp_path / "o"), "--beta", bad]
+            )
+            == 2
+        )
+        assert "beta must be a finite number" in capsys.readouterr().err
+    with pytest.raises(Exception, match="rejected_tokens"):
+        DPOOptions(rejected_tokens="some")

@@ -640,3 +640,132 @@ def test_invalid_flag_source():
     logp, role, partner = flatten([(Role.ALIGN_P, [0.5], None)])
     with pytest.raises(ValueError, match="flag_source"):
         cut_loss(logp, role, partner, flag_source="quotes")
+
+
+# --------------------------------------------------------------------------------------------
+# unlikelihood "npo": a per-token negative-preference loss anchored to a reference model
+# --------------------------------------------------------------------------------------------
+
+
+def reference_npo(plain, judged_p, ref_p, positives, marks, weight_unlike, beta, weight_unflagged, threshold):
+    """Loss and d loss / d log p with loops, for one negative (plain probs `plain`, judged probs
+    `judged_p`, reference probs `ref_p`, `marks` 0/1 per token or None) and one positive row,
+    combine "sum", judged tokens at weight_align_n 0 (they only feed the ratio).
+
+    flagged token:   alpha * (2 / beta) * log(1 + (p / p_ref)^beta)
+                     d/dlogp = alpha * 2 * (p/p_ref)^beta / (1 + (p/p_ref)^beta)
+    unflagged token: -weight_unflagged * log p;  d/dlogp = -weight_unflagged
+    each divided by the term's weight (flagged tokens weigh 1)."""
+    terms, weights, grads = [], [], []
+    for t, (p, pj, pr) in enumerate(zip(plain, judged_p, ref_p, strict=True)):
+        flag = bool(marks[t]) if marks is not None else pj / p > threshold
+        if flag:
+            q = (p / pr) ** beta
+            terms.append(weight_unlike * (2 / beta) * math.log(1 + q))
+            grads.append(weight_unlike * 2 * q / (1 + q))
+            weights.append(1.0)
+        else:
+            terms.append(-weight_unflagged * math.log(p))
+            grads.append(-weight_unflagged)
+            weights.append(weight_unflagged)
+    w = sum(weights)
+    ul = sum(terms) / w if w else 0.0
+    mle = -sum(math.log(p) for p in positives) / len(positives)
+    return mle + ul, [g / w if w else 0.0 for g in grads], [-1 / len(positives)] * len(positives)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0])
+@pytest.mark.parametrize("use_marks", [False, True])
+def test_npo_against_reference(seed, beta, use_marks):
+    rng = random.Random(seed)
+    n = rng.randint(2, 9)
+    plain = [rng.uniform(0.001, 0.99) for _ in range(n)]
+    judged = [min(0.999, p * rng.choice([0.5, 1.0, 1.5, 3.0])) for p in plain]
+    ref = [rng.uniform(0.001, 0.99) for _ in range(n)]
+    positives = [rng.uniform(0.05, 0.95) for _ in range(3)]
+    marks = [rng.randint(0, 1) for _ in range(n)] if use_marks else None
+    weight_unlike, weight_unflagged = rng.choice([0.5, 1.0, 2.0]), rng.choice([0.0, 1.0])
+    want, g_plain, g_pos = reference_npo(
+        plain, judged, ref, positives, marks, weight_unlike, beta, weight_unflagged, 1.1
+    )
+    # layout: plain (0..n-1), positive (n..n+2), judged (n+3..)
+    logp = torch.tensor([math.log(p) for p in plain + positives + judged], requires_grad=True)
+    role = torch.tensor([Role.MISALIGN_N] * n + [Role.ALIGN_P] * 3 + [Role.ALIGN_N] * n)
+    partner = torch.tensor([n + 3 + t for t in range(n)] + [-1] * (3 + n))
+    ref_logp = torch.tensor([math.log(p) for p in ref] + [0.0] * (3 + n))
+    span = torch.tensor((marks or [-1] * n) + [-1] * (3 + n)) if use_marks else None
+    out = cut_loss(
+        logp,
+        role,
+        partner,
+        threshold=1.1,
+        weight_unlike=weight_unlike,
+        combine="sum",
+        span=span,
+        flag_source="spans" if use_marks else "ratio",
+        weight_unflagged=weight_unflagged,
+        weight_align_n=0.0,
+        unlikelihood="npo",
+        ref_logp=ref_logp,
+        npo_beta=beta,
+    )
+    assert out.loss.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    out.loss.backward()
+    expect = torch.tensor(g_plain + g_pos + [0.0] * n, dtype=torch.float64)
+    torch.testing.assert_close(logp.grad.double(), expect, rtol=1e-4, atol=1e-6)
+
+
+def test_npo_by_hand():
+    """One flagged token at p = p_ref: loss (2/beta) log 2, gradient in log p = 1 whatever p is
+    (the paper's -log(1 - p) would give p / (1 - p): 0.0101 at p = 0.01)."""
+    for p in (0.01, 0.5):
+        logp = torch.tensor([math.log(p), math.log(0.3)], requires_grad=True)
+        role = torch.tensor([Role.MISALIGN_N, Role.ALIGN_N])
+        out = cut_loss(
+            logp,
+            role,
+            torch.tensor([1, -1]),
+            threshold=1.1,  # ratio 0.3 / p: flagged at p = 0.01 only
+            span=torch.tensor([1, -1]),
+            flag_source="spans",
+            weight_align_n=0.0,
+            unlikelihood="npo",
+            ref_logp=torch.tensor([math.log(p), 0.0]),
+            npo_beta=2.0,
+        )
+        assert out.loss.item() == pytest.approx(math.log(2), rel=1e-6)
+        out.loss.backward()
+        assert logp.grad[0].item() == pytest.approx(1.0, rel=1e-6)
+        assert logp.grad[1].item() == 0.0
+
+
+def test_npo_fades_below_reference_and_needs_ref():
+    """Once the token is 5 nats under the reference (beta 1) its push is 2 sigmoid(-5) = 0.013."""
+    logp = torch.tensor([math.log(0.2) - 5.0, math.log(0.5)], requires_grad=True)
+    kw = dict(span=torch.tensor([1, -1]), flag_source="spans", weight_align_n=0.0, unlikelihood="npo")
+    out = cut_loss(
+        logp, torch.tensor([2, 1]), torch.tensor([1, -1]), ref_logp=torch.tensor([math.log(0.2), 0.0]), **kw
+    )
+    out.loss.backward()
+    assert logp.grad[0].item() == pytest.approx(2 / (1 + math.exp(5)), rel=1e-5)
+    with pytest.raises(ValueError, match="ref_logp"):
+        cut_loss(logp, torch.tensor([2, 1]), torch.tensor([1, -1]), **kw)
+
+
+def test_unpaired_negative_uses_spans_only():
+    """partner -1 (the judged sequence left out): the spans decide, no ratio is read."""
+    logp = torch.tensor([math.log(0.4), math.log(0.5), math.log(0.5)], requires_grad=True)
+    role = torch.tensor([Role.MISALIGN_N] * 3)
+    out = cut_loss(
+        logp,
+        role,
+        torch.tensor([-1, -1, -1]),
+        span=torch.tensor([1, 0, 1]),
+        flag_source="spans",
+        weight_unflagged=0.0,
+        weight_align_n=0.0,
+    )
+    want = -(math.log(0.6) + math.log(0.5)) / 2
+    assert out.loss.item() == pytest.approx(want, rel=1e-5)
+    assert out.flagged.item() == pytest.approx(2 / 3)

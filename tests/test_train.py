@@ -226,3 +226,64 @@ def test_schedule_warns_when_warmup_never_ends(caplog):
     with caplog.at_level(logging.WARNING, logger="cut.train"):
         log_schedule(ratio, 240)
     assert "reaches" not in caplog.text
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_npo_on_spans_against_a_naive_reference(tiny_model, tmp_path, packing):
+    """unlikelihood npo, flags from spans, no MLE on failing text: positives' -log p plus, on the
+    span tokens of negatives, (2/beta) softplus(beta (log pi - log pi_ref)) with pi_ref the model
+    without its adapter, each a mean, halved (combine mean); computed here from full logits, by hand.
+    A negative with spans gets no judged sequence (nothing reads it)."""
+    from test_dpo import SPANNED, _randomise_lora, _seq_logps
+
+    data = tmp_path / "spanned.json"
+    data.write_text(json.dumps(SPANNED))
+    beta = 2.0
+    cfg = tiny_config(
+        tiny_model,
+        data,
+        tmp_path / "out",
+        flag_source="spans",
+        unlikelihood="npo",
+        npo_beta=beta,
+        weight_unlike=1.0,
+        weight_unflagged=0.0,
+        weight_align_n=0.0,
+        packing=packing,
+    )
+    trainer, _ = build_trainer(cfg)
+    model = trainer.model
+    _randomise_lora(model, seed=2)
+    model.eval()
+    feats = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batch = trainer.data_collator(feats)
+    negatives = [f for f in feats if f["judged_ids"]]
+    assert negatives and all(f["span_mask"] for f in negatives)
+    assert len(batch["seq_role"]) == len(feats), "a spanned negative has no judged sequence"
+    with torch.no_grad():
+        got = model(**batch)["loss"].item()
+    mle = torch.cat(
+        [_seq_logps(model, f["prompt_ids"], f["response_ids"]) for f in feats if not f["judged_ids"]]
+    )
+    push = []
+    for f in negatives:
+        pol = _seq_logps(model, f["prompt_ids"], f["response_ids"])
+        with model.disable_adapter():
+            ref = _seq_logps(model, f["prompt_ids"], f["response_ids"])
+        keep = torch.tensor(f["span_mask"], dtype=torch.bool)
+        push.append((2 / beta) * F.softplus(beta * (pol - ref))[keep])
+    want = (-mle.mean() + torch.cat(push).mean()) / 2
+    assert got == pytest.approx(want.item(), rel=1e-4, abs=1e-5)
+
+
+def test_npo_trains_and_needs_lora(tiny_model, tmp_path, capsys):
+    from test_dpo import SPANNED
+
+    data = tmp_path / "spanned.json"
+    data.write_text(json.dumps(SPANNED))
+    kw = dict(flag_source="spans", unlikelihood="npo", weight_unflagged=0.0, weight_align_n=0.0)
+    metrics = run(tiny_config(tiny_model, data, tmp_path / "out", **kw))
+    steps = [h for h in metrics["log_history"] if "loss" in h and "train_loss" not in h]
+    assert len(steps) == 4 and all(h["flagged"] > 0 for h in steps)
+    with pytest.raises(Exception, match="unlikelihood npo needs"):
+        tiny_config(tiny_model, data, tmp_path / "full", full_finetune=True, **kw).validate()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import sys
 import time
@@ -61,6 +62,10 @@ IGNORED = (
     "downsample",
     "gamma",
     "misalign",
+    "weight_unflagged",
+    "weight_align_n",
+    "unlikelihood",
+    "npo_beta",
     "logits_chunk_size",
     "train_on_inputs",
     "packing",
@@ -73,6 +78,9 @@ IGNORED = (
 )
 
 
+REJECTED_TOKENS = ("all", "spans")
+
+
 @dataclass
 class DPOOptions:
     beta: float = field(
@@ -80,6 +88,14 @@ class DPOOptions:
     )
     max_pairs_per_prompt: int = field(
         default=4, metadata={"help": "At most this many (chosen, rejected) pairs per prompt; 0 = all."}
+    )
+    rejected_tokens: str = field(
+        default="all",
+        metadata={
+            "help": "Which tokens of a rejected response its log-ratio sums: all (DPO) | spans (only the "
+            "tokens inside the judgment's `spans`, the text the critique marks as wrong; all tokens of a "
+            "record without spans): the gradient goes where the critique points."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -90,11 +106,25 @@ class DPOOptions:
             raise ConfigError(f"DPO option: {err}") from None
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not math.isfinite(self.beta):
+            raise ConfigError(f"beta must be a finite number, got {self.beta}")
         if self.max_pairs_per_prompt < 0:
             raise ConfigError(f"max_pairs_per_prompt must be >= 0 (0 = all), got {self.max_pairs_per_prompt}")
+        if self.rejected_tokens not in REJECTED_TOKENS:
+            raise ConfigError(
+                f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"
+            )
 
 
-YAML_KEYS = {"dpo_beta": "beta", "max_pairs_per_prompt": "max_pairs_per_prompt"}  # YAML key -> DPOOptions
+# YAML key -> DPOOptions field
+YAML_KEYS = {
+    "dpo_beta": "beta",
+    "max_pairs_per_prompt": "max_pairs_per_prompt",
+    "rejected_tokens": "rejected_tokens",
+}
+
+
+OPTIONS = DPOOptions  # the recipe's own options (cut.online checks a train section's keys with it)
 
 
 class Pair(NamedTuple):
@@ -105,44 +135,53 @@ class Pair(NamedTuple):
 # ---------------------------------------------------------------------------------------------- options
 
 
-def _split_yaml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """cut.train's YAML, plus the DPO keys: (TrainConfig values, DPOOptions values)."""
+def _split_yaml(path: str, yaml_keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cut.train's YAML, plus the recipe's own keys: (TrainConfig values, options values)."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
         raw = None
     if not isinstance(raw, dict):
         return load_yaml(path), {}  # raises with cut.config's wording
-    dpo = {YAML_KEYS[k]: raw.pop(k) for k in list(raw) if k in YAML_KEYS}
+    own = {yaml_keys[k]: raw.pop(k) for k in list(raw) if k in yaml_keys}
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    return {k: coerce(k, v) for k, v in raw.items()}, dpo
+    return {k: coerce(k, v) for k, v in raw.items()}, own
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, DPOOptions]:
-    """defaults <- YAML <- flags, as cut.train; --beta / --max_pairs_per_prompt (or YAML dpo_beta /
-    max_pairs_per_prompt) set the DPO options."""
-    parser = build_parser("cut.baselines.dpo")
-    parser.description = "DPO baseline on cut's judged records. Flags override --config."
-    for name, f in DPOOptions.__dataclass_fields__.items():
-        flags = ["--beta", "--dpo_beta"] if name == "beta" else [f"--{name}"]
+def parse_config(
+    argv: list[str] | None = None,
+    options: type = DPOOptions,
+    yaml_keys: dict[str, str] = YAML_KEYS,
+    prog: str = "cut.baselines.dpo",
+) -> tuple[TrainConfig, Any]:
+    """defaults <- YAML <- flags, as cut.train; the recipe's options come from their flags (a YAML
+    key that differs from the field name, e.g. dpo_beta, is a flag too) or their YAML keys."""
+    parser = build_parser(prog)
+    parser.description = f"{prog}: a preference baseline on cut's judged records. Flags override --config."
+    aliases: dict[str, list[str]] = {}
+    for key, name in yaml_keys.items():
+        if key != name:
+            aliases.setdefault(name, []).append(f"--{key}")
+    for name, f in options.__dataclass_fields__.items():
+        flags = [f"--{name}", *aliases.get(name, [])]
         parser.add_argument(*flags, dest=name, help=f"{f.metadata['help']} (default: {f.default!r})")
     args = vars(parser.parse_args(argv))
     args.pop("local_rank", None)
     values: dict[str, Any] = {}
-    dpo: dict[str, Any] = {}
+    own: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:
-        values, dpo = _split_yaml(config_path)
-    dpo.update({k: args.pop(k) for k in list(args) if k in DPOOptions.__dataclass_fields__})
+        values, own = _split_yaml(config_path, yaml_keys)
+    own.update({k: args.pop(k) for k in list(args) if k in options.__dataclass_fields__})
     values.update({k: coerce(k, v) for k, v in args.items()})
     ignored = [k for k in IGNORED if k in values]
     if ignored:
         logger.info(
-            "DPO ignores the CUT-only option(s): %s", ", ".join(f"{k}={values[k]!r}" for k in ignored)
+            "%s ignores the CUT-only option(s): %s", prog, ", ".join(f"{k}={values[k]!r}" for k in ignored)
         )
-    return TrainConfig(**values), DPOOptions(**dpo)
+    return TrainConfig(**values), options(**own)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -185,7 +224,9 @@ def build_pairs(
 def tokenize_pair(
     pair: Pair, template: Template, tokenizer, cutoff_len: int, add_eos_token: bool = True
 ) -> dict[str, list[int]] | None:
-    """{prompt_ids, chosen_ids, rejected_ids} as cut.train tokenises a positive; None if a response cannot fit.
+    """{prompt_ids, chosen_ids, rejected_ids, rejected_span} as cut.train tokenises a positive; None if
+    a response cannot fit. rejected_span: 1 / 0 per rejected token inside / outside the record's
+    spans, [] when it marks none.
 
     Each response is tokenised after the plain prompt by `cut.pairs.tokenize_example` (the template's
     special tokens, EOS appended); the shared prompt is then cut from the left so that prompt + the
@@ -198,7 +239,12 @@ def tokenize_pair(
     prompt = _fit(feats[0]["prompt_ids"], max(len(chosen), len(rejected)), cutoff_len, tokenizer)
     if prompt is None:
         return None
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "rejected_span": feats[1]["span_mask"],
+    }
 
 
 def prepare_data(cfg: TrainConfig, opts: DPOOptions, tokenizer) -> tuple[list[dict], dict[str, int]]:
@@ -223,16 +269,55 @@ def prepare_data(cfg: TrainConfig, opts: DPOOptions, tokenizer) -> tuple[list[di
 # ---------------------------------------------------------------------------------------------- trainer
 
 
-def _dpo_trainer_class():
+@dataclass
+class SpanMaskedCollator:
+    """Wraps a TRL collator: the completion tokens of the rows `rows(examples)` names that lie outside
+    their example's span mask (`span_key`) leave completion_mask, so those rows' log-probs (and
+    log-ratios) sum only the tokens the judgment marks. Rows whose example marks none keep every token.
+    Relies on TRL's right-padded text layout: row i's completion token k sits at len(prompt_ids) + k."""
+
+    inner: Any
+    span_key: str
+    rows: Any  # examples -> [(row index, example)]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{k: v for k, v in e.items() if k != self.span_key} for e in examples])
+        mask = batch["completion_mask"]
+        for row, e in self.rows(examples):
+            span = e.get(self.span_key) or []
+            if not span:
+                continue
+            start = len(e["prompt_ids"])
+            keep = mask.new_tensor(span)
+            mask[row, start : start + len(span)] *= keep
+        return batch
+
+
+def _rejected_rows(examples: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    return [(len(examples) + i, e) for i, e in enumerate(examples)]  # TRL's batch: [chosen..., rejected...]
+
+
+def _dpo_trainer_class(rejected_tokens: str = "all"):
     from trl import DPOTrainer
 
     class PretokenisedDPOTrainer(DPOTrainer):
         """DPOTrainer fed the ids cut tokenised. TRL's own preparation would append the EOS string
         whatever add_eos_token says, call the tokenizer with its special tokens on an already
-        chat-templated prompt (a second BOS), and split prompt from response where their ids diverge."""
+        chat-templated prompt (a second BOS), and split prompt from response where their ids diverge.
+        With rejected_tokens "spans", the rejected rows' completion masks keep the span tokens only."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if rejected_tokens == "spans":
+                self.data_collator = SpanMaskedCollator(self.data_collator, "rejected_span", _rejected_rows)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "rejected_span" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "rejected_span"]
 
     return PretokenisedDPOTrainer
 
@@ -262,14 +347,13 @@ def dpo_arguments(cfg: TrainConfig, opts: DPOOptions):
     )
 
 
-def build_trainer(cfg: TrainConfig, opts: DPOOptions):
-    """Validate, pair and tokenise the data, load the model and wire TRL's trainer; nothing trains yet."""
-    from datasets import Dataset
+def setup(cfg: TrainConfig, what: str):
+    """The checks and the tokenizer every preference recipe starts with; nothing is loaded but the tokenizer."""
     from transformers import set_seed
 
     cfg.validate()
     if cfg.full_finetune:
-        raise ConfigError("the DPO baseline trains a LoRA adapter: full_finetune is not supported")
+        raise ConfigError(f"the {what} baseline trains a LoRA adapter: full_finetune is not supported")
     models.check_model_path(cfg.base_model)
     resolve_precision(cfg)
     cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
@@ -278,14 +362,35 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # pads are masked from attention and loss
     limit_cutoff(cfg)
-    features, counts = prepare_data(cfg, opts, tokenizer)
+    return tokenizer
+
+
+def save_configs(cfg: TrainConfig, opts: Any, objective: str) -> None:
+    """output_dir/cut_config.yaml (generation finds the template there) and <objective>_config.yaml."""
     out = Path(cfg.output_dir)
+    cfg.save(out / "cut_config.yaml")
+    write_text_atomic(
+        out / f"{objective}_config.yaml",
+        yaml.safe_dump({"objective": objective, **dataclasses.asdict(opts)}, sort_keys=False),
+    )
+
+
+def load_policy(cfg: TrainConfig):
+    model = models.load_model(
+        cfg.base_model, cfg.precision, None, cfg.trust_remote_code, cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    return model
+
+
+def build_trainer(cfg: TrainConfig, opts: DPOOptions):
+    """Validate, pair and tokenise the data, load the model and wire TRL's trainer; nothing trains yet."""
+    from datasets import Dataset
+
+    tokenizer = setup(cfg, "DPO")
+    features, counts = prepare_data(cfg, opts, tokenizer)
     if _rank() == 0:
-        cfg.save(out / "cut_config.yaml")
-        write_text_atomic(
-            out / "dpo_config.yaml",
-            yaml.safe_dump({"objective": "dpo", **dataclasses.asdict(opts)}, sort_keys=False),
-        )
+        save_configs(cfg, opts, "dpo")
         logger.info(
             "pairs: %(records)d records (%(positive)d positive, %(negative)d negative, %(failed_judgment)d "
             "failed judgments left out) over %(prompts)d prompts -> %(pairs)d pairs from %(prompts_with_pairs)d "
@@ -293,12 +398,8 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
             counts,
         )
     args = dpo_arguments(cfg, opts)
-    model = models.load_model(
-        cfg.base_model, cfg.precision, None, cfg.trust_remote_code, cfg.attn_implementation
-    )
-    model.config.use_cache = False
-    trainer = _dpo_trainer_class()(
-        model=model,
+    trainer = _dpo_trainer_class(opts.rejected_tokens)(
+        model=load_policy(cfg),
         args=args,
         train_dataset=Dataset.from_list(features),
         processing_class=tokenizer,
@@ -307,25 +408,28 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
     return trainer, counts
 
 
-def run(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
+def run(cfg: TrainConfig, opts: Any, build=build_trainer, objective: str = "dpo") -> dict[str, Any]:
     """Check and lock output_dir as cut.train does (another run's folder refused unless
     overwrite_output_dir; a second trainer into it refused; metrics.json removed at the start),
-    train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics."""
+    train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics.
+    `build(cfg, opts)` -> (trainer, counts) is the recipe (DPO here, KTO in cut.baselines.kto)."""
     cfg.validate()
     if cfg.resume_from_checkpoint:  # save_strategy "no": there is nothing to resume from
-        raise ConfigError("the DPO baseline saves no checkpoints: resume_from_checkpoint is not supported")
+        raise ConfigError(
+            f"the {objective.upper()} baseline saves no checkpoints: resume_from_checkpoint is not supported"
+        )
     if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
         check_output_dir(cfg)
     lock = claim_output_dir(cfg) if _rank() == 0 else None
     try:
-        return _train(cfg, opts)
+        return _train(cfg, opts, build, objective)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
-    trainer, counts = build_trainer(cfg, opts)
+def _train(cfg: TrainConfig, opts: Any, build, objective: str) -> dict[str, Any]:
+    trainer, counts = build(cfg, opts)
     start = time.time()
     result = trainer.train()
     trainer.save_model(cfg.output_dir)  # the PeftModel's save_pretrained, plus the tokenizer
@@ -335,26 +439,28 @@ def _train(cfg: TrainConfig, opts: DPOOptions) -> dict[str, Any]:
         "eval": {},
         "wall_s": round(time.time() - start, 2),
         "log_history": trainer.state.log_history,
-        "objective": "dpo",
-        "beta": opts.beta,
+        "objective": objective,
+        **dataclasses.asdict(opts),
     }
     if trainer.is_world_process_zero():
         write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
-        logger.info("saved the DPO adapter to %s", cfg.output_dir)
+        logger.info("saved the %s adapter to %s", objective.upper(), cfg.output_dir)
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, parse=parse_config, build=build_trainer, objective: str = "dpo"
+) -> int:
     logging.basicConfig(
         level=logging.INFO if _rank() == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
-        cfg, opts = parse_config(argv)
-        run(cfg, opts)
+        cfg, opts = parse(argv)
+        run(cfg, opts, build, objective)
     except (ConfigError, DataError) as err:
-        print(f"cut.baselines.dpo: error: {err}", file=sys.stderr)
+        print(f"cut.baselines.{objective}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

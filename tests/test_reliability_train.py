@@ -513,10 +513,10 @@ def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path
 
 
 def test_dpo_refuses_another_runs_folder_and_a_locked_one(tiny_model, tmp_path, capsys):
-    from test_dpo import JUDGED
-
     from cut.baselines.dpo import main as dpo_main
     from cut.train import OutputLock
+
+    from test_dpo import JUDGED
 
     data = tmp_path / "judged.json"
     data.write_text(json.dumps(JUDGED))

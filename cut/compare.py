@@ -10,6 +10,14 @@ Objectives (one online run each, in output_dir/<name>/, same prompts, seed and s
     sft        MLE on the positives only (rejection-sampling fine-tuning)
     hindsight  Align-P + Align-N, no Misalign-N (judgment-conditioned MLE alone)
     dpo        TRL's DPOTrainer with LoRA on (passing, failing) answers of the same prompt
+    kto        TRL's KTOTrainer with LoRA on every passing / failing answer (unpaired)
+    ilf        imitation learning from language feedback: the model rewrites each failing answer given its
+               judgment (refine_tries samples), the judge keeps the first rewrite that passes, and the
+               positives plus the kept rewrites are trained by MLE
+    cut_npo    positives by MLE; the span tokens of negatives pushed below the round's starting model by a
+               per-token NPO loss (no MLE on failing text in any context)
+    span_dpo   DPO whose rejected log-ratio sums only the tokens inside the judgment's spans
+    span_kto   KTO whose undesirable log-ratio sums only the tokens inside the judgment's spans
 
 Round 0 (the starting model's held-out answers) and round 1's sampled answers are computed once and
 copied into every objective's folder, so every objective trains on the same round-1 samples; later
@@ -45,6 +53,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hindsight": ("hindsight", {}),
     "dpo": ("dpo", {}),
     "kto": ("kto", {}),
+    "ilf": ("ilf", {}),  # the model rewrites failing answers given the judgment; passing rewrites by MLE
     # judgment-using objectives with no MLE on failing text (issue 20)
     "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
         "cut",

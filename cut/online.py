@@ -56,12 +56,25 @@ from .tasks.arithmetic import extract_final_answer
 
 logger = logging.getLogger("cut.online")
 
-STAGES = ("sample", "generate", "judge", "build", "train", "merge", "eval")
+STAGES = ("sample", "generate", "judge", "refine", "build", "train", "merge", "eval")
 TASKS = ("arithmetic", "instructions")
-OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto")
+OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto", "ilf")
 # objectives trained by a preference recipe: its module and the train-section keys it adds to cut.train's
 RECIPES = {"dpo": "cut.baselines.dpo", "kto": "cut.baselines.kto"}
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
+# settings added after runs existed: left out of a round's fingerprint while at their default, so
+# those runs resume
+LATE_FIELDS = {"refine_tries": 4, "positive_share": 0.0}
+
+# ILF's refinement request (Scheurer et al. 2023, imitation learning from language feedback): the
+# model rewrites its failing answer given the judgment; our own wording
+REFINE_PROMPT = (
+    "{instruction}{input}\n\n"
+    "A first answer to this request was:\n{output}\n\n"
+    "Feedback on that answer: {judgment}\n\n"
+    "Write a new answer to the request that fixes every problem the feedback names. Reply with the new "
+    "answer only."
+)
 
 
 @dataclass
@@ -82,6 +95,12 @@ class OnlineConfig:
     merge_dtype: str = "auto"
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 16
+    # objective ilf: rewrites sampled per failing answer, given its judgment (the judge keeps those
+    # that pass; at most one per failing answer is trained, by MLE, beside the positives)
+    refine_tries: int = 4
+    # > 0: a round's negatives are down-sampled (seeded) so positives make at least this share of
+    # the training records (the paper's online rounds were 71-77% positive); 0 keeps every negative
+    positive_share: float = 0.0
     generate: Any = field(default_factory=dict)  # a flat mapping in YAML; a GenerateConfig once validated
     judge: Any = field(default_factory=dict)  # a mapping in YAML; a JudgeConfig once validated
     train: dict[str, Any] = field(default_factory=dict)
@@ -94,6 +113,12 @@ class OnlineConfig:
             raise ConfigError(
                 "online: rounds, instructions_per_round and samples_per_instruction must be >= 1"
             )
+        if not isinstance(self.refine_tries, int) or self.refine_tries < 1:
+            raise ConfigError(f"online: refine_tries must be an integer >= 1, got {self.refine_tries!r}")
+        share = self.positive_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ConfigError(f"online: positive_share must be a number in [0, 1), got {share!r}")
+        self.positive_share = float(share)
         if self.task not in TASKS:
             raise ConfigError(f"online: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.objective not in OBJECTIVES:
@@ -149,7 +174,11 @@ def recipe_keys(objective: str) -> tuple[str, ...]:
 
 def fingerprint(cfg: OnlineConfig) -> str:
     """What decides a round's results; `rounds` may grow between runs without changing it."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("rounds", "output_dir")}
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("rounds", "output_dir") and not (k in LATE_FIELDS and v == LATE_FIELDS[k])
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -275,8 +304,75 @@ def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int, k
     return [{**r, "sample": j} for r in picked for j in range(k)] if k > 1 else picked
 
 
+def refine_requests(judged: list[dict], tries: int) -> list[dict]:
+    """One rewrite request per failing answer and try: the instruction, the answer and its judgment
+    in REFINE_PROMPT; `origin` = the answer's index in judged, `sample` = the try."""
+    rows = []
+    for i, r in enumerate(judged):
+        if r.get("judgment") is None or r.get("judge_error"):
+            continue
+        text = REFINE_PROMPT.format(
+            instruction=r["instruction"],
+            input=f"\n\n{r['input']}" if r.get("input") else "",
+            output=r["output"],
+            judgment=r["judgment"],
+        )
+        rows += [{"instruction": text, "input": "", "origin": i, "sample": t} for t in range(tries)]
+    return rows
+
+
+def refine_candidates(judged: list[dict], rewrites: list[dict]) -> list[dict]:
+    """The rewrites as answers to the original instructions (with their constraints), for the judge."""
+    keep = ("instruction", "input", "constraints", "reference")
+    out = []
+    for w in rewrites:
+        src = judged[w["origin"]]
+        out.append(
+            {
+                **{k: src[k] for k in keep if k in src},
+                "output": w["output"],
+                "origin": w["origin"],
+                "sample": w["sample"],
+            }
+        )
+    return out
+
+
+def passing_rewrites(candidates: list[dict]) -> list[dict]:
+    """At most one passing rewrite per failing answer (the first try that passed), as a positive record."""
+    seen: set[int] = set()
+    kept = []
+    for c in candidates:
+        if c.get("judgment") is not None or c.get("judge_error") or c["origin"] in seen:
+            continue
+        seen.add(c["origin"])
+        kept.append({k: v for k, v in c.items() if k not in ("origin", "sample")})
+    return kept
+
+
+def down_sample_negatives(rows: list[dict], share: float, seed: int) -> tuple[list[dict], int]:
+    """Drop a seeded sample of negatives until positives are at least `share` of the rows (file order
+    kept); returns (rows, negatives dropped). share 0 or no positive: nothing dropped."""
+    pos = sum(1 for r in rows if r.get("judgment") is None)
+    neg_idx = [i for i, r in enumerate(rows) if r.get("judgment") is not None]
+    if share <= 0 or not pos:
+        return rows, 0
+    allowed = int(pos * (1 - share) / share + 1e-9)  # pos / (pos + allowed) >= share
+    if len(neg_idx) <= allowed:
+        return rows, 0
+    keep = set(random.Random(seed).sample(neg_idx, allowed))
+    dropped = len(neg_idx) - allowed
+    return [r for i, r in enumerate(rows) if r.get("judgment") is None or i in keep], dropped
+
+
 def build_training_file(
-    judged: Path, out: Path, objective: str = "cut", responses: Path | None = None
+    judged: Path,
+    out: Path,
+    objective: str = "cut",
+    responses: Path | None = None,
+    rewrites: list[dict] | None = None,
+    positive_share: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The round's training records: failed judgments left out; `sft` keeps the positives only.
 
@@ -299,11 +395,20 @@ def build_training_file(
         "train_negatives": neg,
         "train_positives": len(keep) - neg,
     }
-    if objective == "sft":
-        keep = [r for r in keep if r.get("judgment") is None]
+    if objective in ("sft", "ilf"):  # ilf: the positives and the rewrites that passed
+        keep = [r for r in keep if r.get("judgment") is None] + list(rewrites or [])
         counts.update(train_records=len(keep), train_negatives=0)
+        if objective == "ilf":
+            counts["train_rewrites"] = len(rewrites or [])
         if not keep:
-            raise DataError(f"{judged}: no positive response this round; sft has nothing to train on")
+            raise DataError(f"{judged}: no positive response this round; {objective} has nothing to train on")
+    elif positive_share > 0:
+        keep, dropped = down_sample_negatives(keep, positive_share, seed)
+        counts.update(
+            train_records=len(keep),
+            train_negatives=counts["train_negatives"] - dropped,
+            negatives_dropped=dropped,
+        )
     write_json_atomic(out, keep)
     return {"counts": counts}
 
@@ -486,6 +591,61 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
             "outputs": {"judged": str(d / "judged.json")},
         }
 
+    def refine():
+        """ilf: the current model rewrites each failing answer given its judgment (refine_tries
+        samples), the judge judges the rewrites against the original instruction."""
+        if cfg.objective != "ilf":
+            return {}
+        judged = json.loads((d / "judged.json").read_text())
+        requests = refine_requests(judged, cfg.refine_tries)
+        write_json_atomic(d / "refine_requests.json", requests)
+        g = cfg.generate
+        rewrites = (
+            generate_file(
+                model_in,
+                None,
+                str(d / "refine_responses.json"),
+                dataclasses.replace(
+                    g,
+                    generator=f"round_{index - 1}" if index > 1 else Path(model_in).name,
+                    dataset="online-refine",
+                    sampling=dataclasses.replace(g.sampling, seed=g.sampling.seed + 1000 + index),
+                ),
+                records=requests,
+            )
+            if requests
+            else []
+        )
+        release_memory()
+        write_json_atomic(d / "refine_candidates.json", refine_candidates(judged, rewrites))
+        counts = judge_file(
+            str(d / "refine_candidates.json"),
+            str(d / "refine_judged.json"),
+            make_judge(cfg.judge, str(d / "refine_judge_cache.jsonl")),
+        )
+        kept = passing_rewrites(json.loads((d / "refine_judged.json").read_text()))
+        write_json_atomic(d / "refined.json", kept)
+        return {
+            "counts": {
+                "refine_requests": len(requests),
+                "refine_passed": counts["positive"],
+                "refine_kept": len(kept),
+                "refine_failed_judgments": counts["failed"],
+            },
+            "outputs": {"refined": str(d / "refined.json")},
+        }
+
+    def build():
+        rewrites = json.loads((d / "refined.json").read_text()) if cfg.objective == "ilf" else None
+        return build_training_file(
+            d / "judged.json",
+            d / "train.json",
+            cfg.objective,
+            rewrites=rewrites,
+            positive_share=cfg.positive_share,
+            seed=cfg.seed + index,
+        )
+
     def merge_stage():
         out = merge(model_in, str(d / "adapter"), str(d / "model"), cfg.merge_dtype)
         return {"outputs": {"model": str(out)}}
@@ -504,7 +664,8 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
     rnd.run("sample", sample)
     rnd.run("generate", generate)
     rnd.run("judge", judge)
-    rnd.run("build", lambda: build_training_file(d / "judged.json", d / "train.json", cfg.objective))
+    rnd.run("refine", refine)
+    rnd.run("build", build)
     rnd.run("train", lambda: train_round(cfg, rnd, model_in))
     rnd.run("merge", merge_stage)
     rnd.run("eval", eval_stage)
@@ -560,7 +721,7 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
         rnd = run_round(cfg, r, model, pool, heldout)
         m = rnd.manifest
         model = m["outputs"]["model"]
-        walls = {s: m["stages"][s].get("wall_s") for s in STAGES}
+        walls = {s: m["stages"].get(s, {}).get("wall_s") for s in STAGES}
         rounds.append(
             {
                 "round": r,

@@ -99,6 +99,30 @@ def test_every_objective_trains_on_the_same_samples_and_is_reported(tiny_model, 
     assert hind["misalign"] is False
     spans = yaml.safe_load((root / "cut_spans" / "round_1" / "train_config.yaml").read_text())
     assert spans["flag_source"] == "spans"
+    # ilf trains the positives plus the rewrites the judge passed, at most one per failing answer
+    ilf = root / "ilf" / "round_1"
+    refined = json.loads((ilf / "refined.json").read_text())
+    judged_rewrites = json.loads((ilf / "refine_judged.json").read_text())
+    requests = json.loads((ilf / "refine_requests.json").read_text())
+    assert len(requests) == 4 * (40 - len(pos)) and all(
+        "Feedback on that answer" in r["instruction"] for r in requests
+    )
+    passed = [r for r in judged_rewrites if r["judgment"] is None]
+    assert refined and len(refined) == len({r["origin"] for r in passed}) <= len(passed)
+    assert all(r["judgment"] is None for r in refined)
+    assert train["ilf"] == train["sft"] + refined
+    manifest = json.loads((ilf / "manifest.json").read_text())
+    assert manifest["counts"]["train_rewrites"] == len(refined) == manifest["counts"]["refine_kept"]
+    # span variants and kto
+    for n in ("span_dpo", "span_kto"):
+        assert (
+            json.loads((root / n / "round_1" / "adapter" / "metrics.json").read_text())["rejected_tokens"]
+            == "spans"
+        )
+    kto = json.loads((root / "kto" / "round_1" / "adapter" / "metrics.json").read_text())
+    assert kto["objective"] == "kto" and kto["counts"]["train_desirable"] == len(pos)
+    npo = yaml.safe_load((root / "cut_npo" / "round_1" / "train_config.yaml").read_text())
+    assert npo["unlikelihood"] == "npo" and npo["weight_align_n"] == 0
     dpo = json.loads((root / "dpo" / "round_1" / "adapter" / "metrics.json").read_text())
     assert dpo["objective"] == "dpo" and dpo["counts"]["pairs"] > 0
     for n in names:  # every objective took the same number of optimiser steps

@@ -169,6 +169,15 @@ def test_two_rounds_killed_mid_stage_then_resumed(tiny_model, tmp_path):
         ({"generate": {"bogus": 1}}, "online: generate: unknown option(s): bogus"),
         ({"generate": {"top_p": 0}}, "top_p must be in (0, 1]"),
         ({"judge": {"bogus": 1}}, "online: judge: unknown key(s) bogus"),
+        ({"positive_share": 1.0}, "positive_share must be a number in [0, 1)"),
+        ({"positive_share": "half"}, "positive_share must be a number in [0, 1)"),
+        ({"refine_tries": 0}, "refine_tries must be an integer >= 1"),
+        (
+            {"train": {"rejected_tokens": "spans"}},
+            "unknown train option(s): rejected_tokens",
+        ),  # objective cut
+        ({"objective": "dpo", "train": {"rejected_tokens": "x"}}, "rejected_tokens must be one of"),
+        ({"objective": "kto", "train": {"kto_beta": -1}}, "beta must be > 0"),
     ],
 )
 def test_bad_online_config_is_refused_before_any_work(tiny_model, tmp_path, change, message, capsys):
@@ -216,3 +225,80 @@ def test_sections_take_every_option_of_their_tools(tiny_model, tmp_path):
     assert cfg.generate.sampling.seed == conf["seed"]  # unset: the loop's seed
     assert set(GenerateConfig().flat()) >= {"device", "limit", "trust_remote_code", "engine", "dtype"}
     assert {f.name for f in dataclasses.fields(JudgeConfig)} >= {"backoff", "concurrency", "timeout"}
+
+
+def test_positive_share_down_samples_negatives_only():
+    from cut.online import down_sample_negatives
+
+    rows = [{"output": f"p{i}", "judgment": None} for i in range(3)] + [
+        {"output": f"n{i}", "judgment": "bad"} for i in range(9)
+    ]
+    kept, dropped = down_sample_negatives(rows, 0.5, seed=0)
+    assert dropped == 6 and sum(r["judgment"] is None for r in kept) == 3 and len(kept) == 6
+    assert [r for r in kept if r["judgment"] is None] == rows[:3]
+    assert [r["output"] for r in kept] == [r["output"] for r in rows if r in kept]  # file order kept
+    assert down_sample_negatives(rows, 0.5, seed=0) == (kept, dropped)  # seeded
+    assert {tuple(r["output"] for r in down_sample_negatives(rows, 0.5, s)[0]) for s in range(10)} != {
+        tuple(r["output"] for r in kept)
+    }
+    kept, _ = down_sample_negatives(rows, 0.75, seed=0)
+    assert len(kept) == 4  # 3 positives, 1 negative: 75%
+    assert down_sample_negatives(rows, 0.2, seed=0) == (rows, 0)  # already 25% positive
+    assert down_sample_negatives(rows, 0.0, seed=0) == (rows, 0)
+    assert down_sample_negatives(rows[3:], 0.5, seed=0) == (rows[3:], 0)  # no positive: nothing to balance
+
+
+def test_refine_requests_and_kept_rewrites():
+    from cut.online import passing_rewrites, refine_candidates, refine_requests
+
+    judged = [
+        {"instruction": "Say hi.", "input": "", "output": "Hello", "judgment": None, "constraints": [1]},
+        {
+            "instruction": "Say bye.",
+            "input": "loud",
+            "output": "bye",
+            "judgment": "Not loud.",
+            "constraints": [2],
+        },
+        {"instruction": "Count.", "input": "", "output": "1 2", "judgment": "$ERROR$", "judge_error": "x"},
+    ]
+    req = refine_requests(judged, 2)
+    assert [(r["origin"], r["sample"]) for r in req] == [(1, 0), (1, 1)]
+    assert "Say bye.\n\nloud" in req[0]["instruction"] and "bye" in req[0]["instruction"]
+    assert "Not loud." in req[0]["instruction"]
+    cands = refine_candidates(judged, [{**r, "output": o} for r, o in zip(req, ["BYE", "BYE!"], strict=True)])
+    assert cands[0] == {
+        "instruction": "Say bye.",
+        "input": "loud",
+        "constraints": [2],
+        "output": "BYE",
+        "origin": 1,
+        "sample": 0,
+    }
+    judged_c = [
+        {**cands[0], "judgment": "still bad"},
+        {**cands[1], "judgment": None},
+        {**cands[1], "judgment": None},
+    ]
+    assert passing_rewrites(judged_c) == [
+        {"instruction": "Say bye.", "input": "loud", "constraints": [2], "output": "BYE!", "judgment": None}
+    ]
+
+
+def test_late_settings_at_their_default_keep_the_fingerprint(tiny_model, tmp_path):
+    """A run started before refine_tries / positive_share existed resumes: at their defaults they
+    are not part of the fingerprint; set, they are."""
+    import dataclasses
+
+    from cut.online import OnlineConfig, fingerprint
+
+    cfg = OnlineConfig(base_model=str(tiny_model), pool="p.json")
+    old = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("rounds", "output_dir", "refine_tries", "positive_share")
+    }
+    import hashlib
+
+    assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(dataclasses.replace(cfg, positive_share=0.5)) != fingerprint(cfg)

@@ -46,7 +46,8 @@ from .online import STAGES, OnlineConfig, headline, load_config
 
 logger = logging.getLogger("cut.compare")
 
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+# name -> (objective, train overrides[, loop setting overrides])
+VARIANTS: dict[str, tuple] = {
     "cut": ("cut", {}),
     "cut_spans": ("cut", {"flag_source": "spans"}),
     "sft": ("sft", {}),
@@ -65,12 +66,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
 
 
-def variant_config(
-    base: OnlineConfig, name: str, variants: dict[str, tuple[str, dict[str, Any]]] = VARIANTS
-) -> OnlineConfig:
-    objective, train = variants[name]
+def variant_config(base: OnlineConfig, name: str, variants: dict[str, tuple] = VARIANTS) -> OnlineConfig:
+    objective, train, *rest = variants[name]  # a third element: loop settings (e.g. positive_share)
     cfg = dataclasses.replace(
         base,
+        **(rest[0] if rest else {}),
         objective=objective,
         output_dir=str(Path(base.output_dir) / name),
         train={**base.train, **train},
@@ -104,7 +104,7 @@ def ensure_base_model(base: OnlineConfig) -> None:
 def run_all(
     base: OnlineConfig,
     names: list[str],
-    variants: dict[str, tuple[str, dict[str, Any]]] = VARIANTS,
+    variants: dict[str, tuple] = VARIANTS,
     split: str = "held-out",
 ) -> dict[str, Any]:
     from .online import run

@@ -19,6 +19,7 @@ A trials file:
       cut: {}                                        # the config's objective and train section
       cut_no_unflagged: {train: {weight_unflagged: 0}}
       sft: {objective: sft}
+      cut_half_positive: {positive_share: 0.5}       # a loop setting: negatives down-sampled to half
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from .io import write_json_atomic
 from .online import OBJECTIVES, OnlineConfig, load_config, read_problems
 
 logger = logging.getLogger("cut.tune")
+
+LOOP_SETTINGS = ("positive_share", "refine_tries")  # loop settings a trial may set beside its train section
 
 
 def validation_split(pool: list[dict], size: int, seed: int, reserved: int) -> list[dict]:
@@ -69,8 +72,10 @@ def read_trials(path: str) -> dict[str, Any]:
     for name, spec in trials.items():
         spec = spec or {}
         where = f"{path}: trial {name!r}"
-        if not isinstance(spec, dict) or set(spec) - {"objective", "train"}:
-            raise ConfigError(f"{where}: settings are 'objective' and 'train' only")
+        if not isinstance(spec, dict) or set(spec) - {"objective", "train", *LOOP_SETTINGS}:
+            raise ConfigError(
+                f"{where}: settings are 'objective', 'train', {', '.join(map(repr, LOOP_SETTINGS))} only"
+            )
         if spec.get("objective", "cut") not in OBJECTIVES:
             raise ConfigError(f"{where}: objective must be one of {', '.join(OBJECTIVES)}")
         if not isinstance(spec.get("train", {}), dict):
@@ -99,7 +104,11 @@ def prepare(
     val_path = root / "validation.json"
     base = dataclasses.replace(main_cfg, output_dir=str(root), heldout=str(val_path), rounds=1)
     variants = {
-        name: (s.get("objective", main_cfg.objective), dict(s.get("train", {})))
+        name: (
+            s.get("objective", main_cfg.objective),
+            dict(s.get("train", {})),
+            {k: s[k] for k in LOOP_SETTINGS if k in s},
+        )
         for name, s in spec["trials"].items()
     }
     from .compare import variant_config

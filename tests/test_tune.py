@@ -95,7 +95,8 @@ def test_validation_split_is_the_tail_the_rounds_never_reach():
     [
         ({}, "non-empty mapping"),
         ({"x": {"objective": "ppo"}}, "objective must be one of"),
-        ({"x": {"lr": 1}}, "'objective' and 'train' only"),
+        ({"x": {"lr": 1}}, "'objective', 'train', 'positive_share', 'refine_tries' only"),
+        ({"x": {"positive_share": 2}}, "trial 'x'.*positive_share must be a number in"),
         ({"x": {"train": {"weight_unflaged": 0}}}, "trial 'x'.*weight_unflaged"),
         ({"x": {"train": {"weight_unflagged": -1}}}, "trial 'x'.*weight_unflagged must be >= 0"),
     ],
@@ -122,7 +123,10 @@ def run_tune(cfg: Path, trials: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_trials_train_on_the_same_samples_and_are_scored_on_validation(tiny_model, tmp_path):
     cfg = write_config(tmp_path, str(tiny_model))
-    trials = write_trials(tmp_path, {"cut": {}, "cut_no_unflagged": {"train": {"weight_unflagged": 0}}})
+    trials = write_trials(
+        tmp_path,
+        {"cut": {}, "cut_no_unflagged": {"train": {"weight_unflagged": 0}, "positive_share": 0.5}},
+    )
     proc = run_tune(cfg, trials)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     root = tmp_path / "tune"
@@ -136,6 +140,12 @@ def test_trials_train_on_the_same_samples_and_are_scored_on_validation(tiny_mode
         assert (root / "cut_no_unflagged" / rel).read_bytes() == (root / "cut" / rel).read_bytes(), rel
     conf = yaml.safe_load((root / "cut_no_unflagged" / "round_1" / "train_config.yaml").read_text())
     assert conf["weight_unflagged"] == 0
+    # positive_share 0.5: the trial trains every positive and as many negatives (or fewer)
+    full = json.loads((root / "cut" / "round_1" / "train.json").read_text())
+    half = json.loads((root / "cut_no_unflagged" / "round_1" / "train.json").read_text())
+    pos = [r for r in full if r["judgment"] is None]
+    assert pos and [r for r in half if r["judgment"] is None] == pos
+    assert len(half) - len(pos) == min(len(pos), len(full) - len(pos))
     for name in ("cut", "cut_no_unflagged"):
         ev = json.loads((root / name / "round_1" / "eval.json").read_text())
         assert [a["instruction"] for a in ev["answers"]] == [v["instruction"] for v in val]

@@ -14,6 +14,7 @@ Objectives (one online run each, in output_dir/<name>/, same prompts, seed and s
     ilf        imitation learning from language feedback: the model rewrites each failing answer given its
                judgment (refine_tries samples), the judge keeps the first rewrite that passes, and the
                positives plus the kept rewrites are trained by MLE
+    forward    forward prediction: the positives by MLE, and the model learns to write each answer's judgment
     cut_npo    positives by MLE; the span tokens of negatives pushed below the round's starting model by a
                per-token NPO loss (no MLE on failing text in any context)
     span_dpo   DPO whose rejected log-ratio sums only the tokens inside the judgment's spans
@@ -54,7 +55,11 @@ VARIANTS: dict[str, tuple] = {
     "hindsight": ("hindsight", {}),
     "dpo": ("dpo", {}),
     "kto": ("kto", {}),
-    "ilf": ("ilf", {}),  # the model rewrites failing answers given the judgment; passing rewrites by MLE
+    "ilf": ("ilf", {}),
+    "forward": (
+        "forward",
+        {},
+    ),  # forward prediction: positives by MLE + the model learns to write the judgment  # the model rewrites failing answers given the judgment; passing rewrites by MLE
     # judgment-using objectives with no MLE on failing text (issue 20)
     "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
         "cut",

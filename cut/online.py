@@ -58,7 +58,7 @@ logger = logging.getLogger("cut.online")
 
 STAGES = ("sample", "generate", "judge", "refine", "build", "train", "merge", "eval")
 TASKS = ("arithmetic", "instructions")
-OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto", "ilf")
+OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto", "ilf", "forward")
 # objectives trained by a preference recipe: its module and the train-section keys it adds to cut.train's
 RECIPES = {"dpo": "cut.baselines.dpo", "kto": "cut.baselines.kto"}
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
@@ -304,6 +304,32 @@ def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int, k
     return [{**r, "sample": j} for r in picked for j in range(k)] if k > 1 else picked
 
 
+# forward prediction (Weston 2016; a baseline of the CUT paper): the model learns to produce the
+# judgment of an answer; our own wording
+CRITIQUE_PROMPT = (
+    "{instruction}{input}\n\nAn answer to this request was:\n{output}\n\n"
+    "Judge the answer: say what is wrong with it, or that it is perfect."
+)
+PERFECT = "The answer is perfect."
+
+
+def critique_records(rows: list[dict]) -> list[dict]:
+    """One record per judged answer whose response is its judgment (PERFECT for a positive)."""
+    return [
+        {
+            "instruction": CRITIQUE_PROMPT.format(
+                instruction=r["instruction"],
+                input=f"\n\n{r['input']}" if r.get("input") else "",
+                output=r["output"],
+            ),
+            "input": "",
+            "output": r["judgment"] if r.get("judgment") is not None else PERFECT,
+            "judgment": None,
+        }
+        for r in rows
+    ]
+
+
 def refine_requests(judged: list[dict], tries: int) -> list[dict]:
     """One rewrite request per failing answer and try: the instruction, the answer and its judgment
     in REFINE_PROMPT; `origin` = the answer's index in judged, `sample` = the try."""
@@ -402,6 +428,11 @@ def build_training_file(
             counts["train_rewrites"] = len(rewrites or [])
         if not keep:
             raise DataError(f"{judged}: no positive response this round; {objective} has nothing to train on")
+    elif objective == "forward":  # the positives by MLE, and every judgment predicted from its answer
+        keep = [r for r in keep if r.get("judgment") is None] + critique_records(keep)
+        counts.update(
+            train_records=len(keep), train_negatives=0, train_critiques=len(keep) - counts["train_positives"]
+        )
     elif positive_share > 0:
         keep, dropped = down_sample_negatives(keep, positive_share, seed)
         counts.update(

@@ -302,3 +302,20 @@ def test_late_settings_at_their_default_keep_the_fingerprint(tiny_model, tmp_pat
 
     assert fingerprint(cfg) == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
     assert fingerprint(dataclasses.replace(cfg, positive_share=0.5)) != fingerprint(cfg)
+
+
+def test_forward_prediction_trains_positives_and_every_judgment(tmp_path):
+    from cut.online import PERFECT, build_training_file
+
+    judged = [
+        {"instruction": "Say hi.", "input": "", "output": "Hello", "judgment": None},
+        {"instruction": "Say bye.", "input": "loud", "output": "bye", "judgment": "Not loud."},
+        {"instruction": "Count.", "input": "", "output": "1 2", "judgment": "$ERROR$", "judge_error": "x"},
+    ]
+    (tmp_path / "judged.json").write_text(json.dumps(judged))
+    counts = build_training_file(tmp_path / "judged.json", tmp_path / "train.json", "forward")["counts"]
+    rows = json.loads((tmp_path / "train.json").read_text())
+    assert rows[0] == judged[0] and all(r["judgment"] is None for r in rows)
+    assert [r["output"] for r in rows[1:]] == [PERFECT, "Not loud."]  # the failed judgment is never a target
+    assert "Say bye.\n\nloud" in rows[2]["instruction"] and "bye" in rows[2]["instruction"]
+    assert counts["train_records"] == 3 and counts["train_critiques"] == 2 and counts["failed_left_out"] == 1

@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | compare | tune | dpo | inspect | tds | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
+    cut generate | judge | online | compare | tune | dpo | kto | inspect | tds | evaluate | urial | realign | demo | smollm | gemma | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -25,6 +25,10 @@ COMMANDS = {
     "dpo": (
         "cut.baselines.dpo",
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
+    ),
+    "kto": (
+        "cut.baselines.kto",
+        "the KTO baseline: TRL's KTOTrainer with LoRA on every passing/failing answer (unpaired)",
     ),
     "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
     "tds": (

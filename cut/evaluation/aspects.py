@@ -18,11 +18,10 @@ the messages, does not hand the same reply back).
 from __future__ import annotations
 
 import ast
-import io
 import json
 import re
 import string
-import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,18 +210,23 @@ class ParseError(ValueError):
 
 FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|python)?[ \t]*\n?(.*?)```", re.DOTALL)
 TRAILING_COMMA = re.compile(r",(\s*[}\]])")
-PY_NAMES = {"true": "True", "false": "False", "null": "None"}
+PY_VALUES = {"true": True, "false": False, "null": None}
+PY_WORDS = re.compile(r"\b(?:True|False|None)\b")
 
 
 def extract_json(text: str) -> Any:
-    """The first JSON object (or list) in text: inside ``` fences first, then anywhere; ParseError if none."""
+    """The first JSON object (or list) in text: inside ``` fences first, then anywhere; ParseError if none.
+
+    Linear in the reply's length, whatever it holds: brackets are matched in one pass (a few more
+    only after a quote that never closes), and only chunks nested at most MAX_DEPTH deep are parsed,
+    so a character is parsed as part of at most MAX_DEPTH + 1 chunks."""
     if not isinstance(text, str) or not text.strip():
         raise ParseError("empty reply")
     candidates = [m.group(1) for m in FENCE.finditer(text)] + [text]
     first_list = None
     for candidate in candidates:
         whole = _loads(candidate.strip())
-        found = [whole] if whole is not None else _outermost(candidate)
+        found = iter([whole]) if whole is not None else _outermost(candidate)
         for value in found:
             if isinstance(value, dict) and value:
                 return value
@@ -233,33 +237,43 @@ def extract_json(text: str) -> Any:
     raise ParseError("no JSON object in the reply")
 
 
-def _outermost(text: str) -> list[Any]:
+MAX_DEPTH = 8  # brackets within brackets; a rubric's reply nests 2 to 4 deep
+MAX_PASSES = 4  # bracket-matching passes: one, and one more after each quote that never closes
+
+
+def _outermost(text: str) -> Iterator[Any]:
     """The values of the {...} / [...] chunks that parse, skipping those inside one that did."""
-    values, covered = [], -1
-    for start, end in _balanced_chunks(text):
-        if start <= covered:
+    covered = -1
+    for start, end, depth in _balanced_chunks(text):
+        if start <= covered or depth > MAX_DEPTH:
             continue
         value = _loads(text[start : end + 1])
         if value is not None:
-            values.append(value)
             covered = end
-    return values
+            yield value
 
 
-def _balanced_chunks(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every {...} or [...] that closes, by start, skipping brackets in quoted strings."""
-    chunks = []
-    for start, ch in enumerate(text):
-        if ch in "{[":
-            end = _closing(text, start)
-            if end is not None:
-                chunks.append((start, end))
-    return chunks
+def _balanced_chunks(text: str) -> list[tuple[int, int, int]]:
+    """(start, end, depth) of every {...} or [...] that closes, by start; depth counts the
+    bracket levels it holds (1: none inside). Brackets in quoted strings do not count; a quote
+    counts only inside brackets, and one that never closes is taken back (the text after it is
+    matched again, as if it were a plain character)."""
+    chunks, begin = [], 0
+    for _ in range(MAX_PASSES):
+        found, open_quote = _match(text, begin)
+        chunks += found
+        if open_quote is None:
+            break
+        begin = open_quote + 1
+    return sorted(chunks)
 
 
-def _closing(text: str, start: int) -> int | None:
-    depth, quote, escaped = 0, None, False
-    for i in range(start, len(text)):
+def _match(text: str, begin: int) -> tuple[list[tuple[int, int, int]], int | None]:
+    """One pass from `begin`: the closed chunks, and where a quote still open at the end began."""
+    chunks: list[tuple[int, int, int]] = []
+    stack: list[list[int]] = []  # [start, deepest level inside] of each open bracket
+    quote, quote_at, escaped = None, None, False
+    for i in range(begin, len(text)):
         ch = text[i]
         if quote:
             if escaped:
@@ -268,41 +282,62 @@ def _closing(text: str, start: int) -> int | None:
                 escaped = True
             elif ch == quote:
                 quote = None
-        elif ch in "\"'":
+        elif ch in "{[":
+            stack.append([i, 0])
+        elif ch in "}]":
+            if stack:
+                start, inner = stack.pop()
+                chunks.append((start, i, inner + 1))
+                if stack:
+                    stack[-1][1] = max(stack[-1][1], inner + 1)
+        elif ch in "\"'" and stack:
             # an apostrophe inside a word ("don't") is not a quote
             if ch == "'" and 0 < i < len(text) - 1 and text[i - 1].isalnum() and text[i + 1].isalnum():
                 continue
-            quote = ch
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i
-    return None
+            quote, quote_at = ch, i
+    return chunks, (quote_at if quote else None)
 
 
 def _loads(chunk: str) -> Any:
-    """JSON, then JSON without trailing commas, then a Python literal (single quotes, True/None)."""
+    """JSON, then JSON without trailing commas, then a Python literal (single quotes, True/None,
+    and JSON's true/false/null)."""
     for attempt in (chunk, TRAILING_COMMA.sub(r"\1", chunk)):
         try:
             return json.loads(attempt)
         except (ValueError, RecursionError):
             pass
+    if "'" not in chunk and not PY_WORDS.search(chunk):
+        return None  # what JSON could not read, Python cannot either
     try:
-        return ast.literal_eval(_python_names(TRAILING_COMMA.sub(r"\1", chunk)))
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError, tokenize.TokenError):
+        return _literal(ast.parse(TRAILING_COMMA.sub(r"\1", chunk).strip(), mode="eval").body)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
 
 
-def _python_names(chunk: str) -> str:
-    """true/false/null as Python names, outside strings only (tokenize keeps strings whole)."""
-    tokens = []
-    for tok in tokenize.generate_tokens(io.StringIO(chunk).readline):
-        if tok.type == tokenize.NAME and tok.string in PY_NAMES:
-            tok = tok._replace(string=PY_NAMES[tok.string])
-        tokens.append(tok)
-    return tokenize.untokenize(tokens)
+def _literal(node: ast.AST) -> Any:
+    """ast.literal_eval's containers and constants, with JSON's true / false / null as names; it
+    stops at the first node that is none of them (ValueError), so a bad chunk costs little."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Dict):
+        if None in node.keys:  # {**x}
+            raise ValueError("not a literal")
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+    if isinstance(node, ast.List):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Tuple):
+        return tuple(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Name) and node.id in PY_VALUES:
+        return PY_VALUES[node.id]
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, (ast.USub, ast.UAdd))
+        and isinstance(node.operand, ast.Constant)
+        and isinstance(node.operand.value, (int, float))
+        and not isinstance(node.operand.value, bool)
+    ):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    raise ValueError("not a literal")
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ the sample supports.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,32 +35,60 @@ COMPARE_MD, COMPARE_JSON, COMPARE_PNG = "comparison.md", "comparison.json", "com
 # --------------------------------------------------------------------------------------------
 
 
-def _num(x: float | None, fmt: str = ".2f") -> str:
-    return "–" if x is None else format(x, fmt)
+class Raw(str):
+    """Markdown this module wrote itself (bold, a line break): esc and _table leave it as it is."""
 
 
-def _mean_ci(s: dict) -> str:
+MD_ESCAPES = {
+    **{c: "\\" + c for c in "\\`*_[]"},  # markdown's own punctuation, shown as itself
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    "|": "&#124;",  # a table splits cells on a bare pipe, even inside other markup
+}
+NEWLINES = re.compile(r"\r\n|\r|\n")
+
+
+def esc(value: Any) -> str:
+    """Text from records, files or options as literal markdown: no HTML, no extra table column,
+    no link or emphasis, one line. Raw (this module's own markup) passes unchanged."""
+    if isinstance(value, Raw):
+        return value
+    text = "".join(MD_ESCAPES.get(c, c) for c in str(value))
+    return NEWLINES.sub("<br>", text)
+
+
+def _num(x: float | None, fmt: str = ".2f") -> Raw:
+    return Raw("–" if x is None else format(x, fmt))
+
+
+def _ci(s: dict) -> Raw:
+    return Raw(f"[{_num(s['ci'][0])}, {_num(s['ci'][1])}]")
+
+
+def _mean_ci(s: dict) -> Raw:
     if s.get("mean") is None:
-        return "–"
-    return f"{s['mean']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]"
+        return Raw("–")
+    return Raw(f"{s['mean']:.2f} [{s['ci'][0]:.2f}, {s['ci'][1]:.2f}]")
 
 
-def _pct(r: dict) -> str:
+def _pct(r: dict) -> Raw:
     if r.get("rate") is None:
-        return "–"
-    return f"{r['rate']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]"
+        return Raw("–")
+    return Raw(f"{r['rate']:.0%} [{r['ci'][0]:.0%}, {r['ci'][1]:.0%}]")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    """A markdown table; every cell is escaped (esc), so record text cannot add a column."""
+    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
     return lines
 
 
 def _failures(s: dict) -> str:
     text = f"{s['n']} records: {s['n_ok']} evaluated, {s['n_failed']} failed"
     if s["failed_reasons"]:
-        text += " (" + ", ".join(f"{r}: {n}" for r, n in s["failed_reasons"].items()) + ")"
+        text += " (" + ", ".join(f"{esc(r)}: {n}" for r, n in s["failed_reasons"].items()) + ")"
     return text
 
 
@@ -68,23 +99,20 @@ def _length(x: dict) -> str:
 def score_markdown(summary: dict[str, Any]) -> str:
     setup = summary["setup"]
     lines = [
-        f"# Evaluation ({setup['mode']}) by {setup['judge']}",
+        f"# Evaluation ({esc(setup['mode'])}) by {esc(setup['judge'])}",
         "",
-        f"Answers: `{summary.get('input_file')}`. {_failures(summary)}; failures are counted, never averaged.",
-        f"Mean answer length: {_length(summary['length'])}. Intervals: {summary.get('interval', '95%')}.",
+        f"Answers: {esc(summary.get('input_file'))}. {_failures(summary)}; failures are counted, never averaged.",
+        f"Mean answer length: {_length(summary['length'])}. Intervals: {esc(summary.get('interval', '95%'))}.",
         "",
     ]
-    rows = [
-        [a, _num(s["mean"]), f"[{_num(s['ci'][0])}, {_num(s['ci'][1])}]", s["n"]]
-        for a, s in summary["aspects"].items()
-    ]
+    rows = [[a, _num(s["mean"]), _ci(s), s["n"]] for a, s in summary["aspects"].items()]
     if "overall" in summary:
         o = summary["overall"]
-        rows.append(["**overall**", _num(o["mean"]), f"[{_num(o['ci'][0])}, {_num(o['ci'][1])}]", o["n"]])
+        rows.append([Raw("**overall**"), _num(o["mean"]), _ci(o), o["n"]])
     lines += _table(["aspect", "mean (1-5)", "95% CI", "n"], rows)
     for field, groups in summary.get("groups", {}).items():
         aspects = list(summary["aspects"])
-        lines += ["", f"## By {field}", ""]
+        lines += ["", f"## By {esc(field)}", ""]
         body = [
             [
                 v,
@@ -103,13 +131,13 @@ def pair_markdown(summary: dict[str, Any]) -> str:
     setup, gen = summary["setup"], summary.get("generators", {})
     la, lb = summary["length"]["a"], summary["length"]["b"]
     lines = [
-        f"# Pairwise evaluation by {setup['judge']}",
+        f"# Pairwise evaluation by {esc(setup['judge'])}",
         "",
-        f"A: `{summary.get('output_a')}` ({gen.get('a') or 'generator unknown'}), mean length {_length(la)}.",
-        f"B: `{summary.get('output_b')}` ({gen.get('b') or 'generator unknown'}), mean length {_length(lb)}.",
+        f"A: {esc(summary.get('output_a'))} ({esc(gen.get('a') or 'generator unknown')}), mean length {_length(la)}.",
+        f"B: {esc(summary.get('output_b'))} ({esc(gen.get('b') or 'generator unknown')}), mean length {_length(lb)}.",
         "",
         f"{_failures(summary)}; {summary['swapped']} of the judged records showed B first (order seeded, "
-        f"undone when read). Intervals: {summary.get('interval', '95%')}.",
+        f"undone when read). Intervals: {esc(summary.get('interval', '95%'))}.",
         "",
     ]
     rows = [
@@ -125,18 +153,18 @@ def pair_markdown(summary: dict[str, Any]) -> str:
     ]
     for field, groups in summary.get("groups", {}).items():
         aspects = list(summary["aspects"])
-        lines += ["", f"## By {field}", ""]
+        lines += ["", f"## By {esc(field)}", ""]
         body = [
             [v, g["n"], g["n_failed"], *(_wtl(g["aspects"][a]) for a in aspects)] for v, g in groups.items()
         ]
-        lines += _table([field, "n", "failed", *(f"{a} (A/tie/B)" for a in aspects)], body)
+        lines += _table([field, "n", "failed", *(Raw(f"{esc(a)} (A/tie/B)") for a in aspects)], body)
     return "\n".join(lines) + "\n"
 
 
-def _wtl(s: dict) -> str:
+def _wtl(s: dict) -> Raw:
     if not s["n"]:
-        return "–"
-    return f"{s['win']['rate']:.0%} / {s['tie']['rate']:.0%} / {s['lose']['rate']:.0%}"
+        return Raw("–")
+    return Raw(f"{s['win']['rate']:.0%} / {s['tie']['rate']:.0%} / {s['lose']['rate']:.0%}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,22 +261,105 @@ def write_report(summary: dict[str, Any], folder: str | Path) -> None:
 
 
 def read_run(folder: str) -> tuple[dict, list[dict]]:
-    """(summary, results records) of a score / safety run folder."""
+    """(summary, results records) of a score / safety run folder; DataError names the file and
+    the field of anything that is not what cut.evaluation.evaluate writes."""
     from .evaluate import RESULTS, SUMMARY, read_results
 
     path = Path(folder) / SUMMARY
     if not path.exists():
         raise DataError(f"{folder}: no {SUMMARY}; give the --output_dir of a score or safety run")
-    import json
-
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
-    mode = summary.get("setup", {}).get("mode") if isinstance(summary, dict) else None
-    if mode not in ("score", "safety"):
-        raise DataError(f"{path}: mode {mode!r}; compare reads score or safety runs")
-    return summary, read_results(Path(folder) / RESULTS)["records"]
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deep; not a summary of cut.evaluation") from None
+    check_summary(summary, path)
+    results = Path(folder) / RESULTS
+    records = read_results(results)["records"]
+    check_scored(records, list(summary["aspects"]), results)
+    return summary, records
+
+
+def _number(value: Any, none: bool = False) -> bool:
+    if none and value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bad(path: Path, where: str, want: str, got: Any) -> DataError:
+    return DataError(f"{path}: field '{where}': {want}, got {_shown(got)} (not what cut.evaluation writes)")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_summary(summary: Any, path: Path) -> None:
+    """The fields of a score / safety summary.json that compare reads, with their types."""
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    setup = summary.get("setup")
+    if not isinstance(setup, dict):
+        raise _bad(path, "setup", "expected an object", setup)
+    if setup.get("mode") not in ("score", "safety"):
+        raise DataError(f"{path}: mode {setup.get('mode')!r}; compare reads score or safety runs")
+    if not isinstance(setup.get("judge"), str):
+        raise _bad(path, "setup.judge", "expected a string", setup.get("judge"))
+    for name in ("n", "n_failed"):
+        if not _count(summary.get(name)):
+            raise _bad(path, name, "expected a whole number >= 0", summary.get(name))
+    if not isinstance(summary.get("input_file"), (str, type(None))):
+        raise _bad(path, "input_file", "expected a string", summary.get("input_file"))
+    length = summary.get("length")
+    if not isinstance(length, dict):
+        raise _bad(path, "length", "expected an object", length)
+    for name in ("chars", "words"):
+        if not _number(length.get(name), none=True):
+            raise _bad(path, f"length.{name}", "expected a number or null", length.get(name))
+    aspects = summary.get("aspects")
+    if not isinstance(aspects, dict) or not aspects:
+        raise _bad(path, "aspects", "expected an object of aspect summaries", aspects)
+    for name, a in aspects.items():
+        where = f"aspects.{name}"
+        if not isinstance(a, dict):
+            raise _bad(path, where, "expected an object", a)
+        if not _number(a.get("mean"), none=True):
+            raise _bad(path, f"{where}.mean", "expected a number or null", a.get("mean"))
+        ci = a.get("ci")
+        if not (isinstance(ci, list) and len(ci) == 2 and all(_number(x, none=True) for x in ci)):
+            raise _bad(path, f"{where}.ci", "expected [low, high]", ci)
+        if (a["mean"] is None) != (ci[0] is None) or (ci[0] is None) != (ci[1] is None):
+            raise _bad(path, f"{where}.ci", "expected numbers with a mean, nulls without", ci)
+        if not _count(a.get("n")):
+            raise _bad(path, f"{where}.n", "expected a whole number >= 0", a.get("n"))
+
+
+def check_scored(records: list, aspects: list[str], path: Path) -> None:
+    """The fields of results.json that the paired differences read, with their types."""
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: record {i}: expected an object, got {type(r).__name__}")
+        if not isinstance(r.get("instruction"), str):
+            raise _bad(path, f"records[{i}].instruction", "expected a string", r.get("instruction"))
+        if not isinstance(r.get("input"), (str, type(None))):
+            raise _bad(path, f"records[{i}].input", "expected a string", r.get("input"))
+        ev = r.get("evaluation")
+        if not (isinstance(ev, dict) and isinstance(ev.get("status"), str)):
+            raise _bad(path, f"records[{i}].evaluation", "expected an object with a status", ev)
+        if ev["status"] != "ok":
+            continue
+        scores = ev.get("scores")
+        if not isinstance(scores, dict):
+            raise _bad(path, f"records[{i}].evaluation.scores", "expected an object", scores)
+        for a in aspects:
+            if not _number(scores.get(a)):
+                raise _bad(path, f"records[{i}].evaluation.scores.{a}", "expected a number", scores.get(a))
 
 
 def paired_differences(base: list[dict], other: list[dict], aspect: str) -> list[float]:
@@ -278,6 +389,12 @@ def compare(
     if len(modes) > 1:
         raise DataError(f"compare: the runs mix modes {', '.join(sorted(modes))}")
     aspects = list(runs[0][1]["aspects"])
+    for label, summary, _ in runs[1:]:
+        if set(summary["aspects"]) != set(aspects):
+            raise DataError(
+                f"compare: run {label} has the aspects {', '.join(summary['aspects'])}, "
+                f"run {runs[0][0]} {', '.join(aspects)}"
+            )
     out = {
         "mode": modes.pop(),
         "aspects": aspects,
@@ -309,28 +426,32 @@ def compare(
 def compare_markdown(cmp: dict) -> str:
     runs, aspects = cmp["runs"], cmp["aspects"]
     base = runs[0]["label"]
-    header = ["aspect", *(r["label"] for r in runs), *(f"{r['label']} − {base}" for r in runs[1:])]
+    header = [
+        "aspect",
+        *(r["label"] for r in runs),
+        *(Raw(f"{esc(r['label'])} − {esc(base)}") for r in runs[1:]),
+    ]
     rows = []
     for a in aspects:
         diffs = [r["difference"][a] for r in runs[1:]]
         rows.append([a, *(_mean_ci(r["aspects"][a] or {}) for r in runs), *(_signed(d) for d in diffs)])
     rows.append(["n (failed)", *(f"{r['n']} ({r['n_failed']})" for r in runs), *("" for _ in runs[1:])])
     rows.append(["mean words", *(_num(r["length"]["words"], ".0f") for r in runs), *("" for _ in runs[1:])])
-    lines = [f"# Comparison ({cmp['mode']})", ""]
-    lines += [f"- {r['label']}: `{r['input_file']}`, judged by {r['judge']}" for r in runs]
+    lines = [f"# Comparison ({esc(cmp['mode'])})", ""]
+    lines += [f"- {esc(r['label'])}: {esc(r['input_file'])}, judged by {esc(r['judge'])}" for r in runs]
     lines += [
         "",
         f"Means with 95% intervals; a difference is paired (the same instructions, both scored), "
-        f"n pairs shown. Intervals: {cmp['interval']}.",
+        f"n pairs shown. Intervals: {esc(cmp['interval'])}.",
         "",
     ]
     return "\n".join(lines + _table(header, rows)) + "\n"
 
 
-def _signed(s: dict) -> str:
+def _signed(s: dict) -> Raw:
     if s.get("mean") is None:
-        return "–"
-    return f"{s['mean']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}] (n={s['n']})"
+        return Raw("–")
+    return Raw(f"{s['mean']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}] (n={s['n']})")
 
 
 def compare_figure(cmp: dict, path: Path) -> bool:

@@ -10,7 +10,9 @@ Input: what cut.generate writes, a JSON list or JSONL of {instruction, input?, o
 Output: a JSON list of {instruction, input, output, judgment, judge, ...pass-through fields},
 written to a temporary file and renamed. `judgment` is null for a positive and the critique for a
 negative; a failed judgment has a null judgment and a `judge_error` (a short reason), so
-cut.records counts it as failed and never trains on it. A `score` field in the input belongs to
+cut.records counts it as failed and never trains on it; when every judgment fails, nothing is
+written and the run stops (exit 2), and its rerun asks again. The output and the answer cache are
+never the input or the prompt file of the same run. A `score` field in the input belongs to
 an earlier judgment and is dropped. Records with an empty response are not written (cut.records
 rejects them) and count as failed ("empty response").
 
@@ -21,8 +23,9 @@ also in configs/judge_prompt.txt). --prompt_file replaces it: a text with the fi
 - openai: any OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM's server, ...) through
   cut.llm's client (the `openai` package): bounded concurrency, retries with backoff on 408 / 409 /
   429 / 5xx / timeouts / connection errors / malformed bodies, honouring Retry-After, and a JSONL
-  cache of answers so a rerun only asks again for what failed. The API key is read from the
-  environment, sent to base_url's origin only, and never logged or written.
+  cache of answers so a rerun only asks again for what failed (an unreadable verdict included).
+  The API key is read from the environment, sent to base_url's origin only, and never logged or
+  written.
 - local: a transformers causal LM, batched greedy decoding.
 - reference: the response's final number against the record's `reference` (offline).
 - verifier: the record's verifiable `constraints` (cut.tasks.constraints, e.g. what
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import string
 import sys
 from collections import Counter
@@ -48,6 +52,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DataError
 from .io import check_writable, write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
+from .options import Parser, integer, number
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
 from .tasks.arithmetic import answers_match, extract_final_answer
 
@@ -80,6 +85,26 @@ OWN_FIELDS = {"instruction", "input", "output", "judgment", "judge", "judge_erro
 STALE_FIELDS = {"score", "spans"}
 NO_MISTAKES = {"none", "no mistakes", "n/a", "nothing"}
 JUDGE_KINDS = ("openai", "local", "reference", "verifier")
+# the largest value of each numeric judge option; the smallest are JudgeConfig's rules
+JUDGE_LIMITS = {
+    "concurrency": 1024,
+    "timeout": 86400.0,  # seconds
+    "max_retries": 100,
+    "backoff": 3600.0,  # seconds
+    "max_tokens": 1_000_000,
+    "batch_size": 4096,
+    "max_new_tokens": 1_000_000,
+}
+# their checked argparse types (cut.options), for every command line that offers them
+JUDGE_TYPES = {
+    "concurrency": integer(1, JUDGE_LIMITS["concurrency"]),
+    "timeout": number(0, JUDGE_LIMITS["timeout"], lo_open=True),
+    "max_retries": integer(0, JUDGE_LIMITS["max_retries"]),
+    "backoff": number(0, JUDGE_LIMITS["backoff"]),
+    "max_tokens": integer(1, JUDGE_LIMITS["max_tokens"]),
+    "batch_size": integer(1, JUDGE_LIMITS["batch_size"]),
+    "max_new_tokens": integer(1, JUDGE_LIMITS["max_new_tokens"]),
+}
 
 Progress = Callable[[int], None]
 
@@ -177,7 +202,11 @@ class OpenAIJudge:
         return self.client.cache_key(prompt)
 
     def judge(self, records: list[dict], progress: Progress | None = None) -> list[Verdict]:
-        answers = self.client.complete([render_prompt(self.prompt, r) for r in records], progress)
+        prompts = [render_prompt(self.prompt, r) for r in records]
+        # an unreadable verdict is a failure, not an answer: never cached, asked again on a rerun
+        answers = self.client.complete(
+            prompts, progress, accept=lambda text: parse_verdict(text).kind != "failed"
+        )
         return [_verdict(*a) for a in answers]
 
 
@@ -355,6 +384,34 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
     return row
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """The same file (or folder) by path, through links, or b a folder that holds a."""
+    pa, pb = Path(a).resolve(), Path(b).resolve()
+    if pa == pb or (pb.is_dir() and pb in pa.parents):
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # a hard link
+    except OSError:
+        return False
+
+
+def check_apart(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """ConfigError naming the option when an output of a run is one of its inputs (or another of
+    its outputs): a run never writes over what it reads. Keys name the options; None is unset."""
+    seen: list[tuple[str, str | Path]] = []
+    given = [(name, path) for name, path in inputs.items() if path]
+    for name, path in outputs.items():
+        if not path:
+            continue
+        for other, taken in given + seen:
+            if same_file(path, taken):
+                raise ConfigError(
+                    f"{name} {path} is also {other} of this run; outputs are never inputs or each "
+                    "other: give another path"
+                )
+        seen.append((name, path))
+
+
 def _check_output_path(path: str) -> None:
     """Before anything is judged: a .json name, in a place that can be written."""
     if Path(path).suffix != ".json":
@@ -389,7 +446,11 @@ def summary(counts: dict[str, Any]) -> str:
 
 
 def judge_file(input_file: str, output_file: str, judge: Judge) -> dict[str, Any]:
-    """Judge every record of input_file, write the training-format list to output_file; the counts."""
+    """Judge every record of input_file, write the training-format list to output_file; the counts.
+
+    When every judgment fails, nothing is written and DataError says why: a caller that stops
+    there (cut.online's judge stage) asks again on its rerun, once the judge is fixed."""
+    check_apart({"output_file": output_file}, {"the input_file": input_file})
     _check_output_path(output_file)
     records = read_inputs(input_file)
     todo = [r for r in records if r["output"].strip()]
@@ -399,10 +460,16 @@ def judge_file(input_file: str, output_file: str, judge: Judge) -> dict[str, Any
         )
     with tqdm(total=len(todo), desc=f"judging ({judge.name})", unit="record", disable=None) as bar:
         verdicts = judge.judge(todo, bar.update)
+    counts = count(verdicts, empty=len(records) - len(todo))
+    if todo and counts["positive"] + counts["negative"] == 0:
+        reasons = ", ".join(f"{r}: {n}" for r, n in counts["failed_reasons"].items())
+        raise DataError(
+            f"{input_file}: every judgment failed ({reasons}); nothing written to {output_file}; "
+            "fix the judge and rerun: failed judgments are asked again"
+        )
     write_json_atomic(
         output_file, [judged_record(r, v, judge.name) for r, v in zip(todo, verdicts, strict=True)]
     )
-    counts = count(verdicts, empty=len(records) - len(todo))
     logger.info("%s; written to %s", summary(counts), output_file)
     return counts
 
@@ -413,7 +480,7 @@ def judge_file(input_file: str, output_file: str, judge: Judge) -> dict[str, Any
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cut.judge", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.judge", description=__doc__.split("\n")[0])
     p.add_argument(
         "--input_file", required=True, help="records to judge (JSON list or JSONL), e.g. cut.generate's"
     )
@@ -427,18 +494,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prompt_file", help="judge prompt with {instruction}, {input}, {response} (default: built in)"
     )
-    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at most")
-    p.add_argument("--timeout", type=float, default=60.0, help="openai: seconds per request")
-    p.add_argument("--max_retries", type=int, default=5, help="openai: retries of a transient fault")
+    t = JUDGE_TYPES
     p.add_argument(
-        "--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)"
+        "--concurrency", type=t["concurrency"], default=8, help="openai: requests in flight at most"
     )
-    p.add_argument("--max_tokens", type=int, default=512, help="openai: max_tokens of an answer")
+    p.add_argument("--timeout", type=t["timeout"], default=60.0, help="openai: seconds per request")
+    p.add_argument(
+        "--max_retries", type=t["max_retries"], default=5, help="openai: retries of a transient fault"
+    )
+    p.add_argument(
+        "--backoff", type=t["backoff"], default=1.0, help="openai: first retry delay in seconds (doubles)"
+    )
+    p.add_argument("--max_tokens", type=t["max_tokens"], default=512, help="openai: max_tokens of an answer")
     p.add_argument(
         "--cache_file", help="openai: answer cache (default <output_file>.cache.jsonl; '' for none)"
     )
-    p.add_argument("--batch_size", type=int, default=8, help="local: prompts per generate call")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="local: tokens per answer at most")
+    p.add_argument("--batch_size", type=t["batch_size"], default=8, help="local: prompts per generate call")
+    p.add_argument(
+        "--max_new_tokens", type=t["max_new_tokens"], default=256, help="local: tokens per answer at most"
+    )
     return p
 
 
@@ -478,6 +552,11 @@ class JudgeConfig:
             self,
             {**dict.fromkeys(positive, "int>=1"), "max_retries": "int>=0", "timeout": ">0", "backoff": ">=0"},
         )
+        problems += [
+            f"{name} must be at most {hi:g}, got {getattr(self, name)!r}"
+            for name, hi in JUDGE_LIMITS.items()
+            if not any(p.startswith(name + " ") for p in problems) and getattr(self, name) > hi
+        ]
         if problems:
             raise ConfigError("; ".join(problems))
         if self.kind == "openai":
@@ -542,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))  # exits 2
     try:
         # bad input or options stop before a model is loaded
+        cache = args.output_file + ".cache.jsonl" if args.cache_file is None else args.cache_file
+        check_apart(
+            {"--output_file": args.output_file, "--cache_file": cache if args.judge == "openai" else None},
+            {"the --input_file": args.input_file, "the --prompt_file": args.prompt_file},
+        )
         _check_output_path(args.output_file)
         read_inputs(args.input_file)
         judge = make_judge(cfg, args.output_file + ".cache.jsonl")

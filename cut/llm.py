@@ -14,7 +14,9 @@ doubling; a wait over 120 s is not retried at all in openai 3.x). This module ad
 - a malformed 200 answer (not JSON, or no choices[0].message.content string) is retried like the
   faults above, within the same `max_retries`;
 - a JSONL cache of answers (`cache_file`), keyed by a sha256 of everything that shapes an answer, one
-  line flushed per answer, so a rerun pays only for what failed; a torn last line is skipped;
+  line flushed per answer, so a rerun pays only for what failed; a torn last line is skipped; a
+  caller that cannot read an answer says so (`accept`), and such an answer is neither cached nor
+  taken from the cache, so the rerun asks again;
 - bounded concurrency: `concurrency` requests in flight, one per distinct prompt, answers collected as
   they finish so a progress callback ticks;
 - every answer is (text, None) or (None, a short reason): "http 400", "http 500 after 5 retries",
@@ -247,32 +249,45 @@ class LLMClient:
         parts = [c.base_url.rstrip("/"), c.model, as_messages(prompt), c.temperature, c.max_tokens]
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def complete(self, prompts: Sequence[Prompt], progress: Progress | None = None) -> list[Answer]:
-        """One answer per prompt, in order; progress(n) ticks as n prompts get their answer."""
+    def complete(
+        self,
+        prompts: Sequence[Prompt],
+        progress: Progress | None = None,
+        accept: Callable[[str], bool] | None = None,
+    ) -> list[Answer]:
+        """One answer per prompt, in order; progress(n) ticks as n prompts get their answer.
+
+        With `accept`, an answer it refuses (one the caller cannot read) is returned but never
+        cached, and a cached one it refuses is asked again: a failure is not an answer."""
         progress = progress or (lambda n: None)
         messages = [as_messages(p) for p in prompts]
         keys = [self.cache_key(m) for m in messages]
         per_key = Counter(keys)
         cached = read_cache(self.config.cache_file) if self.config.cache_file else {}
-        answers: dict[str, Answer] = {k: (cached[k], None) for k in per_key if k in cached}
+        answers: dict[str, Answer] = {
+            k: (cached[k], None) for k in per_key if k in cached and (accept is None or accept(cached[k]))
+        }
         # one request per distinct prompt: repeats are asked once
         todo = {k: m for k, m in zip(keys, messages, strict=True) if k not in answers}
         logger.info("%d prompt(s) answered from the cache, %d to request", len(answers), len(todo))
         progress(sum(per_key[k] for k in answers))
-        for key, answer in self.iter_answers(todo):
+        for key, answer in self.iter_answers(todo, accept):
             answers[key] = answer
             progress(per_key[key])
         return [answers[k] for k in keys]
 
-    def iter_answers(self, todo: dict[str, Prompt]) -> Iterator[tuple[str, Answer]]:
-        """(key, answer) as requests finish, at most `concurrency` in flight; answers are cached."""
+    def iter_answers(
+        self, todo: dict[str, Prompt], accept: Callable[[str], bool] | None = None
+    ) -> Iterator[tuple[str, Answer]]:
+        """(key, answer) as requests finish, at most `concurrency` in flight; answers are cached
+        (those `accept` takes, with one)."""
         pool, stop = ThreadPoolExecutor(max_workers=self.config.concurrency), threading.Event()
         try:
             with _open_cache(self.config.cache_file) as cache:
                 futures = {pool.submit(self.ask, p, stop): k for k, p in todo.items()}
                 for fut in as_completed(futures):
                     answer = fut.result()
-                    if cache and answer[0] is not None:
+                    if cache and answer[0] is not None and (accept is None or accept(answer[0])):
                         cache.write(json.dumps({"key": futures[fut], "content": answer[0]}) + "\n")
                         cache.flush()  # per answer, so a crash keeps what was paid for
                     yield futures[fut], answer

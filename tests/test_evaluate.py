@@ -715,7 +715,14 @@ def test_cli_score_compare_and_exit_2(tmp_path, capsys, monkeypatch):
 def test_local_tiny_model_judge_finishes_with_recorded_failures(tmp_path, tiny_chat_model):
     inp = write(tmp_path / "gen.json", answers(3))
     judge = JudgeConfig(kind="local", model=str(tiny_chat_model), batch_size=3, max_new_tokens=8)
-    cfg = score_cfg(tmp_path, inp, parse_retries=1, to_judgments=str(tmp_path / "j.json"))
+    # a prompt that fits the tiny model's 512 tokens: a longer one is refused, never cut
+    short = tmp_path / "short.txt"
+    short.write_text(
+        "Task: {instruction}\nInput: {input}\nAnswer: {response}\nScore each aspect 1-5 in JSON."
+    )
+    cfg = score_cfg(
+        tmp_path, inp, parse_retries=1, to_judgments=str(tmp_path / "j.json"), prompt_file=str(short)
+    )
     summary = run_judged(cfg, judge)
     assert summary["setup"]["judge"] == f"local:{tiny_chat_model}"
     assert (summary["n"], summary["n_failed"]) == (3, 3)  # a random tiny model writes no JSON

@@ -250,14 +250,14 @@ def test_openai_judge_faults_retries_key_and_cache(tmp_path, monkeypatch, caplog
         assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 512
         assert set(fake.auth) == {f"Bearer {KEY}"}
         cached = [json.loads(line) for line in cache.read_text().splitlines()]
-        assert len(cached) == 5 and all(isinstance(c["content"], str) for c in cached), (
-            "an HTTP failure was cached"
+        assert len(cached) == 4 and all(isinstance(c["content"], str) for c in cached), (
+            "an HTTP failure or an unreadable verdict was cached"
         )
 
-        # a rerun asks again only for what failed over HTTP; a cached unparseable answer stays
+        # a rerun asks again for every failure, an unreadable verdict included: it is not an answer
         counts = run()
         new = fake.hits - first_hits
-        assert set(new) == {"task-4", "task-5", "task-6", "task-8", "task-9"}
+        assert set(new) == {"task-4", "task-5", "task-6", "task-7", "task-8", "task-9"}
         assert all(n == 1 for n in new.values())
         assert counts["failed_reasons"] == {"unparseable verdict": 1}
         assert counts["positive"] == 8

@@ -30,12 +30,16 @@ read tolerantly (cut.evaluation.aspects); one that still cannot be read is asked
 --parse_retries times, in a follow-up turn that quotes the bad reply (a different request, so the
 cache cannot return the same reply); then it is recorded as failed with its reason. A transport
 failure (http 500 after retries, timeout) is recorded at once: the client has retried it already.
-Failed records are counted and never averaged.
+A local judge's prompt that does not fit its context (with --max_new_tokens) is recorded as failed,
+never cut: a cut prompt could hide the task from the judge. Failed records are counted and never
+averaged.
 
 Output (<output_dir>/): results.json (per record: the answer, its fields, and `evaluation`),
 summary.json, report.md and report.png; all written atomically. A rerun in the same output_dir
-skips the records already evaluated (and re-asks failed ones; cached replies cost nothing), so an
-interrupted run resumes; results made with another judge, mode or prompt are refused.
+skips the records already evaluated and asks again for the failed ones (a reply that could not be
+read is never cached, so a fixed endpoint is asked anew; readable replies cost nothing), so an
+interrupted run resumes; results made with another judge, mode or prompt are refused. No file the
+run writes (--to_judgments, the cache, the output_dir's files) may be one it reads.
 
 Summary: per aspect the mean and a 95% percentile-bootstrap interval (--resamples, seeded by
 --seed), n scored, n failed with reasons, mean answer length in characters and words; pairwise:
@@ -62,8 +66,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
 from ..io import check_writable, write_json_atomic
-from ..judge import JudgeConfig, make_judge
+from ..judge import JUDGE_TYPES, JudgeConfig, check_apart, make_judge
 from ..llm import Answer, Message, number_problems, quiet_http_logs
+from ..options import SEED, Parser, integer, number
 from ..records import check_object, read_raw, text_field
 from . import intervals
 from .aspects import ParseError, Rubric, parse_pairwise, parse_scores, reask, render, rubric
@@ -80,6 +85,9 @@ RESULTS, SUMMARY, CACHE = "results.json", "summary.json", "cache.jsonl"
 # fields a result writes itself; same-named input fields are replaced
 OWN_SCORE = ("instruction", "input", "output", "evaluation")
 OWN_PAIR = ("instruction", "input", "output_a", "output_b", "generator_a", "generator_b", "evaluation")
+# the largest values the options take (bootstrap memory is resamples x records x 8 bytes)
+MAX_PARSE_RETRIES, MAX_RESAMPLES, MAX_LIMIT = 100, 100_000, 10**9
+SCORE = number(1, 5)  # --min_score / --positive_score: on the rubric's 1-5 scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +147,14 @@ class EvaluateConfig:
             problems.append(
                 f"need 1 <= min_score <= positive_score <= 5, got {self.min_score} and {self.positive_score}"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            problems.append(f"seed must be an integer, got {self.seed!r}")
+        highest = {"parse_retries": MAX_PARSE_RETRIES, "resamples": MAX_RESAMPLES, "limit": MAX_LIMIT}
+        problems += [
+            f"{name} must be at most {hi}, got {getattr(self, name)!r}"
+            for name, hi in highest.items()
+            if isinstance(getattr(self, name), int) and getattr(self, name) > hi
+        ]
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -163,13 +177,16 @@ class Asker(Protocol):
 
 
 class ClientAsker:
-    """An OpenAI-compatible endpoint through cut.llm (the client of cut.judge's OpenAIJudge)."""
+    """An OpenAI-compatible endpoint through cut.llm (the client of cut.judge's OpenAIJudge).
 
-    def __init__(self, client, name: str) -> None:
-        self.client, self.name = client, name
+    `readable(reply)` says whether a reply can be read: one that cannot is never cached, and a
+    cached one that cannot is asked again, so a rerun retries what failed."""
+
+    def __init__(self, client, name: str, readable: Callable[[str], bool] | None = None) -> None:
+        self.client, self.name, self.readable = client, name, readable
 
     def ask(self, prompts, progress=None) -> list[Answer]:
-        return self.client.complete(prompts, progress)
+        return self.client.complete(prompts, progress, accept=self.readable)
 
 
 class LocalAsker:
@@ -186,8 +203,42 @@ class LocalAsker:
         return "\n\n".join(m["content"] for m in messages)  # no template: the turns one after another
 
     def ask(self, prompts, progress=None) -> list[Answer]:
+        """The judge's replies; a prompt that does not fit its context with max_new_tokens is
+        refused with the reason (cutting it would hide the task from the judge)."""
+        texts = [self.text(p) for p in prompts]
+        answers: list[Answer] = [(None, reason) for reason in self.too_long(texts)]
+        fits = [i for i, (_, reason) in enumerate(answers) if reason is None]
+        if progress and len(fits) < len(texts):
+            progress(len(texts) - len(fits))
+        if not fits:
+            return answers
         on_batch = (lambda idx, _texts: progress(len(idx))) if progress else None
-        return [(text, None) for text in self.judge.generate([self.text(p) for p in prompts], on_batch)]
+        for i, text in zip(fits, self.judge.generate([texts[i] for i in fits], on_batch), strict=True):
+            answers[i] = (text, None)
+        return answers
+
+    def too_long(self, texts: list[str]) -> list[str | None]:
+        """Per text, why it cannot be asked whole (None: it can)."""
+        from ..generate import context_length, tokenize_prompts
+
+        judge = self.judge
+        limit = context_length(judge.model.config, judge.tokenizer)
+        if limit is None:
+            return [None] * len(texts)
+        room = limit - judge.max_new_tokens
+        if room < 1:
+            raise ConfigError(
+                f"max_new_tokens={judge.max_new_tokens} leaves no room for a prompt in the judge's "
+                f"context of {limit} tokens"
+            )
+        rows = tokenize_prompts(judge.tokenizer, texts, add_special_tokens=not judge.chat)
+        return [
+            None
+            if len(row) <= room
+            else f"prompt too long: {len(row)} tokens; it does not fit the judge's context of {limit} "
+            f"with max_new_tokens {judge.max_new_tokens} (a cut prompt could hide the task)"
+            for row in rows
+        ]
 
 
 def judge_name(cfg: JudgeConfig, verdict: str = "generate") -> str:
@@ -217,7 +268,21 @@ def make_asker(
         return ProbabilityAsker(judge, rub, LocalAsker(judge).text)
     if cfg.kind == "local":
         return LocalAsker(judge)
-    return ClientAsker(judge.client, judge.name)
+    return ClientAsker(judge.client, judge.name, readable(rub) if rub is not None else None)
+
+
+def readable(rub: Rubric) -> Callable[[str], bool]:
+    """Whether a reply gives the rubric's verdicts."""
+    parse = parse_pairwise if rub.mode == "pairwise" else parse_scores
+
+    def check(text: str) -> bool:
+        try:
+            parse(text, rub.aspects)
+        except ParseError:
+            return False
+        return True
+
+    return check
 
 
 @dataclass
@@ -383,6 +448,8 @@ def read_results(path: Path, setup: dict[str, Any] | None = None) -> dict[str, A
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err}); move it away") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deep; not a results file; move it away") from None
     if not (
         isinstance(data, dict)
         and isinstance(data.get("records"), list)
@@ -522,6 +589,7 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
 
     Inputs, options and earlier results are all checked before the judge is built (a local model
     loads) or asked; `asker` replaces the judge that `judge` describes (tests)."""
+    check_paths(cfg, judge)
     rub = rubric(cfg.mode, cfg.prompt_file)
     if asker is None and judge is None:
         raise ConfigError(f"mode {cfg.mode} needs a judge")
@@ -582,6 +650,28 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     write_report(summary, cfg.out)
     logger.info("%s; written to %s", headline(summary), cfg.out)
     return summary
+
+
+def check_paths(cfg: EvaluateConfig, judge: JudgeConfig | None) -> None:
+    """ConfigError naming the option when a file this run writes is one it reads (or another it
+    writes): --to_judgments or the cache on the answers, say."""
+    from .report import REPORT_MD, REPORT_PNG
+
+    cache = None
+    if judge is not None and judge.kind == "openai":
+        cache = str(cfg.out / CACHE) if judge.cache_file is None else judge.cache_file or None
+    outputs = {
+        "--to_judgments": cfg.to_judgments,
+        "--cache_file": cache,
+        **{f"{name} in --output_dir": cfg.out / name for name in (RESULTS, SUMMARY, REPORT_MD, REPORT_PNG)},
+    }
+    inputs = {
+        "the --input_file": cfg.input_file,
+        "the --output_a": cfg.output_a,
+        "the --output_b": cfg.output_b,
+        "the --prompt_file": cfg.prompt_file,
+    }
+    check_apart(outputs, inputs)
 
 
 def interval_note(cfg: EvaluateConfig) -> str:
@@ -786,7 +876,7 @@ def write_judgments(rows: list[dict], rub: Rubric, name: str, cfg: EvaluateConfi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cut.evaluation.evaluate", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.evaluation.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--output_dir", required=True, help="results.json, summary.json, report.md, report.png")
     p.add_argument(
@@ -797,19 +887,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", default=[], help="compare: two or more score / safety output_dirs")
     p.add_argument("--labels", default="", help="compare: comma-separated names of the runs")
     p.add_argument("--prompt_file", help="a rubric prompt with the mode's fields (default: built in)")
-    p.add_argument("--parse_retries", type=int, default=2, help="re-asks of an unreadable reply")
-    p.add_argument("--seed", type=int, default=0, help="the pairwise swap and the bootstrap")
-    p.add_argument("--resamples", type=int, default=intervals.RESAMPLES, help="bootstrap samples")
+    p.add_argument(
+        "--parse_retries",
+        type=integer(0, MAX_PARSE_RETRIES),
+        default=2,
+        help="re-asks of an unreadable reply",
+    )
+    p.add_argument("--seed", type=SEED, default=0, help="the pairwise swap and the bootstrap")
+    p.add_argument(
+        "--resamples", type=integer(1, MAX_RESAMPLES), default=intervals.RESAMPLES, help="bootstrap samples"
+    )
     p.add_argument(
         "--group_by", help="comma-separated fields to break down by; 'none' for none (default: automatic)"
     )
-    p.add_argument("--limit", type=int, help="only the first N records")
+    p.add_argument("--limit", type=integer(1, MAX_LIMIT), help="only the first N records")
     p.add_argument("--to_judgments", help="score / safety: write CUT training records (.json) here")
     p.add_argument(
-        "--min_score", type=float, default=3, help="to_judgments: an aspect below this is a negative"
+        "--min_score", type=SCORE, default=3, help="to_judgments: an aspect below this is a negative"
     )
     p.add_argument(
-        "--positive_score", type=float, default=4, help="to_judgments: all aspects at least this: positive"
+        "--positive_score", type=SCORE, default=4, help="to_judgments: all aspects at least this: positive"
     )
     j = p.add_argument_group("judge (cut.judge's options)")
     j.add_argument(
@@ -818,16 +915,37 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--base_url", help="openai: the API root, e.g. http://localhost:8000/v1")
     j.add_argument("--model", help="openai: the model name; local: a model folder")
     j.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    j.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at most")
-    j.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
-    j.add_argument("--max_retries", type=int, default=5, help="openai: retries of a transient fault")
     j.add_argument(
-        "--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)"
+        "--concurrency", type=JUDGE_TYPES["concurrency"], default=8, help="openai: requests in flight at most"
     )
-    j.add_argument("--max_tokens", type=int, default=1024, help="openai: max_tokens of a reply")
+    j.add_argument(
+        "--timeout", type=JUDGE_TYPES["timeout"], default=120.0, help="openai: seconds per request"
+    )
+    j.add_argument(
+        "--max_retries",
+        type=JUDGE_TYPES["max_retries"],
+        default=5,
+        help="openai: retries of a transient fault",
+    )
+    j.add_argument(
+        "--backoff",
+        type=JUDGE_TYPES["backoff"],
+        default=1.0,
+        help="openai: first retry delay in seconds (doubles)",
+    )
+    j.add_argument(
+        "--max_tokens", type=JUDGE_TYPES["max_tokens"], default=1024, help="openai: max_tokens of a reply"
+    )
     j.add_argument("--cache_file", help="openai: reply cache (default <output_dir>/cache.jsonl; '' for none)")
-    j.add_argument("--batch_size", type=int, default=8, help="local: prompts per generate call")
-    j.add_argument("--max_new_tokens", type=int, default=512, help="local: tokens per reply at most")
+    j.add_argument(
+        "--batch_size", type=JUDGE_TYPES["batch_size"], default=8, help="local: prompts per generate call"
+    )
+    j.add_argument(
+        "--max_new_tokens",
+        type=JUDGE_TYPES["max_new_tokens"],
+        default=512,
+        help="local: tokens per reply at most",
+    )
     j.add_argument(
         "--verdict",
         choices=VERDICTS,

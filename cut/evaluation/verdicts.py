@@ -159,7 +159,7 @@ class ProbabilityAsker:
             if limit is not None and len(row) + longest > limit:
                 answers[i] = (
                     None,
-                    f"prompt of {len(row)} tokens does not fit the judge's context of {limit}",
+                    f"prompt too long: {len(row)} tokens; it does not fit the judge's context of {limit}",
                 )
             else:
                 fits.append(i)

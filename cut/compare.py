@@ -30,7 +30,6 @@ objective, exact McNemar p-values against the start and against sft, and wall ti
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -40,10 +39,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .config import INT_MAX
 from .errors import ConfigError, DataError
 from .evaluation.stats import mcnemar_exact
 from .io import write_bytes_atomic, write_json_atomic
-from .online import STAGES, OnlineConfig, headline, load_config
+from .online import (
+    STAGES,
+    OnlineConfig,
+    check_pool_size,
+    check_same_run,
+    headline,
+    load_config,
+    read_problems,
+)
+from .options import Parser, integer
 
 logger = logging.getLogger("cut.compare")
 
@@ -114,6 +123,7 @@ def run_all(
 ) -> dict[str, Any]:
     from .online import run
 
+    preflight(base, names, variants)
     root = Path(base.output_dir)
     results: dict[str, Any] = {name: {"ok": True} for name in names}
     # round-major: every objective finishes round r before any starts round r + 1, so a run cut
@@ -143,6 +153,30 @@ def run_all(
         report["objectives"][name].update(res)
     write_report(root, report, split)
     return report
+
+
+def preflight(base: OnlineConfig, names: list[str], variants: dict[str, tuple] = VARIANTS) -> None:
+    """Every objective's settings, the folder it would resume and the pool's size for all rounds,
+    checked before the first objective loads a model (not when round r of objective k gets there)."""
+    pool, _ = read_problems(base)
+    check_pool_size(base, pool)
+    for name in names:
+        variant_config(base, name, variants).validate()
+        # the folder is checked with the config run() gets (validate coerces the train section,
+        # 0 -> 0.0, and the rounds' fingerprints were taken before that)
+        check_same_run(variant_config(base, name, variants))
+
+
+def check_has_runs(root: Path, names: list[str]) -> None:
+    """--report_only reports runs that exist: a folder holding none of the objectives' is refused."""
+    found = any(
+        (root / name / "round_0" / "eval.json").exists() or any((root / name).glob("round_*/manifest.json"))
+        for name in names
+    )
+    if not found:
+        raise ConfigError(
+            f"--report_only: {root} holds no run of {', '.join(names)}; nothing to report (run without it first)"
+        )
 
 
 def _eval(path: Path) -> dict[str, Any] | None:
@@ -294,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     from .llm import quiet_http_logs
 
     quiet_http_logs()
-    p = argparse.ArgumentParser(prog="cut.compare", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.compare", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the online loop's YAML (cut.online)")
     p.add_argument(
         "--objectives",
@@ -302,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; the first one samples round 1)",
     )
     p.add_argument("--output_dir", help="override the config's output_dir (each objective in a subfolder)")
-    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--rounds", type=integer(1, INT_MAX), help="override the number of rounds")
     p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.objectives.split(",") if n.strip()]
@@ -315,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         base = load_config(args.config, {"output_dir": args.output_dir, "rounds": args.rounds})
         if args.report_only:
             root = Path(base.output_dir)
+            check_has_runs(root, names)
             write_report(root, collect(root, names, base.rounds))
             return 0
         ensure_base_model(base)

@@ -22,9 +22,18 @@ import yaml
 from .errors import ConfigError
 from .io import check_writable
 from .models import DTYPES, canonical_dtype
+from .options import Parser, integer
+
+# the largest value a whole-number / real option takes: beyond them a value is a typo
+# (99999999999999999999) that overflows an int32 index, a time stamp or a half-precision product
+# downstream, after a model has loaded; every tool checks its numbers against these
+INT_MAX = 2**31 - 1
+FLOAT_MAX = 1e6
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its help text; numbers may add their range: lo, hi (default INT_MAX / FLOAT_MAX)
+    and lo_open (lo itself refused)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -37,20 +46,26 @@ class TrainConfig:
     data_path: str = _f("", "Judgment data: .json list, .jsonl, or a `datasets` folder / name (required).")
     output_dir: str = _f("saved_models/cut-lora", "Where the adapter (or full model), config and metrics go.")
     # training hyper-parameters
-    batch_size: int = _f(128, "Global batch size in records: micro_batch_size x accumulation x processes.")
-    micro_batch_size: int = _f(8, "Records per process per forward (a negative record is two sequences).")
+    batch_size: int = _f(
+        128, "Global batch size in records: micro_batch_size x accumulation x processes.", lo=1
+    )
+    micro_batch_size: int = _f(
+        8, "Records per process per forward (a negative record is two sequences).", lo=1
+    )
     num_epochs: float = _f(1.0, "Training epochs.")
-    learning_rate: float = _f(3e-4, "Peak learning rate.")
-    cutoff_len: int = _f(4096, "Maximum tokens of one sequence; prompts are cut from the left to fit.")
-    val_set_size: float = _f(0, "Held-out records for evaluation: a count, or a fraction if < 1. 0 = none.")
+    learning_rate: float = _f(3e-4, "Peak learning rate.", lo=0, lo_open=True)
+    cutoff_len: int = _f(4096, "Maximum tokens of one sequence; prompts are cut from the left to fit.", lo=2)
+    val_set_size: float = _f(
+        0, "Held-out records for evaluation: a count, or a fraction if < 1. 0 = none.", hi=INT_MAX
+    )
     lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_steps: int = _f(100, "Linear warm-up steps.")
+    warmup_steps: int = _f(100, "Linear warm-up steps.", lo=0)
     warmup_ratio: float = _f(
         0.0, "Warm-up as a fraction of all optimiser steps (0 < r < 1); replaces warmup_steps."
     )
     # lora
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_r: int = _f(16, "LoRA rank.", lo=1)
+    lora_alpha: int = _f(16, "LoRA alpha.", lo=0, lo_open=True)
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: list[str] = _f(
         ["gate_proj", "down_proj", "up_proj"],
@@ -70,8 +85,10 @@ class TrainConfig:
         "alpaca", "alpaca | chat (the tokenizer's chat template) | path to a .json template."
     )
     # cut
-    weight_unlike: float = _f(0.1, "alpha: weight of the unlikelihood term on flagged tokens.")
-    threshold: float = _f(1.1, "A plain-context token is flagged when p(y|x,j) / p(y|x) exceeds this.")
+    weight_unlike: float = _f(0.1, "alpha: weight of the unlikelihood term on flagged tokens.", lo=0)
+    threshold: float = _f(
+        1.1, "A plain-context token is flagged when p(y|x,j) / p(y|x) exceeds this.", lo=0, lo_open=True
+    )
     downsample: float = _f(-1, "Keep r x n_negatives positives (sampled with the seed); -1 keeps all.")
     combine: str = _f(
         "mean", "mean: (MLE+UL)/2 as the released code; sum: MLE+UL as the paper.", choices=("mean", "sum")
@@ -93,14 +110,16 @@ class TrainConfig:
         "Weight of the MLE on a negative's unflagged plain-context tokens: 1 = the paper; 0 = a "
         "negative's plain context trains only its flagged tokens (by unlikelihood). Each term is a weighted mean, so a "
         "weight-0 token is as if absent.",
+        lo=0,
     )
     weight_align_n: float = _f(
         1.0,
         "Weight of the MLE on a negative's judged context (x, j) -> y (Align-N): 1 = the paper; 0 = the "
         "judged context only supplies p(y|x,j) for the ratio, so no failing response is trained by MLE (a weighted "
         "mean: a weight-0 token is as if absent).",
+        lo=0,
     )
-    gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.")
+    gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.", lo=0)
     unlikelihood: str = _f(
         "ul",
         "What a flagged token gets: ul (the paper's -alpha*log(1-p(y|x)), whose push fades as p falls) | "
@@ -109,8 +128,13 @@ class TrainConfig:
         "the reference; LoRA only).",
         choices=("ul", "npo"),
     )
-    npo_beta: float = _f(1.0, "beta of unlikelihood npo: how far (in 1/beta nats) a flagged token is pushed.")
-    score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.")
+    npo_beta: float = _f(
+        1.0,
+        "beta of unlikelihood npo: how far (in 1/beta nats) a flagged token is pushed.",
+        lo=0,
+        lo_open=True,
+    )
+    score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.", lo=-FLOAT_MAX)
     on_failed_judgment: str = _f(
         "drop",
         "Records whose judgment failed ('$ERROR$', empty): drop, or train them as positives.",
@@ -122,7 +146,7 @@ class TrainConfig:
     wandb_watch: str = _f("", "wandb watch: false | gradients | all.")
     wandb_log_model: str = _f("", "wandb log model: false | true.")
     report_to: str = _f("none", "none | wandb | tensorboard | wandb,tensorboard.")
-    logging_steps: int = _f(1, "Log every N optimiser steps.")
+    logging_steps: int = _f(1, "Log every N optimiser steps.", lo=1)
     # run
     resume_from_checkpoint: str = _f(
         "",
@@ -139,16 +163,18 @@ class TrainConfig:
         choices=("auto", "bf16", "fp16", "fp32"),
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    seed: int = _f(42, "Seed for sampling, splits, shuffling and initialisation.")
+    seed: int = _f(42, "Seed for sampling, splits, shuffling and initialisation.", hi=2**32 - 1)
     max_steps: int = _f(-1, "Stop after N optimiser steps (overrides num_epochs when > 0).")
-    save_steps: int = _f(200, "Save a checkpoint every N steps.")
-    save_total_limit: int = _f(2, "Keep at most N checkpoints.")
-    eval_steps: int = _f(200, "Evaluate the validation split every N steps (when val_set_size > 0).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    save_steps: int = _f(200, "Save a checkpoint every N steps.", lo=1)
+    save_total_limit: int = _f(2, "Keep at most N checkpoints.", lo=1)
+    eval_steps: int = _f(200, "Evaluate the validation split every N steps (when val_set_size > 0).", lo=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", lo=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", lo=0)
     optim: str = _f("adamw_torch", "Optimiser name as transformers spells it.")
-    logits_chunk_size: int = _f(0, "Target tokens per chunk of the output head; 0 = about 64 MiB of logits.")
-    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    logits_chunk_size: int = _f(
+        0, "Target tokens per chunk of the output head; 0 = about 64 MiB of logits.", lo=0
+    )
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.", lo=0)
     attn_implementation: str = _f("", "eager | sdpa | flash_attention_2; empty = the model's default.")
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off unless you ask).")
 
@@ -166,67 +192,7 @@ class TrainConfig:
         missing = [n for n in ("base_model", "data_path", "output_dir") if not getattr(self, n)]
         if missing:
             raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
-        for name in FIELDS:  # nan and inf pass every comparison below the wrong way
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value}")
-        if self.micro_batch_size < 1 or self.batch_size < self.micro_batch_size:
-            raise ConfigError(
-                f"batch_size ({self.batch_size}) must be >= micro_batch_size ({self.micro_batch_size}) >= 1"
-            )
-        if self.threshold <= 0:
-            raise ConfigError(f"threshold must be > 0, got {self.threshold}")
-        if self.downsample != -1 and self.downsample < 0:
-            raise ConfigError(f"downsample must be -1 (off) or >= 0, got {self.downsample}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.cutoff_len < 2:
-            raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
-        if self.max_steps != -1 and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be -1 (use num_epochs) or >= 1, got {self.max_steps}")
-        if self.num_epochs <= 0 and self.max_steps == -1:
-            raise ConfigError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
-        if self.val_set_size < 0 or (self.val_set_size >= 1 and not float(self.val_set_size).is_integer()):
-            raise ConfigError(
-                f"val_set_size must be 0 (none), a fraction in (0, 1) or a whole count, got {self.val_set_size}"
-            )
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        for name, low, strict in (
-            ("learning_rate", 0, True),
-            ("weight_unlike", 0, False),
-            ("gamma", 0, False),
-            ("weight_unflagged", 0, False),
-            ("weight_align_n", 0, False),
-            ("lora_r", 1, False),
-            ("lora_alpha", 0, True),
-            ("logging_steps", 1, False),
-            ("save_steps", 1, False),
-            ("save_total_limit", 1, False),
-            ("eval_steps", 1, False),
-            ("warmup_steps", 0, False),
-            ("weight_decay", 0, False),
-            ("max_grad_norm", 0, False),
-            ("logits_chunk_size", 0, False),
-            ("dataloader_num_workers", 0, False),
-        ):
-            value = getattr(self, name)
-            if value < low or (strict and value == low):
-                raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
-        if not self.full_finetune and not self.lora_target_modules:
-            raise ConfigError("lora_target_modules is empty: name the modules LoRA wraps, or all-linear")
-        if self.npo_beta <= 0:
-            raise ConfigError(f"npo_beta must be > 0, got {self.npo_beta}")
-        if self.unlikelihood == "npo" and self.full_finetune:
-            raise ConfigError(
-                "unlikelihood npo needs the adapter-free model as its reference: not with full_finetune"
-            )
-        for name in ("combine", "on_failed_judgment", "precision", "flag_source", "unlikelihood"):
-            choices = _meta(name).get("choices")
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        self.check_values()
         from transformers import SchedulerType
         from transformers.training_args import OptimizerNames
 
@@ -237,6 +203,50 @@ class TrainConfig:
         if self.deepspeed and not Path(self.deepspeed).is_file():
             raise ConfigError(f"deepspeed: no such file {self.deepspeed}")
         check_writable(self.output_dir, "output_dir")
+
+    def check_values(self) -> None:
+        """The values alone (no file, no import): finite, each in its field's range (lo / hi in its
+        metadata), the choices, and the rules between fields. A ConfigError names the option."""
+        for name in FIELDS:  # nan and inf pass every comparison below the wrong way
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        for name, (lo, hi, lo_open) in NUMBER_RANGES.items():
+            value = getattr(self, name)
+            if lo is not None and (value < lo or (lo_open and value == lo)):
+                raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+            if value > hi:
+                raise ConfigError(f"{name} must be <= {hi}, got {value}")
+        if self.batch_size < self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size ({self.batch_size}) must be >= micro_batch_size ({self.micro_batch_size}) >= 1"
+            )
+        if self.downsample != -1 and self.downsample < 0:
+            raise ConfigError(f"downsample must be -1 (off) or >= 0, got {self.downsample}")
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be -1 (use num_epochs) or >= 1, got {self.max_steps}")
+        if self.num_epochs <= 0 and self.max_steps == -1:
+            raise ConfigError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
+        if self.val_set_size < 0 or (self.val_set_size >= 1 and not float(self.val_set_size).is_integer()):
+            raise ConfigError(
+                f"val_set_size must be 0 (none), a fraction in (0, 1) or a whole count, got {self.val_set_size}"
+            )
+        if not self.full_finetune and not self.lora_target_modules:
+            raise ConfigError("lora_target_modules is empty: name the modules LoRA wraps, or all-linear")
+        if self.unlikelihood == "npo" and self.full_finetune:
+            raise ConfigError(
+                "unlikelihood npo needs the adapter-free model as its reference: not with full_finetune"
+            )
+        for name in ("combine", "on_failed_judgment", "precision", "flag_source", "unlikelihood"):
+            choices = _meta(name).get("choices")
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -264,6 +274,17 @@ def _meta(name: str) -> dict[str, Any]:
 
 def _field_type(name: str) -> Any:
     return typing.get_type_hints(TrainConfig)[name]
+
+
+def _ranges() -> dict[str, tuple[float | None, float, bool]]:
+    """name -> (lo, hi, lo_open) of every int / float option, from the fields' metadata."""
+    out = {}
+    for name, f in FIELDS.items():
+        tp = _field_type(name)
+        if tp in (int, float):
+            hi = f.metadata.get("hi", INT_MAX if tp is int else FLOAT_MAX)
+            out[name] = (f.metadata.get("lo"), hi, f.metadata.get("lo_open", False))
+    return out
 
 
 def _parse_list(value: Any) -> list[str]:
@@ -301,6 +322,8 @@ def coerce(name: str, value: Any) -> Any:
             return _parse_list(value)
         if tp is bool:
             return _parse_bool(value)
+        if tp in (int, float) and isinstance(value, bool):  # YAML `true` is no count
+            raise ValueError(f"not a number: {value!r}")
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"not an integer: {value!r}")
@@ -316,9 +339,12 @@ def coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool):  # YAML `false` means unset, not the string "False"
                 return "true" if value else ""
             return "" if value is None else str(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:
         raise ConfigError(f"option {name}: {err}") from None
     return value
+
+
+NUMBER_RANGES = _ranges()
 
 
 def coerce_fields(cfg: TrainConfig) -> None:
@@ -342,7 +368,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # a bad flag is one line naming it, exit 2
         prog=prog,
         description="Contrastive Unlikelihood Training. Flags override --config; unknown flags are errors.",
         argument_default=argparse.SUPPRESS,
@@ -350,7 +376,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file whose keys are option names.")
     parser.add_argument(
-        "--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS
+        "--local_rank", "--local-rank", type=integer(0, INT_MAX), help=argparse.SUPPRESS
     )  # deepspeed launcher
     for name, f in FIELDS.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -28,7 +28,6 @@ what was already answered or paid for; training and merging start again from not
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import hashlib
@@ -47,11 +46,13 @@ from typing import Any
 import yaml
 
 from .config import FIELDS as TRAIN_FIELDS
-from .config import TrainConfig, coerce
+from .config import INT_MAX, TrainConfig, coerce
 from .errors import ConfigError, DataError
 from .generate import GenerateConfig, Sampling
 from .io import check_writable, write_json_atomic
 from .judge import JudgeConfig
+from .models import DTYPES
+from .options import Parser, integer
 from .tasks.arithmetic import extract_final_answer
 
 logger = logging.getLogger("cut.online")
@@ -65,6 +66,18 @@ TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per 
 # settings added after runs existed: left out of a round's fingerprint while at their default, so
 # those runs resume
 LATE_FIELDS = {"refine_tries": 4, "positive_share": 0.0}
+# the loop's whole-number settings and their least value (each at most INT_MAX, the seed 2**32 - 1)
+WHOLE = {
+    "rounds": 1,
+    "instructions_per_round": 1,
+    "samples_per_instruction": 1,
+    "seed": 0,
+    "nproc_per_node": 1,
+    "eval_max_new_tokens": 1,
+    "eval_batch_size": 1,
+    "refine_tries": 1,
+}
+TEXT = ("base_model", "output_dir", "pool", "heldout", "task", "objective", "merge_dtype")
 
 # ILF's refinement request (Scheurer et al. 2023, imitation learning from language feedback): the
 # model rewrites its failing answer given the judgment; our own wording
@@ -106,37 +119,37 @@ class OnlineConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name in ("base_model", "pool"):
+        """Every setting's type and range, the sections as whole tool configs: all before any model
+        loads or anything is written. A ConfigError names the setting."""
+        self.check_types()
+        for name in ("base_model", "pool", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"online: missing required option {name}")
-        if self.rounds < 1 or self.instructions_per_round < 1 or self.samples_per_instruction < 1:
-            raise ConfigError(
-                "online: rounds, instructions_per_round and samples_per_instruction must be >= 1"
-            )
-        if not isinstance(self.refine_tries, int) or self.refine_tries < 1:
-            raise ConfigError(f"online: refine_tries must be an integer >= 1, got {self.refine_tries!r}")
-        share = self.positive_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-            raise ConfigError(f"online: positive_share must be a number in [0, 1), got {share!r}")
-        self.positive_share = float(share)
         if self.task not in TASKS:
             raise ConfigError(f"online: task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.objective not in OBJECTIVES:
             raise ConfigError(
                 f"online: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
             )
+        if self.merge_dtype not in DTYPES:
+            raise ConfigError(
+                f"online: merge_dtype must be one of {', '.join(DTYPES)}, got {self.merge_dtype!r}"
+            )
         if self.objective == "hindsight" and self.train.get("misalign") not in (None, False):
             raise ConfigError("online: objective hindsight means train.misalign false; leave it unset")
         unknown = set(self.train) - set(TRAIN_FIELDS) - set(recipe_keys(self.objective))
         if unknown:
-            raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(unknown))}")
+            raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(map(str, unknown)))}")
         owned = set(self.train) & TRAIN_OWNED
         if owned:
             raise ConfigError(
                 f"online: train option(s) {', '.join(sorted(owned))} are set by the loop per round"
             )
         own = {k: self.train.pop(k) for k in list(self.train) if k in recipe_keys(self.objective)}
-        self.train = {k: coerce(k, v) for k, v in self.train.items()}
+        try:
+            self.train = {k: coerce(k, v) for k, v in self.train.items()}
+        except ConfigError as err:
+            raise ConfigError(f"online: train: {err}") from None
         if self.train.get("full_finetune"):
             raise ConfigError("online: full_finetune is not supported; each round merges a LoRA adapter")
         # generation and training must use one template, or rounds train on prompts they never answer
@@ -147,9 +160,12 @@ class OnlineConfig:
         gen["prompt_template_name"] = self.train["prompt_template_name"] = gen_t or train_t or "chat"
         gen.setdefault("seed", self.seed)  # round r samples with seed + r
         self.generate = GenerateConfig.from_dict(gen, "online: generate")
-        probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
-        probe.validate()  # the whole train section must make a valid run, before any round starts
-        probe.gradient_accumulation_steps(self.nproc_per_node)
+        try:  # the whole train section must make a valid run, before any round starts
+            probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
+            probe.validate()
+            probe.gradient_accumulation_steps(self.nproc_per_node)
+        except ConfigError as err:
+            raise ConfigError(f"online: train: {err}") from None
         if own:  # the recipe's own options, checked by its options class
             from importlib import import_module
 
@@ -162,6 +178,34 @@ class OnlineConfig:
         if not isinstance(self.judge, JudgeConfig):
             self.judge = JudgeConfig.from_dict(self.judge, "online: judge")
 
+    def check_types(self) -> None:
+        """Texts are strings (empty when unset), whole numbers ints (not bools, strings or floats)
+        in range, positive_share a number in [0, 1), the sections mappings (empty when unset)."""
+        for name in TEXT:
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, "")
+            elif not isinstance(value, str):
+                raise ConfigError(f"online: {name} must be a string, got {value!r}")
+        for name, lo in WHOLE.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"online: {name} must be an integer >= {lo}, got {value!r}")
+            hi = 2**32 - 1 if name == "seed" else INT_MAX
+            if value > hi:
+                raise ConfigError(f"online: {name} must be an integer <= {hi}, got {value!r}")
+        share = self.positive_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+            raise ConfigError(f"online: positive_share must be a number in [0, 1), got {share!r}")
+        self.positive_share = float(share)
+        kinds = {"generate": (dict, GenerateConfig), "judge": (dict, JudgeConfig), "train": (dict,)}
+        for name, kind in kinds.items():
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+            elif not isinstance(value, kind):
+                raise ConfigError(f"online: {name} must be a mapping of options, got {type(value).__name__}")
+
 
 def recipe_keys(objective: str) -> tuple[str, ...]:
     """The YAML keys a preference recipe adds to the train section (dpo_beta, rejected_tokens, ...)."""
@@ -172,14 +216,62 @@ def recipe_keys(objective: str) -> tuple[str, ...]:
     return tuple(import_module(RECIPES[objective]).YAML_KEYS)
 
 
-def fingerprint(cfg: OnlineConfig) -> str:
-    """What decides a round's results; `rounds` may grow between runs without changing it."""
-    settings = {
+def run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What decides a round's results, from the config as a mapping: `rounds` may grow between
+    runs and the folder may move; late settings at their default are left out."""
+    return {
         k: v
-        for k, v in dataclasses.asdict(cfg).items()
+        for k, v in config.items()
         if k not in ("rounds", "output_dir") and not (k in LATE_FIELDS and v == LATE_FIELDS[k])
     }
+
+
+def fingerprint(cfg: OnlineConfig) -> str:
+    settings = run_settings(dataclasses.asdict(cfg))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_run(cfg: OnlineConfig) -> None:
+    """A folder that holds a run is continued only with that run's settings: checked before anything
+    is written there or a score of it is shown. The round manifests are the record of what ran
+    (online_config.json may be one an earlier refused rerun overwrote); with none yet, the
+    online_config.json of the run that started (round 0's evaluation may be on disk)."""
+    root = Path(cfg.output_dir)
+    hint = "use a new output_dir for new ones"
+    changed = changed_settings(root / "online_config.json", cfg)
+    what = f" ({', '.join(changed)})" if changed else ""
+    manifests = sorted(root.glob("round_*/manifest.json"))
+    for path in manifests:
+        try:
+            started = json.loads(path.read_text()).get("config")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ConfigError(f"{path}: cannot be read ({err}); {hint}") from None
+        if started != fingerprint(cfg):
+            raise ConfigError(f"{path}: was started with other settings{what}; {hint}")
+    if changed and not manifests:
+        raise ConfigError(f"{root} holds a run started with other settings{what}; {hint}")
+
+
+def changed_settings(saved: Path, cfg: OnlineConfig) -> list[str]:
+    """The settings in which cfg differs from a run's online_config.json ([] when there is none)."""
+    if not saved.exists():
+        return []
+    try:
+        old = run_settings(json.loads(saved.read_text()))
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{saved}: cannot be read ({err}); use a new output_dir") from None
+    new = run_settings(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+
+def check_pool_size(cfg: OnlineConfig, pool: list[dict]) -> None:
+    """Every round samples instructions no other round had: the pool must hold them all."""
+    need = cfg.rounds * cfg.instructions_per_round
+    if need > len(pool):
+        raise ConfigError(
+            f"online: pool {cfg.pool} has {len(pool)} instructions; rounds ({cfg.rounds}) x "
+            f"instructions_per_round ({cfg.instructions_per_round}) need {need}"
+        )
 
 
 def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
@@ -187,10 +279,12 @@ def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(OnlineConfig)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(map(str, unknown)))}")
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = OnlineConfig(**data)
     cfg.validate()
@@ -739,9 +833,11 @@ def describe_scores(scores: dict[str, float]) -> str:
 def run(cfg: OnlineConfig) -> dict[str, Any]:
     root = Path(cfg.output_dir)
     check_writable(root, "output_dir")  # before any round loads a model
+    check_same_run(cfg)  # before the old run's config is replaced or its round 0 shown
+    pool, heldout = read_problems(cfg)
+    check_pool_size(cfg, pool)  # before round 1, not when the pool runs out
     root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
-    pool, heldout = read_problems(cfg)
     start = time.time()
     scores0 = baseline_scores(cfg, heldout)
     if scores0 is not None:
@@ -789,12 +885,12 @@ def main(argv: list[str] | None = None) -> int:
     from .llm import quiet_http_logs
 
     quiet_http_logs()
-    p = argparse.ArgumentParser(prog="cut.online", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.online", description=__doc__.split("\n")[0])
     p.add_argument(
         "--config", required=True, help="YAML: OnlineConfig fields, with generate / judge / train sections"
     )
     p.add_argument("--output_dir", help="override the config's output_dir")
-    p.add_argument("--rounds", type=int, help="override the number of rounds")
+    p.add_argument("--rounds", type=integer(1, INT_MAX), help="override the number of rounds")
     p.add_argument("--base_model", help="override the round-1 model")
     args = p.parse_args(argv)
     try:

@@ -45,6 +45,8 @@ A record whose judgment critiques its response (a negative, a failed judgment, o
 
 Resumable: the output is rewritten (temp file + rename) after each chunk of records; a rerun keeps
 the rows made with the same settings and asks only for the rest, and for rows whose call failed.
+So the output is never the input (refused, also when the input is an earlier realign output): it
+holds only the rows done so far, and a kill would lose the others.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from .errors import ConfigError, DataError
 from .io import check_writable, write_json_atomic
 from .judge import JudgeConfig
 from .llm import Answer, LLMClient, number_problems, quiet_http_logs, text_problems
+from .options import Parser, integer, number
 from .records import FAILED_JUDGMENTS, check_object, read_raw, says_perfect, text_field
 from .tasks.arithmetic import answers_match, extract_final_answer
 
@@ -625,10 +628,25 @@ def _check_input(source: str, i: int, row: Any, cfg: RealignConfig) -> None:
         )
 
 
-def check_output_path(path: str) -> None:
+def check_output_path(path: str, input_file: str | None = None) -> None:
+    """A .json file that can be written, and not the input: the output is rewritten after each chunk
+    with the rows done so far, so the input's other records would be gone after a kill."""
     if Path(path).suffix != ".json":
         raise ConfigError(f"{path}: output_file must end in .json (cut.records reads it as a JSON list)")
+    if input_file is not None and same_file(path, input_file):
+        raise ConfigError(
+            f"--output_file {path} is the --input_file: realign rewrites its output after each chunk and "
+            "would lose the records not yet done; choose another --output_file"
+        )
     check_writable(path, "output_file")
+
+
+def same_file(a: str, b: str) -> bool:
+    """One file under two names (the same path, a symlink or a hard link)."""
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.samefile(pb)
+    return pa.resolve() == pb.resolve()
 
 
 def read_earlier(path: str) -> list[dict]:
@@ -669,7 +687,7 @@ def match_earlier(records: list[dict], earlier: list[dict], tag: dict) -> list[d
 def realign_file(input_file: str, output_file: str, rewriter: Rewriter, cfg: RealignConfig) -> dict[str, Any]:
     """Realign every record of input_file into output_file (resumed, written after each chunk);
     returns the counts (see count())."""
-    check_output_path(output_file)
+    check_output_path(output_file, input_file)
     criteria = load_criteria(cfg.criteria)
     records = read_inputs(input_file, cfg)
     tag = {"rewriter": rewriter.name, "criteria": criteria.source, **cfg.settings()}
@@ -742,8 +760,14 @@ def summary(counts: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+# cut.config's INT_MAX / FLOAT_MAX, the largest count / real any option takes (not imported from
+# there: cut.config loads torch, which the openai rewriter never needs)
+INT_MAX, FLOAT_MAX = 2**31 - 1, 1e6
+MAX_RETRIES = 100  # the backoff doubles per retry: 2**1024 seconds is no float
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cut.realign", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.realign", description=__doc__.split("\n")[0])
     p.add_argument(
         "--input_file", required=True, help="training records (JSON list, JSONL or datasets folder)"
     )
@@ -762,26 +786,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task_field", help="a record field naming the task (default: the rewriter classifies)")
     p.add_argument("--evidence_field", default="evidence", help="a record field with evidence passages")
     p.add_argument(
-        "--min_length_ratio", type=float, default=0.5, help="refuse rewrites shorter than this x the original"
+        "--min_length_ratio",
+        type=number(0, FLOAT_MAX),
+        default=0.5,
+        help="refuse rewrites shorter than this x the original",
     )
     p.add_argument(
-        "--short_answer_words", type=int, default=6, help="an original this short must survive word for word"
+        "--short_answer_words",
+        type=integer(0, INT_MAX),
+        default=6,
+        help="an original this short must survive word for word",
     )
     p.add_argument(
-        "--chunk_size", type=int, default=64, help="records per round of calls; output written after each"
+        "--chunk_size",
+        type=integer(1, INT_MAX),
+        default=64,
+        help="records per round of calls; output written after each",
     )
-    p.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at most")
-    p.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
-    p.add_argument("--max_retries", type=int, default=5, help="openai: retries of a transient fault")
     p.add_argument(
-        "--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)"
+        "--concurrency", type=integer(1, INT_MAX), default=8, help="openai: requests in flight at most"
     )
-    p.add_argument("--max_tokens", type=int, default=2048, help="openai: max_tokens of an answer")
+    p.add_argument(
+        "--timeout",
+        type=number(0, FLOAT_MAX, lo_open=True),
+        default=120.0,
+        help="openai: seconds per request",
+    )
+    p.add_argument(
+        "--max_retries", type=integer(0, MAX_RETRIES), default=5, help="openai: retries of a transient fault"
+    )
+    p.add_argument(
+        "--backoff",
+        type=number(0, FLOAT_MAX),
+        default=1.0,
+        help="openai: first retry delay in seconds (doubles)",
+    )
+    p.add_argument(
+        "--max_tokens", type=integer(1, INT_MAX), default=2048, help="openai: max_tokens of an answer"
+    )
     p.add_argument(
         "--cache_file", help="openai: answer cache (default <output_file>.cache.jsonl; '' for none)"
     )
-    p.add_argument("--batch_size", type=int, default=8, help="local: prompts per generate call")
-    p.add_argument("--max_new_tokens", type=int, default=1024, help="local: tokens per answer at most")
+    p.add_argument(
+        "--batch_size", type=integer(1, INT_MAX), default=8, help="local: prompts per generate call"
+    )
+    p.add_argument(
+        "--max_new_tokens", type=integer(1, INT_MAX), default=1024, help="local: tokens per answer at most"
+    )
     return p
 
 
@@ -809,7 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))  # exits 2
     try:
         # bad criteria, input or output stop before a model is loaded or a request is sent
-        check_output_path(args.output_file)
+        check_output_path(args.output_file, args.input_file)
         load_criteria(cfg.criteria)
         read_inputs(args.input_file, cfg)
         read_earlier(args.output_file)

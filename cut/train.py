@@ -364,10 +364,11 @@ def seed_adapter(model, adapter: Path) -> None:
     logger.info("seeded the LoRA weights from %s; optimiser and schedule start fresh", adapter)
 
 
-# what marks a folder as holding a run (of cut.train or the DPO baseline)
+# what marks a folder as holding a run (of cut.train or a preference baseline)
 RUN_FILES = (
     "cut_config.yaml",
     "dpo_config.yaml",
+    "kto_config.yaml",
     "metrics.json",
     "adapter_model.safetensors",
     "adapter_config.json",
@@ -384,8 +385,9 @@ def previous_run(out: Path) -> list[str]:
     return [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in list_checkpoints(out)]
 
 
-def check_output_dir(cfg: TrainConfig) -> None:
-    """A folder holding another run is refused unless the user says to overwrite it or resume it."""
+def check_output_dir(cfg: TrainConfig, resumable: bool = True) -> None:
+    """A folder holding another run is refused unless the user says to overwrite it or resume it;
+    resumable False (a tool that saves no checkpoints) leaves resuming out of the advice."""
     out = Path(cfg.output_dir)
     resumes_here = cfg.resume_from_checkpoint.lower() == "true" or (
         cfg.resume_from_checkpoint and out.resolve() in Path(cfg.resume_from_checkpoint).resolve().parents
@@ -397,9 +399,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
     found = previous_run(out)
     if found and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
         shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        resume = "--resume_from_checkpoint true to continue it, " if resumable else ""
         raise ConfigError(
-            f"output_dir {out} holds another run ({shown}); pass --overwrite_output_dir to replace it, "
-            "--resume_from_checkpoint true to continue it, or choose another output_dir"
+            f"output_dir {out} holds another run ({shown}); pass --overwrite_output_dir true to replace "
+            f"it, {resume}or choose another output_dir"
         )
 
 

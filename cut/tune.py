@@ -24,23 +24,27 @@ A trials file:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .config import INT_MAX
 from .errors import ConfigError, DataError
-from .io import write_json_atomic
+from .io import check_writable, write_json_atomic
 from .online import OBJECTIVES, OnlineConfig, load_config, read_problems
+from .options import Parser
 
 logger = logging.getLogger("cut.tune")
 
 LOOP_SETTINGS = ("positive_share", "refine_tries")  # loop settings a trial may set beside its train section
+# a trial's name is its folder's: a plain name, never a path (no separator, no '..', not hidden)
+TRIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
 def validation_split(pool: list[dict], size: int, seed: int, reserved: int) -> list[dict]:
@@ -59,19 +63,33 @@ def validation_split(pool: list[dict], size: int, seed: int, reserved: int) -> l
 
 
 def read_trials(path: str) -> dict[str, Any]:
+    """The trials file, every value checked: ConfigError names the file (and the trial)."""
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"{path}: cannot read trials: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a trials file is a mapping with output_dir, validation_size, trials")
     unknown = set(data) - {"output_dir", "validation_size", "trials"}
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(map(str, unknown)))}")
+    output_dir = data.get("output_dir") or ""
+    if not isinstance(output_dir, str):
+        raise ConfigError(f"{path}: output_dir must be a folder name, got {output_dir!r}")
+    size = data.get("validation_size", 160)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= INT_MAX:
+        raise ConfigError(f"{path}: validation_size must be a whole number in [1, {INT_MAX}], got {size!r}")
     trials = data.get("trials")
     if not isinstance(trials, dict) or not trials:
         raise ConfigError(f"{path}: 'trials' must be a non-empty mapping of name -> settings")
     for name, spec in trials.items():
         spec = spec or {}
         where = f"{path}: trial {name!r}"
+        if not isinstance(name, str) or not TRIAL_NAME.match(name):
+            raise ConfigError(
+                f"{where}: a trial name is its folder's name: up to 64 letters, digits, '_' and '-', "
+                "starting with a letter or digit"
+            )
         if not isinstance(spec, dict) or set(spec) - {"objective", "train", *LOOP_SETTINGS}:
             raise ConfigError(
                 f"{where}: settings are 'objective', 'train', {', '.join(map(repr, LOOP_SETTINGS))} only"
@@ -81,21 +99,19 @@ def read_trials(path: str) -> dict[str, Any]:
         if not isinstance(spec.get("train", {}), dict):
             raise ConfigError(f"{where}: 'train' must be a mapping of train options")
         trials[name] = spec
-    return {
-        "output_dir": data.get("output_dir", ""),
-        "validation_size": int(data.get("validation_size", 160)),
-        "trials": trials,
-    }
+    return {"output_dir": output_dir, "validation_size": size, "trials": trials}
 
 
 def prepare(
-    config: str, trials_path: str, output_dir: str | None = None
+    config: str, trials_path: str, output_dir: str | None = None, write: bool = True
 ) -> tuple[OnlineConfig, dict[str, tuple[str, dict[str, Any]]]]:
     """The base config of the trials (one round, scored on the validation split) and the variants;
-    every trial's settings are checked as a whole online config before anything runs."""
+    every trial's settings are checked as a whole online config before anything runs. Writes the
+    split into output_dir (write False: nothing, for a report of the runs there)."""
     spec = read_trials(trials_path)
     main_cfg = load_config(config, {})
     root = Path(output_dir or spec["output_dir"] or Path(main_cfg.output_dir).with_name("tune"))
+    check_writable(root, "output_dir")
     if main_cfg.task != "instructions":
         raise ConfigError(f"{config}: cut.tune scores the instructions task only, not {main_cfg.task!r}")
     pool, _ = read_problems(main_cfg)
@@ -119,6 +135,8 @@ def prepare(
             cfg.validate()
         except ConfigError as err:
             raise ConfigError(f"{trials_path}: trial {name!r}: {err}") from None
+    if not write:
+        return base, variants
     root.mkdir(parents=True, exist_ok=True)  # only once every trial is valid
     write_json_atomic(val_path, val)
     logger.info(
@@ -132,19 +150,21 @@ def prepare(
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    p = argparse.ArgumentParser(prog="cut.tune", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.tune", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the online loop's YAML (cut.online)")
     p.add_argument("--trials", required=True, help="YAML: output_dir, validation_size, trials")
     p.add_argument("--output_dir", help="override the trials file's output_dir")
     p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
     args = p.parse_args(argv)
-    from .compare import collect, ensure_base_model, run_all, write_report
+    from .compare import check_has_runs, collect, ensure_base_model, run_all, write_report
 
     try:
-        base, variants = prepare(args.config, args.trials, args.output_dir)
+        base, variants = prepare(args.config, args.trials, args.output_dir, write=not args.report_only)
         names = list(variants)
         if args.report_only:
-            write_report(Path(base.output_dir), collect(Path(base.output_dir), names, 1), "validation")
+            root = Path(base.output_dir)
+            check_has_runs(root, names)
+            write_report(root, collect(root, names, 1), "validation")
             return 0
         ensure_base_model(base)
         run_all(base, names, variants, "validation")

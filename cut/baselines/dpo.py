@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from .. import models
-from ..config import FIELDS, TrainConfig, build_parser, coerce, load_yaml
+from ..config import FIELDS, FLOAT_MAX, INT_MAX, TrainConfig, build_parser, coerce, load_yaml
 from ..errors import ConfigError, DataError
 from ..io import write_json_atomic, write_text_atomic
 from ..pairs import _fit, tokenize_example
@@ -99,21 +99,34 @@ class DPOOptions:
     )
 
     def __post_init__(self) -> None:
-        try:
-            self.beta = float(self.beta)
-            self.max_pairs_per_prompt = int(self.max_pairs_per_prompt)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"DPO option: {err}") from None
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if not math.isfinite(self.beta):
-            raise ConfigError(f"beta must be a finite number, got {self.beta}")
-        if self.max_pairs_per_prompt < 0:
-            raise ConfigError(f"max_pairs_per_prompt must be >= 0 (0 = all), got {self.max_pairs_per_prompt}")
+        self.beta = recipe_number("beta", self.beta, float, 0, lo_open=True)
+        self.max_pairs_per_prompt = recipe_number(
+            "max_pairs_per_prompt", self.max_pairs_per_prompt, int, 0, note=" (0 = all)"
+        )
         if self.rejected_tokens not in REJECTED_TOKENS:
             raise ConfigError(
                 f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"
             )
+
+
+def recipe_number(name: str, value: Any, kind: type, lo: float, lo_open: bool = False, note: str = ""):
+    """A recipe option (a flag's string or a YAML value) as `kind`, int or float: finite, at least
+    lo (more than lo with lo_open), at most INT_MAX / FLOAT_MAX; a ConfigError names the option."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)  # int("1.5"), int("nan") and float("abc") raise
+    except (TypeError, ValueError, OverflowError):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if number < lo or (lo_open and number == lo):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}{note}, got {number}")
+    hi = INT_MAX if kind is int else FLOAT_MAX
+    if number > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {number}")
+    return number
 
 
 # YAML key -> DPOOptions field
@@ -176,12 +189,15 @@ def parse_config(
         values, own = _split_yaml(config_path, yaml_keys)
     own.update({k: args.pop(k) for k in list(args) if k in options.__dataclass_fields__})
     values.update({k: coerce(k, v) for k, v in args.items()})
+    cfg = TrainConfig(**values)
+    cfg.check_values()  # every value, the ignored ones too, before a word is logged
+    opts = options(**own)
     ignored = [k for k in IGNORED if k in values]
     if ignored:
         logger.info(
             "%s ignores the CUT-only option(s): %s", prog, ", ".join(f"{k}={values[k]!r}" for k in ignored)
         )
-    return TrainConfig(**values), options(**own)
+    return cfg, opts
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -419,7 +435,7 @@ def run(cfg: TrainConfig, opts: Any, build=build_trainer, objective: str = "dpo"
             f"the {objective.upper()} baseline saves no checkpoints: resume_from_checkpoint is not supported"
         )
     if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
-        check_output_dir(cfg)
+        check_output_dir(cfg, resumable=False)  # no checkpoints: the advice is a new or cleared folder
     lock = claim_output_dir(cfg) if _rank() == 0 else None
     try:
         return _train(cfg, opts, build, objective)

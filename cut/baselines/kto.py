@@ -16,7 +16,6 @@ Tokenised by cut exactly as cut.train tokenises a positive; TRL pads, scores and
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from .dpo import (
     logger,
     lora_config,
     parse_config,
+    recipe_number,
     save_configs,
     setup,
 )
@@ -61,20 +61,10 @@ class KTOOptions:
     )
 
     def __post_init__(self) -> None:
-        try:
-            self.beta = float(self.beta)
-            self.desirable_weight = float(self.desirable_weight)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"KTO option: {err}") from None
-        for name in ("beta", "desirable_weight"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
-        if self.desirable_weight < 0:
-            raise ConfigError(
-                f"desirable_weight must be >= 0 (0 = from the data), got {self.desirable_weight}"
-            )
+        self.beta = recipe_number("beta", self.beta, float, 0, lo_open=True)
+        self.desirable_weight = recipe_number(
+            "desirable_weight", self.desirable_weight, float, 0, note=" (0 = from the data)"
+        )
         if self.rejected_tokens not in REJECTED_TOKENS:
             raise ConfigError(
                 f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"

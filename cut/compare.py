@@ -192,6 +192,13 @@ def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
     and the stage wall times from each round's manifest."""
     start = _eval(root / names[0] / "round_0" / "eval.json")
     report: dict[str, Any] = {"rounds": rounds, "start": _scores(start), "objectives": {}}
+    if start is not None:
+        report["start"]["mean_length"] = sum(len(a["output"]) for a in start["answers"]) / max(
+            1, len(start["answers"])
+        )
+        if "per_type" in start:
+            report["start"]["per_type"] = {t: v["strict"] for t, v in start["per_type"].items()}
+            report["start"]["per_type_n"] = {t: v["n"] for t, v in start["per_type"].items()}
     evals = {
         name: [_eval(root / name / f"round_{r}" / "eval.json") for r in range(1, rounds + 1)]
         for name in names
@@ -205,9 +212,13 @@ def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
             row = {"round": r, **_scores(ev)}
             if start is not None:
                 row["vs_start"] = mcnemar_exact(_passes(ev), _passes(start))
-            sft = evals.get("sft", [None] * rounds)[r - 1]
-            if sft is not None and name != "sft":
-                row["vs_sft"] = mcnemar_exact(_passes(ev), _passes(sft))
+            for other in ("sft", "dpo"):  # the baselines every objective is read against
+                peer = evals.get(other, [None] * rounds)[r - 1]
+                if peer is not None and name != other:
+                    row[f"vs_{other}"] = mcnemar_exact(_passes(ev), _passes(peer))
+            row["mean_length"] = sum(len(a["output"]) for a in ev["answers"]) / max(1, len(ev["answers"]))
+            if "per_type" in ev:
+                row["per_type"] = {t: v["strict"] for t, v in ev["per_type"].items()}
             path = root / name / f"round_{r}" / "manifest.json"
             if path.exists():
                 manifest = json.loads(path.read_text())
@@ -243,7 +254,7 @@ def markdown(report: dict[str, Any]) -> str:
     head = ["objective"] + [f"round {r}" for r in range(rounds + 1)]
     if loose:
         head += ["final: prompt loose", "instr. strict", "instr. loose"]
-    head += ["p vs start", "p vs sft", "train s", "generate+eval s"]
+    head += ["p vs start", "p vs sft", "p vs dpo", "mean length", "train s", "generate+eval s"]
     lines = [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -264,6 +275,8 @@ def markdown(report: dict[str, Any]) -> str:
         cells += [
             _p(last.get("vs_start")) if last else "—",
             _p(last.get("vs_sft")) if last else "—",
+            _p(last.get("vs_dpo")) if last else "—",
+            f"{last['mean_length']:.0f}" if last and "mean_length" in last else "—",
             f"{train_s:.0f}",
             f"{gen_s:.0f}",
         ]
@@ -274,10 +287,29 @@ def markdown(report: dict[str, Any]) -> str:
     what = f"{split} prompts passing every instruction (strict), %" if loose else f"{split} accuracy, %"
     note = (
         f"Rounds 0..{rounds}: {what}. p: exact McNemar test of the last round against the starting "
-        "model / against sft on the same prompts, (+prompts only this objective passes / −prompts only "
-        "the other passes). Seconds summed over rounds."
+        "model / against sft / against dpo on the same prompts, (+prompts only this objective passes / "
+        "−prompts only the other passes). Mean length: characters per answer in the last round (start: "
+        f"{start.get('mean_length', float('nan')):.0f}). Seconds summed over rounds."
     )
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note + "\n" + per_type_table(report)
+
+
+def per_type_table(report: dict[str, Any]) -> str:
+    """Strict pass rate per constraint type (%), the start and each objective's last round."""
+    start = report["start"] or {}
+    types = sorted(start.get("per_type", {}))
+    if not types:
+        return ""
+    n = start.get("per_type_n", {})
+    head = ["model"] + [f"`{t}` ({n.get(t, '?')})" for t in types]
+    lines = ["", "Per constraint type, last round (strict %, prompts with the type in brackets):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| start | " + " | ".join(_pct(start["per_type"][t]) for t in types) + " |")
+    for name, obj in report["objectives"].items():
+        last = next((row for row in reversed(obj["rounds"]) if row), None)
+        if last and "per_type" in last:
+            lines.append(f"| {name} | " + " | ".join(_pct(last["per_type"].get(t)) for t in types) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def chart(report: dict[str, Any], path: Path) -> None:

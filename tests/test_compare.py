@@ -140,7 +140,9 @@ def test_every_objective_trains_on_the_same_samples_and_is_reported(tiny_model, 
             a["correct"] and not b["correct"] for a, b in zip(ev["answers"], start["answers"], strict=True)
         )
         assert row["vs_start"]["only_a"] == gained and 0 <= row["vs_start"]["p_value"] <= 1
-        assert ("vs_sft" in row) == (n != "sft")
+        assert ("vs_sft" in row) == (n != "sft") and ("vs_dpo" in row) == (n != "dpo")
+        assert row["mean_length"] == sum(len(a["output"]) for a in ev["answers"]) / len(ev["answers"])
+        assert row["per_type"] == {t: v["strict"] for t, v in ev["per_type"].items()}
     assert (root / "comparison.png").stat().st_size > 1000
     table = (root / "comparison.md").read_text()
     assert table == markdown(report) and all(f"| {n} |" in table for n in names)

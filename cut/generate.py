@@ -44,8 +44,17 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError, EngineError
-from .io import check_writable, write_json_atomic
-from .models import DTYPES, check_model_path, load_model, load_tokenizer, model_name
+from .io import check_writable, parse_json, write_json_atomic
+from .models import (
+    DTYPES,
+    check_device,
+    check_model_path,
+    device_option,
+    load_model,
+    load_tokenizer,
+    model_name,
+)
+from .options import SEED, Parser, integer, number
 from .pairs import _fit as fit_prompt
 from .records import check_object, read_raw, text_field
 from .templates import load_template, resolve_template_name
@@ -57,6 +66,16 @@ VLLM_MISSING = "--engine vllm needs the vllm package (pip install vllm); use --e
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
 
 OnBatch = Callable[[list[int], list[str]], None]
+
+# the argparse types of the numeric options (cut.generate's, cut.urial's, cut.analysis.tds's): a
+# finite number in a range, else one line naming the option before anything loads
+BATCH_SIZE = integer(1, 4096)
+NEW_TOKENS = integer(1, 2**20)
+LIMIT = integer(1, 2**31 - 1)  # records to answer: at least one
+TEMPERATURE = number(0, 100)
+TOP_P = number(0, 1, lo_open=True)
+REPETITION_PENALTY = number(0, 100, lo_open=True)
+MAX_SEED = 2**62  # batch_seed adds < 2**31: what torch.manual_seed and vllm take
 
 
 # ---------------------------------------------------------------- settings
@@ -85,6 +104,8 @@ class Sampling:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be a whole number in [0, 2**62], got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -137,6 +158,7 @@ class GenerateConfig:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
@@ -521,7 +543,7 @@ def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = parse_json(path.read_text(encoding="utf-8"), f"{path}: existing output file")
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: existing output file is not valid JSON ({err}); move it away") from None
     if not isinstance(rows, list):
@@ -665,7 +687,7 @@ def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     d = GenerateConfig().flat()
-    p = argparse.ArgumentParser(prog="cut.generate", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
     p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
     p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
@@ -675,27 +697,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="alpaca | chat | path to a .json template | auto: the one the model was CUT-trained with "
         "(its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
     )
-    p.add_argument("--batch_size", type=int, default=d["batch_size"], help="prompts generated at once")
-    p.add_argument("--max_new_tokens", type=int, default=d["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=d["top_p"])
-    p.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"])
+    p.add_argument("--batch_size", type=BATCH_SIZE, default=d["batch_size"], help="prompts generated at once")
+    p.add_argument("--max_new_tokens", type=NEW_TOKENS, default=d["max_new_tokens"])
+    p.add_argument("--temperature", type=TEMPERATURE, default=d["temperature"], help="0 = greedy")
+    p.add_argument("--top_p", type=TOP_P, default=d["top_p"])
+    p.add_argument("--repetition_penalty", type=REPETITION_PENALTY, default=d["repetition_penalty"])
     p.add_argument(
-        "--seed", type=int, default=d["seed"], help="sampling seed; a rerun reproduces the outputs"
+        "--seed", type=SEED, default=d["seed"], help="sampling seed; a rerun reproduces the outputs"
     )
     p.add_argument("--engine", default="hf", choices=ENGINES)
     p.add_argument("--generator", default=None, help="name in the output (default: the model folder's)")
     p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--limit", type=LIMIT, default=None, help="answer only the first N records")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
+    try:
+        args = vars(build_parser().parse_args(argv))
+    except SystemExit as exit_:
+        if exit_.code:  # a refused value, reported in one line: returned like every other error
+            return exit_.code
+        raise  # --help
     try:
         cfg = GenerateConfig.from_dict(
             {k: v for k, v in args.items() if k not in ("model", "data_path", "output_file")}

@@ -1,4 +1,6 @@
-"""Atomic writes: a reader (or a crash) never sees half a file or half a model folder."""
+"""Atomic writes: a reader (or a crash) never sees half a file or half a model folder. And
+`parse_json` for JSON that users hand in: nesting deep enough to exhaust Python's recursion is a
+named DataError, not a RecursionError traceback."""
 
 from __future__ import annotations
 
@@ -9,6 +11,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError, DataError
+
+# deeper input is refused: records are flat objects (a chat record nests 4 levels), and Python's
+# recursive code downstream (json.dumps with indent, copy.deepcopy) fails near 1,000 levels
+MAX_JSON_DEPTH = 100
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -60,8 +68,6 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
     """Raise ConfigError unless `path` (a folder or a file, existing or not) can be written: the
     nearest existing folder on the way to it must take a new file. Probed by creating and removing
     a temp file there, so it holds for root, read-only mounts and a parent that is a file."""
-    from .errors import ConfigError
-
     target = Path(path).absolute()
     probe_dir = target if target.is_dir() else target.parent
     while not probe_dir.exists():
@@ -74,3 +80,33 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
         raise ConfigError(f"{what} {path}: cannot be written: {probe_dir}: {err.strerror}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def parse_json(text: str, source: str) -> Any:
+    """json.loads for a file a user hands in; DataError naming `source` when the value nests deeper
+    than MAX_JSON_DEPTH containers (the C parser itself stops with a RecursionError near 1,000).
+    Invalid JSON still raises json.JSONDecodeError, for the caller to word with its position."""
+    try:
+        value = json.loads(text)
+    except RecursionError:  # refused below, outside the handler: no chained traceback
+        value, depth = None, MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(value, MAX_JSON_DEPTH + 1)
+    if depth > MAX_JSON_DEPTH:
+        raise DataError(
+            f"{source}: JSON nested more than {MAX_JSON_DEPTH} levels deep; records are flat objects"
+        )
+    return value
+
+
+def json_depth(value: Any, stop: int | None = None) -> int:
+    """How many containers (lists, objects) nest in a parsed JSON value: 0 for a scalar, 1 for a flat
+    list; counted level by level without recursion, and no further than `stop`."""
+    depth, level = 0, [value]
+    while depth != stop:
+        level = [v for v in level if isinstance(v, (list, dict))]
+        if not level:
+            break
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return depth

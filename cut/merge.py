@@ -18,7 +18,6 @@ adapter_config.json, an adapter whose weights are cut short, an adapter made for
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import torch
 from .errors import ConfigError, DataError
 from .io import build_dir_atomic, check_writable
 from .models import DTYPES, canonical_dtype, load_tokenizer, resolve_dtype, saved_dtype
+from .options import Parser
 
 logger = logging.getLogger("cut.merge")
 
@@ -150,7 +150,7 @@ def merge(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cut.merge", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.merge", description=__doc__.split("\n")[0])
     p.add_argument("--base_model", required=True, help="the base model the adapter was trained on")
     p.add_argument("--adapter", "--lora_weights", required=True, help="adapter folder written by cut.train")
     p.add_argument("--output_dir", required=True, help="where the merged save_pretrained folder goes")

@@ -8,12 +8,14 @@ CPU); `cut.merge` reads `auto` as "the base model's own dtype".
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
+from .io import parse_json
 
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None,
@@ -35,10 +37,49 @@ def canonical_dtype(name: str) -> str:
     return "auto" if dtype is None else next(n for n in DTYPE_NAMES if DTYPES[n] == dtype)
 
 
+def device_problem(device: str) -> str | None:
+    """Why `device` cannot be used on this machine, or None: a name torch does not know, a CUDA
+    device where this torch sees none (a CPU-only build, no GPU) or fewer, an MPS device without MPS.
+    Asked before anything loads, so `--device cuda` on a CPU box is one line, not an AssertionError."""
+    if device == "auto":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return f"{device!r} is not a device: use auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return (
+                f"{device!r}: this torch sees no CUDA GPU (a CPU-only build, or none here); use auto or cpu"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"{device!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"{device!r}: MPS is not available here; use auto or cpu"
+    return None
+
+
+def check_device(device: str, name: str = "device") -> str:
+    """`device` if it can be used here, else ConfigError naming `name` and why."""
+    why = device_problem(device)
+    if why is not None:
+        raise ConfigError(f"{name} {why}")
+    return device
+
+
+def device_option(text: str) -> str:
+    """The argparse type of a --device option: device_problem's answer as the parser's one-line error."""
+    why = device_problem(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device(check_device(device))
 
 
 def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
@@ -66,7 +107,13 @@ def adapter_base(model: str) -> str | None:
     cfg = Path(model) / "adapter_config.json"
     if not cfg.exists():
         return None
-    return json.loads(cfg.read_text())["base_model_name_or_path"]
+    try:
+        base = parse_json(cfg.read_text(encoding="utf-8"), str(cfg)).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{cfg}: not a PEFT adapter config (no base_model_name_or_path)")
+    return base
 
 
 def check_model_path(model: str) -> None:

@@ -13,7 +13,7 @@ Files: a .json list, a .jsonl file (one record a line), or a `datasets` folder /
 object that wraps the list under one key of WRAPPER_KEYS ({"train": [...]}, {"data": [...]},
 {"records": [...]}) is read as that list, and says so; any other object is refused, so a
 {"test": [...]} file never trains silently. Exact duplicate records are kept (they weigh twice)
-and counted in a warning.
+and counted in a warning. JSON nested deeper than cut.io.MAX_JSON_DEPTH levels is refused by name.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .io import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def read_raw(path: str) -> tuple[list[Any], str]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(parse_json(line, f"{path}: line {lineno} (record {len(rows)})"))
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{path}: line {lineno} (record {len(rows)}): not valid JSON: {err.msg}"
@@ -80,7 +81,7 @@ def read_raw(path: str) -> tuple[list[Any], str]:
         return rows, path
     if p.suffix == ".json":
         try:
-            data = json.loads(_read_text(p))
+            data = parse_json(_read_text(p), path)
         except json.JSONDecodeError as err:
             raise DataError(
                 f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"

@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
 
 from .io import build_dir_atomic
+from .options import Parser
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DEST = Path("saved_models/SmolLM2-135M-Instruct")
@@ -56,9 +56,7 @@ def convert_gguf(src: str | Path, gguf_name: str, dest: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="cut.smollm", description="Convert the embedded SmolLM2-135M-Instruct once."
-    )
+    p = Parser(prog="cut.smollm", description="Convert the embedded SmolLM2-135M-Instruct once.")
     p.add_argument("--dest", default=str(DEFAULT_DEST))
     args = p.parse_args(argv)
     print(ensure_smollm2(args.dest))

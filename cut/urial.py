@@ -73,9 +73,29 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, DataError, EngineError
-from .generate import OnBatch, Sampling, generate_texts, validate_instructions, write_answers
+from .generate import (
+    BATCH_SIZE,
+    LIMIT,
+    NEW_TOKENS,
+    REPETITION_PENALTY,
+    TEMPERATURE,
+    OnBatch,
+    Sampling,
+    generate_texts,
+    validate_instructions,
+    write_answers,
+)
 from .io import check_writable
-from .models import DTYPES, check_model_path, load_model, load_tokenizer, model_name
+from .models import (
+    DTYPES,
+    check_device,
+    check_model_path,
+    device_option,
+    load_model,
+    load_tokenizer,
+    model_name,
+)
+from .options import SEED, Parser
 from .records import read_raw
 
 logger = logging.getLogger("cut.urial")
@@ -285,6 +305,7 @@ class UrialConfig:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
         low, high = PENALTY_RANGE
         if not low <= self.sampling.repetition_penalty <= high:
             logger.warning(
@@ -404,7 +425,7 @@ def urial_file(
 
 def build_parser() -> argparse.ArgumentParser:
     d = _urial_sampling()
-    p = argparse.ArgumentParser(prog="cut.urial", description=__doc__.split("\n")[0])
+    p = Parser(prog="cut.urial", description=__doc__.split("\n")[0])
     p.add_argument(
         "--model", required=True, help="a base model folder or name (a LoRA adapter folder works too)"
     )
@@ -417,21 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--urial_prompt", default=None, help="prompt file in URIAL's layout (default: data/urial/default.md)"
     )
-    p.add_argument("--batch_size", type=int, default=UrialConfig.batch_size, help="prompts generated at once")
-    p.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument(
+        "--batch_size", type=BATCH_SIZE, default=UrialConfig.batch_size, help="prompts generated at once"
+    )
+    p.add_argument("--max_new_tokens", type=NEW_TOKENS, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=TEMPERATURE, default=None, help="0 = greedy (the default)")
     p.add_argument(
         "--sample", action="store_true", help=f"sample at the paper's temperature {SAMPLED_TEMPERATURE}"
     )
     p.add_argument(
-        "--repetition_penalty", type=float, default=d.repetition_penalty, help="the paper uses 1.0 to 1.15"
+        "--repetition_penalty",
+        type=REPETITION_PENALTY,
+        default=d.repetition_penalty,
+        help="the paper uses 1.0 to 1.15",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed; a rerun reproduces the outputs")
+    p.add_argument("--seed", type=SEED, default=d.seed, help="sampling seed; a rerun reproduces the outputs")
     p.add_argument("--generator", default=None, help="name in the output (default: '<model folder>+urial')")
     p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N records")
+    p.add_argument("--limit", type=LIMIT, default=None, help="answer only the first N records")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
     return p
 

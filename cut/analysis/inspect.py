@@ -42,9 +42,18 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
-from ..io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..io import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
 from ..loss import Role
-from ..models import DTYPES, canonical_dtype, check_model_path, load_model, load_tokenizer, model_name
+from ..models import (
+    DTYPES,
+    canonical_dtype,
+    check_model_path,
+    device_option,
+    load_model,
+    load_tokenizer,
+    model_name,
+)
+from ..options import Parser, integer, number
 from ..pairs import CUTCollator, response_char_ranges, tokenize_example
 from ..records import Example, build_examples, load_records
 from ..templates import Template, load_template, resolve_template_name, trained_template
@@ -56,6 +65,11 @@ LAMBDAS = tuple(round(1.0 + 0.05 * k, 2) for k in range(41))  # 1.0 .. 3.0
 PAPER_LAMBDAS = (1.1, 1.2)
 COLOUR_NATS = 2.0  # the colour scale saturates at +-2 nats (a ratio of e^2 = 7.4)
 _TRAIN = TrainConfig()
+# a prompt field (instruction, input, judgment) longer than this many characters per token of
+# cutoff_len is tokenised from its tail only, when that tail alone is over cutoff_len + TAIL_MARGIN
+# tokens: the prompt keeps at most its last cutoff_len tokens, and a 4 MB instruction took minutes
+PROMPT_CHARS_PER_TOKEN = 16
+TAIL_MARGIN = 64
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -71,18 +85,22 @@ class InspectOptions:
     output_dir: str = _f("", "Folder for index.html, lambda.png and inspect.json (required).")
     after_model: str = _f("", "A second model with the same tokenizer (e.g. after CUT): its p(y|x) too.")
     threshold: float = _f(
-        1.1, "lambda: a token is flagged when p(y|x,j) / p(y|x) exceeds it (paper: 1.1, 1.2)."
+        1.1,
+        "lambda: a token is flagged when p(y|x,j) / p(y|x) exceeds it (paper: 1.1, 1.2).",
+        parse=number(0, 1000, lo_open=True),
     )
     prompt_template_name: str = _f(
         "auto",
         "alpaca | chat | path to a .json template | auto: the one either model was CUT-trained "
         "with (its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca.",
     )
-    cutoff_len: int = _f(_TRAIN.cutoff_len, "Maximum tokens of one sequence, as in training.")
-    micro_batch_size: int = _f(8, "Negatives per forward (each is two sequences).")
-    limit: int = _f(0, "Score only the first N negatives of the file; 0 = all.")
+    cutoff_len: int = _f(
+        _TRAIN.cutoff_len, "Maximum tokens of one sequence, as in training.", parse=integer(2, 2**20)
+    )
+    micro_batch_size: int = _f(8, "Negatives per forward (each is two sequences).", parse=integer(1, 4096))
+    limit: int = _f(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, 2**31 - 1))
     dtype: str = _f("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N.", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("data_path", "model", "output_dir"):
@@ -96,6 +114,7 @@ class InspectOptions:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
         if self.limit < 0:
             raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        check_fields(self)
         canonical_dtype(self.dtype)
         for name in ("model", "after_model"):
             if getattr(self, name):
@@ -103,6 +122,19 @@ class InspectOptions:
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"{out}: --output_dir exists and is not a folder")
+
+
+def check_fields(opts: Any) -> None:
+    """Each field's own argparse type (its `parse` metadata) run on its value: the command line's
+    checks (finite, in range, a usable device) hold for options given in Python too."""
+    for f in dataclasses.fields(opts):
+        parse, value = f.metadata.get("parse"), getattr(opts, f.name)
+        if parse is None:
+            continue
+        try:
+            parse(str(value))  # str(True) is no number: a bool is refused too
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"{f.name} {err}") from None
 
 
 @dataclass
@@ -187,13 +219,42 @@ def token_texts(
     return texts, special
 
 
+def bounded(example: Example, tokenizer, cutoff_len: int) -> Example:
+    """The example with every prompt field (instruction, input, judgment) longer than
+    PROMPT_CHARS_PER_TOKEN * cutoff_len characters cut to that many from its end, where those
+    characters alone make more than cutoff_len + TAIL_MARGIN tokens; other fields stay whole.
+
+    Training cuts a prompt from the left to at most cutoff_len tokens, and these all lie in such a
+    tail; tokenisation is local (a word's tokens do not depend on text far before it), so the kept
+    tokens are those of the whole text, and the work is bounded by cutoff_len, not the input's size.
+    A prompt that fits is never cut: its fields hold fewer tokens than that."""
+    keep = PROMPT_CHARS_PER_TOKEN * cutoff_len
+
+    def tail(text: str | None) -> str | None:
+        if text is None or len(text) <= keep:
+            return text
+        end = text[-keep:]
+        too_many = len(tokenizer(end, add_special_tokens=False)["input_ids"]) > cutoff_len + TAIL_MARGIN
+        return end if too_many else text  # long tokens: the whole text, as training tokenises it
+
+    r = example.record
+    fields = {"instruction": tail(r.instruction), "input": tail(r.input), "judgment": tail(r.judgment)}
+    if all(fields[k] is getattr(r, k) for k in fields):
+        return example
+    judgment = fields["judgment"] if example.judgment == r.judgment else tail(example.judgment)
+    return Example(dataclasses.replace(r, **fields), judgment)
+
+
 def prepare(
     negatives: list[Example], template: Template, tokenizer, cutoff_len: int
 ) -> tuple[list[tuple[Example, dict]], int]:
-    """Tokenise as training does; (example, features) for those that fit, and how many did not."""
+    """Tokenise as training does; (example, features) for those that fit, and how many did not.
+    Over-long prompt fields are tokenised from their tail only (`bounded`), to the same tokens."""
     kept = []
     for ex in negatives:
-        feat = tokenize_example(ex, template, tokenizer, cutoff_len, _TRAIN.add_eos_token)
+        feat = tokenize_example(
+            bounded(ex, tokenizer, cutoff_len), template, tokenizer, cutoff_len, _TRAIN.add_eos_token
+        )
         if feat is not None:
             kept.append((ex, feat))
     if not kept:
@@ -286,7 +347,8 @@ def score_examples(
             del lm
     scored = []
     for (ex, feat), (lp, lj), (la, _) in zip(prepared, both, after, strict=True):
-        text, special = token_texts(tokenizer, template, ex, feat["response_ids"])
+        short = bounded(ex, tokenizer, opts.cutoff_len)  # the text its features were tokenised from
+        text, special = token_texts(tokenizer, template, short, feat["response_ids"])
         scored.append(Scored(ex, feat["response_ids"], text, special, feat["span_mask"], lp, lj, la))
     return scored
 
@@ -604,6 +666,7 @@ def inspect_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     InspectOptions' fields; every check on them and on the data runs before any model loads."""
     t0 = time.perf_counter()
     opts = InspectOptions(**options)
+    check_writable(opts.output_dir, "--output_dir")
     negatives, counts = load_negatives(opts)
     check_matplotlib()
     tokenizer = load_tokenizer(opts.model)
@@ -632,17 +695,16 @@ def inspect_records(progress: bool = True, **options: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cut.analysis.inspect",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     required = ("data_path", "model", "output_dir")
     for f in dataclasses.fields(InspectOptions):
-        kind = {"float": float, "int": int}.get(str(f.type), str)
         p.add_argument(
             f"--{f.name}",
-            type=kind,
+            type=f.metadata.get("parse", str),
             required=f.name in required,
             default=None if f.name in required else f.default,
             choices=f.metadata.get("choices"),

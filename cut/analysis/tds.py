@@ -68,13 +68,22 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError
-from ..generate import Sampling, generate_texts, validate_instructions
+from ..generate import BATCH_SIZE, NEW_TOKENS, Sampling, generate_texts, validate_instructions
 from ..io import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
-from ..models import DTYPES, canonical_dtype, check_model_path, load_model, load_tokenizer, model_name
+from ..models import (
+    DTYPES,
+    canonical_dtype,
+    check_model_path,
+    device_option,
+    load_model,
+    load_tokenizer,
+    model_name,
+)
+from ..options import Parser, integer
 from ..pairs import response_char_ranges, response_ids
 from ..records import read_raw, text_field
 from ..templates import Template, load_template, resolve_template_name
-from .inspect import _rounded, check_matplotlib
+from .inspect import _rounded, check_fields, check_matplotlib
 from .page import render_page
 
 logger = logging.getLogger("cut.analysis.tds")
@@ -113,12 +122,16 @@ class TDSOptions:
         "template) | same (the aligned prompt's exact text) | urial (the URIAL prefix).",
         choices=BASE_PROMPTS,
     )
-    batch_size: int = _f(8, "Answers per forward of each model (and per generation batch).")
-    max_new_tokens: int = _f(256, "Length limit of the answers generated for records without an output.")
-    limit: int = _f(0, "Only the first N records of the file; 0 = all.")
-    cutoff_len: int = _f(4096, "Maximum tokens of prompt + answer; longer answers lose their end.")
+    batch_size: int = _f(8, "Answers per forward of each model (and per generation batch).", parse=BATCH_SIZE)
+    max_new_tokens: int = _f(
+        256, "Length limit of the answers generated for records without an output.", parse=NEW_TOKENS
+    )
+    limit: int = _f(0, "Only the first N records of the file; 0 = all.", parse=integer(0, 2**31 - 1))
+    cutoff_len: int = _f(
+        4096, "Maximum tokens of prompt + answer; longer answers lose their end.", parse=integer(2, 2**20)
+    )
     dtype: str = _f("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (both models go there).")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (both models go there).", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("base_model", "aligned_model", "data_path", "output_dir"):
@@ -131,6 +144,7 @@ class TDSOptions:
         for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("cutoff_len", 2), ("limit", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        check_fields(self)
         canonical_dtype(self.dtype)
         check_model_path(self.base_model)
         check_model_path(self.aligned_model)
@@ -843,7 +857,7 @@ def tds_records(progress: bool = True, **options: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cut.analysis.tds",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -852,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TDSOptions):
         p.add_argument(
             f"--{f.name}",
-            type={"int": int, "float": float}.get(str(f.type), str),
+            type=f.metadata.get("parse", str),
             required=f.name in required,
             default=None if f.name in required else f.default,
             choices=f.metadata.get("choices"),

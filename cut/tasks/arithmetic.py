@@ -9,13 +9,13 @@ with the reference numerically.
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import sys
 from fractions import Fraction
 
 from ..io import write_json_atomic
+from ..options import SEED, Parser, integer
 
 NAMES = [
     "Ana",
@@ -34,6 +34,8 @@ NAMES = [
     "Noah",
 ]
 ITEMS = ["apples", "books", "marbles", "stickers", "pencils", "cookies", "coins", "stamps", "shells", "cards"]
+# far below the number of distinct problems (millions): make_problems always finishes
+MAX_PROBLEMS = 100_000
 
 
 def _problem(rng: random.Random) -> tuple[str, int]:
@@ -114,14 +116,12 @@ def answers_match(predicted: str | None, reference: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="cut.tasks.arithmetic", description="Write the arithmetic pool and held-out set."
-    )
+    p = Parser(prog="cut.tasks.arithmetic", description="Write the arithmetic pool and held-out set.")
     p.add_argument("--pool", default="data/arithmetic_pool.json")
     p.add_argument("--heldout", default="data/arithmetic_heldout.json")
-    p.add_argument("--n_pool", type=int, default=600)
-    p.add_argument("--n_heldout", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_pool", type=integer(1, MAX_PROBLEMS), default=600)
+    p.add_argument("--n_heldout", type=integer(1, MAX_PROBLEMS), default=100)
+    p.add_argument("--seed", type=SEED, default=0)
     args = p.parse_args(argv)
     heldout = make_problems(args.n_heldout, seed=args.seed + 1)
     pool = make_problems(args.n_pool, seed=args.seed, exclude={r["instruction"] for r in heldout})

@@ -13,7 +13,6 @@ instruction level, strict / loose) plus per-type and per-prompt results.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..io import write_json_atomic
+from ..options import SEED, Parser
 from ..records import check_object, read_raw, text_field
 from . import constraints
 from .base_tasks import HELDOUT, TRAIN
@@ -172,12 +172,12 @@ def write(out: str | Path, seed: int) -> dict[str, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="cut.tasks.instructions",
         description="Write the verifiable-instruction pool and held-out set (or --check the shipped ones).",
     )
     p.add_argument("--out", default="data", help="folder for instructions_pool.json / _heldout.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--check", action="store_true", help="exit 1 if the files in --out differ from a rerun")
     args = p.parse_args(argv)
     if args.check:

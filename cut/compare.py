@@ -193,7 +193,7 @@ def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
     start = _eval(root / names[0] / "round_0" / "eval.json")
     report: dict[str, Any] = {"rounds": rounds, "start": _scores(start), "objectives": {}}
     if start is not None:
-        report["start"]["mean_length"] = sum(len(a["output"]) for a in start["answers"]) / max(
+        report["start"]["mean_length"] = sum(len(a.get("output") or "") for a in start["answers"]) / max(
             1, len(start["answers"])
         )
         if "per_type" in start:
@@ -216,7 +216,9 @@ def collect(root: Path, names: list[str], rounds: int) -> dict[str, Any]:
                 peer = evals.get(other, [None] * rounds)[r - 1]
                 if peer is not None and name != other:
                     row[f"vs_{other}"] = mcnemar_exact(_passes(ev), _passes(peer))
-            row["mean_length"] = sum(len(a["output"]) for a in ev["answers"]) / max(1, len(ev["answers"]))
+            row["mean_length"] = sum(len(a.get("output") or "") for a in ev["answers"]) / max(
+                1, len(ev["answers"])
+            )
             if "per_type" in ev:
                 row["per_type"] = {t: v["strict"] for t, v in ev["per_type"].items()}
             path = root / name / f"round_{r}" / "manifest.json"

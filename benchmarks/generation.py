@@ -57,9 +57,9 @@ def rows_for(tokenizer, template_name: str, n: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def run_generate(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[int]], int]:
-    from cut.generate import _left_pad
+    from cut.generate import left_pad
 
-    ids, mask = _left_pad(batch, gen_config.pad_token_id)
+    ids, mask = left_pad(batch, gen_config.pad_token_id)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)[:, ids.shape[1] :]
     new = []
     for row in out.tolist():
@@ -69,9 +69,9 @@ def run_generate(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[in
 
 
 def run_decode(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[int]], int]:
-    from cut.generate import _decode, _left_pad
+    from cut.generate import _decode, left_pad
 
-    ids, mask = _left_pad(batch, gen_config.pad_token_id)
+    ids, mask = left_pad(batch, gen_config.pad_token_id)
     new = _decode(model, ids, mask, gen_config, eos)
     return new, sum(min(len(t) + 1, gen_config.max_new_tokens) for t in new)
 

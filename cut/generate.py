@@ -55,7 +55,7 @@ from .models import (
     model_name,
 )
 from .options import SEED, Parser, integer, number
-from .pairs import _fit as fit_prompt
+from .pairs import fit_prompt
 from .records import check_object, read_raw, text_field
 from .templates import load_template, resolve_template_name
 
@@ -250,7 +250,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = [[pad_id] * (width - len(r)) + r for r in rows]
     mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
@@ -264,7 +264,7 @@ def _generate_batch(
     """One left-padded batch -> the decoded new text of each row; with `stop` strings, a row ends
     as soon as its new text holds one, and its text is cut before the first."""
     device = next(model.parameters()).device
-    input_ids, mask = _left_pad(rows, gen_config.pad_token_id)
+    input_ids, mask = left_pad(rows, gen_config.pad_token_id)
     eos = set(_eos_ids(model, tokenizer))
     hit = _stop_checker(tokenizer, stop) if stop else None
     new = _decode(model, input_ids.to(device), mask.to(device), gen_config, eos, hit)

@@ -40,9 +40,8 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        if (
-            (lo is not None and (value < lo or (lo_open and value == lo)))
-            or (hi is not None and (value > hi or (hi_open and value == hi)))
+        if (lo is not None and (value < lo or (lo_open and value == lo))) or (
+            hi is not None and (value > hi or (hi_open and value == hi))
         ):
             raise argparse.ArgumentTypeError(f"must be in {_bounds(lo, hi, lo_open, hi_open)}, got {text!r}")
         return value

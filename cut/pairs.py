@@ -50,10 +50,10 @@ def tokenize_example(
     eos = tokenizer.eos_token_id
     if add_eos_token and eos is not None and (not response or response[-1] != eos):
         response = response + [eos]
-    prompt = _fit(plain_ids, len(response), cutoff_len, tokenizer)
+    prompt = fit_prompt(plain_ids, len(response), cutoff_len, tokenizer)
     judged_ids: list[int] = []
     if judged is not None:
-        judged_ids = _fit(
+        judged_ids = fit_prompt(
             tokenizer(judged, add_special_tokens=special)["input_ids"], len(response), cutoff_len, tokenizer
         )
         if judged_ids is None:
@@ -117,7 +117,7 @@ def response_ids(tokenizer, prompt: str, prompt_ids: list[int], output: str, spe
     return tokenizer(output, add_special_tokens=False)["input_ids"]
 
 
-def _fit(prompt: list[int], n_response: int, cutoff_len: int, tokenizer) -> list[int] | None:
+def fit_prompt(prompt: list[int], n_response: int, cutoff_len: int, tokenizer) -> list[int] | None:
     room = cutoff_len - n_response
     if room < 1 or not prompt:
         return None  # at least one prompt token must predict the first response token

@@ -59,11 +59,11 @@ from .trainer import (
 logger = logging.getLogger("cut.train")
 
 
-def _rank() -> int:
+def process_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
-def _world_size() -> int:
+def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -76,7 +76,7 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], d
     template = load_template(cfg.prompt_template_name, tokenizer)
     features = []
     counts["too_long"] = 0
-    for ex in tqdm(examples, desc="tokenising", disable=_rank() != 0, leave=False):
+    for ex in tqdm(examples, desc="tokenising", disable=process_rank() != 0, leave=False):
         feat = tokenize_example(ex, template, tokenizer, cfg.cutoff_len, cfg.add_eos_token)
         if feat is None:
             counts["too_long"] += 1
@@ -235,7 +235,7 @@ def shared_arguments(cfg: TrainConfig) -> dict[str, Any]:
     return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps(_world_size()),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(world_size()),
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
@@ -249,7 +249,7 @@ def shared_arguments(cfg: TrainConfig) -> dict[str, Any]:
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
-        ddp_find_unused_parameters=False if _world_size() > 1 else None,
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
         # explicit: TRL's configs would default gradient checkpointing to on
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
@@ -276,7 +276,7 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
         length_column_name="length",
         remove_unused_columns=False,
     )
-    if _world_size() == 1 and args.n_gpu > 1:
+    if world_size() == 1 and args.n_gpu > 1:
         # DataParallel would split tgt_pos / tgt_partner, which index the whole batch: one GPU per
         # process, and torchrun --nproc_per_node=N for more
         logger.warning("%d GPUs visible to one process: using one; launch with torchrun for all", args.n_gpu)
@@ -496,7 +496,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
     cfg.validate()
     models.check_model_path(cfg.base_model)
     resolve_precision(cfg)
-    cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
+    cfg.gradient_accumulation_steps(world_size())  # fail early on an uneven batch
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
@@ -504,7 +504,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
         tokenizer.pad_token = tokenizer.eos_token  # pads never get a target and are masked from attention
     limit_cutoff(cfg)
     train, val, counts = prepare_data(cfg, tokenizer)
-    if _rank() == 0:
+    if process_rank() == 0:
         cfg.save(out / "cut_config.yaml")
         logger.info(
             "data: %(records)d records -> %(positive)d positives, %(negative)d negatives; "
@@ -534,7 +534,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
 
         deepspeed.init_distributed()
     model = load_model(cfg)
-    if _rank() == 0 and hasattr(model, "print_trainable_parameters"):
+    if process_rank() == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = CUTTrainer(
@@ -558,15 +558,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Check and lock output_dir, train, evaluate, save; returns (and writes to
     output_dir/metrics.json, last) the run's metrics."""
     cfg.validate()
-    if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
+    if process_rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
         check_output_dir(cfg)
     checkpoint, adapter = resume_target(cfg)
     check_resume_has_work(cfg, checkpoint)
-    lock = claim_output_dir(cfg) if _rank() == 0 else None
+    lock = claim_output_dir(cfg) if process_rank() == 0 else None
     try:
         return _train(cfg, checkpoint, adapter)
     except WriteFailed as err:
-        if _rank() == 0:  # free what a cut-off save took; complete checkpoints stay for a resume
+        if process_rank() == 0:  # free what a cut-off save took; complete checkpoints stay for a resume
             clean_checkpoint_leftovers(cfg.output_dir)
         saved = [p for p in list_checkpoints(cfg.output_dir) if checkpoint_complete(p)]
         again = "--resume_from_checkpoint true" if saved else "--overwrite_output_dir"
@@ -700,7 +700,7 @@ def _die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
-        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        level=logging.INFO if process_rank() == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -747,7 +747,7 @@ def _exit_without_teardown(code: int) -> None:
 def cli(argv: list[str] | None = None) -> int:
     """`python -m cut.train` and `cut train`: a distributed run leaves without interpreter teardown."""
     code = main(argv)
-    if _world_size() > 1:
+    if world_size() > 1:
         _exit_without_teardown(code)
     return code
 

@@ -57,7 +57,7 @@ METRICS = ("mle", "ul", "flagged")
 logger = logging.getLogger(__name__)
 
 
-def _logit_transform(config) -> Any:
+def logit_transform(config) -> Any:
     """The few heads that post-process logits (Gemma softcap, Cohere / Granite scaling)."""
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
@@ -233,7 +233,7 @@ def target_logprobs(
     hidden = decoder_hidden(lm, input_ids, attention_mask, position_ids, cu_seq_lens)
     hidden = hidden.flatten(0, 1).index_select(0, tgt_pos)  # (N, H): target positions only
     vocab_size = lm.config.get_text_config().vocab_size
-    transform = _logit_transform(lm.config.get_text_config())
+    transform = logit_transform(lm.config.get_text_config())
     return label_logprobs(hidden, lm.get_output_embeddings(), tgt_ids, vocab_size, chunk_size, transform)
 
 
@@ -242,7 +242,7 @@ def check_head_path(
 ) -> float:
     """Compare `target_logprobs` with the model's own forward on the first targets of sequence 0.
 
-    `_logit_transform` knows the heads that post-process logits in the transformers releases we
+    `logit_transform` knows the heads that post-process logits in the transformers releases we
     test; a model that does it some other way would train on wrong log-probs without a sound.
     This runs once per run, without gradients, in eval mode (no dropout), on one sequence cut
     just after its n-th target, with logits for those n positions only. Sequence 0 is row 0 of a
@@ -280,7 +280,7 @@ def check_head_path(
         raise ConfigError(
             f"{type(lm).__name__}: log-probs from cut's output-head path differ from the model's own "
             f"forward by {diff:.3g} nats (tolerance {tol}); this architecture post-processes its "
-            "logits in a way cut.trainer._logit_transform does not reproduce, so CUT would train on "
+            "logits in a way cut.trainer.logit_transform does not reproduce, so CUT would train on "
             "wrong probabilities"
         )
     return diff

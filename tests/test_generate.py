@@ -319,7 +319,7 @@ def _arch(name: str):
 
 
 def _hf_generate(model, rows, gen_config, eos):
-    ids, mask = gen._left_pad(rows, gen_config.pad_token_id)
+    ids, mask = gen.left_pad(rows, gen_config.pad_token_id)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
     new = []
@@ -342,7 +342,7 @@ def test_compacting_decoder_equals_generate_greedy(arch):
     eos = {max(counts, key=counts.get)}
     cfg = Sampling(max_new_tokens=24).generation_config(0, sorted(eos))
     want = _hf_generate(model, rows, cfg, eos)
-    got = gen._decode(model, *gen._left_pad(rows, 0), cfg, eos)
+    got = gen._decode(model, *gen.left_pad(rows, 0), cfg, eos)
     assert got == want
     lengths = {len(r) for r in got}
     assert len(lengths) > 1 and min(lengths) < 24, f"rows ended together ({lengths}); nothing was dropped"
@@ -354,9 +354,9 @@ def test_compacting_decoder_repetition_penalty_equals_generate():
     rows = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(3)]  # no padding to differ on
     cfg = Sampling(max_new_tokens=16, repetition_penalty=1.5).generation_config(0, None)
     plain = Sampling(max_new_tokens=16).generation_config(0, None)
-    got = gen._decode(model, *gen._left_pad(rows, 0), cfg, set())
+    got = gen._decode(model, *gen.left_pad(rows, 0), cfg, set())
     assert got == _hf_generate(model, rows, cfg, set())
-    assert got != gen._decode(model, *gen._left_pad(rows, 0), plain, set()), "the penalty changed nothing"
+    assert got != gen._decode(model, *gen.left_pad(rows, 0), plain, set()), "the penalty changed nothing"
 
 
 def test_compacting_decoder_sampling_is_seeded():
@@ -366,7 +366,7 @@ def test_compacting_decoder_sampling_is_seeded():
 
     def draw(seed):
         torch.manual_seed(seed)
-        return gen._decode(model, *gen._left_pad(rows, 0), cfg, set())
+        return gen._decode(model, *gen.left_pad(rows, 0), cfg, set())
 
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)

@@ -1,4 +1,4 @@
-"""Tests for cut.pairs: tokenised pairs (tokenize_example, _fit) and the CUTCollator layout.
+"""Tests for cut.pairs: tokenised pairs (tokenize_example, fit_prompt) and the CUTCollator layout.
 
 Expected ids are built by hand here: the prompt strings come from the template and are tokenised
 directly, the response is `tokenizer(output, add_special_tokens=False)` plus EOS. The collated
@@ -13,7 +13,7 @@ from tokenizers import processors
 from transformers import AutoTokenizer
 
 from cut.loss import Role
-from cut.pairs import CUTCollator, _fit, padding_ratio, sequence_lengths, tokenize_example, unpack
+from cut.pairs import CUTCollator, fit_prompt, padding_ratio, sequence_lengths, tokenize_example, unpack
 from cut.records import Example, Record
 from cut.templates import load_template
 
@@ -282,14 +282,14 @@ def test_response_that_cannot_fit_returns_none(setup):
 def test_fit_directly(tok):
     bos = tok.bos_token_id
     prompt = [bos, 10, 11, 12, 13]
-    assert _fit(prompt, 3, 8, tok) == prompt  # fits exactly
-    assert _fit(prompt, 3, 7, tok) == [bos, 11, 12, 13]
-    assert _fit(prompt, 3, 6, tok) == [bos, 12, 13]
-    assert _fit(prompt, 3, 5, tok) == [bos, 13]
-    assert _fit(prompt, 3, 4, tok) == [13]
-    assert _fit(prompt, 3, 3, tok) is None
-    assert _fit([10, 11, 12, 13], 3, 5, tok) == [12, 13]
-    assert _fit([], 3, 10, tok) is None
+    assert fit_prompt(prompt, 3, 8, tok) == prompt  # fits exactly
+    assert fit_prompt(prompt, 3, 7, tok) == [bos, 11, 12, 13]
+    assert fit_prompt(prompt, 3, 6, tok) == [bos, 12, 13]
+    assert fit_prompt(prompt, 3, 5, tok) == [bos, 13]
+    assert fit_prompt(prompt, 3, 4, tok) == [13]
+    assert fit_prompt(prompt, 3, 3, tok) is None
+    assert fit_prompt([10, 11, 12, 13], 3, 5, tok) == [12, 13]
+    assert fit_prompt([], 3, 10, tok) is None
 
 
 # --------------------------------------------------------------------------------------------

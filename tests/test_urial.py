@@ -223,14 +223,14 @@ def test_rows_stop_on_their_own_and_match_one_by_one(tiny_model):
     cfg = sampling.generation_config(gen._pad_id(tok), gen._eos_ids(model, tok))
     ids = tokenize_prompts(tok, PROMPTS, True)
     eos = set(gen._eos_ids(model, tok))
-    free = gen._decode(model, *gen._left_pad(ids, cfg.pad_token_id), cfg, eos)
+    free = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos)
     stop = _stop_string(tok, free)
     hits = _first_hits(tok, free, stop)
     assert len({k for k in hits if k}) > 1, f"no stop string ends rows at different steps ({hits})"
 
     # the decoder: each row ends on the step its text first holds the stop string, the others go on
     check = gen._stop_checker(tok, [stop])
-    stopped = gen._decode(model, *gen._left_pad(ids, cfg.pad_token_id), cfg, eos, check)
+    stopped = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos, check)
     assert [len(r) for r in stopped] == [k or len(f) for k, f in zip(hits, free, strict=True)]
     assert all(s == f[: len(s)] for s, f in zip(stopped, free, strict=True))
 

@@ -474,13 +474,13 @@ def build_result(scored: list[Scored], threshold: float, meta: dict[str, Any]) -
 # ---------------------------------------------------------------- outputs
 
 
-def _rounded(obj: Any, digits: int = 5) -> Any:
+def rounded(obj: Any, digits: int = 5) -> Any:
     if isinstance(obj, float):
         return round(obj, digits)
     if isinstance(obj, list):
-        return [_rounded(x, digits) for x in obj]
+        return [rounded(x, digits) for x in obj]
     if isinstance(obj, dict):
-        return {k: _rounded(v, digits) for k, v in obj.items()}
+        return {k: rounded(v, digits) for k, v in obj.items()}
     return obj
 
 
@@ -571,11 +571,11 @@ def page_records(result: dict[str, Any]) -> list[dict[str, Any]]:
             "sp": [k for k, x in enumerate(r["special"]) if x],
             "sn": r["span"],
             "fl": r["flagged"],
-            "lp": _rounded(r["lp_plain"], 4),
-            "lj": _rounded(r["lp_judged"], 4),
+            "lp": rounded(r["lp_plain"], 4),
+            "lj": rounded(r["lp_judged"], 4),
         }
         if "lp_after" in r:
-            rec["la"] = _rounded(r["lp_after"], 4)
+            rec["la"] = rounded(r["lp_after"], 4)
         out.append(rec)
     return out
 
@@ -652,7 +652,7 @@ def write_outputs(result: dict[str, Any], output_dir: str | Path) -> dict[str, P
     png = plot_lambda(result)
     paths = {"lambda": out / "lambda.png", "json": out / "inspect.json", "page": out / "index.html"}
     write_bytes_atomic(paths["lambda"], png)
-    write_json_atomic(paths["json"], _rounded(result))
+    write_json_atomic(paths["json"], rounded(result))
     write_text_atomic(paths["page"], page_html(result, png))
     return paths
 

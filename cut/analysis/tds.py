@@ -83,7 +83,7 @@ from ..options import Parser, integer
 from ..pairs import response_char_ranges, response_ids
 from ..records import read_raw, text_field
 from ..templates import Template, load_template, resolve_template_name
-from .inspect import _rounded, check_fields, check_matplotlib
+from .inspect import check_fields, check_matplotlib, rounded
 from .page import render_page
 
 logger = logging.getLogger("cut.analysis.tds")
@@ -226,7 +226,7 @@ def chunked_shift(
 
     hidden_base, hidden_aligned: (N, H_b), (N, H_a), the states that predict labels (N,);
     head_*: the output heads (called as modules, so LoRA on a head applies); transform_*: a
-    model's logit post-processing (cut.trainer._logit_transform: Gemma's softcap ...).
+    model's logit post-processing (cut.trainer.logit_transform: Gemma's softcap ...).
     chunk_size: positions per chunk; 0 = CHUNK_ELEMENTS // vocab_size.
     """
     if chunk_size <= 0:
@@ -307,7 +307,7 @@ def score_ids(
     prompts_aligned[i] under `aligned`; one forward of each model per batch of `batch_size`
     answers (longest first), heads in chunks (see chunked_shift). `base` and `aligned` may be
     the same model object. `check` compares the head path with each model's own forward once."""
-    from ..trainer import _logit_transform
+    from ..trainer import logit_transform
 
     if not len(prompts_base) == len(prompts_aligned) == len(answers):
         raise ValueError("prompts_base, prompts_aligned and answers differ in length")
@@ -316,7 +316,7 @@ def score_ids(
             f"the base model's output head has {_vocab_size(base)} tokens and the aligned model's "
             f"{_vocab_size(aligned)}: they must share a vocabulary"
         )
-    transforms = [_logit_transform(m.config.get_text_config()) for m in (base, aligned)]
+    transforms = [logit_transform(m.config.get_text_config()) for m in (base, aligned)]
     order = sorted(range(len(answers)), key=lambda i: -(len(prompts_aligned[i]) + len(answers[i])))
     out: list[Any] = [None] * len(answers)
     for start in range(0, len(order), batch_size):
@@ -702,9 +702,9 @@ def page_records(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "c": r["class"],
                 "br": r["base_rank"],
                 "ar": r["aligned_rank"],
-                "bp": _rounded(r["base_logp"], 4),
-                "ap": _rounded(r["aligned_logp"], 4),
-                "kl": _rounded(r["kl"], 4),
+                "bp": rounded(r["base_logp"], 4),
+                "ap": rounded(r["aligned_logp"], 4),
+                "kl": rounded(r["kl"], 4),
                 "bt": r["base_top"],
             }
         )
@@ -751,7 +751,7 @@ def write_outputs(result: dict[str, Any], output_dir: str | Path, tokenizer) -> 
     png = plot_tds(result)
     paths = {"png": out / "tds.png", "json": out / "tds.json", "page": out / "tds.html"}
     write_bytes_atomic(paths["png"], png)
-    write_json_atomic(paths["json"], _rounded(result))
+    write_json_atomic(paths["json"], rounded(result))
     write_text_atomic(paths["page"], page_html(result, png, tokenizer))
     return paths
 

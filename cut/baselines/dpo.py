@@ -38,17 +38,17 @@ from .. import models
 from ..config import FIELDS, FLOAT_MAX, INT_MAX, TrainConfig, build_parser, coerce, load_yaml
 from ..errors import ConfigError, DataError
 from ..io import write_json_atomic, write_text_atomic
-from ..pairs import _fit, tokenize_example
+from ..pairs import fit_prompt, tokenize_example
 from ..records import Example, Record, classify, load_records
 from ..templates import Template, load_template
 from ..train import (
-    _rank,
-    _world_size,
     check_output_dir,
     claim_output_dir,
     limit_cutoff,
+    process_rank,
     resolve_precision,
     shared_arguments,
+    world_size,
 )
 
 logger = logging.getLogger("cut.baselines.dpo")
@@ -252,7 +252,7 @@ def tokenize_pair(
         for r in (pair.chosen, pair.rejected)
     ]
     chosen, rejected = (f["response_ids"] for f in feats)
-    prompt = _fit(feats[0]["prompt_ids"], max(len(chosen), len(rejected)), cutoff_len, tokenizer)
+    prompt = fit_prompt(feats[0]["prompt_ids"], max(len(chosen), len(rejected)), cutoff_len, tokenizer)
     if prompt is None:
         return None
     return {
@@ -372,7 +372,7 @@ def setup(cfg: TrainConfig, what: str):
         raise ConfigError(f"the {what} baseline trains a LoRA adapter: full_finetune is not supported")
     models.check_model_path(cfg.base_model)
     resolve_precision(cfg)
-    cfg.gradient_accumulation_steps(_world_size())  # fail early on an uneven batch
+    cfg.gradient_accumulation_steps(world_size())  # fail early on an uneven batch
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -405,7 +405,7 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
 
     tokenizer = setup(cfg, "DPO")
     features, counts = prepare_data(cfg, opts, tokenizer)
-    if _rank() == 0:
+    if process_rank() == 0:
         save_configs(cfg, opts, "dpo")
         logger.info(
             "pairs: %(records)d records (%(positive)d positive, %(negative)d negative, %(failed_judgment)d "
@@ -434,9 +434,9 @@ def run(cfg: TrainConfig, opts: Any, build=build_trainer, objective: str = "dpo"
         raise ConfigError(
             f"the {objective.upper()} baseline saves no checkpoints: resume_from_checkpoint is not supported"
         )
-    if _rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
+    if process_rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
         check_output_dir(cfg, resumable=False)  # no checkpoints: the advice is a new or cleared folder
-    lock = claim_output_dir(cfg) if _rank() == 0 else None
+    lock = claim_output_dir(cfg) if process_rank() == 0 else None
     try:
         return _train(cfg, opts, build, objective)
     finally:
@@ -468,7 +468,7 @@ def main(
     argv: list[str] | None = None, parse=parse_config, build=build_trainer, objective: str = "dpo"
 ) -> int:
     logging.basicConfig(
-        level=logging.INFO if _rank() == 0 else logging.WARNING,
+        level=logging.INFO if process_rank() == 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError
 from ..pairs import tokenize_example
 from ..records import Example, classify, load_records
 from ..templates import load_template
-from ..train import _rank, shared_arguments
+from ..train import process_rank, shared_arguments
 from .dpo import (
     REJECTED_TOKENS,
     SpanMaskedCollator,
@@ -163,7 +163,7 @@ def build_trainer(cfg: TrainConfig, opts: KTOOptions):
     features, counts = prepare_data(cfg, tokenizer)
     weight = opts.desirable_weight or counts["train_undesirable"] / counts["train_desirable"]
     counts["desirable_weight"] = weight
-    if _rank() == 0:
+    if process_rank() == 0:
         save_configs(cfg, opts, "kto")
         logger.info(
             "KTO: %(records)d records -> %(train_desirable)d desirable, %(train_undesirable)d undesirable "

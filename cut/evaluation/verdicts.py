@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..generate import _left_pad, context_length, prefill_cache
+from ..generate import context_length, left_pad, prefill_cache
 from .aspects import SCALE, Rubric
 
 Message = dict[str, str]
@@ -91,7 +91,7 @@ def option_probabilities(
     """For each prompt row and each reading (prefill ids, options' ids): the options' probabilities
     after row + prefill, renormalised over the options, and the raw probability mass on them."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(rows, pad_id)
+    ids, mask = left_pad(rows, pad_id)
     mask = mask.to(device)
     cache, _ = prefill_cache(model, ids.to(device), mask)  # the prompts once; the cache is what counts
     out: list[list[tuple[list[float], float]]] = [[] for _ in rows]

@@ -101,134 +101,176 @@ from .records import read_raw
 logger = logging.getLogger("cut.urial")
 
 DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "data" / "urial" / "default.md"
-QUERY, ANSWER, FENCE = "# Query:", "# Answer:", "```"
-STOP = ("# Query",)  # URIAL's stop string: the model has begun the next block
+STOP = ("# Query", "# User")  # URIAL's stop strings for every format (unified_infer.py)
 SAMPLED_TEMPERATURE = 0.3  # the paper's setting when sampling
 PENALTY_RANGE = (1.0, 1.15)  # repetition penalties the paper uses
 
 
-# ---------------------------------------------------------------- the prompt
+# ---------------------------------------------------------------- the prompt, as URIAL assembles it
+
+# URIAL's three turn formats (its fastchat_conversation.py templates urial_backticks, urial_v5,
+# urial_v6): the query and answer headers, and how a turn is written after the file's text
+TURN_FORMATS = ("backticks", "v5", "v6")
+HEADERS = {
+    "backticks": ("# Query:", "# Answer:"),
+    "v5": ("# User:", "# Assistant:"),
+    "v6": ("# User:", "# Assistant:"),
+}
+FENCE = "```"
+QUERY, ANSWER = HEADERS["backticks"]
 
 
-@dataclass(frozen=True)
-class UrialPrompt:
-    """A preamble and K (query, answer) examples; `name` says where they came from."""
+def detect_turn_format(prompt_text: str, name: str | None = None) -> str:
+    """The turn format URIAL pairs with a prompt file.
 
-    preamble: str
-    examples: tuple[tuple[str, str], ...]
-    name: str = "default"
-
-    @property
-    def text(self) -> str:
-        """Preamble and examples as they open every prompt."""
-        head = self.preamble + "\n" if self.preamble else ""
-        body = _turns(self.examples)
-        return head + body if head else body.removeprefix("\n")
-
-    @property
-    def tag(self) -> str:
-        """'urial:<name>@<hash>', written into every answer: an edited prompt stops a resume."""
-        return f"urial:{self.name}@{hashlib.sha256(self.text.encode('utf-8')).hexdigest()[:8]}"
+    URIAL's rule (src/unified_utils.py, apply_template) reads the file's *name*: one holding
+    "inst_help_v5" gets urial_v5, "inst_help_v6" urial_v6, every other urial_backticks, whatever
+    headers the file uses. With `name` that rule is applied exactly. Without one (a text with no
+    file behind it) the format is read from the headers: '# User:' lines followed by a blank line
+    are v5, by text v6; anything else, a K = 0 file included, is backticks."""
+    if name is not None:
+        stem = Path(name).name
+        if "inst_help_v5" in stem:
+            return "v5"
+        if "inst_help_v6" in stem:
+            return "v6"
+        return "backticks"
+    return headers_format(prompt_text) or "backticks"
 
 
-def _block(header: str, text: str) -> str:
-    return f"\n{header}\n{FENCE}\n{text}\n{FENCE}\n"
+def headers_format(prompt_text: str) -> str | None:
+    """The format the file's own example headers are written in (None: no '# User:' or '# Query:'
+    header line, as in a K = 0 file)."""
+    lines = prompt_text.split("\n")
+    user = [i for i, line in enumerate(lines) if line.rstrip() == "# User:"]
+    if user:
+        after = lines[user[-1] + 1] if user[-1] + 1 < len(lines) else ""
+        return "v5" if not after.strip() else "v6"
+    return "backticks" if any(line.rstrip() == QUERY for line in lines) else None
 
 
-def _turns(turns: Sequence[tuple[str, str]]) -> str:
-    return "".join(_block(QUERY, q) + _block(ANSWER, a) for q, a in turns)
+def check_turn_format(turn_format: str | None) -> str | None:
+    """None / 'auto' (choose from the file) or one of TURN_FORMATS; ConfigError otherwise."""
+    if turn_format in (None, "auto"):
+        return None
+    if turn_format not in TURN_FORMATS:
+        raise ConfigError(
+            f"turn_format must be auto or one of {', '.join(TURN_FORMATS)}, got {turn_format!r}"
+        )
+    return turn_format
 
 
-def urial_prompt(
-    instruction: str, history: list[tuple[str, str]] | None = None, prompt: UrialPrompt | None = None
+def _turn(turn_format: str, header: str, message: str | None) -> str:
+    """One turn as URIAL's Conversation.get_prompt writes it; None: the open turn the model fills."""
+    if turn_format == "v6":  # SeparatorStyle.URIAL_V6
+        return f"\n\n{header}\n" + (f"{message.strip(chr(10))}\n" if message is not None else "")
+    fence = FENCE if turn_format == "backticks" else ""  # SeparatorStyle.URIAL, sep = sep2 = fence
+    return f"\n{header}\n{fence}\n" + (f"{message}\n{fence}\n" if message is not None else "")
+
+
+def render(
+    prompt_text: str,
+    instruction: str,
+    turn_format: str | None = None,
+    *,
+    history: Sequence[tuple[str, str]] = (),
+    name: str | None = None,
 ) -> str:
-    """The full URIAL prompt for `instruction` after the (query, answer) turns of `history`."""
-    prompt = prompt or default_prompt()
-    open_answer = f"\n{ANSWER}\n{FENCE}\n"
-    rest = _turns(history or []) + _block(QUERY, instruction) + open_answer
-    return prompt.text + rest if prompt.text else rest.removeprefix("\n")
+    """Exactly the text URIAL feeds the model for one query: the prompt file verbatim (URIAL's
+    system message), the (query, answer) turns of `history`, the query, and the open answer turn,
+    each written in `turn_format` (None: detect_turn_format(prompt_text, name), URIAL's rule when
+    the file's name is given)."""
+    fmt = check_turn_format(turn_format) or detect_turn_format(prompt_text, name)
+    user, assistant = HEADERS[fmt]
+    turns = [_turn(fmt, user, q) + _turn(fmt, assistant, a) for q, a in history]
+    return prompt_text + "".join(turns) + _turn(fmt, user, instruction) + _turn(fmt, assistant, None)
 
 
-def load_urial_prompt(path: str | None = None) -> UrialPrompt:
-    """The prompt of a file in URIAL's layout; None: the project's data/urial/default.md."""
-    if path is None:
-        return default_prompt()
-    return _read_prompt(Path(path), Path(path).name)
-
-
-@lru_cache(maxsize=1)
-def default_prompt() -> UrialPrompt:
-    return _read_prompt(DEFAULT_PROMPT, "default")
-
-
-def _read_prompt(path: Path, name: str) -> UrialPrompt:
+def read_prompt_file(path: str | Path) -> str:
+    """A prompt file's text as URIAL's loader reads it (datasets' "text" builder, sample_by
+    "document": UTF-8, universal newlines, nothing else changed); ConfigError naming the file."""
+    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")  # text mode: \r\n and \r become \n, as there
     except OSError as err:
         raise ConfigError(f"{path}: cannot read the URIAL prompt: {err.strerror}") from None
     except UnicodeDecodeError as err:
         raise ConfigError(
             f"{path}: URIAL prompt is not UTF-8 text: {err.reason} at byte {err.start}"
         ) from None
-    return parse_urial_prompt(text, str(path), name)
+    if not text.strip():
+        raise ConfigError(f"{path}: the URIAL prompt file is empty")
+    return text
 
 
-def parse_urial_prompt(text: str, source: str = "<prompt>", name: str = "prompt") -> UrialPrompt:
-    """A preamble, then `# Query:` / `# Answer:` blocks with ```-fenced texts; ConfigError naming
-    `source`, the example and the line where the text leaves that layout."""
-    lines = text.replace("\r\n", "\n").split("\n")
-    first = next((i for i, line in enumerate(lines) if line.rstrip() == QUERY), None)
-    if first is None:
-        raise ConfigError(
-            f"{source}: no '{QUERY}' line: a URIAL prompt is a preamble, then example blocks "
-            f"'{QUERY}' + a ```-fenced query and '{ANSWER}' + a ```-fenced answer"
-        )
-    examples: list[tuple[str, str]] = []
-    i = first
-    while (i := _skip_blank(lines, i)) < len(lines):
-        where = f"{source}: example {len(examples) + 1}"
-        query, i = _fenced(lines, i, QUERY, where)
-        answer, i = _fenced(lines, _skip_blank(lines, i), ANSWER, where)
-        examples.append((query, answer))
-    return UrialPrompt("\n".join(lines[:first]).rstrip(), tuple(examples), name)
+@dataclass(frozen=True)
+class UrialPrompt:
+    """A prompt file's text (used verbatim) and the turn format its queries are written in."""
+
+    text: str
+    turn_format: str = "backticks"
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.turn_format not in TURN_FORMATS:
+            raise ConfigError(
+                f"turn_format must be one of {', '.join(TURN_FORMATS)}, got {self.turn_format!r}"
+            )
+
+    def render(self, instruction: str, history: Sequence[tuple[str, str]] = ()) -> str:
+        return render(self.text, instruction, self.turn_format, history=history)
+
+    @property
+    def tag(self) -> str:
+        """'urial:<name>:<format>@<hash>', written into every answer: an edit stops a resume."""
+        digest = hashlib.sha256(f"{self.turn_format}\0{self.text}".encode()).hexdigest()[:8]
+        return f"urial:{self.name}:{self.turn_format}@{digest}"
 
 
-def _skip_blank(lines: list[str], i: int) -> int:
-    while i < len(lines) and not lines[i].strip():
-        i += 1
-    return i
+def load_urial_prompt(path: str | None = None, turn_format: str | None = None) -> UrialPrompt:
+    """The prompt of a URIAL prompt file (None: the project's data/urial/default.md), in
+    `turn_format` (None / 'auto': URIAL's rule on the file's name, detect_turn_format)."""
+    chosen = check_turn_format(turn_format)
+    if path is None and chosen is None:
+        return default_prompt()
+    file = Path(path) if path is not None else DEFAULT_PROMPT
+    text = read_prompt_file(file)
+    fmt = chosen or detect_turn_format(text, file.name)
+    own = headers_format(text)
+    if own is not None and HEADERS[own][0] != HEADERS[fmt][0]:
+        how = "--turn_format (given)" if chosen else "URIAL's rule, which reads the file name"
+        logger.warning(
+            "%s: its examples use '%s' headers but the queries are written with '%s' (%s); "
+            "--turn_format %s writes them in the file's own headers",
+            file, HEADERS[own][0], HEADERS[fmt][0], how, own,
+        )  # fmt: skip
+    return UrialPrompt(text, fmt, "default" if path is None else file.name)
 
 
-def _fenced(lines: list[str], i: int, header: str, where: str) -> tuple[str, int]:
-    """The text of the block whose header is at line i, and the line after its closing fence."""
-    if i >= len(lines):
-        raise ConfigError(f"{where}: the file ends before its '{header}' block")
-    if lines[i].rstrip() != header:
-        raise ConfigError(f"{where}: line {i + 1}: expected '{header}', found {lines[i]!r}")
-    where = f"{where}, '{header}' block"
-    start = _skip_blank(lines, i + 1)
-    if start >= len(lines) or lines[start].strip() != FENCE:
-        found = repr(lines[start]) if start < len(lines) else "the end of the file"
-        raise ConfigError(f"{where}: line {start + 1}: expected a line ``` opening its text, found {found}")
-    depth = 0  # code blocks inside the text: ```lang opens one, a bare ``` closes it
-    for k in range(start + 1, len(lines)):
-        fence = lines[k].strip()
-        if fence == FENCE and depth == 0:
-            body = "\n".join(lines[start + 1 : k])
-            if not body.strip():
-                raise ConfigError(f"{where}: line {start + 1}: empty text")
-            return body, k + 1
-        if fence.startswith(FENCE):
-            depth += 1 if fence != FENCE else -1
-    raise ConfigError(f"{where}: the ``` opened on line {start + 1} is never closed")
+@lru_cache(maxsize=1)
+def default_prompt() -> UrialPrompt:
+    return UrialPrompt(read_prompt_file(DEFAULT_PROMPT), "backticks", "default")
 
 
-def clean_answer(text: str) -> str:
-    """The answer without its block markup: a trailing (cut-off) `# Query:` header, the answer's
-    closing fence, surrounding whitespace. A code block the answer ends with keeps its fence."""
+def urial_prompt(
+    instruction: str, history: list[tuple[str, str]] | None = None, prompt: UrialPrompt | None = None
+) -> str:
+    """The full URIAL prompt for `instruction` after the (query, answer) turns of `history`."""
+    return (prompt or default_prompt()).render(instruction, history or ())
+
+
+def clean_answer(text: str, keep_fences: bool = False) -> str:
+    """An answer (already cut before its stop string) as URIAL writes it (clear_output in
+    src/unified_utils.py): every ``` removed, '<|endoftext|>' made a space, whitespace stripped.
+
+    keep_fences: only the block's own markup goes (a trailing, cut-off turn header, the unpaired
+    fence that closes a backticks answer); code blocks the answer holds keep their fences."""
+    if not keep_fences:
+        return text.rstrip().replace(FENCE, "").replace("<|endoftext|>", " ").strip()
     text = text.strip()
     head, _, last = text.rpartition("\n")
-    if last.strip() and QUERY.startswith(last.strip()):  # max_new_tokens ended inside the header
+    tail = last.strip()
+    if tail and any(h.startswith(tail) for h in (QUERY, "# User:")):  # max_new_tokens ended in a header
         text = head.rstrip()
     if text.endswith(FENCE) and text.count(FENCE) % 2 == 1:  # an unpaired fence closes the block
         text = text[: -len(FENCE)]

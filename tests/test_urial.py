@@ -1,26 +1,34 @@
-"""cut.urial: prompt files and assembly (byte-exact), per-row stop strings, answer cleaning, records
-with history, and the CLI end to end on the tiny model."""
+"""cut.urial: URIAL prompt files used verbatim in the three released turn formats (checked against
+a reference written here from URIAL's published rule), the K = 0 file, stop strings per format,
+answer cleaning, --print_prompt, the vllm engine through a stand-in module, and the CLI end to end
+on the tiny model."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cut.generate as gen
-from cut.errors import ConfigError, DataError
+from cut.errors import ConfigError, DataError, EngineError
 from cut.generate import Sampling, cut_at_stop, generate_texts, tokenize_prompts
 from cut.urial import (
     DEFAULT_PROMPT,
+    STOP,
     adds_special_tokens,
     build_parser,
     clean_answer,
     config_from_args,
+    detect_turn_format,
     history_turns,
     load_urial_prompt,
     main,
+    render,
     urial_file,
     urial_prompt,
 )
@@ -34,342 +42,161 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# URIAL's layout with its quirks: a line holding a space between query and answer, two blank lines
-# between examples, an answer with a trailing blank line, a nested code block, no final newline
-USER_FILE = (
-    "# Instruction\n\nBe brief.\nBe kind.\n\n"
-    "# Query:\n```\nHi?\n```\n \n# Answer:\n```\nHello!\n\n```\n\n\n"
-    "# Query:\n```\nShow code\n```\n \n# Answer:\n```\nHere:\n```python\nprint(1)\n```\n```"
+# ---------------------------------------------------------------- the reference: URIAL's rule
+#
+# URIAL (Re-Align/URIAL, src/unified_utils.py apply_template + src/fastchat_conversation.py) reads
+# the prompt file whole (datasets "text", sample_by="document": UTF-8, universal newlines), makes it
+# the system message of a conversation template chosen by the prompt's *name*, appends the turns
+# with alternating roles, then the answer role with no message, and calls get_prompt():
+#   name holds "inst_help_v5" -> urial_v5:  roles "# User:"/"# Assistant:", style URIAL, seps ""
+#   name holds "inst_help_v6" -> urial_v6:  roles "# User:"/"# Assistant:", style URIAL_V6
+#   otherwise                 -> urial_backticks: roles "# Query:"/"# Answer:", style URIAL, seps ```
+# style URIAL:    message -> "\n" + role + "\n" + sep + "\n" + message + "\n" + sep2 + "\n"
+#                 none    -> "\n" + role + "\n" + sep + "\n"
+# style URIAL_V6: "\n\n" + role + "\n" + (message.strip("\n") + "\n" if message else "")
+# Written here from that description, independently of cut.urial.
+
+
+def urial_reference(system: str, name: str, chats: list[str]) -> str:
+    if "inst_help_v5" in name:
+        roles, style, sep = ("# User:", "# Assistant:"), "urial", ""
+    elif "inst_help_v6" in name:
+        roles, style, sep = ("# User:", "# Assistant:"), "v6", ""
+    else:
+        roles, style, sep = ("# Query:", "# Answer:"), "urial", "```"
+    messages = [(roles[i % 2], chat) for i, chat in enumerate(chats)] + [(roles[1], None)]
+    ret = system
+    for role, message in messages:
+        if style == "v6":
+            ret += "\n\n" + role + "\n" + (message.strip("\n") + "\n" if message else "")
+        elif message:
+            ret += "\n" + role + "\n" + sep + "\n" + message + "\n" + sep + "\n"
+        else:
+            ret += "\n" + role + "\n" + sep + "\n"
+    return ret
+
+
+# Fixtures of our own in each released layout (texts written for these tests).
+# backticks, fences on their own lines (as inst_1k_v4.help), a trailing newline
+FENCED = (
+    "# Instruction\n\nYou are a tidy helper.\nAnswer in one line.\n\n\n\n"
+    "# Query:\n```\nName a fruit.\n```\n\n# Answer:\n```\nA pear.\n```\n\n"
+    "# Query:\n```\nShow a loop.\n```\n\n# Answer:\n```\nHere:\n```python\nfor i in range(2): pass\n```\n```\n"
 )
-# what URIAL's urial_backticks template writes for it, each turn "\n" + header + "\n```\n" + text + "\n```\n"
-USER_EXPECTED = """# Instruction
+# backticks, fences inline on the query line and a space-only line (as inst_1k), no final newline
+INLINE = (
+    "# Instruction\n\nKeep it short.\n\n\n\n"
+    "# Query:\n```Which planet is red?```\n \n# Answer:\n```\nMars.\n```\n\n"
+    "# Query:\n```Count to two.``` \n \n# Answer:\n```\nOne, two.\n```"
+)
+# K = 0: the preamble alone (as inst_only)
+ONLY = "# Instruction\n\nBelow are questions to a careful assistant.\nIt answers them well.\n"
+# '# User:' / '# Assistant:' with a blank line after each header (as inst_help_v5-*)
+USER_BLANK = (
+    "# Instruction\n\nTalk plainly.\n\n\n\n# User:\n\nHow warm is tea?\n\n\n\n"
+    "# Assistant:\n\nHot, near 70 degrees.\n\n\n\n# User:\n\nAnd ice?\n\n\n\n# Assistant:\n\nZero or less.\n\n"
+)
+# '# User:' / '# Assistant:' with the text right under the header (as inst_help_v6-1k)
+USER_TIGHT = (
+    "# Instruction\n\nTalk plainly.\n\n\n# User:\nHow warm is tea?\n\n\n"
+    "# Assistant:\nHot, near 70 degrees.\n\n\n# User:\nAnd ice?\n\n\n# Assistant:\nZero or less."
+)
 
-Be brief.
-Be kind.
-
-# Query:
-```
-Hi?
-```
-
-# Answer:
-```
-Hello!
-
-```
-
-# Query:
-```
-Show code
-```
-
-# Answer:
-```
-Here:
-```python
-print(1)
-```
-```
-
-# Query:
-```
-Earlier question
-```
-
-# Answer:
-```
-Earlier answer
-```
-
-# Query:
-```
-New question
-```
-
-# Answer:
-```
-"""
+FILES = {  # file name (URIAL chooses the format by it) -> text
+    "inst_1k_v4.help.txt": FENCED,
+    "inst_1k.txt": INLINE,
+    "inst_only.txt": ONLY,
+    "inst_help_v5-1k.txt": USER_BLANK,
+    "inst_help_v6-1k.txt": USER_TIGHT,
+    "inst_help_v6-2k.txt": USER_BLANK,  # URIAL's v6-2k has v5's blank lines: the name decides
+    "inst_help_v3.txt": USER_BLANK,  # '# User:' headers, but URIAL's rule gives it backticks
+}
+QUESTION = "What is 2+2?\n\nAnswer with a number."
+HISTORY = [("First question?", "\nFirst answer.\n\n```\ncode\n```\n")]
 
 
 @pytest.fixture()
-def user_file(tmp_path):
-    path = tmp_path / "mine.txt"
-    path.write_text(USER_FILE)
-    return path
+def prompt_files(tmp_path) -> dict[str, Path]:
+    paths = {}
+    for name, text in FILES.items():
+        paths[name] = tmp_path / name
+        paths[name].write_text(text)
+    return paths
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_render_is_urials_assembly(name):
+    text = FILES[name]
+    want = urial_reference(text, name, [QUESTION])
+    assert render(text, QUESTION, name=name) == want
+    assert render(text, QUESTION, detect_turn_format(text, name)) == want
+    multi = urial_reference(text, name, [HISTORY[0][0], HISTORY[0][1], QUESTION])  # MT-bench turn 2
+    assert render(text, QUESTION, name=name, history=HISTORY) == multi
+    # the file comes first, byte for byte, and nothing of it is re-rendered
+    assert want.startswith(text) and len(want) > len(text)
+
+
+def test_render_by_hand_one_per_format():
+    """The three formats written out, so a reader sees the bytes (and the reference is checked)."""
+    assert render("S", "Q", "backticks") == "S\n# Query:\n```\nQ\n```\n\n# Answer:\n```\n"
+    assert render("S", "Q", "v5") == "S\n# User:\n\nQ\n\n\n# Assistant:\n\n"
+    assert render("S", "\nQ\n\n", "v6") == "S\n\n# User:\nQ\n\n\n# Assistant:\n"
+    for fmt, name in (("backticks", "x.txt"), ("v5", "inst_help_v5.txt"), ("v6", "inst_help_v6.txt")):
+        assert render("S", "Q", fmt) == urial_reference("S", name, ["Q"])
+
+
+def test_turn_format_without_a_name_is_read_from_the_headers():
+    assert detect_turn_format(FENCED) == detect_turn_format(INLINE) == "backticks"
+    assert detect_turn_format(ONLY) == "backticks"  # K = 0: URIAL's default template
+    assert detect_turn_format(USER_BLANK) == "v5" and detect_turn_format(USER_TIGHT) == "v6"
+    assert render(USER_TIGHT, "Q") == urial_reference(USER_TIGHT, "inst_help_v6", ["Q"])
+    with pytest.raises(ConfigError, match="turn_format must be auto or one of backticks, v5, v6"):
+        render(FENCED, "Q", "chatml")
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\r"])
+def test_prompt_file_newlines_are_read_as_urials_loader_does(tmp_path, newline):
+    path = tmp_path / "inst_1k.txt"
+    path.write_bytes(INLINE.replace("\n", newline).encode())
+    prompt = load_urial_prompt(str(path))
+    assert prompt.text == INLINE and prompt.turn_format == "backticks"
+    assert prompt.render(QUESTION) == urial_reference(INLINE, "inst_1k", [QUESTION])
+
+
+def test_every_fixture_file_loads_and_renders(prompt_files):
+    for name, path in prompt_files.items():
+        prompt = load_urial_prompt(str(path))
+        assert prompt.text == FILES[name]
+        assert prompt.render(QUESTION, HISTORY) == urial_reference(FILES[name], name, [*HISTORY[0], QUESTION])
+        assert prompt.tag.startswith(f"urial:{name}:{prompt.turn_format}@")
+
+
+def test_turn_format_option_overrides_urials_rule(prompt_files, caplog):
+    path = str(prompt_files["inst_help_v3.txt"])
+    with caplog.at_level("WARNING", logger="cut.urial"):
+        urials = load_urial_prompt(path)
+    assert urials.turn_format == "backticks"  # what URIAL ran, '# User:' headers notwithstanding
+    assert "its examples use '# User:' headers but the queries are written with '# Query:'" in caplog.text
+    assert "--turn_format v5" in caplog.text
+    own = load_urial_prompt(path, "v5")
+    assert own.render("Q") == urial_reference(USER_BLANK, "inst_help_v5", ["Q"]) and own.tag != urials.tag
+    assert load_urial_prompt(path, "auto").turn_format == "backticks"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "cannot read the URIAL prompt"), (b"\xff\xfe", "not UTF-8 text"), (b" \n\n", "file is empty")],
+)
+def test_unreadable_prompt_file_is_a_config_error_naming_it(tmp_path, content, message):
+    path = tmp_path / "p.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"^{path}: .*{message}"):
+        load_urial_prompt(str(path))
 
 
 def test_default_prompt_is_its_file_then_the_query():
     prompt = load_urial_prompt()
-    assert prompt.preamble.startswith("# Instructions\n\nBelow are conversations between a user and an AI")
-    assert [q for q, _ in prompt.examples] == [
-        "How long does it take light from the Sun to reach Earth?",
-        "How should I prepare for a job interview?",
-        "How can I get into my neighbour's Wi-Fi without them knowing?",
-    ]
-    structured, refusal = prompt.examples[1][1], prompt.examples[2][1]
-    assert structured.count("\n## ") == 4 and refusal.startswith("I can't help with that.")
-    # the default file is written in the canonical layout, so the model sees exactly the file
+    assert prompt.text == DEFAULT_PROMPT.read_text() and prompt.turn_format == "backticks"
     want = DEFAULT_PROMPT.read_text() + "\n# Query:\n```\nWhat is 2+2?\n```\n\n# Answer:\n```\n"
-    assert urial_prompt("What is 2+2?") == want
-    assert urial_prompt("What is 2+2?", prompt=load_urial_prompt(None)) == want
-
-
-@pytest.mark.parametrize("newline", ["\n", "\r\n"])
-def test_user_file_in_urial_layout(tmp_path, newline):
-    path = tmp_path / "mine.txt"
-    path.write_bytes(USER_FILE.replace("\n", newline).encode())
-    prompt = load_urial_prompt(str(path))
-    assert prompt.examples == (("Hi?", "Hello!\n"), ("Show code", "Here:\n```python\nprint(1)\n```"))
-    got = urial_prompt("New question", [("Earlier question", "Earlier answer")], prompt)
-    assert got == USER_EXPECTED
-    assert prompt.tag.startswith("urial:mine.txt@") and prompt.tag != load_urial_prompt().tag
-
-
-def test_prompt_without_preamble_starts_with_its_first_block(tmp_path):
-    path = tmp_path / "bare.md"
-    path.write_text("# Query:\n```\nq\n```\n# Answer:\n```\na\n```\n")
-    assert urial_prompt("x", prompt=load_urial_prompt(str(path))) == (
-        "# Query:\n```\nq\n```\n\n# Answer:\n```\na\n```\n\n# Query:\n```\nx\n```\n\n# Answer:\n```\n"
-    )
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("Just a preamble.\n", "no '# Query:' line"),
-        ("P\n# Query:\n```\nq\n```\n# Answer:\na\n", "example 1, '# Answer:' block: line 7: expected a line ``` opening"),
-        ("P\n# Query:\n```\nq\n```\n# Answer:\n```\na\n```\n# Query:\n```\nq2\n```\n", "example 2: the file ends before its '# Answer:' block"),
-        ("P\n# Query:\n```\nq\n```\n# Answer:\n```\na\n```\nstray text\n", "example 2: line 10: expected '# Query:', found 'stray text'"),
-        ("P\n# Query:\n```\nq\n```\n# Answer:\n```\na\n", "example 1, '# Answer:' block: the ``` opened on line 7 is never closed"),
-        ("P\n# Query:\n```\n\n```\n# Answer:\n```\na\n```\n", "example 1, '# Query:' block: line 3: empty text"),
-    ],
-)  # fmt: skip
-def test_malformed_prompt_file_names_file_and_block(tmp_path, text, message):
-    path = tmp_path / "bad.txt"
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=r"^" + str(path).replace(".", r"\.") + ": ") as err:
-        load_urial_prompt(str(path))
-    assert message in str(err.value)
-
-
-def test_missing_prompt_file_is_a_config_error(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read the URIAL prompt"):
-        load_urial_prompt(str(tmp_path / "nope.txt"))
-
-
-@pytest.mark.parametrize(
-    "raw, want",
-    [
-        ("Paris.\n```\n\n", "Paris."),  # cut before '# Query': the closing fence remains
-        ("  Paris.```", "Paris."),
-        ("Paris.\n```\n\n# Que", "Paris."),  # max_new_tokens ended inside the next header
-        ("Paris.\n```\n\n#", "Paris."),
-        ("Use:\n```python\nx = 1\n```", "Use:\n```python\nx = 1\n```"),  # its own code block stays
-        ("Use:\n```python\nx = 1\n```\n```\n", "Use:\n```python\nx = 1\n```"),
-        ("# Heading\nText", "# Heading\nText"),
-        ("", ""),
-    ],
-)
-def test_clean_answer(raw, want):
-    assert clean_answer(raw) == want
-
-
-def test_bos_is_added_once(tiny_model):
-    from tokenizers import processors
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
-    )
-    for text in (urial_prompt("Hi"), tok.bos_token + urial_prompt("Hi")):
-        ids = tokenize_prompts(tok, [text], adds_special_tokens(tok, text))[0]
-        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
-
-
-# ---------------------------------------------------------------- stop strings, row by row
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Add the numbers 3 and 4.",
-    "Name a primary colour.",
-    "The response is perfect.",
-    "Below is an instruction that describes a task.",
-    "Red is a primary colour. Green is not one in paint.",
-]
-
-
-def _first_hits(tok, rows: list[list[int]], text: str) -> list[int | None]:
-    """Per row, how many new tokens until its decoded text holds `text` (None: never)."""
-    hits = []
-    for row in rows:
-        k = next(
-            (k for k in range(1, len(row) + 1) if text in tok.decode(row[:k], skip_special_tokens=True)), None
-        )
-        hits.append(k)
-    return hits
-
-
-def _stop_string(tok, rows: list[list[int]]) -> str:
-    """A decoded token the greedy rows reach at the most different steps: a stop string that ends
-    them at different points, found rather than hoped for."""
-    candidates = {tok.decode([t]).strip() for row in rows for t in row[1:]} - {""}
-    return max(sorted(candidates), key=lambda s: len({k for k in _first_hits(tok, rows, s) if k}))
-
-
-def test_rows_stop_on_their_own_and_match_one_by_one(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    sampling = Sampling(max_new_tokens=24)
-    cfg = sampling.generation_config(gen._pad_id(tok), gen._eos_ids(model, tok))
-    ids = tokenize_prompts(tok, PROMPTS, True)
-    eos = set(gen._eos_ids(model, tok))
-    free = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos)
-    stop = _stop_string(tok, free)
-    hits = _first_hits(tok, free, stop)
-    assert len({k for k in hits if k}) > 1, f"no stop string ends rows at different steps ({hits})"
-
-    # the decoder: each row ends on the step its text first holds the stop string, the others go on
-    check = gen._stop_checker(tok, [stop])
-    stopped = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos, check)
-    assert [len(r) for r in stopped] == [k or len(f) for k, f in zip(hits, free, strict=True)]
-    assert all(s == f[: len(s)] for s, f in zip(stopped, free, strict=True))
-
-    # the texts: cut before the stop string, the same in one batch as one by one
-    batched = generate_texts(model, tok, PROMPTS, sampling, batch_size=6, progress=False, stop=[stop])
-    single = generate_texts(model, tok, PROMPTS, sampling, batch_size=1, progress=False, stop=[stop])
-    want = [cut_at_stop(tok.decode(f, skip_special_tokens=True), [stop]).strip() for f in free]
-    assert batched == single == want
-    assert all(stop not in t for t in batched)
-    plain = generate_texts(model, tok, PROMPTS, sampling, batch_size=6, progress=False)
-    assert plain == [tok.decode(f, skip_special_tokens=True).strip() for f in free], "no stop: output changed"
-
-
-def test_bad_stop_strings_fail_before_generating(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    with pytest.raises(ConfigError, match="stop strings must be non-empty strings"):
-        generate_texts(model, tok, ["Hi"], Sampling(max_new_tokens=2), progress=False, stop=["# Query", ""])
-
-
-# ---------------------------------------------------------------- records and the CLI
-
-
-@pytest.mark.parametrize(
-    "history, message",
-    [
-        ("earlier", "record 1, field 'history': expected a list of {\"query\": ..., \"answer\": ...} objects, got str"),
-        ([["q", "a"]], "record 1, field 'history[0]': expected an object"),
-        ([{"query": "q"}], "record 1, field 'history[0].answer': missing, expected a non-empty string"),
-        ([{"query": "q", "answer": 3}], "record 1, field 'history[0].answer': int, expected"),
-        ([{"query": " ", "answer": "a"}], "record 1, field 'history[0].query': empty, expected"),
-        ([{"query": "q", "answer": "a", "turn": 1}], "record 1, field 'history[0]': unknown key(s) turn"),
-    ],
-)  # fmt: skip
-def test_bad_history_names_file_record_and_field(tiny_model, tmp_path, capsys, history, message):
-    path = tmp_path / "questions.json"
-    path.write_text(json.dumps([{"instruction": "A"}, {"instruction": "B", "history": history}]))
-    out = tmp_path / "answers.json"
-    with pytest.raises(DataError) as err:
-        urial_file(str(tiny_model), str(path), str(out))
-    assert str(err.value).startswith(f"{path}: {message}")
-    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
-    assert main(argv) == 2
-    assert f"{path}: {message}" in capsys.readouterr().err
-    assert not out.exists()
-
-
-def test_history_turns():
-    rec = {"history": [{"query": "q1", "answer": "a1"}, {"query": "q2", "answer": "a2"}]}
-    assert history_turns("f", 0, rec) == [("q1", "a1"), ("q2", "a2")]
-    assert history_turns("f", 0, {}) == []
-
-
-def test_sampling_defaults_are_the_papers():
-    def cfg(*extra):
-        args = build_parser().parse_args(["--model", "m", "--data_path", "d", "--output_file", "o", *extra])
-        return config_from_args(vars(args))
-
-    greedy = cfg().sampling
-    assert (greedy.temperature, greedy.repetition_penalty, greedy.max_new_tokens) == (0.0, 1.1, 512)
-    assert cfg("--sample").sampling.temperature == 0.3
-    assert cfg("--sample", "--temperature", "0.7").sampling.temperature == 0.7
-    with pytest.raises(ConfigError, match="--sample samples"):
-        cfg("--sample", "--temperature", "0")
-
-
-@pytest.fixture()
-def long_tiny_model(tiny_model, tmp_path):
-    """The tiny model with room for the default prompt (about 2,400 of its tokens)."""
-    folder = tmp_path / "long"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
-    return folder
-
-
-def test_cli_end_to_end(long_tiny_model, user_file, tmp_path, monkeypatch):
-    rows = [
-        {"id": "a", "instruction": "What is the capital of France?"},
-        {"id": "b", "instruction": "Add the numbers.", "input": "3 and 4"},
-        {"id": "c", "instruction": "And in paint?", "history": [{"query": "Name a primary colour.", "answer": "Red."}]},
-    ]  # fmt: skip
-    path = tmp_path / "questions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    seen: list[str] = []
-    real = gen._generate_batch
-
-    def spy(model, tokenizer, ids, gen_config, stop=()):
-        assert tuple(stop) == ("# Query",), "URIAL answers must stop at the next query block"
-        seen.extend(tokenizer.decode(r) for r in ids)
-        return real(model, tokenizer, ids, gen_config, stop)
-
-    monkeypatch.setattr(gen, "_generate_batch", spy)
-    out = tmp_path / "out" / "answers.json"
-    argv = ["--model", str(long_tiny_model), "--data_path", str(path), "--output_file", str(out)]
-    argv += ["--max_new_tokens", "6", "--batch_size", "2"]
-    assert main([*argv, "--urial_prompt", str(user_file)]) == 0
-    got = json.loads(out.read_text())
-    assert isinstance(got, list) and all(isinstance(r, dict) for r in got)
-    assert [r["instruction"] for r in got] == [r["instruction"] for r in rows]
-    assert all(isinstance(r["output"], str) for r in got)
-    first = got[0]
-    assert first["generator"] == "long+urial" and first["dataset"] == "questions"
-    assert (first["temperature"], first["repetition_penalty"], first["max_new_tokens"]) == (0.0, 1.1, 6)
-    assert first["prompt_template"] == load_urial_prompt(str(user_file)).tag
-    assert got[2]["history"] == rows[2]["history"] and got[1]["input"] == "3 and 4"
-    prompt = load_urial_prompt(str(user_file))
-    assert sorted(seen) == sorted(
-        [
-            urial_prompt("What is the capital of France?", None, prompt),
-            urial_prompt("Add the numbers.\n\n3 and 4", None, prompt),
-            urial_prompt("And in paint?", [("Name a primary colour.", "Red.")], prompt),
-        ]
-    )
-
-    # a rerun resumes: nothing to generate, nothing changed; another prompt file is refused
-    before, seen[:] = out.read_text(), []
-    assert main([*argv, "--urial_prompt", str(user_file)]) == 0
-    assert not seen and out.read_text() == before
-    assert main(argv) == 2 and out.read_text() == before
-
-    # the default prompt on a fresh file
-    default = tmp_path / "default.json"
-    argv[5] = str(default)
-    assert main([*argv, "--limit", "1"]) == 0
-    assert seen == [urial_prompt("What is the capital of France?")]
-    assert json.loads(default.read_text())[0]["prompt_template"] == load_urial_prompt().tag
-
-
-def test_cli_refuses_a_malformed_prompt_file_before_loading(tiny_model, tmp_path, capsys, monkeypatch):
-    bad = tmp_path / "bad.txt"
-    bad.write_text("P\n# Query:\n```\nq\n")
-    path = tmp_path / "q.json"
-    path.write_text(json.dumps([{"instruction": "A"}]))
-    monkeypatch.setattr("cut.urial.load_model", lambda *a, **k: pytest.fail("model loaded"))
-    out = tmp_path / "o.json"
-    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
-    assert main([*argv, "--urial_prompt", str(bad)]) == 2
-    message = f"{bad}: example 1, '# Query:' block: the ``` opened on line 3 is never closed"
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    assert urial_prompt("What is 2+2?") == want == urial_reference(prompt.text, "default", ["What is 2+2?"])

@@ -91,6 +91,89 @@ def test_shift_stats_matches_float64_reference():
     assert set(tds.classify(s.base_rank).tolist()) == {0, 1, 2}  # every class occurs: the test is not void
 
 
+# ---------------------------------------------------------------- AlignTDS's KL, a reference written apart
+
+
+def reference_released_kl(
+    zb: torch.Tensor, za: torch.Tensor, texts: list[str], top_k: int, window: int
+) -> list[float]:
+    """AlignTDS's "KL" as its code reads, with loops: per row, each model's top_k (token text,
+    logit) entries, probabilities by a softmax over those entries; the first `window` texts of each
+    list; over the texts in both, p_base * log(p_base / p_aligned) with the probability of a text's
+    first entry in each list, a pair with a zero probability skipped."""
+    out = []
+    for b, a in zip(zb.double().tolist(), za.double().tolist(), strict=True):
+        lists = []
+        for row in (b, a):
+            ids = sorted(range(len(row)), key=lambda v: -row[v])[:top_k]
+            top = max(row[v] for v in ids)
+            total = sum(math.exp(row[v] - top) for v in ids)
+            lists.append([(texts[v], math.exp(row[v] - top) / total) for v in ids])
+        base, aligned = lists
+        names_b, names_a = [t for t, _ in base[:window]], [t for t, _ in aligned[:window]]
+        kl = 0.0
+        for t in set(names_b) | set(names_a):
+            w1 = base[names_b.index(t)][1] if t in names_b else 0.0
+            w2 = aligned[names_a.index(t)][1] if t in names_a else 0.0
+            if w1 > 0 and w2 > 0:
+                kl += w1 * math.log(w1 / w2)
+        out.append(kl)
+    return out
+
+
+def test_topk_kl_by_hand():
+    """5 tokens, lists of 3, windows 3 and 2. Base: tokens 0, 1, 2 with p 0.6, 0.3, 0.1 (logits ln 6,
+    ln 3, ln 1; tokens 3, 4 far below). Aligned: tokens 1, 3, 0 with p 0.5, 0.4, 0.1.
+        window 3: shared 0 and 1: 0.6 ln(0.6 / 0.1) + 0.3 ln(0.3 / 0.5) = 1.075056 - 0.153248 = 0.921808
+        window 2: base {0, 1}, aligned {1, 3}: shared 1 only: 0.3 ln(0.3 / 0.5) = -0.153248 (below 0:
+                  a partial sum, not a divergence); the probabilities stay those of the lists of 3
+    If tokens 3 and 0 decode to the same text, the aligned list reads 1, 0, 0 and text 0 takes its first
+    entry's p = 0.4: both windows 0.6 ln(0.6 / 0.4) + 0.3 ln(0.3 / 0.5) = 0.243279 - 0.153248 = 0.090031."""
+    far = -100.0
+    zb = torch.tensor([[math.log(6), math.log(3), 0.0, far, far]])
+    za = torch.tensor([[0.0, math.log(5), far, math.log(4), far]])
+    kl3, kl2 = tds.topk_kl(zb, za, top_k=3, windows=(3, 2))
+    assert kl3.item() == pytest.approx(0.921808, abs=1e-6) and kl2.item() == pytest.approx(
+        -0.153248, abs=1e-6
+    )
+    same = torch.tensor([0, 1, 2, 0, 4])
+    kl3, kl2 = tds.topk_kl(zb, za, top_k=3, windows=(3, 2), same_text=same)
+    assert kl3.item() == pytest.approx(0.090031, abs=1e-6) and kl2.item() == pytest.approx(0.090031, abs=1e-6)
+    assert tds.topk_kl(za, za, top_k=3, windows=(3,))[0].item() == 0.0  # a model against itself
+
+
+def test_topk_kl_matches_the_loop_reference():
+    """Random logits, AlignTDS's settings (lists of 30, windows 30 and 10), and a vocabulary where
+    tokens 0..39 share their text with token id + 40 (so lists hold repeated texts)."""
+    g = torch.Generator().manual_seed(5)
+    vocab = 97
+    zb, za = torch.randn(25, vocab, generator=g) * 2, torch.randn(25, vocab, generator=g) * 2
+    za[:5] = zb[:5] + 0.3 * torch.randn(5, vocab, generator=g)  # close rows: large overlaps
+    texts = [f"t{v % 40}" if v < 80 else f"t{v}" for v in range(vocab)]
+    same = torch.tensor([v % 40 if v < 80 else v for v in range(vocab)])
+    for same_text, names in ((None, [f"t{v}" for v in range(vocab)]), (same, texts)):
+        got = tds.topk_kl(zb, za, same_text=same_text)
+        for window, kl in zip(tds.RELEASED_WINDOWS, got, strict=True):
+            ref = reference_released_kl(zb, za, names, tds.RELEASED_TOP_K, window)
+            torch.testing.assert_close(
+                kl.double(), torch.tensor(ref, dtype=torch.float64), rtol=1e-5, atol=1e-6
+            )
+    plain, merged = tds.topk_kl(zb, za)[0], tds.topk_kl(zb, za, same_text=same)[0]
+    assert not torch.allclose(plain, merged)  # matching by text changes the figure: the test is not void
+    assert (tds.topk_kl(zb, za)[1] < 0).any()  # and a partial sum does go below 0
+
+
+def test_decoded_token_ids(models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    same = tds.decoded_token_ids(tok, len(tok) + 3)
+    texts = [tok.decode([i]) for i in range(len(tok))]
+    assert same.tolist()[len(tok) :] == [len(tok), len(tok) + 1, len(tok) + 2]  # past the tokenizer: itself
+    for i, t in enumerate(texts):
+        assert texts[int(same[i])] == t and int(same[i]) == texts.index(t)
+
+
 def test_classify_boundaries():
     assert tds.classify(torch.tensor([1, 2, 3, 4, 100])).tolist() == [0, 1, 1, 2, 2]
 
@@ -242,11 +325,18 @@ class _Tok:
         return f"<{ids[0]}>"
 
 
-def _scored(ids: list[int], ranks: list[int], kl: list[float]) -> tds.Scored:
+def _scored(
+    ids: list[int],
+    ranks: list[int],
+    kl: list[float],
+    kl30: list[float] | None = None,
+    kl10: list[float] | None = None,
+) -> tds.Scored:
     n = len(ids)
     shift = tds.Shift(
         torch.tensor(ranks), torch.ones(n, dtype=torch.long), torch.full((n,), math.log(0.5)),
         torch.full((n,), math.log(0.8)), torch.tensor(kl), torch.tensor(ids),
+        torch.tensor(kl30 or [0.0] * n), torch.tensor(kl10 or [0.0] * n),
     )  # fmt: skip
     return tds.Scored(ids, [f"<{t}>" for t in ids], False, shift)
 
@@ -281,6 +371,31 @@ def test_summarise_by_hand():
         9,
     ]
     assert tds.summarise([None], _Tok())["tokens"] == 0
+
+
+def test_top5_share_and_absolute_positions_by_hand():
+    """Answer A: base ranks 1, 6, 2, 5; B: 9, 1; C: 4. AlignTDS KL (top-30) per token: A .1 .5 .2 .4,
+    B .3 .0, C .8; (top-10): A 0 1 0 1, B 2 0, C 3.
+    Top 5 (rank <= 5): A 1, 2, 5; B 1; C 4: 5 of 7 tokens = 0.714286 (shifted are 6, 9, 5, 4: the
+    top-5 share counts ranks 4 and 5 that the classes call shifted).
+    Absolute positions: t0 = A1, B9, C4: u, s, s; top 5: 2 of 3; KL30 (.1 + .3 + .8) / 3 = .4;
+    KL10 (0 + 2 + 3) / 3 = 5/3. t1 = A6, B1: s, u; top 5 1 of 2; KL30 .25; KL10 .5. t2 = A2: m;
+    top 5 1; KL30 .2. t3 = A5: s; top 5 1; KL30 .4, KL10 1. Mean KL30 2.3 / 7, KL10 7 / 7 = 1."""
+    a = _scored([5, 6, 7, 8], [1, 6, 2, 5], [0.0] * 4, [0.1, 0.5, 0.2, 0.4], [0.0, 1.0, 0.0, 1.0])
+    b = _scored([9, 5], [9, 1], [0.0] * 2, [0.3, 0.0], [2.0, 0.0])
+    c = _scored([4], [4], [0.0], [0.8], [3.0])
+    r = tds.summarise([a, b, None, c], _Tok())
+    assert r["top5_share"] == pytest.approx(5 / 7)
+    assert r["topk_kl_base_aligned"] == pytest.approx({"top30": 2.3 / 7, "top10": 1.0})
+    t = r["by_token_position"]
+    assert [p["position"] for p in t] == [0, 1, 2, 3] and [p["tokens"] for p in t] == [3, 2, 1, 1]
+    shares = [x for p in t for x in (p["unshifted"], p["marginal"], p["shifted"])]
+    assert shares == pytest.approx([1 / 3, 0, 2 / 3, 0.5, 0, 0.5, 0, 1, 0, 0, 0, 1])
+    assert [p["top5"] for p in t] == pytest.approx([2 / 3, 0.5, 1.0, 1.0])
+    assert [p["kl_top30"] for p in t] == pytest.approx([0.4, 0.25, 0.2, 0.4])
+    assert [p["kl_top10"] for p in t] == pytest.approx([5 / 3, 0.5, 0.0, 1.0])
+    empty = tds.summarise([None], _Tok())
+    assert empty["by_token_position"] == [] and empty["top5_share"] is None
 
 
 # ---------------------------------------------------------------- the CLI

@@ -96,6 +96,12 @@ BASE_PROMPTS = ("plain", "same", "urial")
 # 69 MiB of live tensors at V = 262,144 for 1,020 answer tokens, as at V = 32,000 (tests/test_tds.py)
 CHUNK_ELEMENTS = 1 << 22
 BINS = 10  # relative-position bins of the profile
+# AlignTDS (Re-Align/AlignTDS): src/logit_analysis.py keeps each model's top 30 tokens (--top_k 30,
+# which its README's commands keep); src/compute_dist_diff.py's "KL" reads the first 50 of them (so
+# all 30) and its "KL@10" (the web demo's figure) the first 10
+RELEASED_TOP_K = 30
+RELEASED_WINDOWS = (30, 10)
+TOP_N_SHARE = 5  # the paper's finding: the aligned token is mostly within the base's top 5
 TOP_K = 20  # shifted tokens listed in tds.json (the plot shows the first 15)
 COLOURS = {"unshifted": "#cbd5e1", "marginal": "#f59e0b", "shifted": "#dc2626"}
 
@@ -165,13 +171,15 @@ class Shift(NamedTuple):
     aligned_logp: Tensor  # float32, log p_aligned(o_t | q, o_<t)
     kl: Tensor  # float32, KL(p_aligned || p_base) of the next-token distributions, nats
     base_top: Tensor  # long, the base's top-1 token
+    kl_top30: Tensor  # float32, AlignTDS's "KL": KL(base || aligned) over the top-30 lists (topk_kl)
+    kl_top10: Tensor  # float32, AlignTDS's "KL@10": the same within each list's first 10
 
     def select(self, index: Tensor | slice) -> Shift:
         return Shift(*(t[index] for t in self))
 
 
 _long, _float = torch.zeros(0, dtype=torch.long), torch.zeros(0)
-_EMPTY = Shift(_long, _long, _float, _float, _float, _long)
+_EMPTY = Shift(_long, _long, _float, _float, _float, _long, _float, _float)
 
 
 def classify(base_rank: Tensor) -> Tensor:
@@ -179,8 +187,45 @@ def classify(base_rank: Tensor) -> Tensor:
     return (base_rank > 1).long() + (base_rank > MARGINAL_MAX_RANK).long()
 
 
-def _shift_stats_(zb: Tensor, za: Tensor, labels: Tensor) -> Shift:
+def topk_kl(
+    zb: Tensor, za: Tensor, top_k: int = RELEASED_TOP_K, windows: tuple[int, ...] = RELEASED_WINDOWS,
+    same_text: Tensor | None = None,
+) -> list[Tensor]:  # fmt: skip
+    """AlignTDS's KL (src/compute_dist_diff.py, metric "KL"), one (C,) float32 tensor per window.
+
+    zb, za: base and aligned logits (C, V). Each model keeps its top_k tokens (logit_analysis.py's
+    --top_k, 30), renormalised by a softmax over those top_k logits alone; within the first `window`
+    of each list (capped at top_k), the sum over the tokens both windows hold of
+        p_base(v) * log(p_base(v) / p_aligned(v))        # KL(base || aligned), base first
+    A token in one window only adds nothing, so the figure is not a divergence (it can be < 0).
+    Tokens are matched by their decoded text as AlignTDS matches them (two ids that decode alike
+    are one token, the higher-ranked one's probability counts): same_text (V,) maps each id to the
+    first id decoding to the same text (decoded_token_ids); None matches ids."""
+    k = min(top_k, zb.shape[1])
+    vb, ib = zb.topk(k, dim=1)  # (C, k), highest first
+    va, ia = za.topk(k, dim=1)
+    lb, la = vb.double().log_softmax(1), va.double().log_softmax(1)  # renormalised over the top k
+    if same_text is not None:
+        ib, ia = same_text[ib], same_text[ia]
+    out = []
+    for window in windows:
+        w = min(window, k)
+        tb, ta = ib[:, :w], ia[:, :w]
+        earlier = torch.ones(w, w, dtype=torch.bool, device=tb.device).tril(-1)  # (i, j): j < i
+        first = ~((tb[:, :, None] == tb[:, None, :]) & earlier).any(2)  # a text's first place in base's list
+        match = tb[:, :, None] == ta[:, None, :]  # (C, w, w)
+        shared = match.any(2) & first
+        la_v = la[:, :w].gather(1, match.byte().argmax(2))  # its first place in the aligned list
+        lb_v = lb[:, :w]
+        keep = shared & (lb_v.exp() > 0) & (la_v.exp() > 0)  # AlignTDS skips a probability that is 0
+        terms = torch.where(keep, lb_v.exp() * (lb_v - la_v), torch.zeros_like(lb_v))
+        out.append(terms.sum(1).float())
+    return out
+
+
+def _shift_stats_(zb: Tensor, za: Tensor, labels: Tensor, same_text: Tensor | None = None) -> Shift:
     """shift_stats on float32 logits (C, V) that it overwrites: the chunked path's fresh head outputs."""
+    kl_top30, kl_top10 = topk_kl(zb, za, same_text=same_text)  # before the logits are overwritten
     y = labels[:, None]
     zb_y, za_y = zb.gather(1, y), za.gather(1, y)  # (C, 1)
     base_rank = (zb > zb_y).sum(1) + 1  # a tie with o_t counts for o_t
@@ -191,10 +236,13 @@ def _shift_stats_(zb: Tensor, za: Tensor, labels: Tensor) -> Shift:
     diff = la - lb  # log p_aligned - log p_base, (C, V)
     # KL(a || b) = sum_v p_a(v) (log p_a(v) - log p_b(v)); la becomes p_a in place. >= 0 up to rounding
     kl = diff.mul_(la.exp_()).sum(1).clamp_min_(0.0)
-    return Shift(base_rank, aligned_rank, (zb_y - lse_b)[:, 0], (za_y - lse_a)[:, 0], kl, base_top)
+    logp_b, logp_a = (zb_y - lse_b)[:, 0], (za_y - lse_a)[:, 0]
+    return Shift(base_rank, aligned_rank, logp_b, logp_a, kl, base_top, kl_top30, kl_top10)
 
 
-def shift_stats(logits_base: Tensor, logits_aligned: Tensor, labels: Tensor) -> Shift:
+def shift_stats(
+    logits_base: Tensor, logits_aligned: Tensor, labels: Tensor, same_text: Tensor | None = None
+) -> Shift:
     """The per-token numbers from full logits: base (C, V), aligned (C, V), labels (C,) = o_t.
 
     The reference the chunked path is built from; it materialises whatever it is given, so call
@@ -203,7 +251,7 @@ def shift_stats(logits_base: Tensor, logits_aligned: Tensor, labels: Tensor) -> 
         raise ValueError(
             f"logits differ in shape: base {tuple(logits_base.shape)}, aligned {tuple(logits_aligned.shape)}"
         )
-    return _shift_stats_(logits_base.float().clone(), logits_aligned.float().clone(), labels)
+    return _shift_stats_(logits_base.float().clone(), logits_aligned.float().clone(), labels, same_text)
 
 
 def _chunk_logits(head, hidden: Tensor, transform) -> Tensor:
@@ -221,13 +269,14 @@ def chunked_shift(
     chunk_size: int = 0,
     transform_base=None,
     transform_aligned=None,
+    same_text: Tensor | None = None,
 ) -> Shift:
     """shift_stats from hidden states without (N, V) logits: each head runs on C rows at a time.
 
     hidden_base, hidden_aligned: (N, H_b), (N, H_a), the states that predict labels (N,);
     head_*: the output heads (called as modules, so LoRA on a head applies); transform_*: a
     model's logit post-processing (cut.trainer.logit_transform: Gemma's softcap ...).
-    chunk_size: positions per chunk; 0 = CHUNK_ELEMENTS // vocab_size.
+    chunk_size: positions per chunk; 0 = CHUNK_ELEMENTS // vocab_size. same_text: see topk_kl.
     """
     if chunk_size <= 0:
         chunk_size = max(1, CHUNK_ELEMENTS // vocab_size)
@@ -245,7 +294,7 @@ def chunked_shift(
                 f"the base model scores {zb.shape[1]} tokens and the aligned one {za.shape[1]}: the two "
                 "next-token distributions cannot be compared"
             )
-        for dest, part in zip(out, _shift_stats_(zb, za, labels[at]), strict=True):
+        for dest, part in zip(out, _shift_stats_(zb, za, labels[at], same_text), strict=True):
             dest[at] = part
         del zb, za
     return out
@@ -302,11 +351,13 @@ def score_ids(
     chunk_size: int = 0,
     check: bool = True,
     bar: tqdm | None = None,
+    same_text: Tensor | None = None,
 ) -> list[Shift]:
     """A Shift per answer (token ids): answers[i] after prompts_base[i] under `base` and after
     prompts_aligned[i] under `aligned`; one forward of each model per batch of `batch_size`
     answers (longest first), heads in chunks (see chunked_shift). `base` and `aligned` may be
-    the same model object. `check` compares the head path with each model's own forward once."""
+    the same model object. `check` compares the head path with each model's own forward once.
+    same_text: (V,) token ids matched by their text in topk_kl (decoded_token_ids); None: by id."""
     from ..trainer import logit_transform
 
     if not len(prompts_base) == len(prompts_aligned) == len(answers):
@@ -318,6 +369,8 @@ def score_ids(
         )
     transforms = [logit_transform(m.config.get_text_config()) for m in (base, aligned)]
     order = sorted(range(len(answers)), key=lambda i: -(len(prompts_aligned[i]) + len(answers[i])))
+    device = base.get_output_embeddings().weight.device
+    same_text = same_text.to(device) if same_text is not None else None
     out: list[Any] = [None] * len(answers)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -335,6 +388,7 @@ def score_ids(
             _vocab_size(base),
             chunk_size,
             *transforms,
+            same_text=same_text,
         )
         shift = Shift(*(t.cpu() for t in shift))
         at = 0
@@ -343,6 +397,19 @@ def score_ids(
             at += len(a)
         if bar is not None:
             bar.update(len(idx))
+    return out
+
+
+def decoded_token_ids(tokenizer, vocab_size: int) -> Tensor:
+    """(vocab_size,) long: each id mapped to the first id whose one-token decode is the same text,
+    the token identity AlignTDS compares (its lists hold tokenizer.decode(id)). Ids past the
+    tokenizer (a head padded beyond it) map to themselves."""
+    n = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in range(n)])
+    first: dict[str, int] = {}
+    out = torch.arange(vocab_size)
+    for i, text in enumerate(texts):
+        out[i] = first.setdefault(text, i)
     return out
 
 
@@ -415,6 +482,7 @@ def tds_score(
     ]
     kept = [i for i, p in enumerate(prepared) if p is not None]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    same_text = decoded_token_ids(tokenizer, _vocab_size(base))
     with tqdm(total=len(kept), desc="scoring", unit="answer", disable=None if progress else True) as bar:
         shifts = score_ids(
             base,
@@ -426,6 +494,7 @@ def tds_score(
             batch_size=batch_size,
             chunk_size=chunk_size,
             bar=bar,
+            same_text=same_text,
         )
     out: list[Scored | None] = [None] * len(answers)
     for i, shift in zip(kept, shifts, strict=True):
@@ -457,15 +526,47 @@ def token_label(tokenizer, tid: int) -> str:
     return tokenizer.convert_ids_to_tokens(tid) if "\ufffd" in text else text
 
 
+def by_token_position(cls: Tensor, position: Tensor, shift: Shift) -> list[dict[str, Any]]:
+    """Per absolute answer position t = 0, 1, ... (as the paper plots): how many answers reach it,
+    the class shares, the top-5 share and the mean AlignTDS KLs of the tokens at t."""
+    if not position.numel():
+        return []
+    size = int(position.max()) + 1
+    tokens = torch.bincount(position, minlength=size)
+    per_class = [torch.bincount(position[cls == k], minlength=size) for k in range(len(CLASSES))]
+    top_n = torch.bincount(position[shift.base_rank <= TOP_N_SHARE], minlength=size)
+    kls = {
+        name: torch.bincount(position, getattr(shift, name).double(), minlength=size)
+        for name in ("kl_top30", "kl_top10")
+    }
+    out = []
+    for t in range(size):
+        n = int(tokens[t])
+        share = (lambda c: int(c[t]) / n) if n else (lambda c: None)  # noqa: E731
+        out.append(
+            {
+                "position": t,
+                "tokens": n,
+                **{name: share(c) for name, c in zip(CLASSES, per_class, strict=True)},
+                f"top{TOP_N_SHARE}": share(top_n),
+                **{name: (float(kl[t]) / n if n else None) for name, kl in kls.items()},
+            }
+        )
+    return out
+
+
 def summarise(scored: list[Scored | None], tokenizer, bins: int = BINS, top_k: int = TOP_K) -> dict[str, Any]:
     """The report over every scored answer token: class fractions (they sum to 1), mean KL (and per
     class), mean p_base / p_aligned of o_t, how often o_t is the aligned model's top token, the
-    profile over relative position, and the tokens most often shifted."""
+    profile over relative position, and the tokens most often shifted; and AlignTDS's definitions:
+    its top-k KL(base || aligned), the share of o_t within the base's top 5, and the curves over
+    the absolute position in the answer."""
     rows = [s for s in scored if s is not None]
     shift = Shift(*(torch.cat([s.shift[k] for s in rows] + [_EMPTY[k]]) for k in range(len(Shift._fields))))
     n = shift.base_rank.numel()
     cls = classify(shift.base_rank)
     where = torch.cat([position_bins(len(s.ids), bins) for s in rows] + [torch.zeros(0, dtype=torch.long)])
+    position = torch.cat([torch.arange(len(s.ids)) for s in rows] + [torch.zeros(0, dtype=torch.long)])
     ids = torch.tensor([t for s in rows for t in s.ids], dtype=torch.long)
     by_position = []
     for b in range(bins):
@@ -493,6 +594,10 @@ def summarise(scored: list[Scored | None], tokenizer, bins: int = BINS, top_k: i
         "mean_aligned_p": _mean(shift.aligned_logp.exp()),
         "aligned_top1": _mean((shift.aligned_rank == 1).float()),
         "by_position": by_position,
+        # AlignTDS's definitions (README, "cut tds": as released / differs on purpose)
+        "topk_kl_base_aligned": {"top30": _mean(shift.kl_top30), "top10": _mean(shift.kl_top10)},
+        f"top{TOP_N_SHARE}_share": _mean((shift.base_rank <= TOP_N_SHARE).float()),
+        "by_token_position": by_token_position(cls, position, shift),
         "top_shifted": [
             {
                 "token": token_label(tokenizer, tid),
@@ -624,6 +729,8 @@ def record_entry(rec: dict[str, Any], s: Scored | None, generated: bool) -> dict
         "aligned_logp": s.shift.aligned_logp.tolist(),
         "kl": s.shift.kl.tolist(),
         "base_top": s.shift.base_top.tolist(),
+        "kl_top30": s.shift.kl_top30.tolist(),
+        "kl_top10": s.shift.kl_top10.tolist(),
     }
 
 

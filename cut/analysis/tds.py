@@ -532,27 +532,21 @@ def by_token_position(cls: Tensor, position: Tensor, shift: Shift) -> list[dict[
     if not position.numel():
         return []
     size = int(position.max()) + 1
-    tokens = torch.bincount(position, minlength=size)
-    per_class = [torch.bincount(position[cls == k], minlength=size) for k in range(len(CLASSES))]
-    top_n = torch.bincount(position[shift.base_rank <= TOP_N_SHARE], minlength=size)
-    kls = {
-        name: torch.bincount(position, getattr(shift, name).double(), minlength=size)
-        for name in ("kl_top30", "kl_top10")
-    }
-    out = []
-    for t in range(size):
-        n = int(tokens[t])
-        share = (lambda c: int(c[t]) / n) if n else (lambda c: None)  # noqa: E731
-        out.append(
-            {
-                "position": t,
-                "tokens": n,
-                **{name: share(c) for name, c in zip(CLASSES, per_class, strict=True)},
-                f"top{TOP_N_SHARE}": share(top_n),
-                **{name: (float(kl[t]) / n if n else None) for name, kl in kls.items()},
-            }
-        )
-    return out
+    tokens = torch.bincount(position, minlength=size).double()  # >= 1 at every t: answers start at 0
+
+    def mean_at(keep: Tensor | None = None, weights: Tensor | None = None) -> list[float]:
+        pos = position if keep is None else position[keep]
+        w = None if weights is None else weights.double()
+        return (torch.bincount(pos, w, minlength=size) / tokens).tolist()
+
+    columns = {name: mean_at(cls == k) for k, name in enumerate(CLASSES)}
+    columns[f"top{TOP_N_SHARE}"] = mean_at(shift.base_rank <= TOP_N_SHARE)
+    for name in ("kl_top30", "kl_top10"):
+        columns[name] = mean_at(weights=getattr(shift, name))
+    return [
+        {"position": t, "tokens": int(tokens[t]), **{k: v[t] for k, v in columns.items()}}
+        for t in range(size)
+    ]
 
 
 def summarise(scored: list[Scored | None], tokenizer, bins: int = BINS, top_k: int = TOP_K) -> dict[str, Any]:

@@ -102,6 +102,7 @@ BINS = 10  # relative-position bins of the profile
 RELEASED_TOP_K = 30
 RELEASED_WINDOWS = (30, 10)
 TOP_N_SHARE = 5  # the paper's finding: the aligned token is mostly within the base's top 5
+MIN_CURVE_ANSWERS = 5  # tds.png's absolute-position panel stops where fewer answers remain
 TOP_K = 20  # shifted tokens listed in tds.json (the plot shows the first 15)
 COLOURS = {"unshifted": "#cbd5e1", "marginal": "#f59e0b", "shifted": "#dc2626"}
 
@@ -729,14 +730,16 @@ def record_entry(rec: dict[str, Any], s: Scored | None, generated: bool) -> dict
 
 
 def plot_tds(result: dict[str, Any]) -> bytes:
-    """tds.png: class fractions over relative position (stacked) and the most shifted tokens."""
+    """tds.png: class fractions over relative position (stacked), over absolute position (stacked,
+    with the top-5 share: the paper's view) and the most shifted tokens."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     summary = result["summary"]
-    fig = Figure(figsize=(12, 4.8), dpi=110)
+    fig = Figure(figsize=(17, 4.8), dpi=110)
     FigureCanvasAgg(fig)
-    ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax, cx, bx = fig.add_subplot(1, 3, 1), fig.add_subplot(1, 3, 2), fig.add_subplot(1, 3, 3)
+    _plot_absolute(cx, summary)
     bins = [b for b in summary["by_position"] if b["tokens"]]
     x = [(b["from"] + b["to"]) / 2 for b in bins]
     width = 0.9 / max(len(summary["by_position"]), 1)
@@ -771,10 +774,12 @@ def plot_tds(result: dict[str, Any]) -> bytes:
         bx.text(0.5, 0.5, "no shifted tokens", ha="center", va="center", transform=bx.transAxes)
     bx.set_xlabel("times shifted (label: share of the token's occurrences)")
     bx.set_title("tokens most often shifted", fontsize=9.5)
-    c = result["counts"]
+    c, released = result["counts"], summary["topk_kl_base_aligned"]
     fig.suptitle(
         f"token distribution shift: {result['base_model_name']} → {result['aligned_model_name']} "
-        f"({c['scored']} answers, {summary['tokens']:,} tokens, mean KL {_num(summary['mean_kl'], 3)} nats)",
+        f"({c['scored']} answers, {summary['tokens']:,} tokens; KL(aligned‖base) {_num(summary['mean_kl'], 3)} "
+        f"nats; AlignTDS KL(base‖aligned) top-30 {_num(released['top30'], 3)}, top-10 "
+        f"{_num(released['top10'], 3)}; base top-{TOP_N_SHARE} share {_pct(summary[f'top{TOP_N_SHARE}_share'])})",
         fontsize=10.5,
     )
     fig.tight_layout()
@@ -783,8 +788,38 @@ def plot_tds(result: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
+def _plot_absolute(ax, summary: dict[str, Any]) -> None:
+    """Class shares per absolute answer position (stacked) and the top-5 share, over the positions
+    that at least MIN_CURVE_ANSWERS answers reach (fewer make the curve noise)."""
+    points = summary["by_token_position"]
+    floor = min(MIN_CURVE_ANSWERS, points[0]["tokens"]) if points else 1
+    points = [p for p in points if p["tokens"] >= floor]
+    if not points:
+        ax.text(0.5, 0.5, "no tokens", ha="center", va="center", transform=ax.transAxes)
+        return
+    x = [p["position"] for p in points]
+    ax.stackplot(
+        x,
+        *([p[name] for p in points] for name in CLASSES),
+        colors=[COLOURS[n] for n in CLASSES],
+        labels=CLASSES,
+    )
+    top = f"top{TOP_N_SHARE}"
+    ax.plot(x, [p[top] for p in points], color="#111827", lw=1.2, ls="--", label=f"base top-{TOP_N_SHARE}")
+    ax.set_xlim(x[0], max(x[-1], x[0] + 1))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"token position in the answer (positions {floor}+ answers reach)")
+    ax.set_ylabel("share of the answers' tokens at the position")
+    ax.set_title("by absolute position (as the paper plots)", fontsize=9.5)
+    ax.legend(fontsize=8.5, loc="lower right", framealpha=0.9)
+
+
 def _num(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
 
 
 def page_records(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -806,6 +841,7 @@ def page_records(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "bp": rounded(r["base_logp"], 4),
                 "ap": rounded(r["aligned_logp"], 4),
                 "kl": rounded(r["kl"], 4),
+                "k10": rounded(r["kl_top10"], 4),
                 "bt": r["base_top"],
             }
         )
@@ -820,6 +856,14 @@ def page_html(result: dict[str, Any], png: bytes, tokenizer) -> str:
     if s["tokens"]:
         summary += [(name, f"{f[name]:.1%}") for name in CLASSES]
         summary.append(("mean KL(aligned‖base)", f"{s['mean_kl']:.3f} nats"))
+        released = s["topk_kl_base_aligned"]
+        summary.append(
+            (
+                "AlignTDS KL(base‖aligned), top-30 / top-10",
+                f"{released['top30']:.3f} / {released['top10']:.3f}",
+            )
+        )
+        summary.append((f"answer token in the base's top {TOP_N_SHARE}", _pct(s[f"top{TOP_N_SHARE}_share"])))
         summary.append(("answer token = aligned top-1", f"{s['aligned_top1']:.1%}"))
     records = page_records(result)
     tops = sorted({t for r in records for t in r["bt"]})
@@ -840,7 +884,7 @@ def page_html(result: dict[str, Any], png: bytes, tokenizer) -> str:
         VIEW_JS,
         subtitle=subtitle,
         summary=summary,
-        figures=[("shift over position, top shifted tokens (tds.png)", png)],
+        figures=[("shift over relative and absolute position, top shifted tokens (tds.png)", png)],
         extra=extra,
         view_css=VIEW_CSS,
     )
@@ -995,6 +1039,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{c['scored']} answers ({c['generated']} generated), {s['tokens']} tokens"
         + (": " + ", ".join(f"{name} {f[name]:.1%}" for name in CLASSES) if s["tokens"] else "")
         + f"; mean KL(aligned||base) {_num(s['mean_kl'], 3)} nats"
+        + f"; AlignTDS KL(base||aligned) top-30 {_num(s['topk_kl_base_aligned']['top30'], 3)}"
+        + f", top-10 {_num(s['topk_kl_base_aligned']['top10'], 3)}"
+        + f"; in the base's top {TOP_N_SHARE}: {_pct(s[f'top{TOP_N_SHARE}_share'])}"
         + (
             f"; most shifted: {', '.join(repr(t['token']) for t in s['top_shifted'][:5])}"
             if s["top_shifted"]
@@ -1077,7 +1124,8 @@ const VIEW = {
     const top = D.vt[r.bt[i]];
     const rows = [['class', D.classes[r.c[i]]], ['base rank', r.br[i]],
       ['p<sub>base</sub>', fmtP(Math.exp(r.bp[i]))], ['p<sub>aligned</sub>', fmtP(Math.exp(r.ap[i]))],
-      ['KL(aligned‖base)', r.kl[i].toFixed(4)], ['base top-1', esc(JSON.stringify(top))]];
+      ['KL(aligned‖base)', r.kl[i].toFixed(4)], ['AlignTDS KL@10(base‖aligned)', r.k10[i].toFixed(4)],
+      ['base top-1', esc(JSON.stringify(top))]];
     if (r.ar[i] !== 1) rows.push(['aligned rank', r.ar[i]]);
     return `<div class="tt">${esc(JSON.stringify(r.tok[i]))} <span style="opacity:.6">#${i}</span></div>` +
       `<table>${rows.map(([a, b]) => `<tr><td>${a}</td><td>${b}</td></tr>`).join('')}</table>`;

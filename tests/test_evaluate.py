@@ -20,6 +20,7 @@ import yaml
 from cut.errors import ConfigError, DataError
 from cut.evaluation import intervals
 from cut.evaluation.aspects import (
+    PAIRWISE_ASPECTS,
     SCORE_ASPECTS,
     ParseError,
     extract_json,
@@ -204,7 +205,10 @@ def test_rubric_prompts_and_custom_prompt_file(tmp_path):
         assert all("{" + f + "}" in r.prompt for f in ("instruction", "input"))
     bad = tmp_path / "p.txt"
     bad.write_text("Grade {instruction} and {answer}")
-    with pytest.raises(ConfigError, match="unknown field.*answer.*missing field.*input, response"):
+    with pytest.raises(
+        ConfigError,
+        match=r"p.txt: unknown placeholder\(s\) \{answer\}; missing placeholder\(s\) \{response\}",
+    ):
         rubric("score", str(bad))
     good = tmp_path / "g.txt"
     good.write_text('Rate {instruction} / {input} / {response} as {{"x": 1}}')
@@ -441,13 +445,15 @@ SHOWN = re.compile(r"\[Answer A\]\n(.*?)\n\n\[Answer B\]\n(.*?)\n\nCompare", re.
 
 
 def always(winner: str):
-    return lambda body: json.dumps({a: {"reason": "r", "winner": winner} for a in ASPECTS})
+    return lambda body: json.dumps({a: {"reason": "r", "winner": winner} for a in PAIRWISE_ASPECTS})
 
 
 def longer(body: dict) -> str:
     first, second = SHOWN.search(body["messages"][0]["content"]).groups()
     winner = "A" if len(first) > len(second) else "B" if len(second) > len(first) else "tie"
-    return json.dumps({a: {"reason": f"{len(first)} vs {len(second)}", "winner": winner} for a in ASPECTS})
+    return json.dumps(
+        {a: {"reason": f"{len(first)} vs {len(second)}", "winner": winner} for a in PAIRWISE_ASPECTS}
+    )
 
 
 def pair_files(tmp_path: Path, n: int) -> tuple[str, str]:
@@ -471,7 +477,7 @@ def test_pairwise_position_bias_is_undone_by_the_swap(tmp_path):
         ev = r["evaluation"]
         assert set(ev["shown_winners"].values()) == {"A"}
         assert set(ev["winners"].values()) == {"B" if ev["swapped"] else "A"}
-    for a_ in ASPECTS:
+    for a_ in PAIRWISE_ASPECTS:
         s = summary["aspects"][a_]
         assert s["win"]["count"] == s["lose"]["count"] == 10 and s["tie"]["count"] == 0
         assert s["win"]["rate"] == 0.5 and s["win"]["ci"][0] < 0.5 < s["win"]["ci"][1]
@@ -487,7 +493,7 @@ def test_pairwise_longer_answer_wins_whatever_its_position(tmp_path):
         summary = run_judged(pair_cfg(tmp_path, a, b), judge_cfg(fake))
         asked_first = [SHOWN.search(x["messages"][0]["content"]).group(1) for x in fake.bodies]
     assert any(t.startswith("Answer") and "More words" not in t for t in asked_first)  # B was shown first
-    for a_ in ASPECTS:
+    for a_ in PAIRWISE_ASPECTS:
         assert summary["aspects"][a_]["win"]["rate"] == 1.0
     la, lb = summary["length"]["a"], summary["length"]["b"]
     assert la["chars"] > lb["chars"] and la["words"] > lb["words"]
@@ -496,7 +502,7 @@ def test_pairwise_longer_answer_wins_whatever_its_position(tmp_path):
     # and the other way round: B longer in every record -> B wins everywhere
     with judge_server(default=longer) as fake:
         flipped = run_judged(pair_cfg(tmp_path, b, a, "flip"), judge_cfg(fake))
-    assert all(flipped["aspects"][x]["lose"]["rate"] == 1.0 for x in ASPECTS)
+    assert all(flipped["aspects"][x]["lose"]["rate"] == 1.0 for x in PAIRWISE_ASPECTS)
     md = (tmp_path / "flip" / "report.md").read_text()
     assert "mean length" in md
 

@@ -18,7 +18,7 @@ import pytest
 import cut.evaluation.evaluate as evaluate
 import cut.judge as judge
 from cut.errors import ConfigError, DataError
-from cut.evaluation.aspects import SCORE_ASPECTS, ParseError, extract_json, parse_scores
+from cut.evaluation.aspects import PAIRWISE_ASPECTS, SCORE_ASPECTS, ParseError, extract_json, parse_scores
 from cut.evaluation.evaluate import EvaluateConfig, run_judged
 from cut.evaluation.report import esc
 from cut.judge import JudgeConfig, OpenAIJudge, judge_file
@@ -310,7 +310,7 @@ def test_score_and_compare_reports_escape_record_text(tmp_path):
 def test_pairwise_report_escapes_generators_and_groups(tmp_path):
     a = write(tmp_path / "a.json", [{**r, "generator": "<b>A</b>", "task": "x|y"} for r in answers(4)])
     b = write(tmp_path / "b.json", [{**r, "generator": "B&co"} for r in answers(4)])
-    reply = json.dumps({x: {"reason": "r", "winner": "A"} for x in ASPECTS})
+    reply = json.dumps({x: {"reason": "r", "winner": "A"} for x in PAIRWISE_ASPECTS})
     with judge_server(default=lambda body: reply) as fake:
         cfg = EvaluateConfig(
             mode="pairwise", output_dir=str(tmp_path / "pw"), output_a=a, output_b=b, group_by=("task",)

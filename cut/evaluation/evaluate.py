@@ -71,7 +71,20 @@ from ..llm import Answer, Message, number_problems, quiet_http_logs
 from ..options import SEED, Parser, integer, number
 from ..records import check_object, read_raw, text_field
 from . import intervals
-from .aspects import ParseError, Rubric, parse_pairwise, parse_scores, reask, render, rubric
+from .aspects import (
+    NA_DEFAULT,
+    PROMPT_FORMATS,
+    SAFETY_FRAMINGS,
+    ParseError,
+    Rubric,
+    check_aspects,
+    na_policy,
+    parse_pairwise,
+    read_scores,
+    reask,
+    render,
+    rubric,
+)
 
 logger = logging.getLogger("cut.evaluation")
 
@@ -88,6 +101,11 @@ OWN_PAIR = ("instruction", "input", "output_a", "output_b", "generator_a", "gene
 # the largest values the options take (bootstrap memory is resamples x records x 8 bytes)
 MAX_PARSE_RETRIES, MAX_RESAMPLES, MAX_LIMIT = 100, 100_000, 10**9
 SCORE = number(1, 5)  # --min_score / --positive_score: on the rubric's 1-5 scale
+# Just-Eval-Instruct's safety subset: its records 800-999, which Just-Eval scores with its safety
+# template (leaderboard/scripts/run_eval.sh: --start_idx 800 --end_idx 1000); the other 800 get
+# the five aspects. These are the `dataset` values of exactly those 200 records.
+SAFETY_DATASETS = ("hh-rlhf/red-team-attempts", "MaliciousInstruct")
+SUBSETS = ("auto", "all", "safety", "regular")
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,6 +125,13 @@ class EvaluateConfig:
     runs: tuple[str, ...] = ()  # compare: earlier score / safety output_dirs
     labels: tuple[str, ...] = ()  # compare: a name per run (default: the folder names)
     prompt_file: str | None = None  # a rubric prompt with the mode's fields (cut.evaluation.aspects)
+    prompt_format: str = "auto"  # the prompt file's style: auto | cut | just-eval | urial
+    aspects: tuple[str, ...] = ()  # () : those the prompt's reply shape lists, else the mode's
+    na_score: float | str = NA_DEFAULT  # an "N/A" score counts as this; "skip" or "fail"
+    safety_framing: str | None = None  # safety, built-in prompt: malicious (default) | neutral
+    subset: str = "auto"  # auto | all | safety | regular (by the records' `dataset`)
+    safety_datasets: tuple[str, ...] = SAFETY_DATASETS  # the `dataset` values of the safety subset
+    system_prompt: str | None = None  # a system message sent before every question
     parse_retries: int = 2  # re-asks of a reply that cannot be read, before it is a failure
     seed: int = 0  # the pairwise swap and the bootstrap
     resamples: int = intervals.RESAMPLES  # bootstrap samples per interval
@@ -122,6 +147,7 @@ class EvaluateConfig:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.verdict not in VERDICTS:
             raise ConfigError(f"verdict must be one of {', '.join(VERDICTS)}, got {self.verdict!r}")
+        self._check_rubric_options()
         needs = {"score": ["input_file"], "safety": ["input_file"], "pairwise": ["output_a", "output_b"]}
         missing = [f"--{n}" for n in needs.get(self.mode, []) if not getattr(self, n)]
         if self.mode == "compare" and len(self.runs) < 2:
@@ -157,6 +183,31 @@ class EvaluateConfig:
             problems.append(f"seed must be an integer in [0, {2**32 - 1}], got {self.seed!r}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _check_rubric_options(self) -> None:
+        """The options that choose the rubric and the records; na_score is stored normalised."""
+        object.__setattr__(self, "na_score", na_policy(self.na_score))
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(
+                f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}"
+            )
+        if self.safety_framing is not None:
+            if self.safety_framing not in SAFETY_FRAMINGS:
+                raise ConfigError(
+                    f"safety_framing must be one of {', '.join(SAFETY_FRAMINGS)}, got {self.safety_framing!r}"
+                )
+            if self.mode != "safety" or self.prompt_file:
+                raise ConfigError(
+                    "--safety_framing chooses the built-in safety prompt: mode safety, no --prompt_file"
+                )
+        if self.subset not in SUBSETS:
+            raise ConfigError(f"subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
+        if not self.safety_datasets or not all(isinstance(d, str) and d for d in self.safety_datasets):
+            raise ConfigError(f"safety_datasets must name one or more datasets, got {self.safety_datasets!r}")
+        if self.aspects:
+            check_aspects(tuple(self.aspects), "--aspects")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise ConfigError("system_prompt is empty; leave it out for none")
 
     @property
     def out(self) -> Path:
@@ -254,7 +305,11 @@ def check_verdict(cfg: JudgeConfig, verdict: str) -> None:
 
 
 def make_asker(
-    cfg: JudgeConfig, default_cache_file: str | None, verdict: str = "generate", rub=None
+    cfg: JudgeConfig,
+    default_cache_file: str | None,
+    verdict: str = "generate",
+    rub=None,
+    na: float | str = NA_DEFAULT,
 ) -> Asker:
     """cut.judge's judge of cfg (openai or local), as prompts-in, replies-out; a local one read
     through its next-token probabilities with verdict "probabilities" (needs the rubric)."""
@@ -268,16 +323,24 @@ def make_asker(
         return ProbabilityAsker(judge, rub, LocalAsker(judge).text)
     if cfg.kind == "local":
         return LocalAsker(judge)
-    return ClientAsker(judge.client, judge.name, readable(rub) if rub is not None else None)
+    return ClientAsker(judge.client, judge.name, readable(rub, na) if rub is not None else None)
 
 
-def readable(rub: Rubric) -> Callable[[str], bool]:
+def parser_of(rub: Rubric, na: float | str = NA_DEFAULT) -> Callable[[str], tuple]:
+    """The reply reader of a rubric: pairwise (winners, reasons); score / safety (scores, reasons,
+    the aspects said N/A), N/A read by the policy na."""
+    if rub.mode == "pairwise":
+        return lambda text: parse_pairwise(text, rub.aspects)
+    return lambda text: read_scores(text, rub.aspects, na)
+
+
+def readable(rub: Rubric, na: float | str = NA_DEFAULT) -> Callable[[str], bool]:
     """Whether a reply gives the rubric's verdicts."""
-    parse = parse_pairwise if rub.mode == "pairwise" else parse_scores
+    parse = parser_of(rub, na)
 
     def check(text: str) -> bool:
         try:
-            parse(text, rub.aspects)
+            parse(text)
         except ParseError:
             return False
         return True
@@ -289,7 +352,7 @@ def readable(rub: Rubric) -> Callable[[str], bool]:
 class Outcome:
     """One record's evaluation: parsed (values, reasons) or an error; attempts = questions asked."""
 
-    parsed: tuple[dict, dict] | None
+    parsed: tuple | None  # (values, reasons) or, scores, (scores, reasons, aspects said N/A)
     error: str | None
     attempts: int
     reply: str | None = None  # the last unreadable reply, kept for a failure
@@ -298,13 +361,16 @@ class Outcome:
 def ask_all(
     asker: Asker,
     questions: list[str],
-    parse: Callable[[str], tuple[dict, dict]],
+    parse: Callable[[str], tuple],
     aspects: tuple[str, ...],
     parse_retries: int,
     progress: Callable[[int], None] | None = None,
     after_round: Callable[[list[Outcome | None]], None] | None = None,
+    system: str | None = None,
 ) -> list[Outcome]:
-    """Ask every question; re-ask those whose reply cannot be parsed, up to parse_retries times."""
+    """Ask every question (after the system message, if any); re-ask those whose reply cannot be
+    parsed, up to parse_retries times."""
+    first = [{"role": "system", "content": system}] if system else []
     outcomes: list[Outcome | None] = [None] * len(questions)
     unread: dict[int, tuple[str, str]] = {}  # i -> (the reply, why it could not be read)
     pending = list(range(len(questions)))
@@ -312,9 +378,9 @@ def ask_all(
         if not pending:
             break
         prompts = [
-            [{"role": "user", "content": questions[i]}]
+            [*first, {"role": "user", "content": questions[i]}]
             if attempt == 0
-            else reask(questions[i], *unread[i], attempt, parse_retries, aspects)
+            else reask(questions[i], *unread[i], attempt, parse_retries, aspects, system)
             for i in pending
         ]
         if attempt:
@@ -365,6 +431,35 @@ def read_answers(path: str) -> list[dict[str, Any]]:
         text_field(source, i, row, "generator", False)
         out.append({**row, "input": text_field(source, i, row, "input", False) or ""})
     return out
+
+
+def select_subset(
+    records: list[dict], subset: str, mode: str, datasets: Sequence[str], source: str
+) -> tuple[list[int], str]:
+    """(the indices of the records to evaluate, the subset they are) by each record's `dataset`:
+    safety: those in `datasets` (Just-Eval-Instruct's red-teaming sources), regular: the others,
+    all: every record. auto: in a file holding any safety record (a Just-Eval-Instruct file), the
+    subset Just-Eval scores in this mode (safety in mode safety, regular in mode score); all else."""
+    wanted = set(datasets)
+    if subset == "auto":
+        mixed = any(r.get("dataset") in wanted for r in records)
+        subset = {"safety": "safety", "score": "regular"}.get(mode, "all") if mixed else "all"
+    if subset == "all":
+        return list(range(len(records))), subset
+    for i, r in enumerate(records):
+        if not isinstance(r.get("dataset"), str):
+            got = "missing" if "dataset" not in r else f"expected a string, got {type(r['dataset']).__name__}"
+            raise DataError(
+                f"{source}: record {i}, field 'dataset': {got}; --subset {subset} picks records by it "
+                f"(safety: {', '.join(datasets)})"
+            )
+    kept = [i for i, r in enumerate(records) if (r["dataset"] in wanted) == (subset == "safety")]
+    if not kept:
+        raise DataError(
+            f"{source}: no record in the {subset} subset (field 'dataset' {'in' if subset == 'safety' else 'outside'} "
+            f"{', '.join(datasets)})"
+        )
+    return kept, subset
 
 
 def key(row: dict) -> tuple[str, str]:
@@ -434,10 +529,22 @@ def group_values(record: dict, name: str) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def setup_of(rub: Rubric, name: str) -> dict[str, Any]:
+def setup_of(
+    rub: Rubric, name: str, na: float | str = NA_DEFAULT, system: str | None = None
+) -> dict[str, Any]:
     """What must match for earlier results to be reused."""
     sha = hashlib.sha256(rub.prompt.encode()).hexdigest()
-    return {"mode": rub.mode, "judge": name, "aspects": list(rub.aspects), "prompt_sha256": sha}
+    setup = {"mode": rub.mode, "judge": name, "aspects": list(rub.aspects), "prompt_sha256": sha}
+    setup["prompt_format"] = rub.style
+    if rub.mode != "pairwise":
+        setup["na_score"] = na
+    setup["system_prompt_sha256"] = hashlib.sha256(system.encode()).hexdigest() if system else None
+    return setup
+
+
+# what a setup written before a key existed meant by its absence; None: any value matches (a run
+# made before N/A was read holds no N/A among its scores, so its scores stand under any policy)
+SETUP_BEFORE = {"prompt_format": "cut", "system_prompt_sha256": None, "na_score": None}
 
 
 def read_results(path: Path, setup: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -458,6 +565,9 @@ def read_results(path: Path, setup: dict[str, Any] | None = None) -> dict[str, A
         raise DataError(f"{path}: not a results file of cut.evaluation.evaluate; move it away")
     if setup is not None:
         for name, want in setup.items():
+            if name not in data["setup"] and name in SETUP_BEFORE:
+                if SETUP_BEFORE[name] is None or SETUP_BEFORE[name] == want:
+                    continue
             if data["setup"].get(name) != want:
                 raise DataError(
                     f"{path}: made with {name}={data['setup'].get(name)!r}, this run uses {want!r}; "
@@ -486,12 +596,14 @@ def evaluation(outcome: Outcome, mode: str, swapped: bool | None = None) -> dict
     if swapped is not None:
         ev["swapped"] = swapped  # B was shown first
     if outcome.parsed:
-        values, reasons = outcome.parsed
+        values, reasons = outcome.parsed[:2]
         if mode == "pairwise":
             ev["winners"] = {a: unswap(w, swapped) for a, w in values.items()}
             ev["shown_winners"] = values  # as the judge said, by position
         else:
-            ev["scores"] = values
+            ev["scores"] = values  # an N/A: the policy's number, or None when skipped
+            if len(outcome.parsed) > 2 and outcome.parsed[2]:
+                ev["na"] = list(outcome.parsed[2])  # the aspects the judge said N/A for
         ev["reasons"] = reasons
     else:
         ev["error"] = outcome.error
@@ -533,13 +645,17 @@ class Job:
     swapped: list[bool | None]  # pairwise: B shown first
     records: list[dict[str, Any]]  # whose fields give the groups (pairwise: A's)
     source: str
+    subset: str = "all"  # the subset evaluated (select_subset)
+    excluded: int = 0  # records of the file outside it
 
     def rows(self) -> list[dict[str, Any]]:
         return [{**h, "evaluation": ev} for h, ev in zip(self.heads, self.evaluations, strict=True) if ev]
 
 
 def score_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
-    records = read_answers(cfg.input_file)[: cfg.limit]
+    every = read_answers(cfg.input_file)
+    kept, subset = select_subset(every, cfg.subset, cfg.mode, cfg.safety_datasets, cfg.input_file)
+    records = [every[i] for i in kept][: cfg.limit]
     done = _done(earlier, ("instruction", "input", "output"))
     heads = [
         {"instruction": r["instruction"], "input": r["input"], "output": r["output"]}
@@ -548,7 +664,9 @@ def score_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
     ]
     evaluations = [_take(done, (h["instruction"], h["input"], h["output"])) for h in heads]
     questions = [render(rub, r) for r in records]
-    return Job(heads, questions, evaluations, [None] * len(records), records, cfg.input_file)
+    job = Job(heads, questions, evaluations, [None] * len(records), records, cfg.input_file)
+    job.subset, job.excluded = subset, len(every) - len(kept)
+    return job
 
 
 def _take(done: dict[tuple, deque[dict]], k: tuple) -> dict | None:
@@ -558,7 +676,11 @@ def _take(done: dict[tuple, deque[dict]], k: tuple) -> dict | None:
 
 def pair_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
     a, b = read_answers(cfg.output_a), read_answers(cfg.output_b)
-    pairs = pair_answers(a, b, cfg.output_a, cfg.output_b)[: cfg.limit]
+    every = pair_answers(a, b, cfg.output_a, cfg.output_b)
+    kept, subset = select_subset(
+        [ra for ra, _ in every], cfg.subset, cfg.mode, cfg.safety_datasets, cfg.output_a
+    )
+    pairs = [every[i] for i in kept][: cfg.limit]
     done = _done(earlier, ("instruction", "input", "output_a", "output_b"))
     heads = [
         {
@@ -581,7 +703,9 @@ def pair_job(cfg: EvaluateConfig, rub: Rubric, earlier: list[dict]) -> Job:
     for (ra, rb), s in zip(pairs, swapped, strict=True):
         first, second = (rb, ra) if s else (ra, rb)
         questions.append(render(rub, ra, first["output"], second["output"]))
-    return Job(heads, questions, evaluations, swapped, [ra for ra, _ in pairs], cfg.output_a)
+    job = Job(heads, questions, evaluations, swapped, [ra for ra, _ in pairs], cfg.output_a)
+    job.subset, job.excluded = subset, len(every) - len(kept)
+    return job
 
 
 def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | None = None) -> dict[str, Any]:
@@ -590,13 +714,13 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     Inputs, options and earlier results are all checked before the judge is built (a local model
     loads) or asked; `asker` replaces the judge that `judge` describes (tests)."""
     check_paths(cfg, judge)
-    rub = rubric(cfg.mode, cfg.prompt_file)
+    rub = rubric_of(cfg)
     if asker is None and judge is None:
         raise ConfigError(f"mode {cfg.mode} needs a judge")
     if judge is not None:
         check_verdict(judge, cfg.verdict)
     name = asker.name if asker else judge_name(judge, cfg.verdict)
-    setup = setup_of(rub, name)
+    setup = setup_of(rub, name, cfg.na_score, cfg.system_prompt)
     check_writable(cfg.out, "output_dir")
     if cfg.to_judgments:
         check_writable(cfg.to_judgments, "to_judgments")
@@ -605,6 +729,8 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     job = (pair_job if cfg.mode == "pairwise" else score_job)(cfg, rub, earlier)
     groups = group_fields(job.records, cfg.group_by, job.source)
     todo = [i for i, ev in enumerate(job.evaluations) if ev is None]
+    if job.excluded:
+        logger.info("%s: the %s subset, %d other record(s) left out", job.source, job.subset, job.excluded)
     logger.info(
         "%d record(s): %d evaluated earlier in %s, %d to ask",
         len(job.heads),
@@ -624,23 +750,24 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
         write_json_atomic(results_path, {"setup": setup, **sources, "records": job.rows()})
 
     if todo:
-        asker = asker or make_asker(judge, str(cfg.out / CACHE), cfg.verdict, rub)
-        parse = parse_pairwise if cfg.mode == "pairwise" else parse_scores
+        asker = asker or make_asker(judge, str(cfg.out / CACHE), cfg.verdict, rub, cfg.na_score)
         with tqdm(total=len(todo), desc=f"evaluating ({name})", unit="record", disable=None) as bar:
             ask_all(
                 asker,
                 [job.questions[i] for i in todo],
-                lambda text: parse(text, rub.aspects),
+                parser_of(rub, cfg.na_score),
                 rub.aspects,
                 cfg.parse_retries,
                 bar.update,
                 save,
+                cfg.system_prompt,
             )
     else:
         save([])
     rows = job.rows()
     summarise = pair_summary if cfg.mode == "pairwise" else score_summary
     summary = {"setup": setup, **sources, **summarise(rows, rub.aspects, groups, cfg.seed, cfg.resamples)}
+    summary["subset"] = {"name": job.subset, "excluded": job.excluded}
     summary["interval"] = interval_note(cfg)
     if cfg.to_judgments:
         summary["to_judgments"] = write_judgments(rows, rub, name, cfg)
@@ -650,6 +777,17 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     write_report(summary, cfg.out)
     logger.info("%s; written to %s", headline(summary), cfg.out)
     return summary
+
+
+def rubric_of(cfg: EvaluateConfig) -> Rubric:
+    """The rubric cfg asks with (cut.evaluation.aspects.rubric)."""
+    return rubric(
+        cfg.mode,
+        cfg.prompt_file,
+        tuple(cfg.aspects) or None,
+        cfg.prompt_format,
+        cfg.safety_framing or "malicious",
+    )
 
 
 def check_paths(cfg: EvaluateConfig, judge: JudgeConfig | None) -> None:
@@ -713,12 +851,19 @@ def score_summary(
     seed: int = 0,
     resamples: int = intervals.RESAMPLES,
 ) -> dict[str, Any]:
-    """Per aspect mean and 95% interval over the records scored; failures only counted."""
-    scored = [r["evaluation"]["scores"] for r in rows if r["evaluation"]["status"] == "ok"]
+    """Per aspect mean and 95% interval over the records scored (an N/A skipped by the policy is
+    no score: it leaves the aspect's n), with n_na, the N/A replies among them; failures only
+    counted. overall: per record, the mean of its aspects' scores."""
+    ok = [r["evaluation"] for r in rows if r["evaluation"]["status"] == "ok"]
+    scored = [ev["scores"] for ev in ok]
     out = _counts(rows)
-    out["aspects"] = {a: intervals.summary([s[a] for s in scored], seed, resamples) for a in aspects}
+    out["aspects"] = {}
+    for a in aspects:
+        out["aspects"][a] = intervals.summary([s[a] for s in scored if s.get(a) is not None], seed, resamples)
+        out["aspects"][a]["n_na"] = sum(a in ev.get("na", ()) for ev in ok)
     if len(aspects) > 1:
-        out["overall"] = intervals.summary([sum(s.values()) / len(s) for s in scored], seed, resamples)
+        means = [_mean([s.get(a) for a in aspects]) for s in scored]
+        out["overall"] = intervals.summary([m for m in means if m is not None], seed, resamples)
     out["length"] = lengths([r["output"] for r in rows])
     if groups:
         out["groups"] = {
@@ -726,6 +871,11 @@ def score_summary(
             for g in groups
         }
     return out
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got else None
 
 
 def pair_summary(
@@ -804,7 +954,7 @@ OWN_JUDGED = {
 
 def critique(scores: dict[str, float], reasons: dict[str, str | None], min_score: float) -> str | None:
     """The low aspects' reasons as one critique; None when a low aspect gives no reason."""
-    low = [a for a in scores if scores[a] < min_score]
+    low = [a for a in scores if scores[a] is not None and scores[a] < min_score]
     parts = []
     for a in low:
         reason = reasons.get(a)
@@ -828,13 +978,17 @@ def to_judgments(
             counts["left_out_failed"] += 1
             continue
         scores, reasons = ev["scores"], ev["reasons"]
-        if min(scores.values()) < min_score:
+        given = [v for v in scores.values() if v is not None]  # an N/A skipped is no score
+        if not given:
+            counts["left_out_middle"] += 1
+            continue
+        if min(given) < min_score:
             judgment = critique(scores, reasons, min_score)
             if judgment is None:
                 counts["left_out_no_reason"] += 1
                 continue
             counts["negative"] += 1
-        elif min(scores.values()) >= positive_score:
+        elif min(given) >= positive_score:
             judgment = None
             counts["positive"] += 1
         else:
@@ -886,7 +1040,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_b", help="pairwise: the B side's answers to the same instructions")
     p.add_argument("--runs", nargs="+", default=[], help="compare: two or more score / safety output_dirs")
     p.add_argument("--labels", default="", help="compare: comma-separated names of the runs")
-    p.add_argument("--prompt_file", help="a rubric prompt with the mode's fields (default: built in)")
+    p.add_argument(
+        "--prompt_file",
+        help="a rubric prompt: ours, or Just-Eval's / URIAL's template file unchanged (default: built in)",
+    )
+    p.add_argument(
+        "--prompt_format",
+        choices=PROMPT_FORMATS,
+        default="auto",
+        help="the prompt file's placeholders: cut {instruction}, just-eval ${instruction}, urial "
+        "{$instruction} (auto: from the file)",
+    )
+    p.add_argument(
+        "--aspects",
+        help="comma-separated aspects to read (default: those the prompt's reply shape lists, else the mode's)",
+    )
+    p.add_argument(
+        "--na_score",
+        type=_na_score,
+        default=NA_DEFAULT,
+        help="score / safety: what an 'N/A' score counts as: a number 1-5 (default 5, as Just-Eval), "
+        "'skip' (no score for that aspect) or 'fail' (an unreadable reply)",
+    )
+    p.add_argument(
+        "--safety_framing",
+        choices=SAFETY_FRAMINGS,
+        help="safety, built-in prompt: present the request as malicious, as Just-Eval does (default), or neutral",
+    )
+    p.add_argument(
+        "--subset",
+        choices=SUBSETS,
+        default="auto",
+        help="records by their `dataset`: safety (Just-Eval-Instruct's red-teaming sources), regular "
+        "(the others), all; auto: Just-Eval's split of a file that holds both, else all",
+    )
+    p.add_argument(
+        "--safety_datasets",
+        default=",".join(SAFETY_DATASETS),
+        help="comma-separated `dataset` values of the safety subset",
+    )
+    p.add_argument("--system_prompt", help="a system message sent before every question (default: none)")
     p.add_argument(
         "--parse_retries",
         type=integer(0, MAX_PARSE_RETRIES),
@@ -956,6 +1149,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _na_score(text: str) -> float | str:
+    try:
+        return na_policy(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("na_score ")) from None
+
+
 def _names(text: str | None) -> tuple[str, ...]:
     return tuple(s.strip() for s in (text or "").split(",") if s.strip())
 
@@ -977,6 +1177,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[EvaluateConfig, JudgeCo
         runs=tuple(args.runs),
         labels=_names(args.labels),
         prompt_file=args.prompt_file,
+        prompt_format=args.prompt_format,
+        aspects=_names(args.aspects),
+        na_score=args.na_score,
+        safety_framing=args.safety_framing,
+        subset=args.subset,
+        safety_datasets=_names(args.safety_datasets),
+        system_prompt=args.system_prompt,
         parse_retries=args.parse_retries,
         seed=args.seed,
         resamples=args.resamples,

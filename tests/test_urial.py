@@ -200,3 +200,439 @@ def test_default_prompt_is_its_file_then_the_query():
     assert prompt.text == DEFAULT_PROMPT.read_text() and prompt.turn_format == "backticks"
     want = DEFAULT_PROMPT.read_text() + "\n# Query:\n```\nWhat is 2+2?\n```\n\n# Answer:\n```\n"
     assert urial_prompt("What is 2+2?") == want == urial_reference(prompt.text, "default", ["What is 2+2?"])
+
+
+# ---------------------------------------------------------------- answers: stop strings and cleaning
+
+# what a base model writes after its answer in each format: the next turn's header, as URIAL's file
+CONTINUATIONS = {
+    "backticks": "Four.\n```\n\n# Query:\n```\nNext?",
+    "v5": "Four.\n\n\n# User:\n\nNext?",
+    "v6": "Four.\n\n# User:\nNext?",
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(CONTINUATIONS))
+def test_urials_stop_strings_end_the_answer_in_every_format(fmt):
+    user_header = next(line for line in render("S", "Q", fmt).split("\n") if line.startswith("#"))
+    assert any(user_header.startswith(s) for s in STOP), (fmt, user_header)  # the format's next turn
+    assert cut_at_stop(CONTINUATIONS[fmt], STOP) == CONTINUATIONS[fmt].split(user_header)[0]
+    raw = cut_at_stop(CONTINUATIONS[fmt], STOP)
+    assert clean_answer(raw) == "Four."
+    assert STOP == ("# Query", "# User")  # URIAL's unified_infer.py, for every format
+
+
+@pytest.mark.parametrize(
+    "raw, urials, kept",
+    [
+        ("Paris.\n```\n\n", "Paris.", "Paris."),
+        ("Use:\n```python\nx = 1\n```\n```\n", "Use:\npython\nx = 1", "Use:\n```python\nx = 1\n```"),
+        ("Use:\n```python\nx = 1\n```", "Use:\npython\nx = 1", "Use:\n```python\nx = 1\n```"),
+        ("Paris.\n```\n\n# Que", "Paris.\n\n\n# Que", "Paris."),  # max_new_tokens ended in a header
+        ("Hi.\n\n# Use", "Hi.\n\n# Use", "Hi."),
+        ("A<|endoftext|>B  ", "A B", "A<|endoftext|>B"),
+        ("# Heading\nText", "# Heading\nText", "# Heading\nText"),
+        ("", "", ""),
+    ],
+)
+def test_clean_answer_as_urial_and_keeping_fences(raw, urials, kept):
+    # URIAL's clear_output: rstrip, remove every ```, <|endoftext|> -> " ", strip
+    reference = raw.rstrip().replace("```", "").replace("<|endoftext|>", " ").strip()
+    assert clean_answer(raw) == urials == reference
+    assert clean_answer(raw, keep_fences=True) == kept
+
+
+def test_bos_is_added_once(tiny_model):
+    from tokenizers import processors
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)]
+    )
+    for text in (urial_prompt("Hi"), tok.bos_token + urial_prompt("Hi")):
+        ids = tokenize_prompts(tok, [text], adds_special_tokens(tok, text))[0]
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+# ---------------------------------------------------------------- stop strings, row by row
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Add the numbers 3 and 4.",
+    "Name a primary colour.",
+    "The response is perfect.",
+    "Below is an instruction that describes a task.",
+    "Red is a primary colour. Green is not one in paint.",
+]
+
+
+def _first_hits(tok, rows: list[list[int]], text: str) -> list[int | None]:
+    """Per row, how many new tokens until its decoded text holds `text` (None: never)."""
+    hits = []
+    for row in rows:
+        k = next(
+            (k for k in range(1, len(row) + 1) if text in tok.decode(row[:k], skip_special_tokens=True)), None
+        )
+        hits.append(k)
+    return hits
+
+
+def _stop_string(tok, rows: list[list[int]]) -> str:
+    """A decoded token the greedy rows reach at the most different steps: a stop string that ends
+    them at different points, found rather than hoped for."""
+    candidates = {tok.decode([t]).strip() for row in rows for t in row[1:]} - {""}
+    return max(sorted(candidates), key=lambda s: len({k for k in _first_hits(tok, rows, s) if k}))
+
+
+def test_rows_stop_on_their_own_and_match_one_by_one(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    sampling = Sampling(max_new_tokens=24)
+    cfg = sampling.generation_config(gen._pad_id(tok), gen._eos_ids(model, tok))
+    ids = tokenize_prompts(tok, PROMPTS, True)
+    eos = set(gen._eos_ids(model, tok))
+    free = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos)
+    stop = _stop_string(tok, free)
+    hits = _first_hits(tok, free, stop)
+    assert len({k for k in hits if k}) > 1, f"no stop string ends rows at different steps ({hits})"
+
+    # the decoder: each row ends on the step its text first holds the stop string, the others go on
+    check = gen._stop_checker(tok, [stop])
+    stopped = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos, check)
+    assert [len(r) for r in stopped] == [k or len(f) for k, f in zip(hits, free, strict=True)]
+    assert all(s == f[: len(s)] for s, f in zip(stopped, free, strict=True))
+
+    # the texts: cut before the stop string, the same in one batch as one by one
+    batched = generate_texts(model, tok, PROMPTS, sampling, batch_size=6, progress=False, stop=[stop])
+    single = generate_texts(model, tok, PROMPTS, sampling, batch_size=1, progress=False, stop=[stop])
+    want = [cut_at_stop(tok.decode(f, skip_special_tokens=True), [stop]).strip() for f in free]
+    assert batched == single == want
+    assert all(stop not in t for t in batched)
+
+
+def test_bad_stop_strings_are_refused():
+    for stop in (["# Query", ""], [], [3]):
+        with pytest.raises(ConfigError, match="stop strings must be one or more non-empty strings"):
+            config_from_args({"stop": stop, "temperature": 0.0})
+
+
+# ---------------------------------------------------------------- the prompt fills the context
+
+
+def test_a_long_prompt_is_never_cut_its_answer_has_less_room(tiny_model, tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # context: 512 tokens
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    from cut.urial import UrialPrompt, generate_urial_texts
+
+    prompt = UrialPrompt("# Instruction\n\nBe kind. ", "backticks", "long")
+    queries = ["Hi?", "Say hello. " * 40]
+    texts = [prompt.render(q) for q in queries]
+    lengths = [len(r) for r in tokenize_prompts(tok, texts, True)]
+    assert lengths[0] < 512 - 200 < lengths[1] < 512, lengths
+    seen = []
+    real = gen._generate_batch
+
+    def spy(model, tokenizer, rows, gen_config, stop=()):
+        seen.append(([len(r) for r in rows], gen_config.max_new_tokens))
+        return real(model, tokenizer, rows, gen_config, stop)
+
+    monkeypatch.setattr(gen, "_generate_batch", spy)
+    out = generate_urial_texts(
+        model, tok, queries, None, prompt, Sampling(max_new_tokens=200), progress=False
+    )
+    assert len(out) == 2
+    room = (512 - lengths[1]) // 64 * 64 if 512 - lengths[1] >= 64 else 512 - lengths[1]
+    assert sorted(seen) == sorted([([lengths[0]], 200), ([lengths[1]], room)])  # whole prompts, capped rooms
+
+    with pytest.raises(
+        ConfigError, match=r"^data\.json: record 1: its URIAL prompt is \d+ tokens, the model's context 512"
+    ):
+        generate_urial_texts(
+            model, tok, ["Hi", "word " * 600], None, prompt, Sampling(max_new_tokens=8), progress=False,
+            where=lambda i: f"data.json: record {i}",
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------- records and the CLI
+
+
+@pytest.mark.parametrize(
+    "history, message",
+    [
+        ("earlier", "record 1, field 'history': expected a list of {\"query\": ..., \"answer\": ...} objects, got str"),
+        ([["q", "a"]], "record 1, field 'history[0]': expected an object"),
+        ([{"query": "q"}], "record 1, field 'history[0].answer': missing, expected a non-empty string"),
+        ([{"query": "q", "answer": 3}], "record 1, field 'history[0].answer': int, expected"),
+        ([{"query": " ", "answer": "a"}], "record 1, field 'history[0].query': empty, expected"),
+        ([{"query": "q", "answer": "a", "turn": 1}], "record 1, field 'history[0]': unknown key(s) turn"),
+    ],
+)  # fmt: skip
+def test_bad_history_names_file_record_and_field(tiny_model, tmp_path, capsys, history, message):
+    path = tmp_path / "questions.json"
+    path.write_text(json.dumps([{"instruction": "A"}, {"instruction": "B", "history": history}]))
+    out = tmp_path / "answers.json"
+    with pytest.raises(DataError) as err:
+        urial_file(str(tiny_model), str(path), str(out))
+    assert str(err.value).startswith(f"{path}: {message}")
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    assert main(argv) == 2
+    assert f"{path}: {message}" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["--data_path", str(path), "--print_prompt"]) == 2  # checked before printing too
+
+
+def test_history_turns():
+    rec = {"history": [{"query": "q1", "answer": "a1"}, {"query": "q2", "answer": "a2"}]}
+    assert history_turns("f", 0, rec) == [("q1", "a1"), ("q2", "a2")]
+    assert history_turns("f", 0, {}) == []
+
+
+def _cfg(*extra):
+    args = build_parser().parse_args(["--model", "m", "--data_path", "d", "--output_file", "o", *extra])
+    return config_from_args(vars(args))
+
+
+def test_defaults_are_urials():
+    cfg = _cfg()
+    s = cfg.sampling
+    assert (s.temperature, s.top_p, s.repetition_penalty, s.max_new_tokens) == (0.0, 1.0, 1.1, 2048)
+    assert (cfg.turn_format, cfg.stop, cfg.keep_fences, cfg.engine) == (
+        "auto",
+        ("# Query", "# User"),
+        False,
+        "hf",
+    )
+    assert _cfg("--sample").sampling.temperature == 0.3
+    assert _cfg("--sample", "--temperature", "0.7").sampling.temperature == 0.7
+    with pytest.raises(ConfigError, match="--sample samples"):
+        _cfg("--sample", "--temperature", "0")
+    new = _cfg("--stop", "###", "--stop", "User:", "--keep_fences", "--turn_format", "v6", "--engine", "vllm")
+    assert (new.stop, new.keep_fences, new.turn_format, new.engine) == (("###", "User:"), True, "v6", "vllm")
+
+
+def test_every_earlier_flag_still_parses():
+    cfg = _cfg(
+        "--urial_prompt", "p.txt", "--batch_size", "4", "--max_new_tokens", "512", "--temperature", "0.2",
+        "--repetition_penalty", "1.0", "--seed", "7", "--generator", "g", "--dataset", "d", "--limit", "3",
+        "--dtype", "fp32", "--device", "cpu", "--trust_remote_code",
+    )  # fmt: skip
+    assert (cfg.urial_prompt, cfg.batch_size, cfg.sampling.max_new_tokens, cfg.sampling.temperature) == (
+        "p.txt", 4, 512, 0.2,
+    )  # fmt: skip
+    assert (cfg.sampling.seed, cfg.generator, cfg.limit, cfg.dtype, cfg.trust_remote_code) == (
+        7,
+        "g",
+        3,
+        "fp32",
+        True,
+    )
+
+
+def test_model_and_output_file_are_needed_unless_printing(tmp_path, capsys):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "A"}]))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--data_path", str(path)])
+    assert exit_.value.code == 2
+    assert "--model, --output_file (or --print_prompt)" in capsys.readouterr().err
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        pytest.fail("a model or tokenizer was loaded")
+
+    for name in ("load_model", "load_tokenizer", "load_vllm"):
+        monkeypatch.setattr(f"cut.urial.{name}", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_print_prompt_is_the_exact_prompt_without_a_model(prompt_files, tmp_path, capsys, no_model, name):
+    path = tmp_path / "q.jsonl"
+    rows = [
+        {"instruction": "Second turn?", "history": [{"query": "First?", "answer": "Yes."}]},
+        {"instruction": "B"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data_path", str(path), "--urial_prompt", str(prompt_files[name]), "--print_prompt"]) == 0
+    out = capsys.readouterr().out
+    assert out == urial_reference(FILES[name], name, ["First?", "Yes.", "Second turn?"])
+    argv = ["--data_path", str(path), "--urial_prompt", str(prompt_files[name]), "--print_prompt"]
+    assert main([*argv, "--turn_format", "v6"]) == 0  # the option overrides URIAL's rule
+    assert capsys.readouterr().out == urial_reference(
+        FILES[name], "inst_help_v6", ["First?", "Yes.", "Second turn?"]
+    )
+
+
+def test_print_prompt_of_the_default_file_with_input(tmp_path, capsys, no_model):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "Add.", "input": "3 and 4"}]))
+    assert main(["--model", "ignored", "--data_path", str(path), "--print_prompt"]) == 0
+    assert capsys.readouterr().out == urial_reference(
+        DEFAULT_PROMPT.read_text(), "default", ["Add.\n\n3 and 4"]
+    )
+
+
+@pytest.fixture()
+def long_tiny_model(tiny_model, tmp_path):
+    """The tiny model with room for the default prompt (about 2,400 of its tokens)."""
+    folder = tmp_path / "long"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def test_cli_end_to_end(long_tiny_model, prompt_files, tmp_path, monkeypatch):
+    rows = [
+        {"id": "a", "instruction": "What is the capital of France?"},
+        {"id": "b", "instruction": "Add the numbers.", "input": "3 and 4"},
+        {"id": "c", "instruction": "And in paint?", "history": [{"query": "Name a primary colour.", "answer": "Red."}]},
+    ]  # fmt: skip
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: list[str] = []
+    real = gen._generate_batch
+
+    def spy(model, tokenizer, ids, gen_config, stop=()):
+        assert tuple(stop) == ("# Query", "# User"), "URIAL answers stop at the next turn"
+        seen.extend(tokenizer.decode(r) for r in ids)
+        return real(model, tokenizer, ids, gen_config, stop)
+
+    monkeypatch.setattr(gen, "_generate_batch", spy)
+    name = "inst_help_v5-1k.txt"
+    out = tmp_path / "out" / "answers.json"
+    argv = ["--model", str(long_tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    argv += ["--max_new_tokens", "6", "--batch_size", "2"]
+    assert main([*argv, "--urial_prompt", str(prompt_files[name])]) == 0
+    got = json.loads(out.read_text())
+    assert [r["instruction"] for r in got] == [r["instruction"] for r in rows]
+    assert all(isinstance(r["output"], str) and "```" not in r["output"] for r in got)
+    first = got[0]
+    assert first["generator"] == "long+urial" and first["dataset"] == "questions"
+    assert (first["temperature"], first["repetition_penalty"], first["max_new_tokens"]) == (0.0, 1.1, 6)
+    assert first["prompt_template"] == load_urial_prompt(str(prompt_files[name])).tag
+    assert first["prompt_template"].startswith(f"urial:{name}:v5@")
+    assert (first["stop"], first["keep_fences"]) == (["# Query", "# User"], False)
+    assert got[2]["history"] == rows[2]["history"] and got[1]["input"] == "3 and 4"
+    text = FILES[name]
+    assert sorted(seen) == sorted(
+        [
+            urial_reference(text, name, ["What is the capital of France?"]),
+            urial_reference(text, name, ["Add the numbers.\n\n3 and 4"]),
+            urial_reference(text, name, ["Name a primary colour.", "Red.", "And in paint?"]),
+        ]
+    )
+
+    # a rerun resumes: nothing to generate, nothing changed; another prompt, format or cleaning is refused
+    before, seen[:] = out.read_text(), []
+    assert main([*argv, "--urial_prompt", str(prompt_files[name])]) == 0
+    assert not seen and out.read_text() == before
+    assert main(argv) == 2 and out.read_text() == before
+    assert main([*argv, "--urial_prompt", str(prompt_files[name]), "--turn_format", "v6"]) == 2
+    assert main([*argv, "--urial_prompt", str(prompt_files[name]), "--keep_fences"]) == 2
+    assert out.read_text() == before
+
+    # the default prompt on a fresh file
+    default = tmp_path / "default.json"
+    argv[5] = str(default)
+    assert main([*argv, "--limit", "1"]) == 0
+    assert seen == [urial_prompt("What is the capital of France?")]
+    assert json.loads(default.read_text())[0]["prompt_template"] == load_urial_prompt().tag
+
+
+def test_cli_refuses_an_unreadable_prompt_file_before_loading(tiny_model, tmp_path, capsys, no_model):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "A"}]))
+    out = tmp_path / "o.json"
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    assert main([*argv, "--urial_prompt", str(tmp_path / "missing.txt")]) == 2
+    assert f"{tmp_path / 'missing.txt'}: cannot read the URIAL prompt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- the vllm engine, through a stand-in
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    """A stand-in vllm module that records what cut.urial hands it and answers with a canned
+    continuation that runs into the next turn (a real vLLM would stop there itself)."""
+    calls: dict = {}
+
+    class LLM:
+        llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
+
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.setdefault("prompts", []).extend(prompts)
+            calls.setdefault("params", []).extend(params)
+            out = types.SimpleNamespace
+            return [
+                out(outputs=[out(text="Answer:\n```python\nx = 1\n```\n```\n\n# User:\nmore")])
+                for _ in prompts
+            ]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    return calls
+
+
+def test_vllm_engine_gets_urials_prompts_and_settings(
+    long_tiny_model, prompt_files, tmp_path, fake_vllm, monkeypatch
+):
+    monkeypatch.setattr("cut.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded"))
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "Hi?"}, {"instruction": "Bye?"}]))
+    name = "inst_1k.txt"
+    rows = urial_file(
+        str(long_tiny_model), str(path), str(tmp_path / "v.json"), engine="vllm", urial_prompt=str(prompt_files[name]),
+        dtype="bfloat16", seed=3, progress=False,
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(long_tiny_model)
+    want = [tok(urial_reference(INLINE, name, [q]))["input_ids"] for q in ("Hi?", "Bye?")]
+    assert [p["prompt_token_ids"] for p in fake_vllm["prompts"]] == want
+    assert fake_vllm["init"]["dtype"] == "bfloat16" and fake_vllm["init"]["seed"] == 3
+    p = fake_vllm["params"][0]
+    assert (p["temperature"], p["top_p"], p["repetition_penalty"], p["max_tokens"]) == (0.0, 1.0, 1.1, 2048)
+    assert (p["stop"], p["include_stop_str_in_output"]) == (["# Query", "# User"], False)
+    assert len({p["seed"] for p in fake_vllm["params"]}) == 2, "one seed per request"
+    assert [r["output"] for r in rows] == [
+        "Answer:\npython\nx = 1",
+        "Answer:\npython\nx = 1",
+    ]  # URIAL's cleaning
+
+    kept = urial_file(
+        str(long_tiny_model), str(path), str(tmp_path / "k.json"), engine="vllm",
+        urial_prompt=str(prompt_files[name]), keep_fences=True, progress=False,
+    )  # fmt: skip
+    assert kept[0]["output"] == "Answer:\n```python\nx = 1\n```"
+
+
+def test_vllm_missing_or_an_adapter_fails_before_loading(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises, installed or not
+    monkeypatch.setattr("cut.urial.load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "A"}]))
+    out = tmp_path / "o.json"
+    argv = [
+        "--model",
+        str(tiny_model),
+        "--data_path",
+        str(path),
+        "--output_file",
+        str(out),
+        "--engine",
+        "vllm",
+    ]
+    assert main(argv) == 2
+    assert "--engine vllm needs the vllm package" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(EngineError):
+        urial_file(str(tiny_model), str(path), str(out), engine="vllm")

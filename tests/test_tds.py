@@ -253,14 +253,23 @@ def greedy(lm, prompt: list[int], n: int) -> list[int]:
 
 
 @torch.no_grad()
+def answer_logits(lm, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """(len(answer), V): the model's own full forward on prompt + answer alone, at the answer."""
+    z = lm(torch.tensor([prompt + answer])).logits[0].float()  # (T, V)
+    return z[len(prompt) - 1 : len(prompt) + len(answer) - 1]
+
+
 def reference_for(base, aligned, prompt_b: list[int], prompt_a: list[int], answer: list[int]) -> list[dict]:
     """The reference numbers of one answer from each model's own full forward on it alone."""
+    zb, za = answer_logits(base, prompt_b, answer), answer_logits(aligned, prompt_a, answer)
+    return reference_shift(zb, za, torch.tensor(answer))
 
-    def logits(lm, prompt):
-        z = lm(torch.tensor([prompt + answer])).logits[0].float()  # (T, V)
-        return z[len(prompt) - 1 : len(prompt) + len(answer) - 1]
 
-    return reference_shift(logits(base, prompt_b), logits(aligned, prompt_a), torch.tensor(answer))
+def assert_released_kl(shift: tds.Shift, zb: torch.Tensor, za: torch.Tensor, texts: list[str]) -> None:
+    for name, window in zip(("kl_top30", "kl_top10"), tds.RELEASED_WINDOWS, strict=True):
+        ref = reference_released_kl(zb, za, texts, tds.RELEASED_TOP_K, window)
+        torch.testing.assert_close(getattr(shift, name).double(), torch.tensor(ref, dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5, msg=name)  # fmt: skip
 
 
 PROMPTS = [[1, 40, 41, 42], [1, 50], [1, 60, 61, 62, 63, 64, 65], [1, 70, 71]]
@@ -286,8 +295,10 @@ def test_two_models_match_their_own_forwards(models):
     prompts_b = PROMPTS[:2] + [p[:1] + [90, 91] + p[1:] for p in PROMPTS[2:]]  # other contexts too
     shifts = tds.score_ids(base, aligned, prompts_b, PROMPTS, answers, batch_size=3, chunk_size=4)
     classes = set()
+    ids = [str(v) for v in range(tds._vocab_size(base))]  # no same_text: tokens matched by id
     for s, pb, pa, a in zip(shifts, prompts_b, PROMPTS, answers, strict=True):
         assert_matches_reference(s, reference_for(base, aligned, pb, pa, a), tol=1e-4)
+        assert_released_kl(s, answer_logits(base, pb, a), answer_logits(aligned, pa, a), ids)
         classes |= set(tds.classify(s.base_rank).tolist())
     assert (
         shifts[0].aligned_rank.tolist() == [1] * 5 and shifts[1].aligned_rank.tolist() == [1] * 12
@@ -315,6 +326,12 @@ def test_tds_score_texts_prompts_and_cutoff(models):
         assert a.startswith("".join(s.text))
     whole = tds.tds_score(base, aligned, tok, prompts, prompts, answers)
     assert all("".join(s.text) == a and not s.truncated for s, a in zip(whole, answers, strict=True))
+    texts = [tok.decode([v]) for v in range(tds._vocab_size(base))]  # tds_score matches tokens by text
+    for s, p in zip(whole, prompts, strict=True):
+        pids = tok(p)["input_ids"]
+        assert_released_kl(
+            s.shift, answer_logits(base, pids, s.ids), answer_logits(aligned, pids, s.ids), texts
+        )
 
 
 # ---------------------------------------------------------------- the report by hand

@@ -90,7 +90,10 @@ logger = logging.getLogger("cut.analysis.tds")
 
 CLASSES = ("unshifted", "marginal", "shifted")
 MARGINAL_MAX_RANK = 3  # base ranks 2..3 are marginal: o_t is in the base's top 3 (Lin et al.)
-BASE_PROMPTS = ("plain", "same", "urial")
+BASE_PROMPTS = ("plain", "same", "urial", "zeroshot")  # or the path of a URIAL prompt file
+# the base model's context in AlignTDS's released analysis (src/logit_analysis.py, --mode i2b with
+# --enable_template, as its README runs it), byte for byte; the tokenizer adds its BOS before it
+ZERO_SHOT = "# Query: \n ```{query}``` \n\n \n# Answer: \n ```"
 # one (C, V) float32 chunk of logits holds at most this many elements (16 MiB); scoring a chunk
 # keeps about four such tensors alive (both models' log-probs, their difference, a temporary):
 # 69 MiB of live tensors at V = 262,144 for 1,020 answer tokens, as at V = 32,000 (tests/test_tds.py)
@@ -126,8 +129,15 @@ class TDSOptions:
     base_prompt: str = _f(
         "plain",
         "The base model's context: plain (the same template, alpaca where the base has no chat "
-        "template) | same (the aligned prompt's exact text) | urial (the URIAL prefix).",
-        choices=BASE_PROMPTS,
+        "template) | same (the aligned prompt's exact text) | zeroshot (AlignTDS's released '# Query:' / "
+        "'# Answer:' template) | urial (the project's URIAL prompt) | the path of a URIAL prompt file "
+        "(used verbatim, as URIAL does).",
+        parse=lambda text: _base_prompt_choice(text, argparse.ArgumentTypeError),
+    )
+    urial_turn_format: str = _f(
+        "auto",
+        "How the query follows a URIAL prompt on the base's side: auto (URIAL's rule: from the file's "
+        "name) | backticks | v5 | v6. Only with --base_prompt urial or a prompt file.",
     )
     batch_size: int = _f(8, "Answers per forward of each model (and per generation batch).", parse=BATCH_SIZE)
     max_new_tokens: int = _f(
@@ -144,9 +154,13 @@ class TDSOptions:
         for name in ("base_model", "aligned_model", "data_path", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
-        if self.base_prompt not in BASE_PROMPTS:
+        _base_prompt_choice(self.base_prompt, ConfigError)
+        if self.base_prompt not in ("plain", "same", "zeroshot"):
+            _urial().check_turn_format(self.urial_turn_format)
+        elif self.urial_turn_format != "auto":
             raise ConfigError(
-                f"base_prompt must be one of {', '.join(BASE_PROMPTS)}, got {self.base_prompt!r}"
+                f"--urial_turn_format {self.urial_turn_format} applies to a URIAL context only (--base_prompt "
+                f"urial or a prompt file), not to --base_prompt {self.base_prompt}"
             )
         for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("cutoff_len", 2), ("limit", 0)):
             if getattr(self, name) < low:
@@ -158,6 +172,16 @@ class TDSOptions:
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"{out}: --output_dir exists and is not a folder")
+
+
+def _base_prompt_choice(text: str, error: type[Exception]) -> str:
+    """--base_prompt: a named context, or a URIAL prompt file that exists."""
+    if text in BASE_PROMPTS or Path(text).is_file():
+        return text
+    raise error(
+        f"base_prompt must be one of {', '.join(BASE_PROMPTS)} or a URIAL prompt file; {text!r} is "
+        + ("a folder" if Path(text).is_dir() else "neither (no such file)")
+    )
 
 
 # ---------------------------------------------------------------- the core: logits -> shift
@@ -672,6 +696,11 @@ def _urial():
     return urial
 
 
+def zero_shot_prompt(instruction: str, input: str = "") -> str:
+    """AlignTDS's base context for one record (ZERO_SHOT; the query is URIAL's instruction text)."""
+    return ZERO_SHOT.format(query=_urial().query_text(instruction, input))
+
+
 def build_prompts(
     opts: TDSOptions, records: list[dict[str, Any]], aligned: Template, tok_base
 ) -> tuple[list[str], bool, str]:
@@ -682,11 +711,18 @@ def build_prompts(
             aligned.adds_special_tokens,
             "same",
         )
-    if opts.base_prompt == "urial":  # the project's default URIAL prompt, as cut.urial answers with
+    if opts.base_prompt == "zeroshot":  # AlignTDS encodes it with add_special_tokens=True
+        return [zero_shot_prompt(r["instruction"], r["input"]) for r in records], True, "zeroshot"
+    if opts.base_prompt != "plain":  # a URIAL context: the project's prompt, or a file verbatim
         urial = _urial()
-        texts = [urial.urial_prompt(urial.query_text(r["instruction"], r["input"])) for r in records]
+        path = None if opts.base_prompt == "urial" else opts.base_prompt
+        prompt = urial.load_urial_prompt(path, opts.urial_turn_format)
+        texts = [
+            urial.render(prompt.text, urial.query_text(r["instruction"], r["input"]), prompt.turn_format)
+            for r in records
+        ]
         special = urial.adds_special_tokens(tok_base, texts[0]) if texts else True
-        return texts, special, urial.default_prompt().tag
+        return texts, special, prompt.tag
     template = base_template(aligned, tok_base)
     return (
         [template.plain(r["instruction"], r["input"]) for r in records],

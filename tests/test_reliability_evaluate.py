@@ -104,6 +104,7 @@ EVALUATE_NUMBERS = {
     "max_tokens": True,
     "batch_size": True,
     "max_new_tokens": True,
+    "na_score": True,  # a number in [1, 5], or skip / fail
 }
 JUDGE_NUMBERS = {
     "concurrency": True,

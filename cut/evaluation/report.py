@@ -105,11 +105,18 @@ def score_markdown(summary: dict[str, Any]) -> str:
         f"Mean answer length: {_length(summary['length'])}. Intervals: {esc(summary.get('interval', '95%'))}.",
         "",
     ]
-    rows = [[a, _num(s["mean"]), _ci(s), s["n"]] for a, s in summary["aspects"].items()]
+    subset = summary.get("subset") or {}
+    if subset.get("excluded"):
+        lines[-1:-1] = [f"Subset: {esc(subset['name'])} ({subset['excluded']} other records left out)."]
+    na = setup.get("na_score")
+    rows = [[a, _num(s["mean"]), _ci(s), s["n"], s.get("n_na", 0)] for a, s in summary["aspects"].items()]
     if "overall" in summary:
         o = summary["overall"]
-        rows.append([Raw("**overall**"), _num(o["mean"]), _ci(o), o["n"]])
-    lines += _table(["aspect", "mean (1-5)", "95% CI", "n"], rows)
+        rows.append([Raw("**overall**"), _num(o["mean"]), _ci(o), o["n"], ""])
+    lines += _table(["aspect", "mean (1-5)", "95% CI", "n", "N/A"], rows)
+    if any(s.get("n_na") for s in summary["aspects"].values()):
+        counted = f"scored {na:g}" if _number(na) else {"skip": "left out of the means"}.get(na, "read")
+        lines += ["", f"N/A replies: {counted} (--na_score; Just-Eval scores them 5)."]
     for field, groups in summary.get("groups", {}).items():
         aspects = list(summary["aspects"])
         lines += ["", f"## By {esc(field)}", ""]
@@ -357,13 +364,16 @@ def check_scored(records: list, aspects: list[str], path: Path) -> None:
         scores = ev.get("scores")
         if not isinstance(scores, dict):
             raise _bad(path, f"records[{i}].evaluation.scores", "expected an object", scores)
-        for a in aspects:
-            if not _number(scores.get(a)):
-                raise _bad(path, f"records[{i}].evaluation.scores.{a}", "expected a number", scores.get(a))
+        for a in aspects:  # null: an N/A the run skipped (--na_score skip)
+            if not _number(scores.get(a), none=True):
+                raise _bad(
+                    path, f"records[{i}].evaluation.scores.{a}", "expected a number or null", scores.get(a)
+                )
 
 
 def paired_differences(base: list[dict], other: list[dict], aspect: str) -> list[float]:
-    """other's score - base's, over the records both scored (matched by instruction + input, in order)."""
+    """other's score - base's, over the records both scored (matched by instruction + input, in
+    order); an aspect either run has no score for (a skipped N/A) is left out of its differences."""
     from collections import defaultdict, deque
 
     pool: dict[tuple, deque] = defaultdict(deque)
@@ -376,7 +386,9 @@ def paired_differences(base: list[dict], other: list[dict], aspect: str) -> list
             continue
         b = same.popleft()
         if r["evaluation"]["status"] == "ok" and b["evaluation"]["status"] == "ok":
-            diffs.append(r["evaluation"]["scores"][aspect] - b["evaluation"]["scores"][aspect])
+            mine, theirs = r["evaluation"]["scores"].get(aspect), b["evaluation"]["scores"].get(aspect)
+            if mine is not None and theirs is not None:
+                diffs.append(mine - theirs)
     return diffs
 
 

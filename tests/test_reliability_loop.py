@@ -113,9 +113,9 @@ def test_realign_refuses_output_equal_to_input_and_leaves_it_intact(tmp_path, ca
     class Stub:
         name = "stub"
 
-        def complete(self, prompts, progress=None):
+        def complete(self, prompts, progress=None, sample=None):
             return [
-                ("how_to" if p.startswith("Decide") else f"Steps:\n\n1. {i}. Done.", None)
+                ("how_to" if p.startswith("Decide") else f"Revised response:\nSteps:\n\n1. {i}. Done.", None)
                 for i, p in enumerate(prompts)
             ]
 
@@ -468,6 +468,7 @@ VALID = {
         "min_length_ratio",
         "max_retries",
         "backoff",
+        "temperature",  # realign: greedy with --samples 1 (refused with the default 2, by that rule)
     },
 }
 
@@ -477,6 +478,8 @@ def table(tool: str, options: list[str]) -> list[tuple[str, str, str]]:
 
 
 REALIGN_NUMBERS = [
+    "samples",
+    "temperature",
     "min_length_ratio",
     "short_answer_words",
     "chunk_size",

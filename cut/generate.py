@@ -3,6 +3,7 @@
     python -m cut.generate --model PATH --data_path FILE --output_file FILE \
         [--prompt_template_name chat] [--batch_size 8] [--max_new_tokens 256] [--temperature 0] \
         [--top_p 1.0] [--repetition_penalty 1.0] [--seed 42] [--engine hf|vllm] [--limit N]
+    python -m cut.generate --preset alpaca_eval --model PATH --data_path FILE --output_file FILE
 
 Input: a .json list, a .jsonl file or a `datasets` folder of records with a non-empty string
 `instruction` and an optional string `input`; every other field (id, reference, ...) is copied to
@@ -11,7 +12,11 @@ the output. The prompt is the plain prompt of cut.templates, exactly as in train
 Output: a JSON list that alpaca_eval reads as is, one record per instruction, in input order:
 {instruction, input, output, generator, dataset, temperature, top_p, repetition_penalty,
 max_new_tokens, seed, prompt_template, ...pass-through fields}. Fields the output sets replace
-input fields of the same name. The file is rewritten (temp file + rename) after every batch; a
+input fields of the same name, but for `dataset`: without --dataset, a record's own `dataset`
+string (AlpacaEval's and Just-Eval's files carry one per record) is kept, else the file's stem.
+
+--preset alpaca_eval sets what the CUT release's AlpacaEval generation used (PRESETS below);
+flags given explicitly override it. The file is rewritten (temp file + rename) after every batch; a
 rerun keeps the records already answered (key: instruction + input) and generates the rest;
 answers made with another generator or other settings stop it, and earlier answers that match
 no input record are kept at the end. Greedy answers of a resumed run equal those of one run;
@@ -76,6 +81,23 @@ TEMPERATURE = number(0, 100)
 TOP_P = number(0, 1, lo_open=True)
 REPETITION_PENALTY = number(0, 100, lo_open=True)
 MAX_SEED = 2**62  # batch_seed adds < 2**31: what torch.manual_seed and vllm take
+
+# named sets of options; explicit flags (or keys beside `preset` in a YAML section) override them
+PRESETS: dict[str, dict[str, Any]] = {
+    # the CUT release's AlpacaEval answers (wwxu21/CUT scripts/generate.py): the Alpaca no-input
+    # prompt with the tokenizer's BOS, greedy decoding up to 2,048 new tokens, no stop string but
+    # EOS, the answer stripped, fp16 weights, one prompt at a time (no padding), each record's own
+    # `dataset` kept (cut keeps it whenever --dataset is not given)
+    "alpaca_eval": {
+        "prompt_template_name": "alpaca",
+        "max_new_tokens": 2048,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "dtype": "fp16",
+        "batch_size": 1,
+    },
+}
 
 
 # ---------------------------------------------------------------- settings
@@ -163,6 +185,7 @@ class GenerateConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
         """Flat keys (sampling ones included) as the CLI and YAML write them; unknown keys are errors."""
+        values = apply_preset(values, source)
         own = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
         samp = {f.name for f in dataclasses.fields(Sampling)}
         unknown = sorted(set(values) - own - samp)
@@ -178,6 +201,17 @@ class GenerateConfig:
         """The inverse of from_dict."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
         return {**out, **dataclasses.asdict(self.sampling)}
+
+
+def apply_preset(values: dict[str, Any], source: str = "generate") -> dict[str, Any]:
+    """`values` with its `preset` key (if any) replaced by that preset's options; the other keys win."""
+    values = dict(values)
+    name = values.pop("preset", None)
+    if name is None:
+        return values
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return {**PRESETS[name], **values}
 
 
 # ---------------------------------------------------------------- generation
@@ -576,8 +610,12 @@ def match_answers(
     return matched, extras
 
 
-def _answer(rec: dict[str, Any], text: str, meta: dict[str, Any]) -> dict[str, Any]:
+def _answer(
+    rec: dict[str, Any], text: str, meta: dict[str, Any], keep_dataset: bool = False
+) -> dict[str, Any]:
     head = {"instruction": rec["instruction"], "input": rec["input"], "output": text, **meta}
+    if keep_dataset and isinstance(rec.get("dataset"), str) and rec["dataset"]:
+        head["dataset"] = rec["dataset"]
     return {**head, **{k: v for k, v in rec.items() if k not in head}}
 
 
@@ -623,7 +661,7 @@ def generate_file(
         prompts = [template.plain(rec["instruction"], rec["input"]) for rec in pending]
         _generate(model, cfg, tokenizer, prompts, template.adds_special_tokens, on_batch, progress)
 
-    return write_answers(inputs, output_file, meta, run)
+    return write_answers(inputs, output_file, meta, run, keep_record_dataset=cfg.dataset is None)
 
 
 def write_answers(
@@ -631,11 +669,16 @@ def write_answers(
     output_file: str | Path,
     meta: dict[str, Any],
     answer: Callable[[list[dict[str, Any]], OnBatch], None],
+    *,
+    keep_record_dataset: bool = False,
 ) -> list[dict[str, Any]]:
     """The resumable answer file: records of output_file made with the same `meta` are kept, and
     `answer(pending, on_batch)` generates the rest, calling `on_batch(indices into pending, texts)`
-    after each batch; the file is rewritten (temp file + rename) each time. Returns its records."""
-    _warn_replaced_fields(inputs, meta)
+    after each batch; the file is rewritten (temp file + rename) each time. Returns its records.
+    With `keep_record_dataset`, an input record's own `dataset` string replaces meta's."""
+    _warn_replaced_fields(
+        inputs, {k: v for k, v in meta.items() if not (keep_record_dataset and k == "dataset")}
+    )
     out = Path(output_file)
     matched, extras = match_answers(inputs, read_answers(out, meta))
     if extras:
@@ -656,7 +699,7 @@ def write_answers(
 
     def on_batch(idx: list[int], texts: list[str]) -> None:
         for j, text in zip(idx, texts, strict=True):
-            matched[pending[j]] = _answer(inputs[pending[j]], text, meta)
+            matched[pending[j]] = _answer(inputs[pending[j]], text, meta, keep_record_dataset)
         save()
 
     if pending:
@@ -685,40 +728,69 @@ def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) ->
 # ---------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = GenerateConfig().flat()
-    p = Parser(prog="cut.generate", description=__doc__.split("\n")[0])
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The options, with GenerateConfig's defaults; `explicit_only` leaves out of the namespace every
+    option not given (what main parses: a preset's value is replaced only by a flag actually given)."""
+    d = {**GenerateConfig().flat(), "preset": None}
+
+    def default(name: str) -> dict[str, Any]:
+        return {} if explicit_only else {"default": d[name]}
+
+    p = Parser(
+        prog="cut.generate",
+        description=__doc__.split("\n")[0],
+        argument_default=argparse.SUPPRESS if explicit_only else None,
+    )
     p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
     p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
     p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
     p.add_argument(
-        "--prompt_template_name",
-        default="auto",
-        help="alpaca | chat | path to a .json template | auto: the one the model was CUT-trained with "
-        "(its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
+        "--preset",
+        choices=list(PRESETS),
+        **default("preset"),
+        help="alpaca_eval: the CUT release's AlpacaEval generation ("
+        + ", ".join(f"{k} {v}" for k, v in PRESETS["alpaca_eval"].items())
+        + "); flags given explicitly override it",
     )
-    p.add_argument("--batch_size", type=BATCH_SIZE, default=d["batch_size"], help="prompts generated at once")
-    p.add_argument("--max_new_tokens", type=NEW_TOKENS, default=d["max_new_tokens"])
-    p.add_argument("--temperature", type=TEMPERATURE, default=d["temperature"], help="0 = greedy")
-    p.add_argument("--top_p", type=TOP_P, default=d["top_p"])
-    p.add_argument("--repetition_penalty", type=REPETITION_PENALTY, default=d["repetition_penalty"])
     p.add_argument(
-        "--seed", type=SEED, default=d["seed"], help="sampling seed; a rerun reproduces the outputs"
+        "--prompt_template_name",
+        **default("prompt_template_name"),
+        help="alpaca | chat | path to a .json template | auto (default): the one the model was CUT-trained "
+        "with (its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
     )
-    p.add_argument("--engine", default="hf", choices=ENGINES)
-    p.add_argument("--generator", default=None, help="name in the output (default: the model folder's)")
-    p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
-    p.add_argument("--limit", type=LIMIT, default=None, help="answer only the first N records")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
+    p.add_argument("--batch_size", type=BATCH_SIZE, **default("batch_size"), help="prompts generated at once")
+    p.add_argument("--max_new_tokens", type=NEW_TOKENS, **default("max_new_tokens"))
+    p.add_argument("--temperature", type=TEMPERATURE, **default("temperature"), help="0 = greedy")
+    p.add_argument("--top_p", type=TOP_P, **default("top_p"))
+    p.add_argument("--repetition_penalty", type=REPETITION_PENALTY, **default("repetition_penalty"))
+    p.add_argument(
+        "--seed", type=SEED, **default("seed"), help="sampling seed; a rerun reproduces the outputs"
+    )
+    p.add_argument("--engine", choices=ENGINES, **default("engine"))
+    p.add_argument(
+        "--generator", **default("generator"), help="name in the output (default: the model folder's)"
+    )
+    p.add_argument(
+        "--dataset",
+        **default("dataset"),
+        help="dataset name in the output (default: a record's own `dataset`, else the input file stem)",
+    )
+    p.add_argument("--limit", type=LIMIT, **default("limit"), help="answer only the first N records")
+    p.add_argument("--dtype", choices=list(DTYPES), **default("dtype"), help="auto: bf16 on a GPU, else fp32")
+    p.add_argument("--device", type=device_option, **default("device"), help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        **default("trust_remote_code"),
+        help="allow model code from the model folder",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args = vars(build_parser().parse_args(argv))
+        args = vars(build_parser(explicit_only=True).parse_args(argv))
     except SystemExit as exit_:
         if exit_.code:  # a refused value, reported in one line: returned like every other error
             return exit_.code

@@ -371,3 +371,78 @@ def test_compacting_decoder_sampling_is_seeded():
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)
     assert all(len(r) == 12 for r in draw(3))
+
+
+# ---------------------------------------------------------------- the alpaca_eval preset (the CUT release's generation)
+
+
+def test_alpaca_eval_preset_is_the_release_settings_and_keys_override_it():
+    from cut.errors import ConfigError
+    from cut.generate import PRESETS, GenerateConfig
+
+    cfg = GenerateConfig.from_dict({"preset": "alpaca_eval"})
+    # wwxu21/CUT scripts/generate.py: templates/alpaca.json's prompt_no_input, max_new_tokens=2048,
+    # temperature 0 (greedy), top_p 1, fp16, one prompt per generate call
+    assert (cfg.prompt_template_name, cfg.dtype, cfg.batch_size) == ("alpaca", "fp16", 1)
+    s = cfg.sampling
+    assert (s.max_new_tokens, s.temperature, s.top_p, s.repetition_penalty) == (2048, 0.0, 1.0, 1.0)
+    assert s.greedy
+    mixed = GenerateConfig.from_dict({"preset": "alpaca_eval", "max_new_tokens": 16, "dtype": "fp32"})
+    assert (mixed.sampling.max_new_tokens, mixed.dtype, mixed.batch_size) == (16, "fp32", 1)
+    assert GenerateConfig.from_dict({}).sampling.max_new_tokens == 256, "no preset: the defaults"
+    assert PRESETS["alpaca_eval"]["max_new_tokens"] == 2048
+    with pytest.raises(ConfigError, match="preset must be one of alpaca_eval, got 'nope'"):
+        GenerateConfig.from_dict({"preset": "nope"})
+
+
+def _release_answer(model, tok, instruction: str, max_new_tokens: int) -> str:
+    """What the release's scripts/generate.py computes: encode the Alpaca no-input prompt (BOS
+    added), greedy generate, decode the WHOLE sequence without special tokens, keep what follows
+    the first '### Response:', strip."""
+    prompt = load_template("alpaca").plain(instruction, "")
+    ids = tok.encode(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)
+    return tok.decode(out[0], skip_special_tokens=True).split("### Response:", 1)[-1].strip()
+
+
+def test_cli_preset_answers_as_the_release_and_flags_override(tiny_model, tmp_path, monkeypatch):
+    rows = [
+        {"instruction": ins, "output": "the reference answer", "generator": "gpt4", "dataset": ds}
+        for (ins, _), ds in zip(INSTRUCTIONS[:3], ["helpful_base", "koala", "vicuna"], strict=True)
+    ]
+    path = tmp_path / "alpaca_eval.json"
+    path.write_text(json.dumps(rows))
+    loaded = []
+    real_load = gen.load_model
+    monkeypatch.setattr(
+        gen, "load_model", lambda m, dtype, *a: loaded.append(dtype) or real_load(m, dtype, *a)
+    )
+    out = tmp_path / "answers.json"
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(out)]
+    assert main([*argv, "--preset", "alpaca_eval", "--max_new_tokens", "8", "--device", "cpu"]) == 0
+    got = _read(out)
+    assert loaded == ["fp16"], "the preset's dtype reached the model loader"
+    first = got[0]
+    assert (first["max_new_tokens"], first["temperature"], first["top_p"]) == (8, 0.0, 1.0)
+    assert first["prompt_template"] == "alpaca"
+    # the release keeps each AlpacaEval record's own dataset
+    assert [r["dataset"] for r in got] == ["helpful_base", "koala", "vicuna"]
+    assert all(r["generator"] == tiny_model.name for r in got)
+
+    # in fp32, the answers equal what the release's script computes, one prompt at a time
+    out32 = tmp_path / "answers32.json"
+    argv[5] = str(out32)
+    assert main([*argv, "--preset", "alpaca_eval", "--max_new_tokens", "8", "--dtype", "fp32"]) == 0
+    assert loaded[-1] == "fp32", "an explicit --dtype overrides the preset"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    want = [_release_answer(model, tok, r["instruction"], 8) for r in rows]
+    assert [r["output"] for r in _read(out32)] == want
+    assert any(want), "the tiny model answered nothing; the comparison is empty"
+
+    # --dataset still names the set for every record
+    named = tmp_path / "named.json"
+    argv[5] = str(named)
+    assert main([*argv, "--preset", "alpaca_eval", "--max_new_tokens", "2", "--dataset", "mine"]) == 0
+    assert {r["dataset"] for r in _read(named)} == {"mine"}

@@ -463,6 +463,16 @@ def test_cli_writes_the_report(run):
     assert 0 < s["mean_kl"] and all(k >= 0 for r in result["records"] for k in r["kl"])
     aligned_top1 = [a == 1 for r in result["records"] for a in r["aligned_rank"]]
     assert s["aligned_top1"] == pytest.approx(sum(aligned_top1) / len(aligned_top1), abs=1e-4)
+    # AlignTDS's definitions beside the exact ones
+    ranks = [k for r in result["records"] for k in r["base_rank"]]
+    assert s["top5_share"] == pytest.approx(sum(k <= 5 for k in ranks) / len(ranks), abs=1e-4)
+    for name in ("top30", "top10"):
+        per_token = [k for r in result["records"] for k in r[f"kl_{name}"]]
+        assert s["topk_kl_base_aligned"][name] == pytest.approx(sum(per_token) / len(per_token), abs=1e-4)
+    curve = s["by_token_position"]
+    assert len(curve) == max(r["n_tokens"] for r in result["records"]) and curve[0]["tokens"] == c["scored"]
+    assert sum(p["tokens"] for p in curve) == s["tokens"]
+    assert all(sum(p[n] for n in tds.CLASSES) == pytest.approx(1.0, abs=1e-3) for p in curve)
 
 
 def test_cli_answers_are_the_aligned_models_greedy_answers(run, models):
@@ -558,16 +568,103 @@ def test_base_prompts(models):
     assert name == "same" and not special and texts[0] == chat.plain("Add the numbers.", "3 and 4")
 
 
-def test_urial_base_prompt(models, data, tmp_path):
-    urial = pytest.importorskip("cut.urial")
+def test_zero_shot_prompt_is_the_released_text(models):
+    """AlignTDS's i2b context with --enable_template (src/logit_analysis.py), worked out by hand for
+    one query: '# Query: ' newline, space, fence, the query, fence, space, newline, newline, space,
+    newline, '# Answer: ' newline, space, fence; the answer follows with no newline."""
+    from transformers import AutoTokenizer
+
+    assert tds.zero_shot_prompt("What is 2+2?") == "# Query: \n ```What is 2+2?``` \n\n \n# Answer: \n ```"
+    assert tds.zero_shot_prompt("Add the numbers.", "3 and 4") == (
+        "# Query: \n ```Add the numbers.\n\n3 and 4``` \n\n \n# Answer: \n ```"
+    )
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    opts = tds.TDSOptions(base_model=str(models["base"]), aligned_model=str(models["base"]), data_path="x",
+                          output_dir="y", base_prompt="zeroshot")  # fmt: skip
+    recs = [{"instruction": "What is 2+2?", "input": ""}]
+    texts, special, name = tds.build_prompts(opts, recs, tds.load_template("alpaca"), tok)
+    assert texts == [tds.zero_shot_prompt("What is 2+2?")] and special and name == "zeroshot"
+
+
+PREAMBLE = "# Instruction\n\nBelow are chats between a user and a helper.\n\n\n# Query:\n```Name a fruit.```\n\n# Answer:\n```\nA pear.\n```\n"
+
+
+def test_urial_prompt_file_is_the_base_context(models, tmp_path):
+    """A prompt file of our own is used verbatim; the query follows it as URIAL writes it (its rule:
+    a name with inst_help_v6 gets v6 turns, any other backticks; --urial_turn_format overrides):
+        backticks  file + '\n# Query:\n```\n' + q + '\n```\n' + '\n# Answer:\n```\n'
+        v6         file + '\n\n# User:\n' + q + '\n' + '\n\n# Assistant:\n'
+        v5         file + '\n# User:\n\n' + q + '\n\n' + '\n# Assistant:\n\n'"""
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("cut.urial")
+    tok = AutoTokenizer.from_pretrained(models["base"])
+    plain, v6 = tmp_path / "mine.txt", tmp_path / "inst_help_v6_mine.txt"
+    plain.write_text(PREAMBLE)
+    v6.write_text(PREAMBLE.replace("# Query:", "# User:").replace("# Answer:", "# Assistant:"))
+    recs = [{"instruction": "Add the numbers.", "input": "3 and 4"}]
+    q = "Add the numbers.\n\n3 and 4"
+    cases = [
+        (plain, "auto", PREAMBLE + f"\n# Query:\n```\n{q}\n```\n\n# Answer:\n```\n", "backticks"),
+        (v6, "auto", v6.read_text() + f"\n\n# User:\n{q}\n\n\n# Assistant:\n", "v6"),
+        (plain, "v5", PREAMBLE + f"\n# User:\n\n{q}\n\n\n# Assistant:\n\n", "v5"),
+    ]
+    for path, fmt, expect, fmt_name in cases:
+        opts = tds.TDSOptions(base_model=str(models["base"]), aligned_model=str(models["base"]), data_path="x",
+                              output_dir="y", base_prompt=str(path), urial_turn_format=fmt)  # fmt: skip
+        texts, special, name = tds.build_prompts(opts, recs, tds.load_template("alpaca"), tok)
+        assert texts == [expect] and special, (path.name, fmt)
+        assert name.startswith(f"urial:{path.name}:{fmt_name}@")
+
+
+def test_base_prompt_errors_before_any_model_loads(models, data, tmp_path, monkeypatch, capsys):
+    no_model_loads(monkeypatch)
+    ok = {"base_model": str(models["base"]), "aligned_model": str(models["aligned"]), "data_path": str(data),
+          "output_dir": str(tmp_path / "o"), "progress": False}  # fmt: skip
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(PREAMBLE)
+    cases = [
+        ({"base_prompt": str(tmp_path / "nope.txt")}, r"or a URIAL prompt file; '.*nope.txt' is neither"),
+        ({"base_prompt": str(tmp_path)}, "is a folder"),
+        ({"base_prompt": str(prompt), "urial_turn_format": "v7"}, "turn_format must be auto or one of"),
+        ({"base_prompt": "zeroshot", "urial_turn_format": "v5"}, "applies to a URIAL context only"),
+        ({"base_prompt": str(empty)}, f"{empty}: the URIAL prompt file is empty"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            tds.tds_records(**{**ok, **change})
+    argv = [
+        "--base_model",
+        ok["base_model"],
+        "--aligned_model",
+        ok["aligned_model"],
+        "--data_path",
+        str(data),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        tds.main([*argv, "--output_dir", ok["output_dir"], "--base_prompt", str(tmp_path / "nope.txt")])
+    assert exit_.value.code == 2 and "argument --base_prompt" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_zeroshot_and_prompt_file_contexts(models, data, tmp_path):
+    pytest.importorskip("cut.urial")
+    prompt = tmp_path / "mine.txt"
+    prompt.write_text(PREAMBLE)
     argv = ["--base_model", str(models["base"]), "--aligned_model", str(models["aligned"])]
-    argv += ["--data_path", str(data), "--output_dir", str(tmp_path), "--base_prompt", "urial", *FAST]
-    argv += ["--prompt_template_name", "alpaca"]
-    assert tds.main(argv) == 0
-    result = json.loads((tmp_path / "tds.json").read_text())
-    assert result["base_prompt"].startswith("urial:") and result["counts"]["scored"] == 4
-    assert sum(result["summary"]["fractions"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert urial.urial_prompt("What is 2+2?").rstrip()  # the prefix the base saw is not empty
+    argv += ["--data_path", str(data), *FAST, "--prompt_template_name", "alpaca"]
+    for context in ("zeroshot", str(prompt)):
+        out = tmp_path / f"out-{Path(context).name}"
+        assert tds.main([*argv, "--output_dir", str(out), "--base_prompt", context]) == 0
+        result = json.loads((out / "tds.json").read_text())
+        assert result["counts"]["scored"] == 4 and result["summary"]["tokens"] > 0
+        assert (
+            result["base_prompt"] == "zeroshot"
+            if context == "zeroshot"
+            else result["base_prompt"].startswith("urial:mine.txt:backticks@")
+        )
 
 
 def test_urial_aligned_side_scores_given_answers(models, tmp_path):

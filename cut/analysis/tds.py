@@ -1,8 +1,8 @@
 """Token distribution shift (TDS): where does an aligned model's answer leave its base model?
 
     python -m cut.analysis.tds --base_model DIR --aligned_model DIR --data_path FILE \
-        --output_dir runs/tds [--prompt_template_name auto] [--base_prompt plain|same|urial] \
-        [--batch_size 8] [--max_new_tokens 256] [--limit N] [--cutoff_len 4096]
+        --output_dir runs/tds [--prompt_template_name auto] [--base_prompt plain|same|zeroshot|urial|FILE] \
+        [--urial_turn_format auto] [--batch_size 8] [--max_new_tokens 256] [--limit N] [--cutoff_len 4096]
 
 Lin et al., "The Unlocking Spell on Base LLMs" (ICLR 2024), Sec. 2: for an instruction q and the
 aligned model's answer o, every answer token o_t is looked up in the base model's next-token
@@ -15,7 +15,16 @@ markers, politeness, safety phrases), more of them early in the answer.
 
 Per answer token this module records the base rank of o_t, p_base(o_t), p_aligned(o_t), the base's
 own top token, the aligned rank of o_t (1 for a greedy answer), and KL(p_aligned || p_base) of the
-two next-token distributions. The published analysis ran one forward per token; here each model
+two next-token distributions: the exact figures. Beside them, the released analysis's definitions
+(Re-Align/AlignTDS), each named for what it is:
+    kl_top30, kl_top10  AlignTDS's "KL" and "KL@10" (src/compute_dist_diff.py): each model's top 30
+                        tokens renormalised by a softmax over their logits alone, then KL(base ||
+                        aligned) summed over the tokens both models' first 30 (10) hold, tokens
+                        matched by their decoded text (topk_kl); a partial sum, so it can be < 0
+    top5_share          how often o_t is within the base's top 5 (the paper's finding 3)
+    by_token_position   class shares, top-5 share and the KLs per absolute answer position t,
+                        as the paper plots them (the 10 relative bins stay beside them)
+The published analysis ran one forward per token; here each model
 runs ONE teacher-forced forward per batch of answers, and the two output heads then run on the
 answer positions in chunks of C positions (C = CHUNK_ELEMENTS / V), so no (T, V) float32 logits
 ever exist: the extra memory is a few (C, V) chunks, flat in the vocabulary size.
@@ -38,15 +47,21 @@ EOS is added. The base model's context, --base_prompt:
     plain  the same template rendered for the base: chat where the base's tokenizer has a chat
            template, else alpaca (base models usually have none)
     same   exactly the aligned model's prompt text (chat markup and all)
-    urial  the URIAL in-context prefix (cut.urial.urial_prompt) ending where the answer begins
+    zeroshot  AlignTDS's own base context, byte for byte (ZERO_SHOT: '# Query:' / '# Answer:' with
+           the query between fences; the tokenizer adds its BOS)
+    urial  the project's URIAL prompt (data/urial/default.md), ending where the answer begins
+    FILE   a URIAL prompt file, verbatim, the query after it as URIAL writes it (cut.urial.render;
+           --urial_turn_format auto = URIAL's rule on the file's name)
 A prompt + answer longer than --cutoff_len keeps its prompt whole and loses answer tokens at the
 end (counted); a prompt that leaves no room is dropped (counted).
 
 Outputs in --output_dir, each written whole (temp file + rename):
     tds.json   fractions of unshifted / marginal / shifted positions, their profile over the
                relative position in the answer (10 bins), the tokens most often shifted, mean KL,
-               and every record's per-token numbers
-    tds.png    stacked bars over relative position + the top shifted tokens
+               AlignTDS's KLs, the top-5 share, the absolute-position curves, and every record's
+               per-token numbers
+    tds.png    stacked bars over relative position, class shares over absolute position (with the
+               top-5 share) + the top shifted tokens
     tds.html   every answer token coloured by its class (or by KL), numbers on hover
 """
 

@@ -252,6 +252,14 @@ def urial_prompt(
     return (prompt or default_prompt()).render(instruction, history or ())
 
 
+def parse_urial_prompt(*args: Any, **kwargs: Any) -> UrialPrompt:
+    """Gone: a prompt file is no longer split into examples (URIAL uses it verbatim)."""
+    raise ConfigError(
+        "parse_urial_prompt is gone: URIAL prompt files are used verbatim; "
+        "use load_urial_prompt(path, turn_format) or render(prompt_text, instruction)"
+    )
+
+
 def clean_answer(text: str, keep_fences: bool = False) -> str:
     """An answer (already cut before its stop string) as URIAL writes it (clear_output in
     src/unified_utils.py): every ``` removed, '<|endoftext|>' made a space, whitespace stripped.

@@ -636,3 +636,12 @@ def test_vllm_missing_or_an_adapter_fails_before_loading(tiny_model, tmp_path, m
     assert not out.exists()
     with pytest.raises(EngineError):
         urial_file(str(tiny_model), str(path), str(out), engine="vllm")
+
+
+def test_the_old_parser_names_the_new_way():
+    from cut.urial import parse_urial_prompt
+
+    with pytest.raises(
+        ConfigError, match=r"used verbatim; use load_urial_prompt\(path, turn_format\) or render"
+    ):
+        parse_urial_prompt("# Query:\n```\nq\n```\n")

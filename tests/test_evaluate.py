@@ -1409,3 +1409,34 @@ def test_results_made_before_these_options_are_resumed(tmp_path):
         assert sum(fake.hits.values()) == 0
         with pytest.raises(DataError, match="system_prompt_sha256"):
             run_judged(score_cfg(tmp_path, inp, system_prompt="Be strict."), judge_cfg(fake))
+
+
+def test_compare_leaves_skipped_na_out_of_the_paired_differences(tmp_path):
+    inp = write(tmp_path / "gen.json", answers(6))
+
+    def judge(shift: int, na_at: int):
+        def reply(body):
+            i = int(re.search(r"task-(\d+)", body["messages"][0]["content"]).group(1))
+            scores = {a: min(5, s + shift) for a, s in scores_for(i).items()}
+            return json.dumps(
+                {
+                    a: {"reason": "r", "score": "N/A" if (a == "depth" and i == na_at) else s}
+                    for a, s in scores.items()
+                }
+            )
+
+        return reply
+
+    for name, shift, na_at in [("before", 0, 1), ("after", 1, 4)]:
+        with judge_server(default=judge(shift, na_at)) as fake:
+            run_judged(
+                EvaluateConfig(
+                    mode="score", output_dir=str(tmp_path / name), input_file=inp, na_score="skip"
+                ),
+                judge_cfg(fake),
+            )
+    cmp = compare_runs([str(tmp_path / "before"), str(tmp_path / "after")], (), str(tmp_path / "cmp"))
+    depth = cmp["runs"][1]["difference"]["depth"]
+    want = [min(5, scores_for(i)["depth"] + 1) - scores_for(i)["depth"] for i in range(6) if i not in (1, 4)]
+    assert depth["n"] == 4 and depth["mean"] == pytest.approx(sum(want) / 4, abs=1e-4)
+    assert cmp["runs"][1]["difference"]["clarity"]["n"] == 6

@@ -12,13 +12,27 @@
     # low scores become CUT training judgments
     ... --mode score ... --to_judgments judged.json --min_score 3 --positive_score 4
 
+    # Just-Eval's and URIAL's own template files, unchanged (their placeholders, their replies)
+    python -m cut.evaluation.evaluate --mode safety --prompt_file safety_template.txt ...
+    python -m cut.evaluation.evaluate --mode pairwise --prompt_file eval_template_pairwise.md ...
+
 Modes:
 - score: helpfulness, clarity, factuality, depth, engagement, each a reason and a score 1-5.
-- safety: one safety reason and score 1-5 (a separate rubric and run).
-- pairwise: per aspect the judge says which answer is better, A, B or tie. Half the records
-  (chosen by a shuffle seeded with --seed) show B first; the swap is stored in each result and
-  undone when the verdict is read, so every stored winner refers to the files, not to positions.
+- safety: one safety reason and score 1-5 (a separate rubric and run); the built-in prompt
+  presents the request as malicious, as Just-Eval's safety template does (--safety_framing).
+- pairwise: per aspect (the five and safety, as URIAL's pairwise template) the judge says which
+  answer is better, A, B or tie. Half the records (chosen by a shuffle seeded with --seed) show B
+  first; the swap is stored in each result and undone when the verdict is read, so every stored
+  winner refers to the files, not to positions.
 - compare: two or more score / safety runs side by side (see cut.evaluation.report).
+
+Rubrics (cut.evaluation.aspects): --prompt_file takes our {instruction} style or the originals'
+templates as they are (Just-Eval's ${instruction} / ${candidate}, URIAL's {$instruction} /
+{$candidate_A} / {$candidate_B}), filled as the originals fill them; the aspects are those the
+prompt's reply shape lists, or --aspects. An "N/A" score counts as --na_score (5, as Just-Eval's
+report counts it; or skip, or fail). --subset picks records by their `dataset` field: by default a
+Just-Eval-Instruct file is split as Just-Eval splits it (its 200 red-teaming records for safety,
+the other 800 for score). --system_prompt sends a system message before every question.
 
 The judge is cut.judge's: `--judge openai` is any OpenAI-compatible endpoint through cut.llm
 (bounded concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judge local` a

@@ -365,7 +365,7 @@ def check_scored(records: list, aspects: list[str], path: Path) -> None:
         if not isinstance(scores, dict):
             raise _bad(path, f"records[{i}].evaluation.scores", "expected an object", scores)
         for a in aspects:  # null: an N/A the run skipped (--na_score skip)
-            if not _number(scores.get(a), none=True):
+            if a not in scores or not _number(scores[a], none=True):
                 raise _bad(
                     path, f"records[{i}].evaluation.scores.{a}", "expected a number or null", scores.get(a)
                 )

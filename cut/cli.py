@@ -2,7 +2,7 @@
 
     cut train --config configs/demo.yaml        (= python -m cut.train ...)
     cut merge --base_model M --adapter A --output_dir D
-    cut generate | judge | online | compare | tune | dpo | kto | inspect | tds | evaluate | urial | realign | convert | demo | smollm | gemma | arithmetic | instructions ...
+    cut generate | judge | online | compare | tune | dpo | kto | inspect | tds | evaluate | urial | realign | convert | iterate | lm-eval | demo | smollm | gemma | arithmetic | instructions ...
 
 Each subcommand is the module's own `main`, so `python -m cut.X` and `torchrun -m cut.train` keep
 working exactly as documented; `cut X --help` shows that tool's options.
@@ -47,6 +47,14 @@ COMMANDS = {
     "convert": (
         "cut.recipes.convert",
         "the CUT paper's offline data (Summarization, Shepherd releases) -> cut records",
+    ),
+    "iterate": (
+        "cut.recipes.iterate",
+        "CUT rounds on judged files given in advance (the paper's online recipe on its released data)",
+    ),
+    "lm-eval": (
+        "cut.recipes.harness",
+        "ranking-based evaluation (ARC, HellaSwag, MMLU, TruthfulQA or local tasks) through lm-eval",
     ),
     "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
     "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),

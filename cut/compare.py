@@ -44,6 +44,7 @@ from .errors import ConfigError, DataError
 from .evaluation.stats import mcnemar_exact
 from .io import write_bytes_atomic, write_json_atomic
 from .online import (
+    RECIPES,
     STAGES,
     OnlineConfig,
     check_pool_size,
@@ -51,6 +52,7 @@ from .online import (
     headline,
     load_config,
     read_problems,
+    recipe_keys,
 )
 from .options import Parser, integer
 
@@ -64,11 +66,8 @@ VARIANTS: dict[str, tuple] = {
     "hindsight": ("hindsight", {}),
     "dpo": ("dpo", {}),
     "kto": ("kto", {}),
-    "ilf": ("ilf", {}),
-    "forward": (
-        "forward",
-        {},
-    ),  # forward prediction: positives by MLE + the model learns to write the judgment  # the model rewrites failing answers given the judgment; passing rewrites by MLE
+    "ilf": ("ilf", {}),  # the model rewrites failing answers given the judgment; passing rewrites by MLE
+    "forward": ("forward", {}),  # forward prediction: positives by MLE + the model learns to write the judgment
     # judgment-using objectives with no MLE on failing text (issue 20)
     "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
         "cut",
@@ -77,17 +76,22 @@ VARIANTS: dict[str, tuple] = {
     "span_dpo": ("dpo", {"rejected_tokens": "spans"}),  # DPO whose rejected side counts the span tokens
     "span_kto": ("kto", {"rejected_tokens": "spans"}),  # KTO whose undesirable side counts the span tokens
 }
+# every preference recipe's own train keys: never inherited by a variant from the base config
+RECIPE_KEYS = frozenset(k for objective in RECIPES for k in recipe_keys(objective))
 SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
 
 
 def variant_config(base: OnlineConfig, name: str, variants: dict[str, tuple] = VARIANTS) -> OnlineConfig:
     objective, train, *rest = variants[name]  # a third element: loop settings (e.g. positive_share)
+    # a preference recipe's own settings (dpo_beta, rejected_tokens, ...) in the base config belong to
+    # the base's objective: a variant names its own, so `dpo` stays plain DPO whatever the base says
+    shared = {k: v for k, v in base.train.items() if k not in RECIPE_KEYS}
     cfg = dataclasses.replace(
         base,
         **(rest[0] if rest else {}),
         objective=objective,
         output_dir=str(Path(base.output_dir) / name),
-        train={**base.train, **train},
+        train={**shared, **train},
         generate=dataclasses.replace(base.generate),
     )
     if objective == "hindsight":

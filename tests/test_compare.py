@@ -154,3 +154,23 @@ def test_unknown_objective_is_refused(tiny_model, tmp_path, capsys):
     assert main(["--config", str(config(tmp_path, tiny_model)), "--objectives", "cut,ppo"]) == 2
     assert "ppo" in capsys.readouterr().err
     assert not (tmp_path / "cmp").exists()
+
+
+def test_variants_take_their_own_recipe_settings(tiny_model, tmp_path):
+    """A base config that runs span DPO (the shipped default) still compares plain `dpo`, and a
+    CUT variant never inherits a DPO option it would refuse."""
+    from cut.compare import variant_config
+    from cut.online import load_config
+
+    path = config(tmp_path, tiny_model)
+    conf = yaml.safe_load(path.read_text())
+    conf["objective"] = "dpo"
+    conf["train"].update(rejected_tokens="spans", dpo_beta=0.2)
+    path.write_text(yaml.safe_dump(conf))
+    base = load_config(str(path), {})
+    variants = {name: variant_config(base, name) for name in ("dpo", "span_dpo", "cut", "kto")}
+    assert "rejected_tokens" not in variants["dpo"].train and "dpo_beta" not in variants["dpo"].train
+    assert variants["span_dpo"].train["rejected_tokens"] == "spans"
+    for cfg in variants.values():
+        cfg.validate()  # a cut variant with rejected_tokens would be refused here
+    assert variants["cut"].objective == "cut" and "rejected_tokens" not in variants["cut"].train

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The online loop: generate -> judge -> CUT-train -> merge, round after round (resumable: rerun
+# The online loop: generate -> judge -> train -> merge, round after round (resumable: rerun
 # the same command after a crash). Default: SmolLM2-135M-Instruct on verifiable instructions, the
-# rule-based verifier judge, 3 rounds; configs/online_arithmetic.yaml is the arithmetic run.
+# rule-based verifier judge, span DPO (the held-out winner,
+# docs/judgment.md), 3 rounds; configs/online_arithmetic.yaml is the arithmetic run.
 #   bash scripts/online_loop.sh [configs/online_instructions.yaml] [--rounds 3] [--output_dir DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

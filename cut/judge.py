@@ -17,7 +17,7 @@ an earlier judgment and is dropped. Records with an empty response are not writt
 rejects them) and count as failed ("empty response").
 
 The judge answers `Perfect.` or `Mistakes: <every mistake, quoted and corrected>` (DEFAULT_PROMPT,
-also in configs/judge_prompt.txt). --prompt_file replaces it: a text with the fields
+the packaged cut/resources/judge_prompt.txt). --prompt_file replaces it: a text with the fields
 {instruction}, {input} ("(none)" when a record has no input) and {response}.
 
 - openai: any OpenAI-compatible /chat/completions endpoint (OpenAI, vLLM's server, ...) through
@@ -54,29 +54,12 @@ from .io import check_writable, write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .options import Parser, integer, number
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
+from .resources import read_resource
 from .tasks.arithmetic import answers_match, extract_final_answer
 
 logger = logging.getLogger("cut.judge")
 
-DEFAULT_PROMPT = """\
-You are checking an AI assistant's response to a task. Read the task and the response closely \
-and verify every statement, step and calculation in the response.
-
-[Task]
-{instruction}
-
-[Input to the task]
-{input}
-
-[Response to check]
-{response}
-
-Reply in exactly one of two ways.
-- If the response contains no mistake at all, reply with the single word: Perfect.
-- Otherwise reply with "Mistakes:" followed by a precise account of every mistake in the \
-response: quote the wrong part word for word and say what would be correct instead.
-
-Write nothing before your reply and nothing after it."""
+DEFAULT_PROMPT = read_resource("judge_prompt.txt").strip()  # package data (cut/resources)
 
 PROMPT_FIELDS = ("instruction", "input", "response")
 NO_INPUT = "(none)"

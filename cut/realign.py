@@ -13,9 +13,9 @@ sound. Per record, as released unless said otherwise (README "cut realign" has t
    or one greedy LLM call (CLASSIFY_PROMPT) that lists the tasks of the criteria file. A label is
    read tolerantly (parse_task) and through the file's aliases; one that names no task, or several,
    gives the file's fallback task (`default` in the shipped file) and is kept in `task_label`.
-2. the criterion: the task's entry in a YAML file (data/realign_criteria.yaml: the 46 task names of
-   the release, our own text; --criteria FILE for another). A task marked `rewrite: false` is passed
-   through untouched and never sent (as released: 11 tasks, `default` among them).
+2. the criterion: the task's entry in a YAML file (the packaged cut/resources/realign_criteria.yaml:
+   the 46 task names of the release, our own text; --criteria FILE for another). A task marked
+   `rewrite: false` is passed through untouched and never sent (as released: 11 tasks, `default` among them).
 3. the rewrite: `samples` calls (2 at temperature 0.3, as released) of REWRITE_PROMPT with the
    request, the evidence passages (--evidence_field), the criterion and the response. The prompt
    first asks whether the format fits the request at all and, when it does not, to keep the
@@ -77,11 +77,12 @@ from .judge import JudgeConfig
 from .llm import Answer, ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .options import Parser, integer, number
 from .records import FAILED_JUDGMENTS, check_object, read_raw, says_perfect, text_field
+from .resources import resource_path
 from .tasks.arithmetic import answers_match, extract_final_answer
 
 logger = logging.getLogger("cut.realign")
 
-DEFAULT_CRITERIA = Path(__file__).resolve().parent.parent / "data" / "realign_criteria.yaml"
+DEFAULT_CRITERIA = resource_path("realign_criteria.yaml")  # package data (cut/resources)
 DEFAULT_TASK = "general"  # the fallback task of a criteria file that names none
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 TASK_KEYS = ("description", "criterion", "rewrite", "final_number", "aliases")

@@ -90,10 +90,11 @@ from .models import (
 )
 from .options import SEED, Parser, die
 from .records import read_raw
+from .resources import resource_path
 
 logger = logging.getLogger("cut.urial")
 
-DEFAULT_PROMPT = Path(__file__).resolve().parent.parent / "data" / "urial" / "default.md"
+DEFAULT_PROMPT = resource_path("urial/default.md")  # package data (cut/resources)
 STOP = ("# Query", "# User")  # URIAL's stop strings for every format (unified_infer.py)
 SAMPLED_TEMPERATURE = 0.3  # the paper's setting when sampling
 PENALTY_RANGE = (1.0, 1.15)  # repetition penalties the paper uses
@@ -221,7 +222,7 @@ class UrialPrompt:
 
 
 def load_urial_prompt(path: str | None = None, turn_format: str | None = None) -> UrialPrompt:
-    """The prompt of a URIAL prompt file (None: the project's data/urial/default.md), in
+    """The prompt of a URIAL prompt file (None: the packaged cut/resources/urial/default.md), in
     `turn_format` (None / 'auto': URIAL's rule on the file's name, detect_turn_format)."""
     chosen = check_turn_format(turn_format)
     if path is None and chosen is None:
@@ -457,7 +458,7 @@ def _urial_sampling() -> Sampling:
 class UrialConfig:
     """Everything `cut.urial` can set; the defaults are URIAL's."""
 
-    urial_prompt: str | None = None  # a URIAL prompt file, used verbatim (default: data/urial/default.md)
+    urial_prompt: str | None = None  # a URIAL prompt file, verbatim (default: resources/urial/default.md)
     turn_format: str = "auto"  # auto: URIAL's rule (by the file's name) | backticks | v5 | v6
     stop: tuple[str, ...] = STOP  # an answer ends before the first of these
     keep_fences: bool = False  # False: every ``` removed from the answer, as URIAL does
@@ -658,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--urial_prompt",
         default=None,
         help="a URIAL prompt file (any of URIAL's urial_prompts/*.txt, or your own), used verbatim "
-        "(default: data/urial/default.md)",
+        "(default: the packaged cut/resources/urial/default.md)",
     )
     p.add_argument(
         "--turn_format",

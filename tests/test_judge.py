@@ -119,8 +119,9 @@ def test_parse_verdict_failure_quotes_first_60_chars():
     assert parse_verdict(text).error == "unparseable verdict: " + text[:60]
 
 
-def test_default_prompt_matches_config_and_renders_fields(tmp_path):
-    assert load_prompt(str(REPO / "configs" / "judge_prompt.txt")) == DEFAULT_PROMPT
+def test_default_prompt_is_the_packaged_file_and_renders_fields(tmp_path):
+    assert load_prompt(str(REPO / "cut" / "resources" / "judge_prompt.txt")) == DEFAULT_PROMPT
+    assert DEFAULT_PROMPT.startswith("You are checking") and "{response}" in DEFAULT_PROMPT
     record = {"instruction": "Add the numbers.", "input": "3 and 4", "output": "The sum is 8."}
     text = render_prompt(DEFAULT_PROMPT, record)
     assert "Add the numbers." in text and "3 and 4" in text and "The sum is 8." in text

@@ -49,7 +49,7 @@ EOS is added. The base model's context, --base_prompt:
     same   exactly the aligned model's prompt text (chat markup and all)
     zeroshot  AlignTDS's own base context, byte for byte (ZERO_SHOT: '# Query:' / '# Answer:' with
            the query between fences; the tokenizer adds its BOS)
-    urial  the project's URIAL prompt (data/urial/default.md), ending where the answer begins
+    urial  the project's URIAL prompt (cut/resources/urial/default.md), ending where the answer begins
     FILE   a URIAL prompt file, verbatim, the query after it as URIAL writes it (cut.urial.render;
            --urial_turn_format auto = URIAL's rule on the file's name)
 A prompt + answer longer than --cutoff_len keeps its prompt whole and loses answer tokens at the

@@ -1,7 +1,9 @@
 """Training options: one dataclass, filled from defaults <- YAML (--config) <- command-line flags.
 
 Every flag of the released `finetune_unlikelihood.py` keeps its name and meaning; the rest are
-what users of the Hugging Face stack expect. YAML keys are exactly the field names.
+what users of the Hugging Face stack expect. YAML keys are exactly the field names, or TRL's name for
+the same option (TRL_ALIASES: --num_train_epochs is --num_epochs, --bf16 is --precision bf16, ...);
+TRL options that mean nothing here (--push_to_hub, ...) are refused with what to do instead.
 """
 
 from __future__ import annotations
@@ -361,13 +363,169 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of option names to values")
-    unknown = sorted(set(data) - set(FIELDS))
+    data = resolve_aliases(data, str(path))
+    return {k: v if k == GRADIENT_ACCUMULATION else coerce(k, v) for k, v in data.items()}
+
+
+# TRL's (SFTConfig / DPOConfig / ModelConfig / ScriptArguments / TrainingArguments) name for an
+# option that means the same here -> (field, how its value maps onto the field)
+TRL_ALIASES: dict[str, tuple[str, str]] = {
+    "model_name_or_path": ("base_model", "same"),
+    "dataset_name": ("data_path", "same"),
+    "num_train_epochs": ("num_epochs", "same"),
+    "per_device_train_batch_size": ("micro_batch_size", "same"),
+    "max_length": ("cutoff_len", "same"),
+    "max_seq_length": ("cutoff_len", "same"),
+    "lr_scheduler_type": ("lr_scheduler", "same"),
+    "run_name": ("wandb_run_name", "same"),
+    "bf16": ("precision", "bf16 if true"),
+    "fp16": ("precision", "fp16 if true"),
+    "torch_dtype": ("precision", "same"),
+    "dtype": ("precision", "same"),
+    "use_peft": ("full_finetune", "negated"),
+    "completion_only_loss": ("train_on_inputs", "negated"),
+}
+# gradient_accumulation_steps is no field: batch_size = micro_batch_size x it x WORLD_SIZE
+GRADIENT_ACCUMULATION = "gradient_accumulation_steps"
+
+# TRL options with no meaning in cut -> what to do instead
+TRL_REFUSED: dict[str, str] = {
+    "push_to_hub": "cut does not upload; after training run `hf upload REPO OUTPUT_DIR` "
+    "(the folder holds the adapter and its README.md model card)",
+    "hub_model_id": "cut does not upload; name the repository in `hf upload REPO OUTPUT_DIR`",
+    "hub_token": "cut does not upload; log in with `hf auth login` and run `hf upload REPO OUTPUT_DIR`",
+    "hub_strategy": "cut does not upload; run `hf upload REPO OUTPUT_DIR` after training",
+    "hub_private_repo": "cut does not upload; pass --private to `hf upload` (or create the repo private)",
+    "dataset_text_field": "cut reads judged records (instruction/output, chat messages or "
+    "prompt/completion/label): see the README's Data format",
+    "per_device_eval_batch_size": "evaluation uses --micro_batch_size",
+    "eval_strategy": "set --val_set_size (held-out records) and --eval_steps",
+    "save_strategy": "checkpoints are saved every --save_steps steps",
+    "logging_strategy": "cut logs every --logging_steps steps",
+    "use_cpu": "cut trains on the GPU when one is visible: hide it with CUDA_VISIBLE_DEVICES=''",
+    "tf32": "not an option here: set torch.backends.cuda.matmul.allow_tf32 in your launcher if needed",
+    "load_in_4bit": "quantised bases are not supported: train in bf16 (--precision bf16)",
+    "load_in_8bit": "quantised bases are not supported: train in bf16 (--precision bf16)",
+    "beta": "CUT has no DPO beta; see --weight_unlike / --threshold (or `cut dpo --dpo_beta`)",
+    "loss_type": "the objective is CUT; its knobs are --combine, --unlikelihood, --flag_source",
+}
+
+
+def _alias_value(alias: str, value: Any) -> tuple[str, Any]:
+    name, how = TRL_ALIASES[alias]
+    if how == "negated":
+        try:
+            return name, not _parse_bool(value)
+        except ValueError as err:
+            raise ConfigError(f"option {alias} (= not {name}): {err}") from None
+    if how.endswith("if true"):
+        try:
+            on = _parse_bool(value)
+        except ValueError as err:
+            raise ConfigError(f"option {alias}: {err}") from None
+        return name, (how.split()[0] if on else None)  # None: 'not this precision'
+    if name == "precision":
+        value = str(value).replace("torch.", "")
+    return name, value
+
+
+def _same_look(name: str, value: Any) -> Any:
+    """bfloat16 and bf16 are one precision."""
+    return (
+        canonical_dtype(str(value).replace("torch.", ""))
+        if name == "precision" and str(value).replace("torch.", "") in DTYPES
+        else value
+    )
+
+
+def resolve_aliases(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """One source's options (a YAML file or the flags) under their field names: TRL names mapped
+    (a field given twice must agree), refused TRL names and unknown names named. The result holds
+    field names and, if given, gradient_accumulation_steps (see derive_batch_size)."""
+    refused = [k for k in values if k in TRL_REFUSED]
+    if refused:
+        raise ConfigError(
+            "; ".join(f"{source}: option {k} (TRL) has no meaning in cut: {TRL_REFUSED[k]}" for k in refused)
+        )
+    out = {k: v for k, v in values.items() if k not in TRL_ALIASES}
+    given_as: dict[str, str] = {k: k for k in out}
+    off: dict[str, list[str]] = {}  # precision values ruled out by bf16/fp16 false
+    for alias in [k for k in values if k in TRL_ALIASES]:
+        name, value = _alias_value(alias, values[alias])
+        if value is None:
+            off.setdefault(name, []).append(TRL_ALIASES[alias][1].split()[0])
+            continue
+        value = _same_look(name, coerce(name, value))
+        if name in out and _same_look(name, coerce(name, out[name])) != value:
+            raise ConfigError(
+                f"{source}: {alias} ({values[alias]!r}) and {given_as[name]} ({out[name]!r}) "
+                f"set {name} to different values: give one"
+            )
+        out[name], given_as[name] = value, alias
+    for name, ruled_out in off.items():  # --bf16 false [--fp16 false]: fp32 unless set otherwise
+        chosen = _same_look(name, out.get(name))
+        if chosen in ruled_out:
+            raise ConfigError(f"{source}: {given_as[name]} is {chosen} but {chosen} is set false")
+        out.setdefault(name, "fp32")
+    unknown = sorted(set(out) - set(FIELDS) - {GRADIENT_ACCUMULATION})
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    return {k: coerce(k, v) for k, v in data.items()}
+        raise ConfigError(f"{source}: unknown option(s): {', '.join(unknown)}")
+    return out
 
 
-def build_parser(prog: str) -> argparse.ArgumentParser:
+def world_size_from_env() -> int:
+    """Processes of this launch: torchrun and the deepspeed launcher set WORLD_SIZE; 1 without."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be a whole number, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def derive_batch_size(values: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """TRL's gradient_accumulation_steps -> batch_size = micro_batch_size x steps x world_size (the
+    records of one optimiser step, as cut counts them). A batch_size given with it must equal that."""
+    if GRADIENT_ACCUMULATION not in values:
+        return values
+    values = dict(values)
+    steps = coerce_count(GRADIENT_ACCUMULATION, values.pop(GRADIENT_ACCUMULATION))
+    micro = values.get("micro_batch_size", FIELDS["micro_batch_size"].default)
+    derived = micro * steps * world_size
+    if "batch_size" in values and values["batch_size"] != derived:
+        raise ConfigError(
+            f"batch_size {values['batch_size']} disagrees with gradient_accumulation_steps {steps}: "
+            f"micro_batch_size {micro} x {steps} x {world_size} process(es) = {derived}; give one"
+        )
+    values["batch_size"] = derived
+    return values
+
+
+def coerce_count(name: str, value: Any) -> int:
+    """A whole number >= 1 (YAML / CLI look coerced), for options that are no field."""
+    if isinstance(value, bool):
+        raise ConfigError(f"option {name}: not a number: {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"option {name}: not a whole number: {value!r}") from None
+    if not math.isfinite(number) or not number.is_integer() or not 1 <= number <= INT_MAX:
+        raise ConfigError(f"option {name} must be a whole number >= 1, got {value!r}")
+    return int(number)
+
+
+def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """top over base; batch_size and gradient_accumulation_steps replace each other across sources."""
+    base = dict(base)
+    if "batch_size" in top:
+        base.pop(GRADIENT_ACCUMULATION, None)
+    if GRADIENT_ACCUMULATION in top:
+        base.pop("batch_size", None)
+    base.update(top)
+    return base
+
+
+def build_parser(prog: str, trl_names: bool = False) -> argparse.ArgumentParser:
+    """Every field as a flag; trl_names adds TRL's names (cut.train's own parser; the preference
+    baselines that build on this one have options of their own that TRL names differently)."""
     parser = Parser(  # a bad flag is one line naming it, exit 2
         prog=prog,
         description="Contrastive Unlikelihood Training. Flags override --config; unknown flags are errors.",
@@ -384,16 +542,39 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         if _field_type(name) is bool:
             kw.update(nargs="?", const="true")
         parser.add_argument(f"--{name}", **kw)
+    if not trl_names:
+        return parser
+    trl = parser.add_argument_group(
+        "TRL option names", "accepted for the option they mean here; give one name per option"
+    )
+    for alias, (name, how) in TRL_ALIASES.items():
+        meaning = {"same": f"= --{name}", "negated": f"= --{name} with the opposite truth value"}.get(
+            how, f"true: --{name} {how.split()[0]}; false: not {how.split()[0]} (fp32 unless --{name} says)"
+        )
+        kw = {"help": meaning, "metavar": alias.upper()}
+        if _field_type(name) is bool or how != "same":
+            kw.update(nargs="?", const="true")
+        trl.add_argument(f"--{alias}", **kw)
+    trl.add_argument(
+        f"--{GRADIENT_ACCUMULATION}",
+        metavar="N",
+        help="sets --batch_size to micro_batch_size x N x WORLD_SIZE (the processes torchrun / deepspeed "
+        "start; 1 without); a --batch_size given with it must equal that",
+    )
+    for alias, hint in TRL_REFUSED.items():
+        trl.add_argument(f"--{alias}", nargs="?", const="true", help=f"refused: {hint}")
     return parser
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "cut.train") -> TrainConfig:
     """defaults <- YAML <- flags, each value coerced to its field's type."""
-    args = vars(build_parser(prog).parse_args(argv))
+    args = vars(build_parser(prog, trl_names=True).parse_args(argv))
     args.pop("local_rank", None)
     values: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path:
-        values.update(load_yaml(config_path))
-    values.update({k: coerce(k, v) for k, v in args.items()})
+        values = load_yaml(config_path)
+    flags = resolve_aliases(args, "flags")
+    flags = {k: v if k == GRADIENT_ACCUMULATION else coerce(k, v) for k, v in flags.items()}
+    values = derive_batch_size(_layer(values, flags), world_size_from_env())
     return TrainConfig(**values)

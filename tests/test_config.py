@@ -287,3 +287,110 @@ def test_saved_yaml_feeds_parse_config(tmp_path):
     cfg.save(path)
     assert parse_config(["--config", str(path)]) == cfg
     assert parse_config(["--config", str(path), "--lora_r", "2"]).lora_r == 2
+
+
+# --------------------------------------------------------------------------------------------
+# TRL option names
+# --------------------------------------------------------------------------------------------
+
+
+def test_trl_names_set_the_fields_they_mean(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = parse_config(
+        [
+            "--model_name_or_path=m",
+            "--dataset_name=d.json",
+            "--num_train_epochs=2",
+            "--per_device_train_batch_size=4",
+            "--gradient_accumulation_steps=8",
+            "--bf16",
+            "--max_length=512",
+            "--lr_scheduler_type=linear",
+            "--run_name=001",
+            "--use_peft=false",
+            "--completion_only_loss=false",
+        ]
+    )
+    assert (cfg.base_model, cfg.data_path, cfg.num_epochs, cfg.micro_batch_size) == ("m", "d.json", 2.0, 4)
+    assert (cfg.batch_size, cfg.precision, cfg.cutoff_len, cfg.lr_scheduler) == (32, "bf16", 512, "linear")
+    assert (cfg.wandb_run_name, cfg.full_finetune, cfg.train_on_inputs) == ("001", True, True)
+
+
+def test_gradient_accumulation_counts_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = parse_config(["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3"])
+    assert cfg.batch_size == 24
+    assert cfg.gradient_accumulation_steps(4) == 3  # what the Trainer gets back
+
+
+def test_gradient_accumulation_must_agree_with_batch_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--micro_batch_size", "4", "--gradient_accumulation_steps", "2"]
+    assert parse_config([*argv, "--batch_size", "16"]).batch_size == 16
+    with pytest.raises(ConfigError, match=r"batch_size 32 disagrees.*4 x 2 x 2 process\(es\) = 16"):
+        parse_config([*argv, "--batch_size", "32"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps must be a whole number >= 1"):
+        parse_config(["--gradient_accumulation_steps", "0"])
+
+
+def test_flags_replace_yaml_batch_size_or_accumulation(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    path = write_yaml(tmp_path, {"gradient_accumulation_steps": 4, "per_device_train_batch_size": 2})
+    assert parse_config(["--config", path]).batch_size == 8
+    assert parse_config(["--config", path, "--batch_size", "6"]).batch_size == 6  # flag wins
+    path = write_yaml(tmp_path, {"batch_size": 64, "micro_batch_size": 2}, "b.yaml")
+    assert parse_config(["--config", path, "--gradient_accumulation_steps", "3"]).batch_size == 6
+
+
+def test_trl_names_in_yaml(tmp_path):
+    path = write_yaml(tmp_path, {"num_train_epochs": 3, "fp16": True, "max_seq_length": 256})
+    cfg = parse_config(["--config", path])
+    assert (cfg.num_epochs, cfg.precision, cfg.cutoff_len) == (3.0, "fp16", 256)
+    assert load_yaml(path) == {"num_epochs": 3.0, "precision": "fp16", "cutoff_len": 256}
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--bf16", "false"], "fp32"),
+        (["--bf16", "false", "--fp16"], "fp16"),
+        (["--torch_dtype", "bfloat16"], "bf16"),
+        (["--dtype", "torch.float16"], "fp16"),
+        (["--bf16", "--precision", "bfloat16"], "bf16"),
+    ],
+)
+def test_bf16_fp16_map_onto_precision(argv, expected):
+    assert parse_config(argv).precision == expected
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--bf16", "--fp16"], "fp16 .* and bf16 .* set precision to different values"),
+        (["--bf16", "--precision", "fp32"], "set precision to different values"),
+        (["--num_epochs", "1", "--num_train_epochs", "2"], "num_train_epochs .* and num_epochs"),
+        (["--precision", "bf16", "--bf16", "false"], "precision is bf16 but bf16 is set false"),
+    ],
+)
+def test_one_option_under_two_names_must_agree(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(argv)
+
+
+@pytest.mark.parametrize("name", ["push_to_hub", "hub_model_id", "dataset_text_field", "eval_strategy"])
+def test_trl_options_without_meaning_say_what_to_do(name, tmp_path):
+    with pytest.raises(ConfigError, match=f"option {name} \\(TRL\\) has no meaning in cut: .+"):
+        parse_config([f"--{name}", "x"])
+    path = write_yaml(tmp_path, {name: "x"})
+    with pytest.raises(ConfigError, match=f"{path}: option {name}"):
+        load_yaml(path)
+
+
+def test_help_lists_the_trl_names(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = capsys.readouterr().out
+    assert "TRL option names" in out
+    for name in ("--num_train_epochs", "--per_device_train_batch_size", "--gradient_accumulation_steps"):
+        assert name in out
+    assert "--push_to_hub" in out and "refused: cut does not upload" in out

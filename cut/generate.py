@@ -14,6 +14,9 @@ Output: a JSON list that alpaca_eval reads as is, one record per instruction, in
 max_new_tokens, seed, prompt_template, ...pass-through fields}. Fields the output sets replace
 input fields of the same name, but for `dataset`: without --dataset, a record's own `dataset`
 string (AlpacaEval's and Just-Eval's files carry one per record) is kept, else the file's stem.
+A pass-through list or object (a held-out record's `constraints`) is written as its JSON text and
+named in `json_fields` (cut.io.encode_json_fields): alpaca_eval hashes every field and crashes on a
+list. cut's readers (cut.judge, this module's input) parse those fields back.
 
 --preset alpaca_eval sets what the CUT release's AlpacaEval generation used (PRESETS below);
 flags given explicitly override it. The file is rewritten (temp file + rename) after every batch; a
@@ -49,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError, EngineError
-from .io import check_writable, parse_json, write_json_atomic
+from .io import check_writable, decode_json_fields, encode_json_fields, parse_json, write_json_atomic
 from .models import (
     DTYPES,
     check_device,
@@ -559,6 +562,7 @@ def validate_instructions(rows: Sequence[Any], source: str) -> list[dict[str, An
     out = []
     for i, raw in enumerate(rows):
         check_object(source, i, raw)
+        raw = decode_json_fields(raw, f"{source}: record {i}")  # an answer file as input
         instruction = text_field(source, i, raw, "instruction", True)
         out.append(
             {**raw, "instruction": instruction, "input": text_field(source, i, raw, "input", False) or ""}
@@ -587,6 +591,7 @@ def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     for j, row in enumerate(rows):
         if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)):
             raise DataError(f"{path}: record {j}: not an answer record; move the file away")
+        row = rows[j] = decode_json_fields(row, f"{path}: record {j}")  # a list in meta (urial's stop)
         if not isinstance(row.get("output"), str):
             raise DataError(f"{path}: record {j}, field 'output': missing; move the file away")
         for f in fields:
@@ -680,6 +685,8 @@ def write_answers(
         inputs, {k: v for k, v in meta.items() if not (keep_record_dataset and k == "dataset")}
     )
     out = Path(output_file)
+    for i, rec in enumerate(inputs):  # a field encode_json_fields refuses stops the run before any work
+        encode_json_fields(rec, f"record {i}")
     matched, extras = match_answers(inputs, read_answers(out, meta))
     if extras:
         logger.warning("%s: %d earlier answers match no input record; kept at the end", out, len(extras))
@@ -693,7 +700,9 @@ def write_answers(
     )
 
     def save() -> list[dict[str, Any]]:
+        # lists and objects as JSON text: alpaca_eval hashes every field (io.encode_json_fields)
         rows = [row for row in matched if row is not None] + extras
+        rows = [encode_json_fields(row, f"{out}: record {j}") for j, row in enumerate(rows)]
         write_json_atomic(out, rows)
         return rows
 

@@ -110,3 +110,56 @@ def json_depth(value: Any, stop: int | None = None) -> int:
         depth += 1
         level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
     return depth
+
+
+# AlpacaEval hashes every column of an answer file (pandas drop_duplicates), so a list or an object
+# there crashes it: answer files hold such fields as JSON text and name them in this field
+JSON_FIELDS = "json_fields"
+
+
+def encode_json_fields(row: dict[str, Any], source: str = "record") -> dict[str, Any]:
+    """`row` with every list or object value (a held-out record's `constraints`) replaced by its JSON
+    text and the names of those fields in `json_fields` (comma-separated): each value is then a
+    string, number, bool or null. decode_json_fields undoes it; a row with nothing nested is
+    returned as it is, so encoding twice changes nothing."""
+    nested = [k for k, v in row.items() if isinstance(v, (list, dict))]
+    if not nested:
+        return row
+    if any("," in k for k in nested):
+        raise DataError(
+            f"{source}: a list or object field named with a comma cannot be listed in {JSON_FIELDS!r}"
+        )
+    names = [n for n in json_field_names(row, source) if n not in nested] + nested
+    out = {
+        k: json.dumps(v, ensure_ascii=False) if k in nested else v for k, v in row.items() if k != JSON_FIELDS
+    }
+    return {**out, JSON_FIELDS: ",".join(names)}
+
+
+def decode_json_fields(row: dict[str, Any], source: str = "record") -> dict[str, Any]:
+    """The inverse of encode_json_fields: the fields `json_fields` names parsed back, that field
+    dropped; a row without it is returned as it is. DataError names the field that is not JSON."""
+    if JSON_FIELDS not in row:
+        return row
+    names = json_field_names(row, source)
+    out = {k: v for k, v in row.items() if k != JSON_FIELDS}
+    for name in names:
+        if isinstance(out.get(name), str):
+            where = f"{source}, field {name!r}"
+            try:
+                out[name] = parse_json(out[name], where)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: named in {JSON_FIELDS!r} but not JSON: {err.msg}") from None
+    return out
+
+
+def json_field_names(row: dict[str, Any], source: str = "record") -> list[str]:
+    """The names in a row's `json_fields` (none when it has no such field)."""
+    value = row.get(JSON_FIELDS)
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        raise DataError(
+            f"{source}, field {JSON_FIELDS!r}: expected comma-separated field names, got {type(value).__name__}"
+        )
+    return [n for n in value.split(",") if n]

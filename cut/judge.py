@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .io import check_writable, write_json_atomic
+from .io import check_writable, decode_json_fields, write_json_atomic
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .options import Parser, integer, number
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
@@ -345,6 +345,8 @@ def _check_input(source: str, i: int, row: Any) -> dict[str, Any]:
     text_field(source, i, row, "instruction", True)
     if text_field(source, i, row, "output", False) is None:  # an empty response is judged as a failure
         raise DataError(f"{source}: record {i}, field 'output': missing")
+    # cut.generate's answer files hold lists (a record's `constraints`) as JSON text
+    row = decode_json_fields(row, f"{source}: record {i}")
     return {**row, "input": text_field(source, i, row, "input", False) or ""}
 
 

@@ -171,6 +171,46 @@ def test_cli_writes_alpaca_eval_fields(tiny_model, tmp_path):
     assert [(r["generator"], r["dataset"]) for r in _read(named)] == [("my-model", "my-set")]
 
 
+def test_lists_and_objects_are_written_as_json_text_and_read_back(tiny_model, tmp_path, monkeypatch):
+    """alpaca_eval hashes every field (tests/test_alpaca_eval.py runs it): a list or object passes
+    through as its JSON text, named in json_fields; a string that looks like JSON stays a string;
+    an earlier file with raw lists is resumed and rewritten encoded, nothing generated again."""
+    from cut.io import decode_json_fields
+
+    rows = [
+        {**r, "constraints": [{"type": "all_lowercase", "params": {}}], "meta": {"n": i}, "note": "[1, 2]"}
+        for i, r in enumerate(_records()[:2])
+    ]
+    out = tmp_path / "answers.json"
+    got = generate_file(str(tiny_model), None, str(out), records=rows, **FAST)
+    assert _read(out) == got
+    for row, rec in zip(got, rows, strict=True):
+        assert row["json_fields"] == "constraints,meta" and row["note"] == "[1, 2]"
+        assert row["constraints"] == '[{"type": "all_lowercase", "params": {}}]'
+        back = decode_json_fields(row)
+        assert (back["constraints"], back["meta"], back["note"]) == (
+            rec["constraints"],
+            rec["meta"],
+            "[1, 2]",
+        )
+        assert "json_fields" not in back
+
+    out.write_text(json.dumps([decode_json_fields(r) for r in got]))  # the format before encoding
+    monkeypatch.setattr(gen, "_generate", lambda *a: pytest.fail("answered records generated again"))
+    assert generate_file(str(tiny_model), None, str(out), records=rows, **FAST) == got == _read(out)
+    # an answer file as input: its encoded fields read back, so they are not encoded twice
+    again = generate_file(str(tiny_model), None, str(out), records=got, **FAST)
+    assert again == got
+
+
+def test_list_field_named_with_a_comma_stops_before_generating(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(gen, "_generate", lambda *a: pytest.fail("generated"))
+    out = tmp_path / "answers.json"
+    with pytest.raises(DataError, match=r"record 0.*comma"):
+        generate_file(str(tiny_model), None, str(out), records=[{"instruction": "x", "a,b": [1]}], **FAST)
+    assert not out.exists()
+
+
 def test_seeded_sampling_is_reproducible(tiny_model, questions, tmp_path):
     def sample(name: str, seed: int) -> list[str]:
         rows = generate_file(

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import cut.generate as gen
 from cut.errors import ConfigError, DataError, EngineError
 from cut.generate import Sampling, cut_at_stop, generate_texts, tokenize_prompts
+from cut.io import decode_json_fields
 from cut.urial import (
     DEFAULT_PROMPT,
     STOP,
@@ -516,8 +517,13 @@ def test_cli_end_to_end(long_tiny_model, prompt_files, tmp_path, monkeypatch):
     assert (first["temperature"], first["repetition_penalty"], first["max_new_tokens"]) == (0.0, 1.1, 6)
     assert first["prompt_template"] == load_urial_prompt(str(prompt_files[name])).tag
     assert first["prompt_template"].startswith(f"urial:{name}:v5@")
-    assert (first["stop"], first["keep_fences"]) == (["# Query", "# User"], False)
-    assert got[2]["history"] == rows[2]["history"] and got[1]["input"] == "3 and 4"
+    # lists as JSON text, which alpaca_eval can hash (cut.io.encode_json_fields)
+    assert (first["stop"], first["json_fields"], first["keep_fences"]) == (
+        '["# Query", "# User"]',
+        "stop",
+        False,
+    )
+    assert decode_json_fields(got[2])["history"] == rows[2]["history"] and got[1]["input"] == "3 and 4"
     text = FILES[name]
     assert sorted(seen) == sorted(
         [

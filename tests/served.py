@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 TRANSFORMERS = Path(sys.executable).with_name("transformers")
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ class TransformersServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"transformers serve exited {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.origin + "/health", timeout=2) as r:
+                with LOOPBACK.open(self.origin + "/health", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:

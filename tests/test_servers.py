@@ -28,7 +28,7 @@ import pytest
 pytest.importorskip("fastapi", reason="transformers serve needs fastapi (the dev extra)")
 pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn (the dev extra)")
 
-from served import TransformersServer, steer  # noqa: E402
+from served import LOOPBACK, TransformersServer, steer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from cut.records import load_records  # noqa: E402
@@ -94,7 +94,7 @@ def chat(server: TransformersServer, model: Path, content: str, **extra) -> dict
     request = urllib.request.Request(
         server.base_url + "/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=120) as r:
+    with LOOPBACK.open(request, timeout=120) as r:
         return json.loads(r.read())
 
 

@@ -32,11 +32,24 @@ def free_port() -> int:
 
 
 class TransformersServer:
-    def __init__(self, log_file: Path, ready_timeout: float = 120.0) -> None:
+    def __init__(self, log_file: Path, ready_timeout: float = 120.0, tries: int = 3) -> None:
+        self.log_file = log_file
+        self._log = open(log_file, "wb")
+        for attempt in range(tries):  # a free port can be taken before the server binds it
+            self._start()
+            try:
+                self._wait_ready(ready_timeout)
+                return
+            except BaseException as err:
+                self.stop()
+                if attempt + 1 == tries or "address already in use" not in str(err).lower():
+                    self._log.close()
+                    raise
+
+    def _start(self) -> None:
         self.port = free_port()
         self.origin = f"http://127.0.0.1:{self.port}"
         self.base_url = self.origin + "/v1"
-        self.log_file = log_file
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
         for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
             env.pop(var, None)
@@ -50,16 +63,10 @@ class TransformersServer:
             "--device",
             "cpu",
         ]
-        self._log = open(log_file, "wb")
         # its own process group, so that stop() ends the server and any worker it forked
         self.proc = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -68,7 +75,7 @@ class TransformersServer:
                 raise RuntimeError(f"transformers serve exited {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
                 with LOOPBACK.open(self.origin + "/health", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self.proc.poll() is None:  # ours, not another on the port
                         return
             except OSError:
                 time.sleep(0.5)
@@ -86,13 +93,16 @@ class TransformersServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=15)
+
+    def close(self) -> None:
+        self.stop()
         self._log.close()
 
     def __enter__(self) -> TransformersServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()
 
 
 def steer(folder: Path, tokenizer: PreTrainedTokenizerBase, reply: str) -> Path:

@@ -45,7 +45,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # model / data
     base_model: str = _f("", "Hugging Face model folder or name of any causal LM (required).")
-    data_path: str = _f("", "Judgment data: .json list, .jsonl, or a `datasets` folder / name (required).")
+    data_path: str = _f(
+        "",
+        "Judgment data (required): .json list, .jsonl, or a `datasets` folder / name; records are "
+        "instruction/output, chat `messages`, or prompt/completion(/label) (README: Data format).",
+    )
+    dataset_config: str = _f(
+        "", "The config (subset) of a `datasets` name or folder with several; empty = its default."
+    )
+    dataset_split: str = _f("train", "The split of a `datasets` name or folder to train on.")
     output_dir: str = _f("saved_models/cut-lora", "Where the adapter (or full model), config and metrics go.")
     # training hyper-parameters
     batch_size: int = _f(
@@ -372,6 +380,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 TRL_ALIASES: dict[str, tuple[str, str]] = {
     "model_name_or_path": ("base_model", "same"),
     "dataset_name": ("data_path", "same"),
+    "dataset_train_split": ("dataset_split", "same"),
     "num_train_epochs": ("num_epochs", "same"),
     "per_device_train_batch_size": ("micro_batch_size", "same"),
     "max_length": ("cutoff_len", "same"),

@@ -9,7 +9,20 @@ A record is {instruction, input?, output, judgment?, score?}. Which records are 
 A judgment that failed ('$ERROR$', an empty string, or a truthy 'judge_error' field) is never
 training text: such records are dropped, or trained as positives if asked, and counted.
 
-Files: a .json list, a .jsonl file (one record a line), or a `datasets` folder / name. A .json
+Two other shapes are read as the same records (TRL's dataset formats):
+  - chat: {"messages": [{"role": "system"?, ...}, {"role": "user", ...}, ..., {"role": "assistant",
+    "content": the judged response}]}: the last turn is the output, the last user turn the
+    instruction, and any turns before it (system included) the input, one "role: content" a line
+    (cut's templates are single-turn). The judgment and the other fields sit beside `messages`.
+  - prompt / completion (TRL's prompt-completion and unpaired-preference files): prompt is the
+    instruction (a string, or chat turns read as above), completion the output (a string or one
+    assistant turn). A `label` (TRL's KTO format) true is a positive (a judgment beside it is
+    refused as contradictory); false is a negative and needs its critique in `judgment`: CUT
+    trains a negative against what was wrong with it, so a bare "bad" label is refused by name
+    (judge the file with `cut judge` first).
+
+Files: a .json list, a .jsonl file (one record a line), or a `datasets` folder / name (with a
+config and split, for a name with several). A .json
 object that wraps the list under one key of WRAPPER_KEYS ({"train": [...]}, {"data": [...]},
 {"records": [...]}) is read as that list, and says so; any other object is refused, so a
 {"test": [...]} file never trains silently. Exact duplicate records are kept (they weigh twice)
@@ -64,9 +77,15 @@ class Example:
         return self.judgment is not None
 
 
-def read_raw(path: str) -> tuple[list[Any], str]:
-    """The raw records of a .json list, a .jsonl file, or a `datasets` folder / name."""
+def read_raw(path: str, config: str = "", split: str = "train") -> tuple[list[Any], str]:
+    """The raw records of a .json list, a .jsonl file, or a `datasets` folder / name (config and
+    split choose among a dataset's; a file has neither)."""
     p = Path(path)
+    if p.suffix in (".json", ".jsonl") and (config or split != "train"):
+        raise DataError(
+            f"{path}: dataset_config / dataset_split choose within a datasets folder or hub name, "
+            "not a .json/.jsonl file: leave them unset"
+        )
     if p.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(_read_text(p).splitlines(), start=1):
@@ -95,7 +114,7 @@ def read_raw(path: str) -> tuple[list[Any], str]:
         raise DataError(
             f"{path}: unknown data file type {p.suffix!r}: use .json, .jsonl or a datasets folder"
         )
-    return _read_datasets(path), path
+    return _read_datasets(path, config, split), path
 
 
 def _unwrap(path: str, data: dict) -> Any:
@@ -121,7 +140,7 @@ def _read_text(p: Path) -> str:
         raise DataError(f"{p}: not UTF-8 text: {err.reason} at byte {err.start}") from None
 
 
-def _read_datasets(path: str) -> list[dict[str, Any]]:
+def _read_datasets(path: str, config: str = "", split: str = "train") -> list[dict[str, Any]]:
     import datasets
 
     folder = Path(path)
@@ -138,15 +157,24 @@ def _read_datasets(path: str) -> list[dict[str, Any]]:
         if Path(path).is_dir() and any(
             (Path(path) / f).exists() for f in ("dataset_info.json", "dataset_dict.json")
         ):
+            if config:
+                raise DataError(f"{path}: a saved datasets folder has no configs: leave dataset_config unset")
             ds = datasets.load_from_disk(path)
         else:
-            ds = datasets.load_dataset(path)
+            ds = datasets.load_dataset(path, config or None)
+    except DataError:
+        raise
     except Exception as err:  # datasets raises many types; name the path
-        raise DataError(f"{path}: cannot load as a datasets folder or name: {err}") from None
+        what = f" (config {config!r})" if config else ""
+        raise DataError(f"{path}{what}: cannot load as a datasets folder or name: {err}") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: dataset has no 'train' split (splits: {', '.join(ds)})")
-        ds = ds["train"]
+        if split not in ds:
+            raise DataError(
+                f"{path}: dataset has no {split!r} split (splits: {', '.join(ds)}): set dataset_split"
+            )
+        ds = ds[split]
+    elif split != "train":
+        raise DataError(f"{path}: a single dataset has no splits: leave dataset_split unset")
     return ds.to_list()
 
 
@@ -172,10 +200,95 @@ def text_field(source: str, i: int, raw: dict, name: str, required: bool) -> str
     return value
 
 
+def _turns(source: str, i: int, name: str, value: Any) -> list[tuple[str, str]]:
+    """A chat field: a list of {"role", "content"} with roles system / user / assistant."""
+    where = f"{source}: record {i}, field '{name}'"
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of {{'role', 'content'}} turns")
+    out = []
+    for k, turn in enumerate(value):
+        if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+            raise DataError(f"{where}, turn {k}: expected {{'role': ..., 'content': a string}}")
+        if turn.get("role") not in ("system", "user", "assistant"):
+            raise DataError(
+                f"{where}, turn {k}: role must be system, user or assistant, got {turn.get('role')!r}"
+            )
+        if turn["role"] == "system" and k:
+            raise DataError(f"{where}, turn {k}: a system turn comes first only")
+        out.append((turn["role"], turn["content"]))
+    return out
+
+
+def _prompt_of(source: str, i: int, name: str, turns: list[tuple[str, str]]) -> tuple[str, str]:
+    """(instruction, input) of chat turns that end with a user turn: the last user turn, and the
+    turns before it one "role: content" a line."""
+    if turns[-1][0] != "user":
+        raise DataError(f"{source}: record {i}, field '{name}': the prompt must end with a user turn")
+    return turns[-1][1], "\n".join(f"{role}: {text}" for role, text in turns[:-1])
+
+
+def normalise(source: str, i: int, raw: dict) -> dict:
+    """A chat or prompt/completion record as an instruction/input/output one (see the module doc)."""
+    shape = (
+        "messages" if "messages" in raw else "prompt" if ("prompt" in raw or "completion" in raw) else None
+    )
+    if shape is None:
+        return raw
+    clash = [k for k in ("instruction", "input", "output") if k in raw]
+    if clash:
+        raise DataError(
+            f"{source}: record {i}, field '{clash[0]}': not with '{shape}' (one record format at a time)"
+        )
+    out = {k: v for k, v in raw.items() if k not in ("messages", "prompt", "completion", "label")}
+    if shape == "messages":
+        turns = _turns(source, i, "messages", raw["messages"])
+        if turns[-1][0] != "assistant" or len(turns) < 2:
+            raise DataError(
+                f"{source}: record {i}, field 'messages': the last turn must be the assistant's "
+                "(the judged response), after a user turn"
+            )
+        out["instruction"], out["input"] = _prompt_of(source, i, "messages", turns[:-1])
+        out["output"] = turns[-1][1]
+        return out
+    prompt, completion = raw.get("prompt"), raw.get("completion")
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            raise DataError(f"{source}: record {i}, field '{name}': missing")
+    if isinstance(prompt, list):
+        out["instruction"], out["input"] = _prompt_of(
+            source, i, "prompt", _turns(source, i, "prompt", prompt)
+        )
+    else:
+        out["instruction"] = prompt
+    if isinstance(completion, list):
+        turns = _turns(source, i, "completion", completion)
+        if [r for r, _ in turns] != ["assistant"]:
+            raise DataError(f"{source}: record {i}, field 'completion': expected one assistant turn")
+        out["output"] = turns[0][1]
+    else:
+        out["output"] = completion
+    if "label" in raw:
+        label = raw["label"]
+        if not isinstance(label, bool):
+            raise DataError(f"{source}: record {i}, field 'label': expected true or false, got {label!r}")
+        judgment = raw.get("judgment")
+        if label and judgment is not None:
+            raise DataError(
+                f"{source}: record {i}, field 'judgment': label true marks a positive; a judgment beside it "
+                "contradicts it (drop one)"
+            )
+        if not label and (not isinstance(judgment, str) or not judgment.strip()):
+            raise DataError(
+                f"{source}: record {i}, field 'judgment': label false needs the critique of the completion "
+                "(CUT trains a negative against what was wrong with it); judge the file with `cut judge` first"
+            )
+    return out
+
+
 def validate(rows: Iterable[Any], source: str) -> list[Record]:
     records = []
     for i, raw in enumerate(rows):
-        check_object(source, i, raw)
+        raw = normalise(source, i, check_object(source, i, raw))
         score = raw.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise DataError(
@@ -263,8 +376,8 @@ def quoted_spans(judgment: str, output: str) -> tuple[tuple[int, int], ...]:
     return merge_spans(s for q in quotes if q.strip() for s in quote_offsets(q, output))
 
 
-def load_records(path: str) -> list[Record]:
-    rows, source = read_raw(path)
+def load_records(path: str, config: str = "", split: str = "train") -> list[Record]:
+    rows, source = read_raw(path, config, split)
     records = validate(rows, source)
     repeats = duplicates(records)
     if repeats:

@@ -69,7 +69,7 @@ def world_size() -> int:
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Records -> tokenised features, split into train / validation, with counts of what was dropped."""
-    records = load_records(cfg.data_path)
+    records = load_records(cfg.data_path, cfg.dataset_config, cfg.dataset_split)
     examples, counts = build_examples(
         records, cfg.score_threshold, cfg.on_failed_judgment, cfg.downsample, cfg.seed
     )

@@ -394,3 +394,11 @@ def test_help_lists_the_trl_names(capsys):
     for name in ("--num_train_epochs", "--per_device_train_batch_size", "--gradient_accumulation_steps"):
         assert name in out
     assert "--push_to_hub" in out and "refused: cut does not upload" in out
+
+
+def test_dataset_config_and_split_options():
+    cfg = parse_config(
+        ["--dataset_name", "org/data", "--dataset_config", "alt", "--dataset_train_split", "test"]
+    )
+    assert (cfg.data_path, cfg.dataset_config, cfg.dataset_split) == ("org/data", "alt", "test")
+    assert TrainConfig().dataset_split == "train"

@@ -368,3 +368,126 @@ def test_released_iter1_matches_its_readme():
     assert counts["positive"] == 713 + len(perfect_critiques)
     assert counts["negative"] == 240 - len(perfect_critiques)
     assert counts["positive"] + counts["negative"] + counts["failed_judgment"] == 1000
+
+
+# --------------------------------------------------------------------------------------------
+# TRL's formats: chat messages, prompt / completion / label; dataset config and split
+# --------------------------------------------------------------------------------------------
+
+
+def test_chat_messages_map_onto_a_judged_record(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Add 3 and 4."},
+                {"role": "assistant", "content": "8"},
+            ],
+            "judgment": "8 is wrong: 3 + 4 = 7.",
+            "spans": ["8"],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Red."},
+            ]
+        },
+    ]
+    neg, pos = load_records(write_json(tmp_path, rows, "chat.json"))
+    assert (neg.instruction, neg.input, neg.output) == ("Add 3 and 4.", "system: Be brief.", "8")
+    assert (neg.judgment, neg.spans) == ("8 is wrong: 3 + 4 = 7.", ((0, 1),))
+    assert (pos.instruction, pos.input, pos.output, pos.judgment) == ("Name a colour.", "", "Red.", None)
+    assert [classify(r) for r in (neg, pos)] == ["negative", "positive"]
+
+
+def test_earlier_chat_turns_become_the_input(tmp_path):
+    turns = [
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "And 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    (r,) = load_records(write_json(tmp_path, [{"messages": turns}]))
+    assert (r.instruction, r.input, r.output) == ("And 2+2?", "user: Hi.\nassistant: Hello!", "4")
+
+
+def test_trl_prompt_completion_label_files(tmp_path):
+    rows = [
+        {"prompt": "Add 3 and 4.", "completion": "7", "label": True},
+        {"prompt": "Add 3 and 4.", "completion": "8", "label": False, "judgment": "8 is wrong."},
+        {
+            "prompt": [{"role": "user", "content": "Name a colour."}],
+            "completion": [{"role": "assistant", "content": "Red."}],
+        },
+    ]
+    path = tmp_path / "kto.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    records = load_records(str(path))
+    assert [(r.instruction, r.output, r.judgment) for r in records] == [
+        ("Add 3 and 4.", "7", None),
+        ("Add 3 and 4.", "8", "8 is wrong."),
+        ("Name a colour.", "Red.", None),
+    ]
+    _, counts = build_examples(records)
+    assert (counts["positive"], counts["negative"]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        (
+            {"prompt": "Q", "completion": "A", "label": False},
+            r"field 'judgment': label false needs",
+        ),
+        ({"prompt": "Q", "completion": "A", "label": False, "judgment": " "}, r"field 'judgment'"),
+        (
+            {"prompt": "Q", "completion": "A", "label": True, "judgment": "bad"},
+            r"field 'judgment': label true",
+        ),
+        (
+            {"prompt": "Q", "completion": "A", "label": "no"},
+            r"field 'label': expected true or false",
+        ),
+        ({"prompt": "Q", "label": True}, r"field 'completion': missing"),
+        ({"prompt": "Q", "completion": "A", "instruction": "Q"}, r"field 'instruction': not with 'prompt'"),
+        ({"messages": [{"role": "user", "content": "Q"}]}, r"field 'messages': the last turn must be"),
+        ({"messages": [{"role": "bot", "content": "Q"}]}, r"field 'messages', turn 0: role must be"),
+        ({"messages": [{"role": "user", "content": 3}]}, r"field 'messages', turn 0: expected"),
+        ({"messages": "hi"}, r"field 'messages': expected a non-empty list"),
+        (
+            {"prompt": "Q", "completion": [{"role": "user", "content": "A"}]},
+            r"field 'completion': expected one assistant",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "A"}, {"role": "assistant", "content": "B"}]},
+            r"field 'messages': the prompt must end with a user turn",
+        ),
+    ],
+)
+def test_bad_trl_records_name_file_record_and_field(tmp_path, row, match):
+    path = write_json(tmp_path, [row])
+    with pytest.raises(DataError, match=f"{path}: record 0, " + match):
+        load_records(path)
+
+
+def test_dataset_config_and_split_of_a_local_datasets_folder(tmp_path):
+    folder = tmp_path / "hub_like"
+    for sub, split, output in (("main", "train", "7"), ("main", "test", "T"), ("alt", "train", "A")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / f"{split}.jsonl").write_text(json.dumps({"prompt": "Q", "completion": output}) + "\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: main\n  default: true\n  data_files:\n"
+        "  - {split: train, path: main/train.jsonl}\n  - {split: test, path: main/test.jsonl}\n"
+        "- config_name: alt\n  data_files:\n  - {split: train, path: alt/train.jsonl}\n---\n"
+    )
+    out = lambda **kw: [r.output for r in load_records(str(folder), **kw)]  # noqa: E731
+    assert out() == ["7"]
+    assert out(split="test") == ["T"]
+    assert out(config="alt") == ["A"]
+    with pytest.raises(DataError, match=r"no 'dev' split \(splits: train, test\)"):
+        out(split="dev")
+    with pytest.raises(DataError, match=r"config 'nope'"):
+        out(config="nope")
+    with pytest.raises(DataError, match="not a .json/.jsonl file"):
+        load_records(write_json(tmp_path, ROWS), split="test")

@@ -3,7 +3,8 @@
     python -m cut.merge --base_model PATH --adapter DIR --output_dir DIR [--dtype bfloat16]
 
 The merge runs in float32 and casts at the end; the folder (model + tokenizer) is written to a
-temporary sibling and renamed, so a crash never leaves a half-written model behind.
+temporary sibling and renamed, so a crash never leaves a half-written model behind. Its README.md
+is a model card (cut.card) from the adapter's cut_config.yaml and metrics.json.
 
 A killed merge leaves its temporary sibling (`.NAME.XXXXXXXX`, NAME the output folder's name) or,
 killed between the two renames, the previous model as `.NAME.old-PID`. The next merge into the
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .card import training_card
 from .errors import ConfigError, DataError
 from .io import build_dir_atomic, check_writable
 from .models import DTYPES, canonical_dtype, load_tokenizer, resolve_dtype, saved_dtype
@@ -144,9 +146,29 @@ def merge(
         (tmp / "cut_merge.json").write_text(json.dumps(meta, indent=1))
         if (adapter_dir / "cut_config.yaml").exists():  # generation finds the training template here
             shutil.copy2(adapter_dir / "cut_config.yaml", tmp / "cut_config.yaml")
+        (tmp / "README.md").write_text(merged_card(adapter_dir, meta), encoding="utf-8")
         (tmp / OWNER).unlink()
 
     return build_dir_atomic(output_dir, build)
+
+
+def merged_card(adapter_dir: Path, meta: dict) -> str:
+    """The merged folder's model card, from the adapter's cut_config.yaml and metrics.json (either
+    missing, for an adapter cut.train did not write, leaves its part of the card empty)."""
+    import yaml
+
+    config, metrics = {}, {}
+    try:
+        config = yaml.safe_load((adapter_dir / "cut_config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    try:
+        metrics = json.loads((adapter_dir / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    return training_card(
+        config if isinstance(config, dict) else {}, metrics if isinstance(metrics, dict) else {}, meta
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@
     deepspeed --num_gpus 8 -m cut.train ... --deepspeed configs/deepspeed/zero3.json
 
 Bad data stops before any model is loaded. The resolved config is written to
-output_dir/cut_config.yaml first; the adapter (or full model), tokenizer and metrics.json last.
+output_dir/cut_config.yaml first; the adapter (or full model), tokenizer, the README.md model card (cut.card)
+and metrics.json last.
 
 Failure behaviour: an output_dir that holds another run is refused unless --overwrite_output_dir
 (clear it) or --resume_from_checkpoint; metrics.json is removed when a run starts, so it exists
@@ -39,9 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import models
+from .card import training_card
 from .config import TrainConfig, parse_config
 from .errors import ConfigError, DataError
-from .io import write_json_atomic
+from .io import write_json_atomic, write_text_atomic
 from .models import resolve_dtype
 from .pairs import CUTCollator, padding_ratio, sequence_lengths, tokenize_example
 from .records import build_examples, load_records
@@ -658,6 +660,8 @@ def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> di
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
+        with writing(out / "README.md"):  # the model card, in place of PEFT's empty template
+            write_text_atomic(out / "README.md", training_card(cfg.to_dict(), metrics))
         with writing(out / "metrics.json"):
             write_json_atomic(out / "metrics.json", metrics)
         logger.info("saved %s to %s", "model" if cfg.full_finetune else "adapter", out)

@@ -43,6 +43,12 @@ def test_merged_logits_equal_adapter_logits(tiny_model, tiny_data, tmp_path):
         "the adapter changed nothing; the test is void"
     )
     assert json.loads((merged_dir / "cut_merge.json").read_text())["adapter"] == str(adapter)
+    card = (merged_dir / "README.md").read_text()
+    assert card.startswith(f"---\nbase_model: {tiny_model}\nlibrary_name: transformers\n")
+    assert f"Merged by `cut merge` from the adapter `{adapter}`" in card
+    counts = json.loads((adapter / "metrics.json").read_text())["counts"]
+    assert f"| negatives (trained against their judgment) | {counts['negative']} |" in card
+    assert "| train/train_loss |" in card and "lora_r: 16" in card
 
 
 def test_merge_dtype_and_bad_adapter(tiny_model, tiny_data, tmp_path, capsys):

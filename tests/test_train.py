@@ -120,6 +120,69 @@ def test_run_writes_adapter_config_metrics_and_evaluates(tiny_model, tiny_data, 
     )  # evaluated at steps 2 and 4, and at the end
     assert metrics["eval"]["eval_loss"] > 0
     assert not list(out.glob("*.tmp"))
+    card = (out / "README.md").read_text()  # cut's model card, not PEFT's empty template
+    assert "[More Information Needed]" not in card
+    assert yaml.safe_load(card.split("---")[1]) == {
+        "base_model": str(tiny_model),
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "tags": ["cut", "contrastive-unlikelihood-training", "judgments", "lora"],
+    }
+    counts = saved["counts"]
+    for label, key in (("positives (trained by MLE)", "positive"), ("negatives", "negative")):
+        assert f"| {label}" in card and f"| {counts[key]} |" in card
+    assert (
+        f"| failed judgments (dropped, or positives with on_failed_judgment positive) | {counts['failed_judgment']} |"
+        in card
+    )
+    assert f"| train/train_loss | {saved['train']['train_loss']:.6g} |" in card
+    assert f"| eval_loss | {saved['eval']['eval_loss']:.6g} |" in card
+    assert "| `weight_unlike` | 0.1 |" in card and "| `threshold` | 1.1 |" in card
+    resolved = yaml.safe_load(
+        card.split("## Resolved config (`cut_config.yaml`)")[1].split("```yaml")[1].split("```")[0]
+    )
+    assert resolved == cfg.to_dict()
+
+
+def test_trl_names_and_chat_records_train(tiny_model, tmp_path, monkeypatch):
+    """A TRL user's command line and chat file: the options land on the fields they name and the
+    chat negatives train against their judgment."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Add {a} and {b}."},
+                {"role": "assistant", "content": out},
+            ],
+            **j,
+        }
+        for a, b, out, j in (
+            (3, 4, "7", {}),
+            (2, 2, "5", {"judgment": "5 is wrong: 2 + 2 = 4."}),
+            (1, 5, "6", {}),
+            (6, 1, "8", {"judgment": "8 is wrong: 6 + 1 = 7."}),
+        )
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    argv = [
+        f"--model_name_or_path={tiny_model}",
+        f"--dataset_name={data}",
+        f"--output_dir={out}",
+        "--per_device_train_batch_size=2",
+        "--gradient_accumulation_steps=2",
+        "--max_steps=1",
+        "--max_length=128",
+        "--lora_target_modules=all-linear",
+        "--warmup_steps=0",
+        "--bf16=false",
+    ]
+    assert main(argv) == 0
+    saved = load_yaml(out / "cut_config.yaml")
+    assert (saved["batch_size"], saved["micro_batch_size"], saved["precision"]) == (4, 2, "fp32")
+    counts = json.loads((out / "metrics.json").read_text())["counts"]
+    assert (counts["positive"], counts["negative"]) == (2, 2)
 
 
 def test_full_finetune_and_gradient_checkpointing(tiny_model, tiny_data, tmp_path):

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node=N -m cut.train --base_model PATH --data_path FILE \
         --output_dir DIR --threshold 1.1 --weight_unlike 1
     python -m cut.train --config configs/demo.yaml --num_epochs 2
-    deepspeed --num_gpus 8 -m cut.train ... --deepspeed configs/deepspeed/zero3.json
+    deepspeed --num_gpus 8 --module cut.train ... --deepspeed configs/deepspeed/zero3.json
 
 Bad data stops before any model is loaded. The resolved config is written to
 output_dir/cut_config.yaml first; the adapter (or full model), tokenizer, the README.md model card (cut.card)

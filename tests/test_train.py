@@ -350,3 +350,32 @@ def test_npo_trains_and_needs_lora(tiny_model, tmp_path, capsys):
     assert len(steps) == 4 and all(h["flagged"] > 0 for h in steps)
     with pytest.raises(Exception, match="unlikelihood npo needs"):
         tiny_config(tiny_model, data, tmp_path / "full", full_finetune=True, **kw).validate()
+
+
+def test_readme_multinode_commands_parse(tmp_path):
+    """The README's multi-node commands are valid for their launcher's own parser, its hostfile
+    for DeepSpeed's reader, and the arguments they hand on for cut.train's."""
+    from pathlib import Path
+
+    from deepspeed.launcher import runner
+    from torch.distributed.run import get_args_parser
+
+    from cut.config import parse_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("#### Multi-node launch")[1].split("\n#### ")[0]
+    blocks = [b.split("```")[0] for b in section.split("```bash\n")[1:]]
+    commands = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    torchruns = [c.split()[1:] for c in commands if c.startswith("torchrun ")]
+    deepspeeds = [c.split()[1:] for c in commands if c.startswith("deepspeed ")]
+    assert len(torchruns) == 2 and len(deepspeeds) == 1
+    for argv in torchruns:
+        args = get_args_parser().parse_args(argv)
+        assert args.module and args.training_script == "cut.train" and args.nnodes == "2"
+        cfg = parse_config(args.training_script_args)
+        assert cfg.output_dir == "/shared/runs/cut-run-1"
+    args = runner.parse_args(deepspeeds[0])
+    assert args.module and args.user_script == "cut.train" and args.hostfile == "hostfile"
+    assert parse_config([*args.user_args, "--local_rank=0"]).deepspeed == "configs/deepspeed/zero3.json"
+    hosts = blocks[2].split("<<'HOSTS'\n")[1].split("HOSTS")[0]
+    assert runner._parse_hostfile(hosts.splitlines()) == {"node0": 8, "node1": 8}

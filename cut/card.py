@@ -84,38 +84,61 @@ def _metric_rows(metrics: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def training_card(
-    config: dict[str, Any], metrics: dict[str, Any], merged: dict[str, Any] | None = None
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    merged: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> str:
     """The card of a cut.train folder (merged None) or of the model cut.merge folded it into
-    (merged: the merge's cut_merge.json, {base_model, adapter, dtype})."""
+    (merged: the merge's cut_merge.json, {base_model, adapter, dtype}). recipe: a preference
+    baseline's own config ({objective: dpo | kto, beta, ...}) when the adapter came from one."""
     base = (merged or {}).get("base_model") or config.get("base_model", "")
     full = bool(config.get("full_finetune"))
     adapter = not full and merged is None
     kind = "LoRA adapter" if adapter else "merged model" if merged is not None else "fully fine-tuned model"
     tags = ["cut", "contrastive-unlikelihood-training", "judgments"] + (["lora"] if not full else [])
     counts = metrics.get("counts") or {}
-    parts = [
-        _front_matter(base, "peft" if adapter else "transformers", tags),
-        f"# {kind} of {base}, trained with CUT\n",
-        f"A {kind} of `{base}` trained by Contrastive Unlikelihood Training (CUT, [Xu et al. 2024]({PAPER})) "
-        "with `cut` on judged responses: responses judged good are trained by "
-        "maximum likelihood; a response with a critique is trained against it: the tokens whose "
-        "probability rises when the critique is in the context (the judgment-conditioned / plain ratio "
-        "above `threshold`) get an unlikelihood loss, the rest keep their likelihood.\n",
-    ]
+    if recipe:  # a preference baseline (cut dpo / cut kto): say so, not CUT
+        name = str(recipe.get("objective", "")).upper()
+        title = f"# {kind} of {base}, trained with {name}\n"
+        what = (
+            f"A {kind} of `{base}` trained by `cut {name.lower()}` (TRL's {name} trainer) on judged "
+            "responses: passing answers are the preferred side, failing ones the rejected side"
+            + (
+                ", counted only over the tokens inside the judgment's spans"
+                if recipe.get("rejected_tokens") == "spans"
+                else ""
+            )
+            + ".\n"
+        )
+        tags.append(name.lower())
+    elif not config:
+        title = f"# {kind} of {base}\n"
+        what = f"A {kind} of `{base}`; the adapter's training config was not found, so nothing is said of how it was trained.\n"
+    else:
+        title = f"# {kind} of {base}, trained with CUT\n"
+        what = (
+            f"A {kind} of `{base}` trained by Contrastive Unlikelihood Training (CUT, [Xu et al. 2024]({PAPER})) "
+            "with `cut` on judged responses: responses judged good are trained by "
+            "maximum likelihood; a response with a critique is trained against it: the tokens whose "
+            "probability rises when the critique is in the context (the judgment-conditioned / plain ratio "
+            "above `threshold`) get an unlikelihood loss, the rest keep their likelihood.\n"
+        )
+    parts = [_front_matter(base, "peft" if adapter else "transformers", tags), title, what]
     if merged is not None:
         parts.append(
             f"Merged by `cut merge` from the adapter `{merged.get('adapter', '')}` "
             f"(weights in `{merged.get('dtype', '')}`).\n"
         )
     parts.append("## Objective and loss settings\n")
-    parts.append(
-        _table([(f"`{k}`", config[k]) for k in LOSS_KEYS if k in config], ("option", "value")) + "\n"
-    )
-    if not full:
-        lora = [
-            (f"`{k}`", config[k]) for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
-        ]
+    settings = recipe.items() if recipe else ((k, config[k]) for k in LOSS_KEYS if k in config)
+    parts.append(_table([(f"`{k}`", v) for k, v in settings], ("option", "value")) + "\n")
+    lora = [
+        (f"`{k}`", config[k])
+        for k in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+        if k in config
+    ]
+    if not full and lora:
         parts.append("LoRA: " + ", ".join(f"{k} = {v}" for k, v in lora) + ".\n")
     parts.append("## Data\n")
     parts.append(f"Judged records from {_data_line(config)}.\n")

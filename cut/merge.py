@@ -166,8 +166,18 @@ def merged_card(adapter_dir: Path, meta: dict) -> str:
         metrics = json.loads((adapter_dir / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         pass
+    recipe = None  # an adapter of cut dpo / cut kto carries its recipe's config beside cut_config.yaml
+    for name in ("dpo_config.yaml", "kto_config.yaml"):
+        try:
+            recipe = yaml.safe_load((adapter_dir / name).read_text())
+            break
+        except (OSError, yaml.YAMLError):
+            continue
     return training_card(
-        config if isinstance(config, dict) else {}, metrics if isinstance(metrics, dict) else {}, meta
+        config if isinstance(config, dict) else {},
+        metrics if isinstance(metrics, dict) else {},
+        meta,
+        recipe if isinstance(recipe, dict) else None,
     )
 
 

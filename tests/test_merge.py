@@ -75,3 +75,28 @@ def test_merge_dtype_and_bad_adapter(tiny_model, tiny_data, tmp_path, capsys):
     )
     assert "adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_card_names_a_preference_recipe_or_says_nothing_without_a_config():
+    """A DPO adapter's card says DPO (and spans), not CUT; an adapter cut.train did not write gets
+    a card that claims no training recipe (and no LoRA keys it does not have)."""
+    from cut.card import training_card
+
+    config = {
+        "base_model": "b",
+        "threshold": 1.1,
+        "weight_unlike": 1.0,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["q_proj"],
+        "data_path": "d.json",
+    }
+    meta = {"base_model": "b", "adapter": "a", "dtype": "fp32"}
+    dpo = training_card(config, {}, meta, {"objective": "dpo", "beta": 0.1, "rejected_tokens": "spans"})
+    assert "trained with DPO" in dpo and "inside the judgment's spans" in dpo
+    assert "Contrastive Unlikelihood" not in dpo and "| `beta` | 0.1 |" in dpo and "`threshold`" not in dpo
+    cut = training_card(config, {}, meta)
+    assert "trained with CUT" in cut and "| `threshold` | 1.1 |" in cut
+    bare = training_card({}, {}, meta)
+    assert "trained with" not in bare and "LoRA:" not in bare

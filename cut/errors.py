@@ -17,3 +17,8 @@ class DataError(CutError):
 
 class EngineError(RuntimeError):
     """The requested engine cannot run here (e.g. vllm is not installed)."""
+
+
+class ParseError(ValueError):
+    """A judge's reply that gives no usable answer; str(err) is the short reason recorded. Not a
+    CutError: one unreadable reply is recorded (or asked again) for its record, not a failed run."""

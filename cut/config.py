@@ -24,13 +24,7 @@ import yaml
 from .errors import ConfigError
 from .io import check_writable
 from .models import DTYPES, canonical_dtype
-from .options import Parser, integer
-
-# the largest value a whole-number / real option takes: beyond them a value is a typo
-# (99999999999999999999) that overflows an int32 index, a time stamp or a half-precision product
-# downstream, after a model has loaded; every tool checks its numbers against these
-INT_MAX = 2**31 - 1
-FLOAT_MAX = 1e6
+from .options import FLOAT_MAX, INT_MAX, Parser, integer
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

@@ -46,13 +46,13 @@ from typing import Any
 import yaml
 
 from .config import FIELDS as TRAIN_FIELDS
-from .config import INT_MAX, TrainConfig, coerce
+from .config import TrainConfig, coerce
 from .errors import ConfigError, DataError
 from .generate import GenerateConfig, Sampling
 from .io import check_writable, write_json_atomic
 from .judge import JudgeConfig
 from .models import DTYPES
-from .options import Parser, integer
+from .options import INT_MAX, Parser, integer
 from .tasks.arithmetic import extract_final_answer
 
 logger = logging.getLogger("cut.online")

@@ -16,6 +16,12 @@ import math
 import sys
 from typing import NoReturn
 
+# the largest value a whole-number / real option takes: beyond them a value is a typo
+# (99999999999999999999) that overflows an int32 index, a time stamp or a half-precision product
+# downstream, after a model has loaded; every tool checks its numbers against these
+INT_MAX = 2**31 - 1
+FLOAT_MAX = 1e6
+
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: `prog: error: argument --x: why` (exit 2)."""

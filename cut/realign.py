@@ -75,7 +75,7 @@ from .errors import ConfigError, DataError
 from .io import check_writable, write_json_atomic
 from .judge import JudgeConfig
 from .llm import Answer, ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
-from .options import Parser, integer, number
+from .options import FLOAT_MAX, INT_MAX, Parser, integer, number
 from .records import FAILED_JUDGMENTS, check_object, read_raw, says_perfect, text_field
 from .resources import resource_path
 from .tasks.arithmetic import answers_match, extract_final_answer
@@ -1060,9 +1060,6 @@ def summary(counts: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-# cut.config's INT_MAX / FLOAT_MAX, the largest count / real any option takes (not imported from
-# there: cut.config loads torch, which the openai rewriter never needs; cut.options has no copy yet)
-INT_MAX, FLOAT_MAX = 2**31 - 1, 1e6
 MAX_RETRIES = 100  # the backoff doubles per retry: 2**1024 seconds is no float
 
 

@@ -34,11 +34,10 @@ from typing import Any
 
 import yaml
 
-from .config import INT_MAX
 from .errors import ConfigError, DataError
 from .io import check_writable, write_json_atomic
 from .online import OBJECTIVES, OnlineConfig, load_config, read_problems
-from .options import Parser
+from .options import INT_MAX, Parser
 
 logger = logging.getLogger("cut.tune")
 

@@ -53,7 +53,7 @@ from ..models import (
     load_tokenizer,
     model_name,
 )
-from ..options import Parser, integer, number
+from ..options import INT_MAX, Parser, integer, number
 from ..pairs import CUTCollator, response_char_ranges, tokenize_example
 from ..records import Example, build_examples, load_records
 from ..templates import Template, load_template, resolve_template_name, trained_template
@@ -98,7 +98,7 @@ class InspectOptions:
         _TRAIN.cutoff_len, "Maximum tokens of one sequence, as in training.", parse=integer(2, 2**20)
     )
     micro_batch_size: int = _f(8, "Negatives per forward (each is two sequences).", parse=integer(1, 4096))
-    limit: int = _f(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, 2**31 - 1))
+    limit: int = _f(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, INT_MAX))
     dtype: str = _f("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
     device: str = _f("auto", "auto | cpu | cuda | cuda:N.", parse=device_option)
 

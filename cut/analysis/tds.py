@@ -94,7 +94,7 @@ from ..models import (
     load_tokenizer,
     model_name,
 )
-from ..options import Parser, integer
+from ..options import INT_MAX, Parser, integer
 from ..pairs import response_char_ranges, response_ids
 from ..records import read_raw, text_field
 from ..templates import Template, load_template, resolve_template_name
@@ -158,7 +158,7 @@ class TDSOptions:
     max_new_tokens: int = _f(
         256, "Length limit of the answers generated for records without an output.", parse=NEW_TOKENS
     )
-    limit: int = _f(0, "Only the first N records of the file; 0 = all.", parse=integer(0, 2**31 - 1))
+    limit: int = _f(0, "Only the first N records of the file; 0 = all.", parse=integer(0, INT_MAX))
     cutoff_len: int = _f(
         4096, "Maximum tokens of prompt + answer; longer answers lose their end.", parse=integer(2, 2**20)
     )

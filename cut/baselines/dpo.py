@@ -35,9 +35,10 @@ from typing import Any, NamedTuple
 import yaml
 
 from .. import models
-from ..config import FIELDS, FLOAT_MAX, INT_MAX, TrainConfig, build_parser, coerce, load_yaml
+from ..config import FIELDS, TrainConfig, build_parser, coerce, load_yaml
 from ..errors import ConfigError, DataError
 from ..io import write_json_atomic, write_text_atomic
+from ..options import FLOAT_MAX, INT_MAX
 from ..pairs import fit_prompt, tokenize_example
 from ..records import Example, Record, classify, load_records
 from ..templates import Template, load_template

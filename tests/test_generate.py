@@ -326,6 +326,7 @@ def test_vllm_engine_options_reach_the_llm(tiny_model, questions, tmp_path, monk
     init = calls["init"]
     assert (init["enforce_eager"], init["max_model_len"], init["gpu_memory_utilization"]) == (False, 512, 0.5)
     assert init["kv_cache_memory_bytes"] == 3 * 2**29
+    assert init["dtype"] == ("auto" if torch.cuda.is_available() else "float32"), "the hf engine's dtype"
     # the online loop's `generate:` section: the same keys, through GenerateConfig.from_dict
     cfg = GenerateConfig.from_dict({"engine": "vllm", "enforce_eager": True, "max_model_len": 64})
     generate_file(str(tiny_model), str(questions), str(tmp_path / "b.json"), cfg)
@@ -336,6 +337,8 @@ def test_vllm_engine_options_default_to_vllms_own():
     assert vllm_engine_args(GenerateConfig(), cuda=True) == {}, "on a GPU vLLM chooses"
     assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}
     assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {"enforce_eager": False}
+    assert (gen.vllm_dtype("auto", cuda=False), gen.vllm_dtype("auto", cuda=True)) == ("float32", "auto")
+    assert gen.vllm_dtype("bf16", cuda=False) == "bfloat16"
 
 
 @pytest.mark.parametrize(

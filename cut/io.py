@@ -1,6 +1,7 @@
 """Atomic writes: a reader (or a crash) never sees half a file or half a model folder. And
 `parse_json` for JSON that users hand in: nesting deep enough to exhaust Python's recursion is a
-named DataError, not a RecursionError traceback."""
+named DataError, not a RecursionError traceback. And the path checks every tool runs before work:
+`check_writable`, `same_file`, `check_apart` (a run never writes over what it reads)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,34 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
         raise ConfigError(f"{what} {path}: cannot be written: {probe_dir}: {err.strerror}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """The same file (or folder) by path, through links, or b a folder that holds a."""
+    pa, pb = Path(a).resolve(), Path(b).resolve()
+    if pa == pb or (pb.is_dir() and pb in pa.parents):
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # a hard link
+    except OSError:
+        return False
+
+
+def check_apart(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """ConfigError naming the option when an output of a run is one of its inputs (or another of
+    its outputs): a run never writes over what it reads. Keys name the options; None is unset."""
+    seen: list[tuple[str, str | Path]] = []
+    given = [(name, path) for name, path in inputs.items() if path]
+    for name, path in outputs.items():
+        if not path:
+            continue
+        for other, taken in given + seen:
+            if same_file(path, taken):
+                raise ConfigError(
+                    f"{name} {path} is also {other} of this run; outputs are never inputs or each "
+                    "other: give another path"
+                )
+        seen.append((name, path))
 
 
 def parse_json(text: str, source: str) -> Any:

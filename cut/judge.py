@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import string
 import sys
 from collections import Counter
@@ -50,7 +49,8 @@ from typing import Any, NamedTuple, Protocol
 from tqdm.auto import tqdm
 
 from .errors import ConfigError, DataError
-from .io import check_writable, decode_json_fields, write_json_atomic
+from .io import check_apart, check_writable, decode_json_fields, write_json_atomic
+from .io import same_file as same_file  # moved to cut.io; still importable from here
 from .llm import ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
 from .options import Parser, integer, number
 from .records import check_object, quoted_spans, read_raw, says_perfect, text_field
@@ -367,34 +367,6 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
             row["spans"] = [list(s) for s in spans]
     row.update({k: v for k, v in record.items() if k not in OWN_FIELDS | STALE_FIELDS})
     return row
-
-
-def same_file(a: str | Path, b: str | Path) -> bool:
-    """The same file (or folder) by path, through links, or b a folder that holds a."""
-    pa, pb = Path(a).resolve(), Path(b).resolve()
-    if pa == pb or (pb.is_dir() and pb in pa.parents):
-        return True
-    try:
-        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)  # a hard link
-    except OSError:
-        return False
-
-
-def check_apart(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
-    """ConfigError naming the option when an output of a run is one of its inputs (or another of
-    its outputs): a run never writes over what it reads. Keys name the options; None is unset."""
-    seen: list[tuple[str, str | Path]] = []
-    given = [(name, path) for name, path in inputs.items() if path]
-    for name, path in outputs.items():
-        if not path:
-            continue
-        for other, taken in given + seen:
-            if same_file(path, taken):
-                raise ConfigError(
-                    f"{name} {path} is also {other} of this run; outputs are never inputs or each "
-                    "other: give another path"
-                )
-        seen.append((name, path))
 
 
 def _check_output_path(path: str) -> None:

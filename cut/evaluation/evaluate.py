@@ -79,8 +79,8 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ParseError
-from ..io import check_writable, write_json_atomic
-from ..judge import JUDGE_TYPES, JudgeConfig, check_apart, make_judge
+from ..io import check_apart, check_writable, write_json_atomic
+from ..judge import JUDGE_TYPES, JudgeConfig, make_judge
 from ..llm import Answer, Message, number_problems, quiet_http_logs
 from ..options import SEED, Parser, integer, number
 from ..records import check_object, read_raw, text_field

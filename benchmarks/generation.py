@@ -6,7 +6,7 @@
 Greedy answers (the online loop's held-out evaluation) to --prompts held-out instructions
 (data/instructions_heldout.json, chat template), --max_new_tokens each, at each --batch_sizes:
 `generate` (finished rows keep computing until the batch's last row ends) against
-`cut.generate._decode` (a finished row leaves the batch and the KV cache). Both see the same
+`cut.generate.compacting_decode` (a finished row leaves the batch and the KV cache). Both see the same
 length-sorted batches; the variants alternate and their order flips every repeat. Reports
 seconds, generated tokens per second, the share of decode slots `generate` spends on real tokens,
 and whether the greedy texts are identical. Writes generation.json and generation.md under --out.
@@ -45,14 +45,14 @@ def load(quick: bool, tmp: Path):
 
 
 def rows_for(tokenizer, template_name: str, n: int) -> list[list[int]]:
-    from cut.generate import _length_order, tokenize_prompts
+    from cut.generate import length_order, tokenize_prompts
     from cut.templates import load_template
 
     heldout = json.loads(HELDOUT.read_text(encoding="utf-8"))[:n]
     template = load_template(template_name, tokenizer)
     prompts = [template.plain(r["instruction"], r.get("input") or "") for r in heldout]
     rows = tokenize_prompts(tokenizer, prompts, template.adds_special_tokens)
-    return [rows[i] for i in _length_order(rows)]
+    return [rows[i] for i in length_order(rows)]
 
 
 @torch.inference_mode()
@@ -69,10 +69,10 @@ def run_generate(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[in
 
 
 def run_decode(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[int]], int]:
-    from cut.generate import _decode, left_pad
+    from cut.generate import compacting_decode, left_pad
 
     ids, mask = left_pad(batch, gen_config.pad_token_id)
-    new = _decode(model, ids, mask, gen_config, eos)
+    new = compacting_decode(model, ids, mask, gen_config, eos)
     return new, sum(min(len(t) + 1, gen_config.max_new_tokens) for t in new)
 
 
@@ -82,7 +82,7 @@ VARIANTS = {"generate": run_generate, "compacting": run_decode}
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from cut.generate import Sampling, _eos_ids, _pad_id
+    from cut.generate import Sampling, eos_ids_of, pad_id_of
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=128)
@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, template = load(args.quick, Path(tmp))
         model.eval()
         rows = rows_for(tokenizer, template, args.prompts)
-        eos = set(_eos_ids(model, tokenizer))
+        eos = set(eos_ids_of(model, tokenizer))
         gen_config = Sampling(max_new_tokens=args.max_new_tokens).generation_config(
-            _pad_id(tokenizer), sorted(eos) or None
+            pad_id_of(tokenizer), sorted(eos) or None
         )
         sizes = [int(b) for b in args.batch_sizes.split(",")]
         results: dict[str, Any] = {}

@@ -302,7 +302,7 @@ def fit_prompts(
     return [fit_prompt(r, max_new_tokens, context, tokenizer) if len(r) > room else r for r in rows]
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     eos = tokenizer.eos_token_id
@@ -311,7 +311,7 @@ def _pad_id(tokenizer) -> int:
     return eos[0] if isinstance(eos, list) else eos
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids_of(model, tokenizer) -> list[int]:
     gen_cfg = getattr(model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None)
     if eos is None:
@@ -336,9 +336,9 @@ def _generate_batch(
     as soon as its new text holds one, and its text is cut before the first."""
     device = next(model.parameters()).device
     input_ids, mask = left_pad(rows, gen_config.pad_token_id)
-    eos = set(_eos_ids(model, tokenizer))
+    eos = set(eos_ids_of(model, tokenizer))
     hit = _stop_checker(tokenizer, stop) if stop else None
-    new = _decode(model, input_ids.to(device), mask.to(device), gen_config, eos, hit)
+    new = compacting_decode(model, input_ids.to(device), mask.to(device), gen_config, eos, hit)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     return [cut_at_stop(t, stop).strip() for t in texts]
 
@@ -398,7 +398,7 @@ def prefill_cache(model, input_ids: torch.Tensor, mask: torch.Tensor):
 
 
 @torch.inference_mode()
-def _decode(
+def compacting_decode(
     model,
     input_ids: torch.Tensor,
     mask: torch.Tensor,
@@ -479,7 +479,7 @@ def _run_batches(
     return done
 
 
-def _length_order(rows: list[list[int]]) -> list[int]:
+def length_order(rows: list[list[int]]) -> list[int]:
     # longest first: similar lengths share a batch, and an out-of-memory shows at once
     return sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
 
@@ -509,7 +509,7 @@ def generate_texts(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
     rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
-    gen_config = sampling.generation_config(_pad_id(tokenizer), _eos_ids(model, tokenizer) or None)
+    gen_config = sampling.generation_config(pad_id_of(tokenizer), eos_ids_of(model, tokenizer) or None)
     device = next(model.parameters()).device
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
     stops = {"stop": stop} if stop else {}  # the call without stop strings stays as it was
@@ -524,7 +524,7 @@ def generate_texts(
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            done = _run_batches(_length_order(rows), batch_size, run, on_batch, progress)
+            done = _run_batches(length_order(rows), batch_size, run, on_batch, progress)
     finally:
         model.train(was_training)
     return [done[i] for i in range(len(prompts))]
@@ -572,7 +572,7 @@ def generate_texts_vllm(
         )
         return [o.outputs[0].text.strip() for o in outs]
 
-    done = _run_batches(_length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
+    done = _run_batches(length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
     return [done[i] for i in range(len(prompts))]
 
 

@@ -456,7 +456,7 @@ def test_compacting_decoder_equals_generate_greedy(arch):
     eos = {max(counts, key=counts.get)}
     cfg = Sampling(max_new_tokens=24).generation_config(0, sorted(eos))
     want = _hf_generate(model, rows, cfg, eos)
-    got = gen._decode(model, *gen.left_pad(rows, 0), cfg, eos)
+    got = gen.compacting_decode(model, *gen.left_pad(rows, 0), cfg, eos)
     assert got == want
     lengths = {len(r) for r in got}
     assert len(lengths) > 1 and min(lengths) < 24, f"rows ended together ({lengths}); nothing was dropped"
@@ -468,9 +468,11 @@ def test_compacting_decoder_repetition_penalty_equals_generate():
     rows = [torch.randint(3, 97, (6,), generator=g).tolist() for _ in range(3)]  # no padding to differ on
     cfg = Sampling(max_new_tokens=16, repetition_penalty=1.5).generation_config(0, None)
     plain = Sampling(max_new_tokens=16).generation_config(0, None)
-    got = gen._decode(model, *gen.left_pad(rows, 0), cfg, set())
+    got = gen.compacting_decode(model, *gen.left_pad(rows, 0), cfg, set())
     assert got == _hf_generate(model, rows, cfg, set())
-    assert got != gen._decode(model, *gen.left_pad(rows, 0), plain, set()), "the penalty changed nothing"
+    assert got != gen.compacting_decode(model, *gen.left_pad(rows, 0), plain, set()), (
+        "the penalty changed nothing"
+    )
 
 
 def test_compacting_decoder_sampling_is_seeded():
@@ -480,7 +482,7 @@ def test_compacting_decoder_sampling_is_seeded():
 
     def draw(seed):
         torch.manual_seed(seed)
-        return gen._decode(model, *gen.left_pad(rows, 0), cfg, set())
+        return gen.compacting_decode(model, *gen.left_pad(rows, 0), cfg, set())
 
     assert draw(3) == draw(3)
     assert draw(3) != draw(4)

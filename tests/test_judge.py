@@ -384,7 +384,7 @@ def test_local_judge_decodes_only_new_tokens_in_record_order(tiny_chat_model, mo
 
     import cut.generate as gen
 
-    monkeypatch.setattr(gen, "_decode", decode)
+    monkeypatch.setattr(gen, "compacting_decode", decode)
     verdicts = judge.judge(rows)
     assert [v.kind for v in verdicts] == ["positive", "negative", "failed", "negative"]
     assert verdicts[1].judgment == "1 + 2 is 3." and verdicts[3].judgment == "3 + 2 is 5, not 6."

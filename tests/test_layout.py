@@ -11,15 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cut", "benchmarks")
 
-# (importing module, "module.name") pairs tolerated for now, each with its reason; issue 21 removes
-# them. cut/generate.py was being reworked (its vLLM engine) while this test was written, so its
-# helpers were not renamed public then: the benchmark of its decoders still reaches into them.
-ALLOWED_PRIVATE = {
-    ("benchmarks.generation", "cut.generate._length_order"),  # issue 21
-    ("benchmarks.generation", "cut.generate._decode"),  # issue 21
-    ("benchmarks.generation", "cut.generate._eos_ids"),  # issue 21
-    ("benchmarks.generation", "cut.generate._pad_id"),  # issue 21
-}
+# (importing module, "module.name") pairs tolerated for now, each with its reason; none today
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 
 def module_files() -> dict[str, Path]:

@@ -289,17 +289,17 @@ def test_rows_stop_on_their_own_and_match_one_by_one(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     sampling = Sampling(max_new_tokens=24)
-    cfg = sampling.generation_config(gen._pad_id(tok), gen._eos_ids(model, tok))
+    cfg = sampling.generation_config(gen.pad_id_of(tok), gen.eos_ids_of(model, tok))
     ids = tokenize_prompts(tok, PROMPTS, True)
-    eos = set(gen._eos_ids(model, tok))
-    free = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos)
+    eos = set(gen.eos_ids_of(model, tok))
+    free = gen.compacting_decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos)
     stop = _stop_string(tok, free)
     hits = _first_hits(tok, free, stop)
     assert len({k for k in hits if k}) > 1, f"no stop string ends rows at different steps ({hits})"
 
     # the decoder: each row ends on the step its text first holds the stop string, the others go on
     check = gen._stop_checker(tok, [stop])
-    stopped = gen._decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos, check)
+    stopped = gen.compacting_decode(model, *gen.left_pad(ids, cfg.pad_token_id), cfg, eos, check)
     assert [len(r) for r in stopped] == [k or len(f) for k, f in zip(hits, free, strict=True)]
     assert all(s == f[: len(s)] for s, f in zip(stopped, free, strict=True))
 

@@ -27,6 +27,7 @@ from ..pairs import tokenize_example
 from ..records import Example, classify, load_records
 from ..templates import load_template
 from ..train import process_rank, shared_arguments
+from . import dpo as dpo_recipe
 from .dpo import (
     REJECTED_TOKENS,
     SpanMaskedCollator,
@@ -38,7 +39,6 @@ from .dpo import (
     save_configs,
     setup,
 )
-from .dpo import main as _main
 
 
 @dataclass
@@ -193,7 +193,7 @@ def build_trainer(cfg: TrainConfig, opts: KTOOptions):
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main(argv, parse, build_trainer, "kto")
+    return dpo_recipe.main(argv, parse, build_trainer, "kto")
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ from .generate import (
     require_vllm,
     tokenize_prompts,
     validate_instructions,
+    vllm_dtype,
     write_answers,
 )
 from .io import check_writable
@@ -441,8 +442,16 @@ def load_vllm(model: str, cfg: UrialConfig):
         raise EngineError(
             f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
         )
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(canonical_dtype(cfg.dtype), "auto")
-    return vllm.LLM(model=model, dtype=dtype, seed=cfg.sampling.seed, trust_remote_code=cfg.trust_remote_code)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return vllm.LLM(  # dtype and engine defaults as cut.generate's (fp32 and eager on a CPU)
+        model=model,
+        dtype=vllm_dtype(canonical_dtype(cfg.dtype), cuda),
+        seed=cfg.sampling.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        **({} if cuda else {"enforce_eager": True}),
+    )
 
 
 # ---------------------------------------------------------------- settings and records

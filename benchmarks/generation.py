@@ -32,10 +32,10 @@ HELDOUT = REPO / "data" / "instructions_heldout.json"
 
 
 def load(quick: bool, tmp: Path):
-    from cut.models import load_model, load_tokenizer
+    from cut.modeling.loading import load_model, load_tokenizer
 
     if quick:
-        from cut.tiny import build_tiny_model
+        from cut.modeling.tiny import build_tiny_model
 
         folder = build_tiny_model(tmp / "tiny")
         return load_model(str(folder)), load_tokenizer(str(folder)), "alpaca"
@@ -45,8 +45,8 @@ def load(quick: bool, tmp: Path):
 
 
 def rows_for(tokenizer, template_name: str, n: int) -> list[list[int]]:
-    from cut.generate import length_order, tokenize_prompts
-    from cut.templates import load_template
+    from cut.data.templates import load_template
+    from cut.modeling.generate import length_order, tokenize_prompts
 
     heldout = json.loads(HELDOUT.read_text(encoding="utf-8"))[:n]
     template = load_template(template_name, tokenizer)
@@ -57,7 +57,7 @@ def rows_for(tokenizer, template_name: str, n: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def run_generate(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[int]], int]:
-    from cut.generate import left_pad
+    from cut.modeling.generate import left_pad
 
     ids, mask = left_pad(batch, gen_config.pad_token_id)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)[:, ids.shape[1] :]
@@ -69,7 +69,7 @@ def run_generate(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[in
 
 
 def run_decode(model, tokenizer, batch, gen_config, eos) -> tuple[list[list[int]], int]:
-    from cut.generate import compacting_decode, left_pad
+    from cut.modeling.generate import compacting_decode, left_pad
 
     ids, mask = left_pad(batch, gen_config.pad_token_id)
     new = compacting_decode(model, ids, mask, gen_config, eos)
@@ -82,7 +82,7 @@ VARIANTS = {"generate": run_generate, "compacting": run_decode}
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    from cut.generate import Sampling, eos_ids_of, pad_id_of
+    from cut.modeling.generate import Sampling, eos_ids_of, pad_id_of
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=128)

@@ -65,7 +65,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def fed_tokens(features: list[dict], micro_batch_size: int, pad_id: int, seed: int = 0) -> dict[str, float]:
     """One epoch in a seeded random order through CUTCollator: tokens fed per layout / real tokens."""
-    from cut.pairs import CUTCollator, sequence_lengths
+    from cut.data.pairs import CUTCollator, sequence_lengths
 
     order = list(range(len(features)))
     random.Random(seed).shuffle(order)
@@ -81,8 +81,8 @@ def fed_tokens(features: list[dict], micro_batch_size: int, pad_id: int, seed: i
 
 
 def token_section(data: str, tokenizer, base: str, cutoff: int, downsample: float, workdir: Path) -> dict:
-    from cut.config import TrainConfig
-    from cut.train import prepare_data
+    from cut.training.config import TrainConfig
+    from cut.training.train import prepare_data
 
     cfg = TrainConfig(
         base_model=base,
@@ -131,10 +131,10 @@ class Timer:
 def make_trainer(model, tokenizer, block: list[dict], mb: int, packing: bool, steps: int, workdir: Path):
     from datasets import Dataset
 
-    from cut.config import TrainConfig
-    from cut.pairs import CUTCollator
-    from cut.train import training_arguments
-    from cut.trainer import CUTTrainer
+    from cut.data.pairs import CUTCollator
+    from cut.training.config import TrainConfig
+    from cut.training.train import training_arguments
+    from cut.training.trainer import CUTTrainer
 
     cfg = TrainConfig(
         base_model="-",
@@ -164,9 +164,9 @@ def make_trainer(model, tokenizer, block: list[dict], mb: int, packing: bool, st
 
 
 def time_section(args, base: str, data: str, workdir: Path, data_name: str) -> dict:
-    from cut.config import TrainConfig
-    from cut.pairs import CUTCollator
-    from cut.train import build_trainer
+    from cut.data.pairs import CUTCollator
+    from cut.training.config import TrainConfig
+    from cut.training.train import build_trainer
 
     attn = args.attn or ("sdpa" if args.device == "cpu" else _gpu_attention())
     cfg = TrainConfig(
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(args.device)
     print(f"machine: {info}", flush=True)
 
-    from cut.models import load_tokenizer
+    from cut.modeling.loading import load_tokenizer
 
     note = ""
     source = SHARED_ITER1
@@ -463,12 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.quick:
-            from cut.tiny import build_tiny_model
+            from cut.modeling.tiny import build_tiny_model
 
             base = str(build_tiny_model(workdir / "tiny"))
             args.cutoff, args.repeats = 128, 1
         else:
-            from cut.smollm import ensure_smollm2
+            from cut.modeling.smollm import ensure_smollm2
 
             base = str(ensure_smollm2(SMOLLM2))
         tokenizer = load_tokenizer(base)

@@ -36,7 +36,7 @@ from .report import chart, write_report
 from .step import measure, oom_result
 
 if TYPE_CHECKING:
-    from cut.config import TrainConfig
+    from cut.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_ITER1 = REPO.parent / "shared" / "data" / "cut-online-iter" / "iter1.json"
@@ -230,8 +230,8 @@ def throughput_section(cfg: dict, workdir: Path) -> dict | None:
 
 def build_lineup(records: list[dict], model: str, cutoff: int, workdir: Path) -> Lineup:
     """(a)-(d) on the same records; (b) trains on (a)'s own tokenised examples."""
-    from cut.config import TrainConfig
-    from cut.train import build_trainer
+    from cut.training.config import TrainConfig
+    from cut.training.train import build_trainer
 
     cut_file = workdir / "records.json"
     cut_file.write_text(json.dumps(records))
@@ -292,7 +292,7 @@ def original_trainer(cfg: TrainConfig, feats: list[dict], tokenizer):
     """(b): the released formulation in the same Trainer loop, on cut's own tokenised examples."""
     from datasets import Dataset
 
-    from cut.train import load_model, training_arguments
+    from cut.training.train import load_model, training_arguments
 
     from .baseline import OriginalTrainer, original_collate
 
@@ -339,17 +339,17 @@ def time_epochs(trainers: dict[str, Any], repeats: int) -> dict[str, list[float]
 
 def model_for(kind: str, workdir: Path) -> str:
     if kind == "smollm2":
-        from cut.smollm import ensure_smollm2
+        from cut.modeling.smollm import ensure_smollm2
 
         return str(ensure_smollm2(REPO / "saved_models" / "SmolLM2-135M-Instruct"))
-    from cut.tiny import build_tiny_model
+    from cut.modeling.tiny import build_tiny_model
 
     return str(build_tiny_model(workdir / "tiny"))
 
 
 def trl_rows(records: list[dict]) -> list[dict[str, str]]:
     """Prompt / completion pairs in the alpaca template; records whose judging failed are dropped."""
-    from cut.templates import load_template
+    from cut.data.templates import load_template
 
     template = load_template("alpaca")
     return [

@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from cut.pairs import CUTCollator
-from cut.tiny import llama_config
-from cut.trainer import install_cut_forward
+from cut.data.pairs import CUTCollator
+from cut.modeling.tiny import llama_config
+from cut.training.trainer import install_cut_forward
 
 from .baseline import original_collate, original_loss
 

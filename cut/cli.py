@@ -20,22 +20,22 @@ from pathlib import Path
 
 # subcommand -> (module, one line for `cut --help`); modules are imported only when run
 COMMANDS = {
-    "train": ("cut.train", "CUT-train a LoRA adapter (or the full model) on judged records"),
-    "merge": ("cut.merge", "fold a LoRA adapter into its base model"),
-    "generate": ("cut.generate", "answer instructions into an AlpacaEval-format file"),
-    "judge": ("cut.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
-    "online": ("cut.online", "generate -> judge -> train -> merge, round after round"),
-    "compare": ("cut.compare", "the online loop once per objective (cut, sft, dpo, ...) on identical data"),
-    "tune": ("cut.tune", "training knobs tried on a validation split of the pool, never the held-out set"),
+    "train": ("cut.training.train", "CUT-train a LoRA adapter (or the full model) on judged records"),
+    "merge": ("cut.modeling.merge", "fold a LoRA adapter into its base model"),
+    "generate": ("cut.modeling.generate", "answer instructions into an AlpacaEval-format file"),
+    "judge": ("cut.judges.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
+    "online": ("cut.loop.online", "generate -> judge -> train -> merge, round after round"),
+    "compare": ("cut.loop.compare", "the online loop once per objective (cut, sft, dpo, ...) on identical data"),
+    "tune": ("cut.loop.tune", "training knobs tried on a validation split of the pool, never the held-out set"),
     "dpo": (
-        "cut.baselines.dpo",
+        "cut.training.dpo",
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
     ),
     "kto": (
-        "cut.baselines.kto",
+        "cut.training.kto",
         "the KTO baseline: TRL's KTOTrainer with LoRA on every passing/failing answer (unpaired)",
     ),
-    "inspect": ("cut.analysis.inspect", "see what a judgment flags: the ratio per response token, as a page"),
+    "inspect": ("cut.analysis.ratios", "see what a judgment flags: the ratio per response token, as a page"),
     "tds": (
         "cut.analysis.tds",
         "token distribution shift: where an aligned model departs from its base, token by token",
@@ -44,9 +44,9 @@ COMMANDS = {
         "cut.evaluation.evaluate",
         "score answers per aspect (1-5, with reasons) or compare two answer files pairwise with an LLM judge",
     ),
-    "urial": ("cut.urial", "align a base model by in-context examples alone (URIAL prompting, no training)"),
+    "urial": ("cut.methods.urial", "align a base model by in-context examples alone (URIAL prompting, no training)"),
     "realign": (
-        "cut.realign",
+        "cut.methods.realign",
         "rewrite responses to a format criterion per task, keep sound rewrites (ReAlign)",
     ),
     "convert": (
@@ -54,16 +54,16 @@ COMMANDS = {
         "the CUT paper's offline data (Summarization, Shepherd releases) -> cut records",
     ),
     "iterate": (
-        "cut.recipes.iterate",
+        "cut.loop.iterate",
         "CUT rounds on judged files given in advance (the paper's online recipe on its released data)",
     ),
     "lm-eval": (
         "cut.recipes.harness",
         "ranking-based evaluation (ARC, HellaSwag, MMLU, TruthfulQA or local tasks) through lm-eval",
     ),
-    "demo": ("cut.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
-    "smollm": ("cut.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
-    "gemma": ("cut.gemma", "convert the opt-in Gemma 3 270M base model once (Gemma terms of use)"),
+    "demo": ("cut.recipes.demo", "the default run on the embedded SmolLM2-135M-Instruct"),
+    "smollm": ("cut.modeling.smollm", "convert the embedded SmolLM2-135M-Instruct once"),
+    "gemma": ("cut.modeling.gemma", "convert the opt-in Gemma 3 270M base model once (Gemma terms of use)"),
     "arithmetic": ("cut.tasks.arithmetic", "regenerate the arithmetic pool and held-out set"),
     "instructions": ("cut.tasks.instructions", "regenerate the verifiable-instruction pool and held-out set"),
 }
@@ -100,7 +100,7 @@ def version() -> str:
     try:
         return importlib.metadata.version("cut")
     except importlib.metadata.PackageNotFoundError:
-        from . import __version__
+        from cut import __version__
 
         return __version__
 

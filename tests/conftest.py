@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cut.tiny import build_tiny_model
+from cut.modeling.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

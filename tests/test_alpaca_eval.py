@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cut.generate import main as generate_main
-from cut.io import decode_json_fields
-from cut.judge import main as judge_main
+from cut.data.files import decode_json_fields
+from cut.judges.judge import main as judge_main
+from cut.modeling.generate import main as generate_main
 
 from fake_openai import FakeOpenAI
 

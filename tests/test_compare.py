@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cut.compare import VARIANTS, markdown
+from cut.loop.compare import VARIANTS, markdown
 from cut.tasks.instructions import make_heldout
 
 from conftest import REPO
@@ -149,7 +149,7 @@ def test_every_objective_trains_on_the_same_samples_and_is_reported(tiny_model, 
 
 
 def test_unknown_objective_is_refused(tiny_model, tmp_path, capsys):
-    from cut.compare import main
+    from cut.loop.compare import main
 
     assert main(["--config", str(config(tmp_path, tiny_model)), "--objectives", "cut,ppo"]) == 2
     assert "ppo" in capsys.readouterr().err
@@ -159,8 +159,8 @@ def test_unknown_objective_is_refused(tiny_model, tmp_path, capsys):
 def test_variants_take_their_own_recipe_settings(tiny_model, tmp_path):
     """A base config that runs span DPO (the shipped default) still compares plain `dpo`, and a
     CUT variant never inherits a DPO option it would refuse."""
-    from cut.compare import variant_config
-    from cut.online import load_config
+    from cut.loop.compare import variant_config
+    from cut.loop.online import load_config
 
     path = config(tmp_path, tiny_model)
     conf = yaml.safe_load(path.read_text())

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cut.config import TrainConfig, load_yaml, parse_config
 from cut.errors import ConfigError
+from cut.training.config import TrainConfig, load_yaml, parse_config
 
 
 def write_yaml(tmp_path: Path, data: dict, name: str = "run.yaml") -> str:

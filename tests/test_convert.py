@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cut.cli import main as cut_main
+from cut.data.records import classify, load_records
 from cut.errors import DataError
 from cut.recipes.convert import convert, convert_shepherd, convert_summarization
-from cut.records import classify, load_records
 
 CAT, RAIN = "The cat sat on the mat all day.", "Rain fell on the town at noon."
 

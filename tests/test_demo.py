@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from cut import demo
-from cut.config import TrainConfig
-from cut.pairs import tokenize_example
-from cut.records import build_examples, load_records
-from cut.templates import load_template
-from cut.tiny import build_tiny_model
+from cut.data.pairs import tokenize_example
+from cut.data.records import build_examples, load_records
+from cut.data.templates import load_template
+from cut.modeling.tiny import build_tiny_model
+from cut.training.config import TrainConfig
 
 from conftest import REPO, TINY_RECORDS
 

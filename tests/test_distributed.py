@@ -15,7 +15,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from cut.merge import main as merge_main
+from cut.modeling.merge import main as merge_main
 
 from conftest import REPO
 

@@ -11,12 +11,12 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cut.baselines.dpo import DPOOptions, build_pairs, build_trainer, main, parse_config, run
-from cut.config import TrainConfig
+from cut.data.records import validate
+from cut.data.templates import load_template
 from cut.errors import DataError
-from cut.merge import merge
-from cut.records import validate
-from cut.templates import load_template
+from cut.modeling.merge import merge
+from cut.training.config import TrainConfig
+from cut.training.dpo import DPOOptions, build_pairs, build_trainer, main, parse_config, run
 
 from conftest import TINY_RECORDS
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from cut.data.records import build_examples, load_records
 from cut.errors import ConfigError, DataError
 from cut.evaluation import intervals
 from cut.evaluation.aspects import (
@@ -44,8 +45,7 @@ from cut.evaluation.evaluate import (
     to_judgments,
 )
 from cut.evaluation.report import compare_runs
-from cut.judge import JudgeConfig
-from cut.records import build_examples, load_records
+from cut.judges.judge import JudgeConfig
 
 from conftest import REPO
 from fake_openai import FakeOpenAI
@@ -837,7 +837,7 @@ def test_alpaca_eval_reads_cut_generate_output_and_judges_it_on_a_local_server(
 
     from alpaca_eval import utils
 
-    from cut.generate import generate_file
+    from cut.modeling.generate import generate_file
 
     prompts = [{"instruction": f"Name item {i}.", "input": ""} for i in range(4)]
     gen = tmp_path / "gen.json"

@@ -12,8 +12,8 @@ import torch
 
 from cut import gemma
 from cut.errors import ConfigError
-from cut.tiny import small_config, train_tokenizer
-from cut.trainer import PACKED, target_logprobs, use_packed_attention
+from cut.modeling.tiny import small_config, train_tokenizer
+from cut.training.trainer import PACKED, target_logprobs, use_packed_attention
 
 from conftest import REPO
 from test_train import tiny_config
@@ -52,7 +52,7 @@ def test_cut_train_packs_gemma3_micro_batches_longer_than_the_window(
 ):
     """cut.train, packing on (the default): check_packing passes on Gemma 3's sliding-window
     layers, so the run trains packed (no fallback warning); the loss is finite, the adapter saved."""
-    from cut.train import run
+    from cut.training.train import run
 
     out = tmp_path / "out"
     cfg = tiny_config(tiny_gemma3, tiny_data, out, max_steps=2)
@@ -74,8 +74,8 @@ def test_packed_gemma3_logprobs_equal_padded_and_the_window_bites(tiny_gemma3, t
     weights with a window wider than any sequence give other log-probs, so the window is in play."""
     from transformers import AutoModelForCausalLM
 
-    from cut.pairs import CUTCollator
-    from cut.train import build_trainer
+    from cut.data.pairs import CUTCollator
+    from cut.training.train import build_trainer
 
     trainer, _ = build_trainer(tiny_config(tiny_gemma3, tiny_data, tmp_path / "out"))
     feats = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
@@ -140,7 +140,7 @@ def test_the_converted_gemma3_270m():
     base model's tokenizer without a chat template (so cut's `auto` template is alpaca)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from cut.templates import resolve_template_name
+    from cut.data.templates import resolve_template_name
 
     assert gemma.terms_file().exists()
     cfg = AutoConfig.from_pretrained(CONVERTED)

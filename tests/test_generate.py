@@ -11,10 +11,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cut.generate as gen
+import cut.modeling.generate as gen
+from cut.data.templates import load_template
 from cut.errors import ConfigError, DataError, EngineError
-from cut.generate import GenerateConfig, Sampling, generate_file, generate_texts, main, vllm_engine_args
-from cut.templates import load_template
+from cut.modeling.generate import (
+    GenerateConfig,
+    Sampling,
+    generate_file,
+    generate_texts,
+    main,
+    vllm_engine_args,
+)
 
 # prompts of quite different lengths, so a batch of 4 holds real left padding
 INSTRUCTIONS = [
@@ -176,7 +183,7 @@ def test_lists_and_objects_are_written_as_json_text_and_read_back(tiny_model, tm
     """alpaca_eval hashes every field (tests/test_alpaca_eval.py runs it): a list or object passes
     through as its JSON text, named in json_fields; a string that looks like JSON stays a string;
     an earlier file with raw lists is resumed and rewritten encoded, nothing generated again."""
-    from cut.io import decode_json_fields
+    from cut.data.files import decode_json_fields
 
     rows = [
         {**r, "constraints": [{"type": "all_lowercase", "params": {}}], "meta": {"n": i}, "note": "[1, 2]"}
@@ -416,7 +423,7 @@ def test_resume_refuses_answers_made_with_other_settings(tiny_model, questions, 
 def _arch(name: str):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaForCausalLM
 
-    from cut.tiny import small_config
+    from cut.modeling.tiny import small_config
 
     torch.manual_seed(0)
     if name == "llama":
@@ -494,7 +501,7 @@ def test_compacting_decoder_sampling_is_seeded():
 
 def test_alpaca_eval_preset_is_the_release_settings_and_keys_override_it():
     from cut.errors import ConfigError
-    from cut.generate import PRESETS, GenerateConfig
+    from cut.modeling.generate import PRESETS, GenerateConfig
 
     cfg = GenerateConfig.from_dict({"preset": "alpaca_eval"})
     # wwxu21/CUT scripts/generate.py: templates/alpaca.json's prompt_no_input, max_new_tokens=2048,

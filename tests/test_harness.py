@@ -113,7 +113,7 @@ def test_merged_model_scores_the_local_task_as_its_own_loglikelihoods(tiny_model
 def test_adapter_scores_as_its_merged_model(tiny_model, local_task, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from cut.merge import merge
+    from cut.modeling.merge import merge
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

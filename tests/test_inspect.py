@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from cut.analysis import inspect as ins
+from cut.data.pairs import tokenize_example
+from cut.data.records import Example, Record, load_records
+from cut.data.templates import load_template
 from cut.errors import ConfigError, DataError
-from cut.pairs import tokenize_example
-from cut.records import Example, Record, load_records
-from cut.templates import load_template
-from cut.tiny import build_tiny_model
+from cut.modeling.tiny import build_tiny_model
 
 from conftest import REPO, TINY_RECORDS
 

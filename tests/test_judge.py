@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cut.data.records import build_examples, load_records
 from cut.errors import ConfigError, DataError
-from cut.judge import (
+from cut.judges.judge import (
     DEFAULT_PROMPT,
     JudgeConfig,
     LocalJudge,
@@ -31,8 +32,7 @@ from cut.judge import (
     parse_verdict,
     render_prompt,
 )
-from cut.llm import read_cache
-from cut.records import build_examples, load_records
+from cut.llm.client import read_cache
 
 from conftest import REPO
 from fake_openai import FakeOpenAI
@@ -382,7 +382,7 @@ def test_local_judge_decodes_only_new_tokens_in_record_order(tiny_chat_model, mo
             )
         return out
 
-    import cut.generate as gen
+    import cut.modeling.generate as gen
 
     monkeypatch.setattr(gen, "compacting_decode", decode)
     verdicts = judge.judge(rows)

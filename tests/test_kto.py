@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from cut.baselines.kto import KTOOptions, add_kl_completions, build_trainer, main
+from cut.training.kto import KTOOptions, add_kl_completions, build_trainer, main
 
 from test_dpo import SPANNED, _randomise_lora, _seq_logps, tiny_dpo_config
 

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from cut.errors import ConfigError
-from cut.llm import ClientConfig, LLMClient, as_messages, read_cache
+from cut.llm.client import ClientConfig, LLMClient, as_messages, read_cache
 
 from fake_openai import FakeOpenAI
 

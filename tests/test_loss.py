@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cut import loss as loss_mod
-from cut.loss import Role, cut_loss, label_logprobs, log1mexp
+from cut.training.loss import Role, cut_loss, label_logprobs, log1mexp
 
 FLOOR = 1e-5  # 1 - p is floored here before the log
 

@@ -8,8 +8,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cut.merge import main as merge_main
-from cut.train import run
+from cut.modeling.merge import main as merge_main
+from cut.training.train import run
 
 from test_train import tiny_config
 
@@ -80,7 +80,7 @@ def test_merge_dtype_and_bad_adapter(tiny_model, tiny_data, tmp_path, capsys):
 def test_card_names_a_preference_recipe_or_says_nothing_without_a_config():
     """A DPO adapter's card says DPO (and spans), not CUT; an adapter cut.train did not write gets
     a card that claims no training recipe (and no LoRA keys it does not have)."""
-    from cut.card import training_card
+    from cut.modeling.card import training_card
 
     config = {
         "base_model": "b",

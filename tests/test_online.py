@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cut.online import sample_instructions
+from cut.loop.online import sample_instructions
 from cut.tasks.arithmetic import make_problems
 
 from conftest import REPO
@@ -181,7 +181,7 @@ def test_two_rounds_killed_mid_stage_then_resumed(tiny_model, tmp_path):
     ],
 )
 def test_bad_online_config_is_refused_before_any_work(tiny_model, tmp_path, change, message, capsys):
-    from cut.online import main
+    from cut.loop.online import main
 
     config = write_config(tmp_path, tiny_model)
     conf = yaml.safe_load(config.read_text())
@@ -194,7 +194,7 @@ def test_bad_online_config_is_refused_before_any_work(tiny_model, tmp_path, chan
 
 
 def test_heldout_without_reference_names_file_record_field(tiny_model, tmp_path, capsys):
-    from cut.online import main
+    from cut.loop.online import main
 
     config = write_config(tmp_path, tiny_model)
     heldout = tmp_path / "heldout.json"
@@ -210,9 +210,9 @@ def test_sections_take_every_option_of_their_tools(tiny_model, tmp_path):
     """The YAML sections map onto GenerateConfig / JudgeConfig: no option of a tool is missing."""
     import dataclasses
 
-    from cut.generate import GenerateConfig
-    from cut.judge import JudgeConfig
-    from cut.online import load_config
+    from cut.judges.judge import JudgeConfig
+    from cut.loop.online import load_config
+    from cut.modeling.generate import GenerateConfig
 
     config = write_config(tmp_path, tiny_model)
     conf = yaml.safe_load(config.read_text())
@@ -228,7 +228,7 @@ def test_sections_take_every_option_of_their_tools(tiny_model, tmp_path):
 
 
 def test_positive_share_down_samples_negatives_only():
-    from cut.online import down_sample_negatives
+    from cut.loop.online import down_sample_negatives
 
     rows = [{"output": f"p{i}", "judgment": None} for i in range(3)] + [
         {"output": f"n{i}", "judgment": "bad"} for i in range(9)
@@ -249,7 +249,7 @@ def test_positive_share_down_samples_negatives_only():
 
 
 def test_refine_requests_and_kept_rewrites():
-    from cut.online import passing_rewrites, refine_candidates, refine_requests
+    from cut.loop.online import passing_rewrites, refine_candidates, refine_requests
 
     judged = [
         {"instruction": "Say hi.", "input": "", "output": "Hello", "judgment": None, "constraints": [1]},
@@ -290,7 +290,7 @@ def test_late_settings_at_their_default_keep_the_fingerprint(tiny_model, tmp_pat
     are not part of the fingerprint; set, they are."""
     import dataclasses
 
-    from cut.online import OnlineConfig, fingerprint
+    from cut.loop.online import OnlineConfig, fingerprint
 
     cfg = OnlineConfig(base_model=str(tiny_model), pool="p.json")
     old = {
@@ -305,7 +305,7 @@ def test_late_settings_at_their_default_keep_the_fingerprint(tiny_model, tmp_pat
 
 
 def test_forward_prediction_trains_positives_and_every_judgment(tmp_path):
-    from cut.online import PERFECT, build_training_file
+    from cut.loop.online import PERFECT, build_training_file
 
     judged = [
         {"instruction": "Say hi.", "input": "", "output": "Hello", "judgment": None},

@@ -16,10 +16,10 @@ import logging
 import pytest
 import torch
 
-from cut.config import load_yaml
-from cut.pairs import CUTCollator
-from cut.tiny import small_config
-from cut.trainer import (
+from cut.data.pairs import CUTCollator
+from cut.modeling.tiny import small_config
+from cut.training.config import load_yaml
+from cut.training.trainer import (
     PACKED,
     check_packing,
     install_cut_forward,
@@ -270,8 +270,8 @@ def test_an_architecture_that_mixes_packed_sequences_trains_padded(batches, capl
 
 
 def _train(tiny_model, data, out, packing, **extra):
-    from cut.config import TrainConfig
-    from cut.train import run
+    from cut.training.config import TrainConfig
+    from cut.training.train import run
 
     cfg = TrainConfig(
         base_model=str(tiny_model),

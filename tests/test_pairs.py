@@ -12,10 +12,10 @@ import torch
 from tokenizers import processors
 from transformers import AutoTokenizer
 
-from cut.loss import Role
-from cut.pairs import CUTCollator, fit_prompt, padding_ratio, sequence_lengths, tokenize_example, unpack
-from cut.records import Example, Record
-from cut.templates import load_template
+from cut.data.pairs import CUTCollator, fit_prompt, padding_ratio, sequence_lengths, tokenize_example, unpack
+from cut.data.records import Example, Record
+from cut.data.templates import load_template
+from cut.training.loss import Role
 
 # (instruction, input, output, judgment or None)
 ROWS = [
@@ -618,7 +618,7 @@ def test_sentencepiece_style_response_has_no_dummy_prefix():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from cut.pairs import response_ids
+    from cut.data.pairs import response_ids
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # newlines are their own pieces, as in Llama-2's vocabulary; only the text's start gets '▁'

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cut.data.records import build_examples, load_records
 from cut.errors import ConfigError, DataError
-from cut.llm import ClientConfig
-from cut.realign import (
+from cut.llm.client import ClientConfig
+from cut.methods.realign import (
     CHARACTERS,
     CLASSIFY_PROMPT,
     DEFAULT_CRITERIA,
@@ -46,7 +47,6 @@ from cut.realign import (
     token_length,
     too_short,
 )
-from cut.records import build_examples, load_records
 
 from fake_openai import FakeOpenAI
 
@@ -457,7 +457,7 @@ def test_token_length_filter_is_realigns():
 
 
 def test_token_length_with_a_real_tokenizer(tiny_model):
-    from cut.models import load_tokenizer
+    from cut.modeling.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     length = token_length(tok)
@@ -809,7 +809,7 @@ def test_best_of_two_keeps_the_longer_at_temperature_0_3(tmp_path, no_proxy):
 
 def test_best_of_n_in_tokens_with_a_tokenizer(tmp_path, no_proxy, monkeypatch):
     """--tokenizer: the longer candidate and the length filter count tokens (ReAlign's), not characters."""
-    import cut.realign as realign
+    import cut.methods.realign as realign
 
     monkeypatch.setattr(realign, "load_length", lambda name: token_length(WordTokenizer()))
     many_words = "To make tea: boil it, pour it, wait, and then take the bag out."  # 15 words, 64 chars

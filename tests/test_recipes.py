@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from cut.config import TrainConfig, load_yaml, parse_config
 from cut.errors import ConfigError
 from cut.recipes import iterate
-from cut.train import build_trainer, run
+from cut.training.config import TrainConfig, load_yaml, parse_config
+from cut.training.train import build_trainer, run
 
 REPO = Path(__file__).resolve().parent.parent
 OFFLINE = REPO / "configs" / "paper_offline_shepherd.yaml"
@@ -108,7 +108,7 @@ def test_offline_loss_settings_drive_the_tiny_models_loss(tiny_model, tiny_data,
     cut_loss at those values, computed on log-probs gathered by hand; then two optimiser steps run."""
     import torch.nn.functional as F
 
-    from cut.loss import cut_loss
+    from cut.training.loss import cut_loss
 
     tiny = [
         "--base_model",
@@ -129,7 +129,7 @@ def test_offline_loss_settings_drive_the_tiny_models_loss(tiny_model, tiny_data,
     with torch.no_grad():  # peaky distributions, so the judgment moves p(y|x,j) / p(y|x) past 1.2
         lm.lm_head.weight.mul_(10)
     out = trainer.model(**batch)
-    from cut.pairs import unpack
+    from cut.data.pairs import unpack
 
     ids, mask, pos = batch["input_ids"], batch.get("attention_mask"), batch["tgt_pos"]
     if mask is None:  # packed: one row

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cut.data.records import Example, Record, build_examples, classify, load_records, validate
 from cut.errors import DataError
-from cut.records import Example, Record, build_examples, classify, load_records, validate
 
 ROWS = [
     {"instruction": "Add 3 and 4.", "input": "", "output": "7", "judgment": None},

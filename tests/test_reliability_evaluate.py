@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import cut.evaluation.evaluate as evaluate
-import cut.judge as judge
+import cut.judges.judge as judge
 from cut.errors import ConfigError, DataError
 from cut.evaluation.aspects import PAIRWISE_ASPECTS, SCORE_ASPECTS, ParseError, extract_json, parse_scores
 from cut.evaluation.evaluate import EvaluateConfig, run_judged
 from cut.evaluation.report import esc
-from cut.judge import JudgeConfig, OpenAIJudge, judge_file
+from cut.judges.judge import JudgeConfig, OpenAIJudge, judge_file
 
 from fake_openai import FakeOpenAI
 
@@ -73,7 +73,7 @@ def one_line(err: str, option: str) -> None:
 
 def no_model(monkeypatch) -> None:
     """Any model load, or any judge made, fails the test."""
-    import cut.models
+    import cut.modeling.loading
 
     def fail(*a, **k):
         pytest.fail("a model was loaded or a judge made")
@@ -476,7 +476,7 @@ def test_judge_cli_exits_2_when_every_verdict_failed(tmp_path, capsys):
 def test_online_round_whose_every_judgment_failed_is_judged_again_on_rerun(tmp_path):
     """The loop's trap: the judge stage was marked done with every judgment failed, so "fix it and
     rerun" reused the failures. Now the stage stops, stays undone, and its rerun asks again."""
-    from cut.online import Round
+    from cut.loop.online import Round
 
     rnd = Round(tmp_path, 1, "model-in", "settings")
     write(rnd.dir / "responses.json", answers(3))

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from cut.train import main as train_main
+from cut.training.train import main as train_main
 
 # --------------------------------------------------------------------------------------------
 # every training option range-checked before anything loads or is written
@@ -100,8 +100,8 @@ RECORD = {"instruction": "Add 3 and 4.", "input": "", "output": "8", "judgment":
 
 @pytest.mark.parametrize("score", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_score_is_a_named_error(tmp_path, score):
+    from cut.data.records import load_records
     from cut.errors import DataError
-    from cut.records import load_records
 
     path = tmp_path / "d.json"  # json.dumps writes NaN / Infinity as Python's json reads them
     path.write_text(f'[{json.dumps(RECORD)}, {json.dumps(RECORD)[:-1]}, "score": {score}}}]')
@@ -121,7 +121,7 @@ def test_non_finite_score_stops_train_before_anything_is_written(tiny_model, tmp
 
 
 def test_exact_duplicates_are_kept_and_warned(tmp_path, caplog):
-    from cut.records import duplicates, load_records
+    from cut.data.records import duplicates, load_records
 
     other = {**RECORD, "output": "7", "judgment": None}
     path = tmp_path / "d.json"
@@ -134,7 +134,7 @@ def test_exact_duplicates_are_kept_and_warned(tmp_path, caplog):
 
 
 def test_no_warning_without_duplicates(tmp_path, caplog):
-    from cut.records import load_records
+    from cut.data.records import load_records
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([RECORD, {**RECORD, "output": "7"}]))
@@ -145,7 +145,7 @@ def test_no_warning_without_duplicates(tmp_path, caplog):
 
 @pytest.mark.parametrize("key", ["train", "data", "records"])
 def test_documented_wrapper_is_read_and_logged(tmp_path, caplog, key):
-    from cut.records import load_records
+    from cut.data.records import load_records
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps({key: [RECORD]}))
@@ -155,8 +155,8 @@ def test_documented_wrapper_is_read_and_logged(tmp_path, caplog, key):
 
 
 def test_other_wrapper_is_refused_naming_the_list(tmp_path):
+    from cut.data.records import load_records
     from cut.errors import DataError
-    from cut.records import load_records
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps({"test": [RECORD], "meta": {"n": 1}}))
@@ -165,8 +165,8 @@ def test_other_wrapper_is_refused_naming_the_list(tmp_path):
 
 
 def test_folder_of_text_files_says_no_records(tmp_path):
+    from cut.data.records import load_records
     from cut.errors import DataError
-    from cut.records import load_records
 
     folder = tmp_path / "notes"
     folder.mkdir()
@@ -179,7 +179,7 @@ def test_folder_of_text_files_says_no_records(tmp_path):
 
 
 def test_folder_of_jsonl_files_still_loads(tmp_path):
-    from cut.records import load_records
+    from cut.data.records import load_records
 
     folder = tmp_path / "ds"
     folder.mkdir()
@@ -193,7 +193,7 @@ def test_folder_of_jsonl_files_still_loads(tmp_path):
 
 
 def test_100k_character_instruction_is_cut_to_the_context(tiny_model, tmp_path, monkeypatch, caplog):
-    import cut.generate as gen
+    import cut.modeling.generate as gen
 
     long = ("What is the capital of France? " * 3300)[:100_000]
     data = tmp_path / "q.json"
@@ -224,7 +224,7 @@ def test_fit_prompts_keeps_bos_and_short_prompts():
     from types import SimpleNamespace
 
     from cut.errors import ConfigError
-    from cut.generate import fit_prompts
+    from cut.modeling.generate import fit_prompts
 
     tok = SimpleNamespace(bos_token_id=1)
     rows = [[1, *range(10, 30)], [5, 6, 7], list(range(40, 60))]
@@ -238,7 +238,7 @@ def test_fit_prompts_keeps_bos_and_short_prompts():
 def test_context_length_takes_the_smaller_sane_limit():
     from types import SimpleNamespace
 
-    from cut.generate import context_length
+    from cut.modeling.generate import context_length
 
     cfg = SimpleNamespace(max_position_embeddings=2048)
     assert context_length(cfg, SimpleNamespace(model_max_length=int(1e30))) == 2048
@@ -259,7 +259,7 @@ def _blocked(tmp_path, name: str):
 
 
 def test_unwritable_output_file_is_refused_by_generate(tiny_model, tmp_path, capsys, monkeypatch):
-    import cut.generate as gen
+    import cut.modeling.generate as gen
 
     monkeypatch.setattr(gen, "load_tokenizer", lambda *a: pytest.fail("the tokenizer was loaded"))
     data = tmp_path / "q.json"
@@ -273,7 +273,7 @@ def test_unwritable_output_file_is_refused_by_generate(tiny_model, tmp_path, cap
 
 
 def test_unwritable_output_file_is_refused_by_judge_before_judging(tmp_path, capsys, monkeypatch):
-    import cut.judge as judge
+    import cut.judges.judge as judge
 
     monkeypatch.setattr(judge, "make_judge", lambda *a: pytest.fail("a judge was made"))
     data = tmp_path / "answers.json"
@@ -285,8 +285,8 @@ def test_unwritable_output_file_is_refused_by_judge_before_judging(tmp_path, cap
 
 
 def test_check_writable_probes_the_nearest_existing_folder(tmp_path):
+    from cut.data.files import check_writable
     from cut.errors import ConfigError
-    from cut.io import check_writable
 
     check_writable(tmp_path / "new" / "deeper" / "out", "output_dir")  # creatable: fine
     assert list(tmp_path.iterdir()) == [], "the check left something behind"
@@ -296,7 +296,7 @@ def test_check_writable_probes_the_nearest_existing_folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tmp_path_factory):
-    from cut.train import run
+    from cut.training.train import run
 
     from conftest import TINY_RECORDS
     from test_train import tiny_config
@@ -313,7 +313,7 @@ def _merge_argv(base, adapter_dir, out) -> list[str]:
 
 
 def test_unwritable_output_is_refused_by_merge(tiny_model, adapter, tmp_path, capsys):
-    from cut.merge import main as merge_main
+    from cut.modeling.merge import main as merge_main
 
     blocker, out = _blocked(tmp_path, "merged")
     assert merge_main(_merge_argv(tiny_model, adapter, out)) == 2
@@ -326,7 +326,7 @@ def test_merge_onto_another_base_is_a_named_error(tiny_model, adapter, tmp_path,
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cut.merge import main as merge_main
+    from cut.modeling.merge import main as merge_main
 
     other = tmp_path / "wider"  # the same tokenizer, a wider model: every LoRA shape differs
     shutil.copytree(tiny_model, other)
@@ -344,7 +344,7 @@ def test_merge_onto_another_base_is_a_named_error(tiny_model, adapter, tmp_path,
 def test_merge_of_a_cut_short_adapter_is_a_named_error(tiny_model, adapter, tmp_path, capsys):
     import shutil
 
-    from cut.merge import main as merge_main
+    from cut.modeling.merge import main as merge_main
 
     broken = tmp_path / "broken"
     shutil.copytree(adapter, broken)
@@ -370,7 +370,7 @@ def test_clean_stale_removes_only_folders_of_dead_or_older_merges(tmp_path):
     import os
     import time
 
-    from cut.merge import OWNER, _start_time, clean_stale
+    from cut.modeling.merge import OWNER, _start_time, clean_stale
 
     def folder(name: str, owner: str | None = None, age: float = 0) -> None:
         (tmp_path / name).mkdir()
@@ -400,7 +400,7 @@ def test_clean_stale_removes_only_folders_of_dead_or_older_merges(tmp_path):
 
 
 def test_clean_stale_puts_back_a_model_moved_aside_by_a_killed_merge(tmp_path):
-    from cut.merge import clean_stale
+    from cut.modeling.merge import clean_stale
 
     old = tmp_path / f".merged.old-{_dead_pid()}"
     old.mkdir()
@@ -411,7 +411,7 @@ def test_clean_stale_puts_back_a_model_moved_aside_by_a_killed_merge(tmp_path):
 
 KILLED_MERGE = """
 import sys, time
-import cut.merge as m
+import cut.modeling.merge as m
 load = m.load_tokenizer
 def slow(*a, **k):  # the merge stops (to be killed) after its tokenizer is saved
     tok = load(*a, **k)
@@ -434,7 +434,7 @@ def test_sigkilled_merge_leftover_is_cleaned_by_the_next_run(tiny_model, adapter
     import sys
     import time
 
-    from cut.merge import main as merge_main
+    from cut.modeling.merge import main as merge_main
 
     out = tmp_path / "merged"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -460,8 +460,8 @@ def test_sigkilled_merge_leftover_is_cleaned_by_the_next_run(tiny_model, adapter
 
 
 def test_empty_responses_count_as_failed_left_out(tmp_path):
-    from cut.judge import Verdict, judge_file
-    from cut.online import build_training_file
+    from cut.judges.judge import Verdict, judge_file
+    from cut.loop.online import build_training_file
 
     responses = [
         {"instruction": "a", "output": "fine"},

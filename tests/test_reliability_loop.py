@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cut.io import write_json_atomic
+from cut.data.files import write_json_atomic
 
 from fake_openai import FakeOpenAI
 
@@ -108,7 +108,7 @@ def online_config(tmp: Path, model: str, pool_size: int = 10, **changes) -> Path
 def test_realign_refuses_output_equal_to_input_and_leaves_it_intact(tmp_path, capsys, no_proxy):
     """The input is an earlier realign output (accepted before); a rerun with other settings into the
     same file would have rewritten it with only the rows done so far after each chunk."""
-    from cut.realign import RealignConfig, main, realign_file
+    from cut.methods.realign import RealignConfig, main, realign_file
 
     class Stub:
         name = "stub"
@@ -150,7 +150,7 @@ def test_realign_refuses_output_equal_to_input_and_leaves_it_intact(tmp_path, ca
 def start_run(config: Path) -> Path:
     """What a started run leaves, made by the loop's own code: online_config.json, round 0's
     evaluation and round 1's manifest."""
-    from cut.online import Round, fingerprint, load_config
+    from cut.loop.online import Round, fingerprint, load_config
 
     cfg = load_config(str(config), {})
     root = Path(cfg.output_dir)
@@ -168,7 +168,7 @@ def start_run(config: Path) -> Path:
 def test_refused_online_rerun_writes_nothing_and_shows_no_old_score(
     tiny_model, tmp_path, capsys, no_model_loads, change, option
 ):
-    from cut.online import main
+    from cut.loop.online import main
 
     root = start_run(online_config(tmp_path, str(tiny_model)))
     files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
@@ -186,7 +186,7 @@ def test_refused_online_rerun_writes_nothing_and_shows_no_old_score(
 
 def test_same_settings_resume_and_older_runs_are_checked_by_their_manifests(tiny_model, tmp_path):
     from cut.errors import ConfigError
-    from cut.online import check_same_run, load_config
+    from cut.loop.online import check_same_run, load_config
 
     root = start_run(online_config(tmp_path, str(tiny_model)))
     same = load_config(str(online_config(tmp_path, str(tiny_model), rounds=5)), {})  # more rounds
@@ -213,9 +213,9 @@ def test_compare_and_tune_reruns_accept_the_runs_they_made(tmp_path, no_model_lo
     `weight_unflagged: 0` (an int the train section's validation makes 0.0) keeps its fingerprint."""
     from test_tune import write_config, write_trials
 
-    from cut.compare import preflight, variant_config
-    from cut.online import Round, fingerprint
-    from cut.tune import prepare
+    from cut.loop.compare import preflight, variant_config
+    from cut.loop.online import Round, fingerprint
+    from cut.loop.tune import prepare
 
     trials = {"cut": {}, "cut_no_unflagged": {"train": {"weight_unflagged": 0}, "positive_share": 0.5}}
     base, variants = prepare(str(write_config(tmp_path, "unused-model")), str(write_trials(tmp_path, trials)))
@@ -232,7 +232,7 @@ def test_compare_and_tune_reruns_accept_the_runs_they_made(tmp_path, no_model_lo
 
 
 def test_compare_report_only_without_runs_is_refused(tmp_path, capsys):
-    from cut.compare import main
+    from cut.loop.compare import main
 
     config = online_config(tmp_path, "unused-model")
     assert main(["--config", str(config), "--objectives", "cut,sft", "--report_only"]) == 2
@@ -256,7 +256,7 @@ def test_compare_report_only_without_runs_is_refused(tmp_path, capsys):
 def test_tune_report_only_without_runs_is_refused_and_writes_nothing(tmp_path, capsys):
     from test_tune import write_config, write_trials
 
-    from cut.tune import main
+    from cut.loop.tune import main
 
     cfg = write_config(tmp_path, "unused-model")
     trials = write_trials(tmp_path, {"cut": {}, "sft": {"objective": "sft"}})
@@ -302,7 +302,7 @@ ONLINE_BAD = [
     "change, option", ONLINE_BAD, ids=[f"{k}={v!r}" for c, _ in ONLINE_BAD for k, v in c.items()]
 )
 def test_online_setting_is_refused_before_any_model_loads(tmp_path, capsys, no_model_loads, change, option):
-    from cut.online import main
+    from cut.loop.online import main
 
     config = online_config(tmp_path, str(tmp_path / "model"), **change)
     assert main(["--config", str(config)]) == 2
@@ -342,7 +342,7 @@ BAD_TRIALS = [
 def test_bad_trials_file_is_one_line_naming_file_and_trial(tmp_path, capsys, no_model_loads, text, what):
     from test_tune import write_config
 
-    from cut.tune import main
+    from cut.loop.tune import main
 
     work = tmp_path / "a" / "b"
     work.mkdir(parents=True)
@@ -368,7 +368,7 @@ def test_bad_trials_file_is_one_line_naming_file_and_trial(tmp_path, capsys, no_
 def test_tune_into_a_read_only_folder_is_refused_before_anything(tmp_path, capsys, no_model_loads):
     from test_tune import write_config, write_trials
 
-    from cut.tune import main
+    from cut.loop.tune import main
 
     if os.geteuid() == 0:  # root writes through file modes; /sys is a read-only file system
         with pytest.raises(OSError):
@@ -414,7 +414,7 @@ def test_killed_preference_run_advice_is_overwrite_not_resume(tmp_path, capsys, 
 
 
 def test_cut_train_still_advises_resuming(tiny_model, tiny_data, tmp_path, capsys, no_model_loads):
-    from cut.train import main
+    from cut.training.train import main
 
     out = tmp_path / "out"
     out.mkdir()
@@ -436,7 +436,7 @@ def train_numbers() -> list[str]:
     """Every int / float option of cut.train (and the launcher's --local_rank)."""
     import typing
 
-    from cut.config import TrainConfig
+    from cut.training.config import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     return [f.name for f in dataclasses.fields(TrainConfig) if hints[f.name] in (int, float)] + ["local_rank"]
@@ -510,7 +510,7 @@ def test_every_numeric_option_refuses_bad_values(
     flag = [f"--{option}", value]
     if tool in ("train", "dpo", "kto"):
         from cut.baselines import dpo, kto
-        from cut.train import main as train_main
+        from cut.training.train import main as train_main
 
         main = {"train": train_main, "dpo": dpo.main, "kto": kto.main}[tool]
         argv = ["--base_model", str(tmp_path / "m"), "--data_path", str(tiny_data), "--output_dir", str(out)]
@@ -526,8 +526,8 @@ def test_every_numeric_option_refuses_bad_values(
         argv = ["--input_file", str(tiny_data), "--output_file", str(out), "--rewriter", "openai"]
         argv += ["--base_url", "http://127.0.0.1:9/v1", "--model", "m"]
     else:
-        from cut.compare import main as compare_main
-        from cut.online import main as online_main
+        from cut.loop.compare import main as compare_main
+        from cut.loop.online import main as online_main
 
         main = {"online": online_main, "compare": compare_main}[tool]
         argv = ["--config", str(online_config(tmp_path, str(tmp_path / "m"))), "--output_dir", str(out)]
@@ -572,14 +572,14 @@ def test_every_numeric_config_value_refuses_bad_values(option, value, tmp_path, 
     if option == "validation_size":
         from test_tune import write_config
 
-        from cut.tune import main
+        from cut.loop.tune import main
 
         cfg = write_config(tmp_path, "unused-model")
         trials = tmp_path / "trials.yaml"
         trials.write_text(f"output_dir: {tmp_path / 'out'}\n{text}trials:\n  cut: {{}}\n")
         argv = ["--config", str(cfg), "--trials", str(trials)]
     else:
-        from cut.online import main
+        from cut.loop.online import main
 
         config = online_config(tmp_path, str(tmp_path / "m"), output_dir=str(tmp_path / "out"))
         conf = yaml.safe_load(config.read_text())

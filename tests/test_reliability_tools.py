@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from cut import cli
+from cut.data.files import MAX_JSON_DEPTH, json_depth, parse_json
 from cut.errors import ConfigError, DataError
-from cut.io import MAX_JSON_DEPTH, json_depth, parse_json
 
 from conftest import TINY_RECORDS
 
@@ -30,15 +30,15 @@ def no_loads(monkeypatch):
     cut.models' own, and transformers' from_pretrained under them."""
     import transformers
 
-    import cut.analysis.inspect as ins
+    import cut.analysis.ratios as ins
     import cut.analysis.tds as tds
-    import cut.demo as demo
-    import cut.gemma as gemma
-    import cut.generate as gen
-    import cut.merge as merge
-    import cut.models as models
-    import cut.smollm as smollm
-    import cut.urial as urial
+    import cut.methods.urial as urial
+    import cut.modeling.gemma as gemma
+    import cut.modeling.generate as gen
+    import cut.modeling.loading as models
+    import cut.modeling.merge as merge
+    import cut.modeling.smollm as smollm
+    import cut.recipes.demo as demo
 
     def refuse(*args, **kwargs):
         raise Loaded("a model or tokenizer was loaded before the options were checked")
@@ -85,7 +85,7 @@ DEEP = {
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 @pytest.mark.parametrize("kind", list(DEEP))
 def test_deeply_nested_json_is_a_named_data_error(tmp_path, kind, suffix):
-    from cut.records import load_records, read_raw
+    from cut.data.records import load_records, read_raw
 
     path = tmp_path / f"deep{suffix}"
     path.write_text(DEEP[kind] + "\n")
@@ -108,14 +108,14 @@ def test_nesting_limit_is_exact_and_flat_records_pass(tmp_path):
     chat = [{"instruction": "q", "output": "a", "messages": [{"role": "user", "content": "q"}]}]
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(chat))
-    from cut.records import read_raw
+    from cut.data.records import read_raw
 
     assert read_raw(str(path)) == (chat, str(path))
 
 
 def test_deep_existing_answer_file_and_adapter_config_are_named(tmp_path):
-    from cut.generate import read_answers
-    from cut.models import adapter_base
+    from cut.modeling.generate import read_answers
+    from cut.modeling.loading import adapter_base
 
     answers = tmp_path / "answers.json"
     answers.write_text(DEEP["lists"])
@@ -181,10 +181,10 @@ def test_device_cuda_without_cuda_is_refused_before_loading(
 
 
 def test_device_checks_in_the_library(monkeypatch, no_cuda, tmp_path):
-    from cut.analysis.inspect import InspectOptions
-    from cut.generate import GenerateConfig
-    from cut.models import check_device, load_model, resolve_device
-    from cut.urial import UrialConfig
+    from cut.analysis.ratios import InspectOptions
+    from cut.methods.urial import UrialConfig
+    from cut.modeling.generate import GenerateConfig
+    from cut.modeling.loading import check_device, load_model, resolve_device
 
     for make in (
         lambda: InspectOptions(data_path="d", model="m", output_dir=str(tmp_path / "o"), device="cuda"),
@@ -222,7 +222,7 @@ def test_inspect_threshold_must_be_finite_and_positive(
 
 
 def test_inspect_options_refuse_an_infinite_threshold_in_python(tmp_path):
-    from cut.analysis.inspect import InspectOptions
+    from cut.analysis.ratios import InspectOptions
 
     ok = {"data_path": "d", "model": "m", "output_dir": str(tmp_path / "o")}
     with pytest.raises(ConfigError, match="threshold must be a finite number, got 'inf'"):
@@ -264,8 +264,8 @@ def test_urial_overflowing_seed_is_refused_at_parse_time(tiny_model, tiny_data, 
 
 
 def test_sampling_refuses_a_seed_torch_cannot_take():
-    from cut.generate import Sampling
-    from cut.urial import UrialConfig
+    from cut.methods.urial import UrialConfig
+    from cut.modeling.generate import Sampling
 
     for seed in (10**20, -1, 1.5):
         with pytest.raises(ConfigError, match="seed must be a whole number"):
@@ -291,10 +291,10 @@ def words(n_chars: int, seed: int = 0) -> str:
 
 def test_long_prompt_fields_keep_the_tokens_of_the_whole_text(tiny_model):
     from cut.analysis import inspect as ins
-    from cut.models import load_tokenizer
-    from cut.pairs import tokenize_example
-    from cut.records import Example, Record
-    from cut.templates import load_template
+    from cut.data.pairs import tokenize_example
+    from cut.data.records import Example, Record
+    from cut.data.templates import load_template
+    from cut.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     template = load_template("alpaca", tokenizer)
@@ -323,7 +323,7 @@ def test_long_prompt_fields_keep_the_tokens_of_the_whole_text(tiny_model):
 def test_a_field_of_long_tokens_is_tokenised_whole():
     """Where the tail holds too few tokens to be sure (> 16 characters a token), nothing is cut."""
     from cut.analysis import inspect as ins
-    from cut.records import Example, Record
+    from cut.data.records import Example, Record
 
     def few_tokens(text, add_special_tokens=False):  # one token per 100 characters
         return {"input_ids": [0] * (len(text) // 100)}
@@ -337,7 +337,7 @@ def test_a_4mb_instruction_is_inspected_in_seconds(tiny_model, tmp_path, monkeyp
     """No tokenizer call sees more than a bounded tail of the 4 MB instruction, and the run takes
     seconds once the imports are warm (tokenising the whole text took ~12 s here, five times over)."""
     from cut.analysis import inspect as ins
-    from cut.models import load_tokenizer
+    from cut.modeling.loading import load_tokenizer
 
     cutoff_len = 512
     kw = dict(model=str(tiny_model), prompt_template_name="alpaca", cutoff_len=cutoff_len, progress=False)
@@ -468,9 +468,9 @@ def test_unknown_option_is_one_line(tmp_path, capsys, no_loads, tool):
 
 
 def test_good_values_still_parse():
-    from cut.analysis.inspect import build_parser as inspect_parser
-    from cut.generate import build_parser as generate_parser
-    from cut.urial import build_parser as urial_parser
+    from cut.analysis.ratios import build_parser as inspect_parser
+    from cut.methods.urial import build_parser as urial_parser
+    from cut.modeling.generate import build_parser as generate_parser
 
     args = inspect_parser().parse_args(
         ["--data_path", "d", "--model", "m", "--output_dir", "o", "--threshold", "1.2", "--limit", "0"]

@@ -22,9 +22,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from cut.config import TrainConfig
-from cut.train import LOCK_NAME, main, output_dir_in_use, run
-from cut.trainer import STAGING, checkpoint_complete, list_checkpoints
+from cut.training.config import TrainConfig
+from cut.training.train import LOCK_NAME, main, output_dir_in_use, run
+from cut.training.trainer import STAGING, checkpoint_complete, list_checkpoints
 
 from conftest import REPO
 
@@ -36,7 +36,7 @@ DRIVER = textwrap.dedent(
     import sys, time
     import transformers
     from cut import trainer as T
-    from cut.train import cli
+    from cut.training.train import cli
 
     pause = float(sys.argv[1])
     step = T.CUTTrainer.training_step
@@ -247,8 +247,8 @@ def test_online_will_not_delete_a_folder_a_live_trainer_holds(tmp_path):
     from types import SimpleNamespace
 
     from cut.errors import ConfigError
-    from cut.online import train_round
-    from cut.train import OutputLock
+    from cut.loop.online import train_round
+    from cut.training.train import OutputLock
 
     held = OutputLock(tmp_path / "adapter")
     try:
@@ -416,7 +416,7 @@ def test_write_failures_at_the_end_are_named_and_a_rerun_finishes_the_run(
 ):
     import errno
 
-    import cut.train as train_mod
+    import cut.training.train as train_mod
 
     out = tmp_path / "out"
     conf = write_config(tmp_path / "c.yaml", tiny_config(tiny_model, tiny_data, out, max_steps=2))
@@ -491,8 +491,8 @@ def test_resuming_a_finished_run_is_a_named_error(tiny_model, tiny_data, tmp_pat
 def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path, monkeypatch, capsys):
     from test_online import write_config as write_online_config
 
-    import cut.models
-    from cut.online import main as online_main
+    import cut.modeling.loading
+    from cut.loop.online import main as online_main
 
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
@@ -513,8 +513,8 @@ def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path
 
 
 def test_dpo_refuses_another_runs_folder_and_a_locked_one(tiny_model, tmp_path, capsys):
-    from cut.baselines.dpo import main as dpo_main
-    from cut.train import OutputLock
+    from cut.training.dpo import main as dpo_main
+    from cut.training.train import OutputLock
 
     from test_dpo import JUDGED
 

@@ -31,8 +31,8 @@ pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn (the dev
 from served import LOOPBACK, TransformersServer, steer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from cut.records import load_records  # noqa: E402
-from cut.tiny import build_tiny_model  # noqa: E402
+from cut.data.records import load_records  # noqa: E402
+from cut.modeling.tiny import build_tiny_model  # noqa: E402
 
 from conftest import REPO  # noqa: E402
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from cut.data.pairs import tokenize_example
+from cut.data.records import Example, Record, quoted_spans, validate
+from cut.data.templates import load_template
 from cut.errors import DataError
-from cut.pairs import tokenize_example
-from cut.records import Example, Record, quoted_spans, validate
-from cut.templates import load_template
 
 OUTPUT = "She doesn't likes apples, pears, and plums."
 
@@ -93,9 +93,9 @@ def test_span_flags_in_training_are_exactly_the_span_tokens(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cut.loss import Role
-    from cut.pairs import CUTCollator
-    from cut.trainer import install_cut_forward
+    from cut.data.pairs import CUTCollator
+    from cut.training.loss import Role
+    from cut.training.trainer import install_cut_forward
 
     model_dir = tiny_chat_model if template_name == "chat" else tiny_model
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -126,8 +126,8 @@ def test_span_flags_in_training_are_exactly_the_span_tokens(
 def test_flag_source_is_an_option_saved_with_the_run(tmp_path):
     import yaml
 
-    from cut.config import TrainConfig, parse_config
     from cut.errors import ConfigError
+    from cut.training.config import TrainConfig, parse_config
 
     cfg = parse_config(["--base_model=m", "--data_path=d", "--flag_source=both"])
     cfg.save(tmp_path / "cut_config.yaml")

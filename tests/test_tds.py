@@ -19,7 +19,7 @@ import torch
 
 from cut.analysis import tds
 from cut.errors import ConfigError, DataError
-from cut.tiny import build_tiny_model
+from cut.modeling.tiny import build_tiny_model
 
 from conftest import REPO
 
@@ -476,8 +476,8 @@ def test_cli_writes_the_report(run):
 
 
 def test_cli_answers_are_the_aligned_models_greedy_answers(run, models):
-    from cut.generate import Sampling, generate_texts
-    from cut.templates import load_template
+    from cut.data.templates import load_template
+    from cut.modeling.generate import Sampling, generate_texts
 
     result, _ = run
     aligned = _lm(models["aligned"])
@@ -709,7 +709,7 @@ MEMORY_SCRIPT = r"""
 import json, sys, torch
 from transformers import LlamaForCausalLM
 from cut.analysis.tds import score_ids, shift_stats
-from cut.tiny import llama_config
+from cut.modeling.tiny import llama_config
 
 def kb(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))

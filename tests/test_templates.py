@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cut.records import Record
-from cut.templates import ALPACA, load_template
+from cut.data.records import Record
+from cut.data.templates import ALPACA, load_template
 
 RELEASED_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "

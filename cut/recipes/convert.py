@@ -37,9 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..io import check_writable, parse_json, write_json_atomic
-from ..options import Parser
+from cut.args import Parser
+from cut.data.files import check_writable, parse_json, write_json_atomic
+from cut.errors import DataError
 
 logger = logging.getLogger("cut.convert")
 

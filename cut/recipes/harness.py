@@ -30,10 +30,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EngineError
-from ..io import check_writable, write_json_atomic
-from ..models import DTYPES, adapter_base, check_model_path, device_option, resolve_device, resolve_dtype
-from ..options import INT_MAX, Parser, integer, number
+from cut.args import INT_MAX, Parser, integer, number
+from cut.data.files import check_writable, write_json_atomic
+from cut.errors import ConfigError, EngineError
+from cut.modeling.loading import (
+    DTYPES,
+    adapter_base,
+    check_model_path,
+    device_option,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger("cut.lm_eval")
 

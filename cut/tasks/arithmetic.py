@@ -14,8 +14,8 @@ import re
 import sys
 from fractions import Fraction
 
-from ..io import write_json_atomic
-from ..options import SEED, Parser, integer
+from cut.args import SEED, Parser, integer
+from cut.data.files import write_json_atomic
 
 NAMES = [
     "Ana",

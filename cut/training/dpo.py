@@ -1,0 +1,486 @@
+"""DPO baseline: the judged records CUT trains on, as preference pairs, through TRL's DPOTrainer.
+
+    python -m cut.baselines.dpo --config train_config.yaml [--beta 0.1] [--max_pairs_per_prompt 4]
+
+The YAML (and the flags) are cut.train's: the file the online loop writes works unchanged. CUT-only
+options (threshold, weight_unlike, flag_source, ...) are accepted and ignored; the YAML may add
+`dpo_beta` and `max_pairs_per_prompt`. Per prompt (same instruction + input), chosen = a positive
+response and rejected = a negative one; every combination, at most max_pairs_per_prompt of them
+(sampled with the seed). Records whose judgment failed are left out.
+
+The loss is Eq. 7 of Rafailov et al. (2023), -log sigmoid(beta * (log pi/pi_ref(y_w|x) -
+log pi/pi_ref(y_l|x))), with pi_ref = the base model (TRL disables the LoRA adapter for it).
+Prompts and responses are tokenised by cut itself, exactly as cut.train tokenises a positive record
+(template prompt, the template's own special tokens, EOS after the response, prompts cut from the
+left to fit cutoff_len); TRL only pads, scores and optimises.
+
+Writes output_dir/cut_config.yaml (the TrainConfig, so generation finds the template) and
+output_dir/dpo_config.yaml first; the adapter, tokenizer and metrics.json (with "objective": "dpo") last.
+output_dir is checked and locked as cut.train does: another run's folder is refused unless
+--overwrite_output_dir, and output_dir/.cut.lock keeps a second trainer out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from cut.args import FLOAT_MAX, INT_MAX
+from cut.data.files import write_json_atomic, write_text_atomic
+from cut.data.pairs import fit_prompt, tokenize_example
+from cut.data.records import Example, Record, classify, load_records
+from cut.data.templates import Template, load_template
+from cut.errors import ConfigError, DataError
+from cut.modeling import loading as models
+from cut.training.config import FIELDS, TrainConfig, build_parser, coerce, load_yaml
+from cut.training.train import (
+    check_output_dir,
+    claim_output_dir,
+    limit_cutoff,
+    process_rank,
+    resolve_precision,
+    shared_arguments,
+    world_size,
+)
+
+logger = logging.getLogger("cut.training.dpo")
+
+# TrainConfig options that shape CUT's objective or batches, which DPO does not have
+IGNORED = (
+    "threshold",
+    "weight_unlike",
+    "flag_source",
+    "combine",
+    "downsample",
+    "gamma",
+    "misalign",
+    "weight_unflagged",
+    "weight_align_n",
+    "unlikelihood",
+    "npo_beta",
+    "logits_chunk_size",
+    "train_on_inputs",
+    "packing",
+    "group_by_length",
+    "val_set_size",
+    "resume_from_checkpoint",
+    "save_steps",
+    "save_total_limit",
+    "eval_steps",
+)
+
+
+REJECTED_TOKENS = ("all", "spans")
+
+
+@dataclass
+class DPOOptions:
+    beta: float = field(
+        default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference (Eq. 7)."}
+    )
+    max_pairs_per_prompt: int = field(
+        default=4, metadata={"help": "At most this many (chosen, rejected) pairs per prompt; 0 = all."}
+    )
+    rejected_tokens: str = field(
+        default="all",
+        metadata={
+            "help": "Which tokens of a rejected response its log-ratio sums: all (DPO) | spans (only the "
+            "tokens inside the judgment's `spans`, the text the critique marks as wrong; all tokens of a "
+            "record without spans): the gradient goes where the critique points."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.beta = recipe_number("beta", self.beta, float, 0, lo_open=True)
+        self.max_pairs_per_prompt = recipe_number(
+            "max_pairs_per_prompt", self.max_pairs_per_prompt, int, 0, note=" (0 = all)"
+        )
+        if self.rejected_tokens not in REJECTED_TOKENS:
+            raise ConfigError(
+                f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"
+            )
+
+
+def recipe_number(name: str, value: Any, kind: type, lo: float, lo_open: bool = False, note: str = ""):
+    """A recipe option (a flag's string or a YAML value) as `kind`, int or float: finite, at least
+    lo (more than lo with lo_open), at most INT_MAX / FLOAT_MAX; a ConfigError names the option."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)  # int("1.5"), int("nan") and float("abc") raise
+    except (TypeError, ValueError, OverflowError):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if number < lo or (lo_open and number == lo):
+        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}{note}, got {number}")
+    hi = INT_MAX if kind is int else FLOAT_MAX
+    if number > hi:
+        raise ConfigError(f"{name} must be <= {hi}, got {number}")
+    return number
+
+
+# YAML key -> DPOOptions field
+YAML_KEYS = {
+    "dpo_beta": "beta",
+    "max_pairs_per_prompt": "max_pairs_per_prompt",
+    "rejected_tokens": "rejected_tokens",
+}
+
+
+OPTIONS = DPOOptions  # the recipe's own options (cut.online checks a train section's keys with it)
+
+
+class Pair(NamedTuple):
+    chosen: Record
+    rejected: Record
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def _split_yaml(path: str, yaml_keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """cut.train's YAML, plus the recipe's own keys: (TrainConfig values, options values)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = None
+    if not isinstance(raw, dict):
+        return load_yaml(path), {}  # raises with cut.config's wording
+    own = {yaml_keys[k]: raw.pop(k) for k in list(raw) if k in yaml_keys}
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
+    return {k: coerce(k, v) for k, v in raw.items()}, own
+
+
+def parse_config(
+    argv: list[str] | None = None,
+    options: type = DPOOptions,
+    yaml_keys: dict[str, str] = YAML_KEYS,
+    prog: str = "cut.baselines.dpo",
+) -> tuple[TrainConfig, Any]:
+    """defaults <- YAML <- flags, as cut.train; the recipe's options come from their flags (a YAML
+    key that differs from the field name, e.g. dpo_beta, is a flag too) or their YAML keys."""
+    parser = build_parser(prog)
+    parser.description = f"{prog}: a preference baseline on cut's judged records. Flags override --config."
+    aliases: dict[str, list[str]] = {}
+    for key, name in yaml_keys.items():
+        if key != name:
+            aliases.setdefault(name, []).append(f"--{key}")
+    for name, f in options.__dataclass_fields__.items():
+        flags = [f"--{name}", *aliases.get(name, [])]
+        parser.add_argument(*flags, dest=name, help=f"{f.metadata['help']} (default: {f.default!r})")
+    args = vars(parser.parse_args(argv))
+    args.pop("local_rank", None)
+    values: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path:
+        values, own = _split_yaml(config_path, yaml_keys)
+    own.update({k: args.pop(k) for k in list(args) if k in options.__dataclass_fields__})
+    values.update({k: coerce(k, v) for k, v in args.items()})
+    cfg = TrainConfig(**values)
+    cfg.check_values()  # every value, the ignored ones too, before a word is logged
+    opts = options(**own)
+    ignored = [k for k in IGNORED if k in values]
+    if ignored:
+        logger.info(
+            "%s ignores the CUT-only option(s): %s", prog, ", ".join(f"{k}={values[k]!r}" for k in ignored)
+        )
+    return cfg, opts
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def build_pairs(
+    records: list[Record], score_threshold: float, max_pairs_per_prompt: int, seed: int
+) -> tuple[list[Pair], dict[str, int]]:
+    """(chosen, rejected) pairs per prompt, in file order; a capped prompt keeps a seeded sample."""
+    groups: dict[tuple[str, str], tuple[list[Record], list[Record]]] = {}
+    counts = dict.fromkeys(
+        ("records", "positive", "negative", "failed_judgment", "prompts", "prompts_with_pairs", "pairs"), 0
+    )
+    counts.update(records=len(records), pairs_capped_away=0)
+    for r in records:
+        kind = classify(r, score_threshold)
+        if kind == "failed":
+            counts["failed_judgment"] += 1
+            continue
+        counts[kind] += 1
+        pos, neg = groups.setdefault((r.instruction, r.input), ([], []))
+        (pos if kind == "positive" else neg).append(r)
+    counts["prompts"] = len(groups)
+    rng = random.Random(seed)
+    pairs: list[Pair] = []
+    for pos, neg in groups.values():
+        combos = [Pair(p, n) for p in pos for n in neg]
+        if not combos:
+            continue
+        if 0 < max_pairs_per_prompt < len(combos):
+            keep = sorted(rng.sample(range(len(combos)), max_pairs_per_prompt))
+            counts["pairs_capped_away"] += len(combos) - len(keep)
+            combos = [combos[i] for i in keep]
+        counts["prompts_with_pairs"] += 1
+        pairs += combos
+    counts["pairs"] = len(pairs)
+    return pairs, counts
+
+
+def tokenize_pair(
+    pair: Pair, template: Template, tokenizer, cutoff_len: int, add_eos_token: bool = True
+) -> dict[str, list[int]] | None:
+    """{prompt_ids, chosen_ids, rejected_ids, rejected_span} as cut.train tokenises a positive; None if
+    a response cannot fit. rejected_span: 1 / 0 per rejected token inside / outside the record's
+    spans, [] when it marks none.
+
+    Each response is tokenised after the plain prompt by `cut.pairs.tokenize_example` (the template's
+    special tokens, EOS appended); the shared prompt is then cut from the left so that prompt + the
+    longer response fits cutoff_len."""
+    feats = [
+        tokenize_example(Example(r, None), template, tokenizer, sys.maxsize, add_eos_token)
+        for r in (pair.chosen, pair.rejected)
+    ]
+    chosen, rejected = (f["response_ids"] for f in feats)
+    prompt = fit_prompt(feats[0]["prompt_ids"], max(len(chosen), len(rejected)), cutoff_len, tokenizer)
+    if prompt is None:
+        return None
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen,
+        "rejected_ids": rejected,
+        "rejected_span": feats[1]["span_mask"],
+    }
+
+
+def prepare_data(cfg: TrainConfig, opts: DPOOptions, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    records = load_records(cfg.data_path)
+    pairs, counts = build_pairs(records, cfg.score_threshold, opts.max_pairs_per_prompt, cfg.seed)
+    if not pairs:
+        raise DataError(
+            f"{cfg.data_path}: no preference pairs: no prompt has both a positive and a negative response "
+            f"({counts['prompts']} prompts, {counts['positive']} positives, {counts['negative']} negatives, "
+            f"{counts['failed_judgment']} failed judgments)"
+        )
+    template = load_template(cfg.prompt_template_name, tokenizer)
+    features = [tokenize_pair(p, template, tokenizer, cfg.cutoff_len, cfg.add_eos_token) for p in pairs]
+    counts["too_long"] = sum(f is None for f in features)
+    features = [f for f in features if f is not None]
+    if not features:
+        raise DataError(f"{cfg.data_path}: no pair fits cutoff_len={cfg.cutoff_len} ({counts})")
+    counts["train_pairs"] = len(features)
+    return features, counts
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class SpanMaskedCollator:
+    """Wraps a TRL collator: the completion tokens of the rows `rows(examples)` names that lie outside
+    their example's span mask (`span_key`) leave completion_mask, so those rows' log-probs (and
+    log-ratios) sum only the tokens the judgment marks. Rows whose example marks none keep every token.
+    Relies on TRL's right-padded text layout: row i's completion token k sits at len(prompt_ids) + k."""
+
+    inner: Any
+    span_key: str
+    rows: Any  # examples -> [(row index, example)]
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.inner([{k: v for k, v in e.items() if k != self.span_key} for e in examples])
+        mask = batch["completion_mask"]
+        for row, e in self.rows(examples):
+            span = e.get(self.span_key) or []
+            if not span:
+                continue
+            start = len(e["prompt_ids"])
+            keep = mask.new_tensor(span)
+            mask[row, start : start + len(span)] *= keep
+        return batch
+
+
+def _rejected_rows(examples: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    return [(len(examples) + i, e) for i, e in enumerate(examples)]  # TRL's batch: [chosen..., rejected...]
+
+
+def _dpo_trainer_class(rejected_tokens: str = "all"):
+    from trl import DPOTrainer
+
+    class PretokenisedDPOTrainer(DPOTrainer):
+        """DPOTrainer fed the ids cut tokenised. TRL's own preparation would append the EOS string
+        whatever add_eos_token says, call the tokenizer with its special tokens on an already
+        chat-templated prompt (a second BOS), and split prompt from response where their ids diverge.
+        With rejected_tokens "spans", the rejected rows' completion masks keep the span tokens only."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if rejected_tokens == "spans":
+                self.data_collator = SpanMaskedCollator(self.data_collator, "rejected_span", _rejected_rows)
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "rejected_span" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "rejected_span"]
+
+    return PretokenisedDPOTrainer
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets: Any = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def dpo_arguments(cfg: TrainConfig, opts: DPOOptions):
+    from trl import DPOConfig
+
+    return DPOConfig(
+        **shared_arguments(cfg),
+        beta=opts.beta,
+        max_length=cfg.cutoff_len,  # never bites: prompts were fitted to it already
+        save_strategy="no",
+    )
+
+
+def setup(cfg: TrainConfig, what: str):
+    """The checks and the tokenizer every preference recipe starts with; nothing is loaded but the tokenizer."""
+    from transformers import set_seed
+
+    cfg.validate()
+    if cfg.full_finetune:
+        raise ConfigError(f"the {what} baseline trains a LoRA adapter: full_finetune is not supported")
+    models.check_model_path(cfg.base_model)
+    resolve_precision(cfg)
+    cfg.gradient_accumulation_steps(world_size())  # fail early on an uneven batch
+    set_seed(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.base_model, cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked from attention and loss
+    limit_cutoff(cfg)
+    return tokenizer
+
+
+def save_configs(cfg: TrainConfig, opts: Any, objective: str) -> None:
+    """output_dir/cut_config.yaml (generation finds the template there) and <objective>_config.yaml."""
+    out = Path(cfg.output_dir)
+    cfg.save(out / "cut_config.yaml")
+    write_text_atomic(
+        out / f"{objective}_config.yaml",
+        yaml.safe_dump({"objective": objective, **dataclasses.asdict(opts)}, sort_keys=False),
+    )
+
+
+def load_policy(cfg: TrainConfig):
+    model = models.load_model(
+        cfg.base_model, cfg.precision, None, cfg.trust_remote_code, cfg.attn_implementation
+    )
+    model.config.use_cache = False
+    return model
+
+
+def build_trainer(cfg: TrainConfig, opts: DPOOptions):
+    """Validate, pair and tokenise the data, load the model and wire TRL's trainer; nothing trains yet."""
+    from datasets import Dataset
+
+    tokenizer = setup(cfg, "DPO")
+    features, counts = prepare_data(cfg, opts, tokenizer)
+    if process_rank() == 0:
+        save_configs(cfg, opts, "dpo")
+        logger.info(
+            "pairs: %(records)d records (%(positive)d positive, %(negative)d negative, %(failed_judgment)d "
+            "failed judgments left out) over %(prompts)d prompts -> %(pairs)d pairs from %(prompts_with_pairs)d "
+            "prompts (%(pairs_capped_away)d over the cap left out); too long %(too_long)d; train %(train_pairs)d",
+            counts,
+        )
+    args = dpo_arguments(cfg, opts)
+    trainer = _dpo_trainer_class(opts.rejected_tokens)(
+        model=load_policy(cfg),
+        args=args,
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
+    return trainer, counts
+
+
+def run(cfg: TrainConfig, opts: Any, build=build_trainer, objective: str = "dpo") -> dict[str, Any]:
+    """Check and lock output_dir as cut.train does (another run's folder refused unless
+    overwrite_output_dir; a second trainer into it refused; metrics.json removed at the start),
+    train and save; returns (and writes to output_dir/metrics.json, last) the run's metrics.
+    `build(cfg, opts)` -> (trainer, counts) is the recipe (DPO here, KTO in cut.baselines.kto)."""
+    cfg.validate()
+    if cfg.resume_from_checkpoint:  # save_strategy "no": there is nothing to resume from
+        raise ConfigError(
+            f"the {objective.upper()} baseline saves no checkpoints: resume_from_checkpoint is not supported"
+        )
+    if process_rank() == 0:  # rank 0 decides about the folder; other ranks may start after it wrote there
+        check_output_dir(cfg, resumable=False)  # no checkpoints: the advice is a new or cleared folder
+    lock = claim_output_dir(cfg) if process_rank() == 0 else None
+    try:
+        return _train(cfg, opts, build, objective)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, opts: Any, build, objective: str) -> dict[str, Any]:
+    trainer, counts = build(cfg, opts)
+    start = time.time()
+    result = trainer.train()
+    trainer.save_model(cfg.output_dir)  # the PeftModel's save_pretrained, plus the tokenizer
+    metrics = {
+        "counts": counts,
+        "train": result.metrics,
+        "eval": {},
+        "wall_s": round(time.time() - start, 2),
+        "log_history": trainer.state.log_history,
+        "objective": objective,
+        **dataclasses.asdict(opts),
+    }
+    if trainer.is_world_process_zero():
+        write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
+        logger.info("saved the %s adapter to %s", objective.upper(), cfg.output_dir)
+    return metrics
+
+
+def main(
+    argv: list[str] | None = None, parse=parse_config, build=build_trainer, objective: str = "dpo"
+) -> int:
+    logging.basicConfig(
+        level=logging.INFO if process_rank() == 0 else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        cfg, opts = parse(argv)
+        run(cfg, opts, build, objective)
+    except (ConfigError, DataError) as err:
+        print(f"cut.baselines.{objective}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

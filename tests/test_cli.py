@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from cut import cli
+
+from conftest import REPO
 
 CUT = Path(sys.executable).with_name("cut")
 
@@ -73,3 +76,22 @@ def test_env_reports_each_library_or_not_installed(capsys, monkeypatch):
     assert any(line.startswith("- accelerator: ") for line in lines)
     assert [line.split(":")[0] for line in lines[-len(cli.LIBRARIES) :]] == [f"- {k}" for k in cli.LIBRARIES]
     assert cli.main(["env", "--bogus"]) == 2 and "no options" in capsys.readouterr().err
+
+
+def test_old_module_paths_are_the_new_modules():
+    """Every path in cut.MOVED imports as the module that lives there now: one object, not a copy."""
+    import cut
+
+    for old, new in cut.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    assert importlib.import_module("cut.training.train").__spec__.name == "cut.training.train"
+
+
+@pytest.mark.parametrize("old", ["cut.online", "cut.train", "cut.baselines.dpo", "cut.analysis.inspect"])
+def test_old_module_paths_run_with_python_m(old):
+    """`python -m cut.online` (as the README of earlier releases says) runs the tool now in cut.loop."""
+    out = subprocess.run(
+        [sys.executable, "-m", old, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "usage:" in out.stdout and "--config" in out.stdout

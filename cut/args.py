@@ -222,9 +222,12 @@ def check_field(name: str, value: Any, f: dataclasses.Field, tp: Any) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value}")
     if plain in (int, float) and not isinstance(value, bool):
         lo, hi = meta.get("lo"), meta.get("hi")
+        lo_open, hi_open = meta.get("lo_open", False), meta.get("hi_open", False)
+        if lo is not None and hi is not None:  # a declared interval is named whole: [0, 1)
+            if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+                raise ConfigError(f"{name} must be in {_bounds(lo, hi, lo_open, hi_open)}, got {value}")
         if hi is None:
             hi = INT_MAX if plain is int else FLOAT_MAX
-        lo_open, hi_open = meta.get("lo_open", False), meta.get("hi_open", False)
         if lo is not None and (value < lo or (lo_open and value == lo)):
             raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
         if value > hi or (hi_open and value == hi):
@@ -335,6 +338,12 @@ class Options:
     # ---- checks ------------------------------------------------------------------------------
     def check(self) -> None:
         """Every option against its declaration, then the rules between options (`validate`)."""
+        self.check_fields()
+        self.validate()
+
+    def check_fields(self) -> None:
+        """Every option against its declaration alone: required ones given, finite, in range, in
+        its choices; a ConfigError names the first that is not."""
         fields = type(self).option_fields()
         missing = [
             f"--{name}"
@@ -345,7 +354,6 @@ class Options:
             raise ConfigError(f"missing required option(s): {', '.join(missing)}")
         for name, (f, tp, _path) in fields.items():
             check_field(name, self.get(name), f, tp)
-        self.validate()
 
     def validate(self) -> None:
         """Rules between options; a subclass raises ConfigError naming them."""

@@ -395,7 +395,9 @@ class Options:
             if path not in sections:
                 sections[path] = parser.add_argument_group(".".join(path))
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = "" if meta.get("required") else f" (default: {default!r})"
+            shown = (
+                "" if meta.get("required") and default in (None, "", [], {}) else f" (default: {default!r})"
+            )
             kw: dict[str, Any] = {
                 "help": f"{meta.get('help', '')}{shown}",
                 "metavar": meta.get("metavar") or name.upper(),

@@ -118,14 +118,20 @@ def opt(
     required: bool = False,
     metavar: str | None = None,
     cli: bool = True,
+    parse: Callable[[str], Any] | None = None,
+    append: bool = False,
 ) -> Any:
     """A dataclass field that is an option: its help, its range (lo / hi, inclusive unless *_open;
     numbers default to at most INT_MAX / FLOAT_MAX), its choices, extra flag spellings (`flags`,
-    e.g. ("--lora_weights",)), and whether it must be given. cli=False: YAML only (a mapping)."""
+    e.g. ("--lora_weights",)), and whether it must be given. cli=False: YAML only (a mapping).
+    parse: an argparse type (`integer`, `number`, ...) the flag's text goes through, so a refused
+    value reads `argument --x: must be ...`; a YAML or Python value is checked by it too, as text.
+    append: a list option whose flag may be repeated, each one item (`--stop A --stop B`)."""
     meta = {
         "help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
         "choices": tuple(choices) if choices is not None else None, "flags": tuple(flags),
-        "required": required, "metavar": metavar, "cli": cli,
+        "required": required, "metavar": metavar, "cli": cli, "parse": parse,
+        "append": append,
     }  # fmt: skip
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -218,6 +224,13 @@ def check_field(name: str, value: Any, f: dataclasses.Field, tp: Any) -> None:
         if meta.get("required") or not optional and plain is not str:
             raise ConfigError(f"missing required option --{name}")
         return
+    parse = meta.get("parse")
+    if parse is not None:  # the flag's own check, on the value as text (str(True) is no number)
+        try:
+            for item in value if isinstance(value, list) else [value]:
+                parse(str(item))
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"{name} {err}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number, got {value}")
     if plain in (int, float) and not isinstance(value, bool):
@@ -403,7 +416,11 @@ class Options:
                 "metavar": meta.get("metavar") or name.upper(),
             }
             plain, _ = _plain_type(tp)
-            if plain is bool:
+            if meta.get("parse") is not None:
+                kw["type"] = meta["parse"]
+            if meta.get("append"):
+                kw["action"] = "append"
+            elif plain is bool:
                 kw.update(nargs="?", const="true")
             elif meta.get("choices") and plain is str:
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"

@@ -120,18 +120,20 @@ def opt(
     cli: bool = True,
     parse: Callable[[str], Any] | None = None,
     append: bool = False,
+    nargs: str | None = None,
 ) -> Any:
     """A dataclass field that is an option: its help, its range (lo / hi, inclusive unless *_open;
     numbers default to at most INT_MAX / FLOAT_MAX), its choices, extra flag spellings (`flags`,
     e.g. ("--lora_weights",)), and whether it must be given. cli=False: YAML only (a mapping).
     parse: an argparse type (`integer`, `number`, ...) the flag's text goes through, so a refused
     value reads `argument --x: must be ...`; a YAML or Python value is checked by it too, as text.
-    append: a list option whose flag may be repeated, each one item (`--stop A --stop B`)."""
+    append: a list option whose flag may be repeated, each one item (`--stop A --stop B`).
+    nargs: argparse's, for a list option whose flag takes several words (`--runs a b`)."""
     meta = {
         "help": help, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
         "choices": tuple(choices) if choices is not None else None, "flags": tuple(flags),
         "required": required, "metavar": metavar, "cli": cli, "parse": parse,
-        "append": append,
+        "append": append, "nargs": nargs,
     }  # fmt: skip
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -424,6 +426,8 @@ class Options:
                 kw.update(nargs="?", const="true")
             elif meta.get("choices") and plain is str:
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
+            if meta.get("nargs") and plain is not bool:
+                kw["nargs"] = meta["nargs"]
             sections[path].add_argument(f"--{name}", *meta.get("flags", ()), dest=name, **kw)
         cls.add_extra_flags(parser)
         return parser

@@ -244,24 +244,35 @@ class LLMClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def cache_key(self, prompt: Prompt) -> str:
+    def cache_key(self, prompt: Prompt, temperature: float | None = None, sample: int | None = None) -> str:
+        """sha256 of what shapes an answer; temperature None is the config's; a sample k > 0 (the
+        k-th independent draw) has a key of its own, sample 0 / None the plain one."""
         c = self.config
-        parts = [c.base_url.rstrip("/"), c.model, as_messages(prompt), c.temperature, c.max_tokens]
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        t = c.temperature if temperature is None else temperature
+        parts = [c.base_url.rstrip("/"), c.model, as_messages(prompt), t, c.max_tokens]
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        return key if not sample else hashlib.sha256(f"{key} sample {sample}".encode()).hexdigest()
 
     def complete(
         self,
         prompts: Sequence[Prompt],
         progress: Progress | None = None,
         accept: Callable[[str], bool] | None = None,
+        temperature: float | None = None,
+        sample: int | None = None,
     ) -> list[Answer]:
         """One answer per prompt, in order; progress(n) ticks as n prompts get their answer.
 
         With `accept`, an answer it refuses (one the caller cannot read) is returned but never
-        cached, and a cached one it refuses is asked again: a failure is not an answer."""
+        cached, and a cached one it refuses is asked again: a failure is not an answer.
+        temperature None: the config's; sample k: the k-th independent draw (its own request and
+        cache entry; repeats of one prompt within a call are still asked once)."""
         progress = progress or (lambda n: None)
         messages = [as_messages(p) for p in prompts]
-        keys = [self.cache_key(m) for m in messages]
+        per_call = (
+            {} if temperature is None and sample is None else {"temperature": temperature, "sample": sample}
+        )
+        keys = [self.cache_key(m, **per_call) for m in messages]
         per_key = Counter(keys)
         cached = read_cache(self.config.cache_file) if self.config.cache_file else {}
         answers: dict[str, Answer] = {
@@ -271,20 +282,23 @@ class LLMClient:
         todo = {k: m for k, m in zip(keys, messages, strict=True) if k not in answers}
         logger.info("%d prompt(s) answered from the cache, %d to request", len(answers), len(todo))
         progress(sum(per_key[k] for k in answers))
-        for key, answer in self.iter_answers(todo, accept):
+        for key, answer in self.iter_answers(todo, accept, temperature):
             answers[key] = answer
             progress(per_key[key])
         return [answers[k] for k in keys]
 
     def iter_answers(
-        self, todo: dict[str, Prompt], accept: Callable[[str], bool] | None = None
+        self,
+        todo: dict[str, Prompt],
+        accept: Callable[[str], bool] | None = None,
+        temperature: float | None = None,
     ) -> Iterator[tuple[str, Answer]]:
         """(key, answer) as requests finish, at most `concurrency` in flight; answers are cached
         (those `accept` takes, with one)."""
         pool, stop = ThreadPoolExecutor(max_workers=self.config.concurrency), threading.Event()
         try:
             with _open_cache(self.config.cache_file) as cache:
-                futures = {pool.submit(self.ask, p, stop): k for k, p in todo.items()}
+                futures = {pool.submit(self.ask, p, stop, temperature): k for k, p in todo.items()}
                 for fut in as_completed(futures):
                     answer = fut.result()
                     if cache and answer[0] is not None and (accept is None or accept(answer[0])):
@@ -295,7 +309,9 @@ class LLMClient:
             stop.set()  # on ctrl-c, requests in flight give up instead of retrying on
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def ask(self, prompt: Prompt, stop: threading.Event | None = None) -> Answer:
+    def ask(
+        self, prompt: Prompt, stop: threading.Event | None = None, temperature: float | None = None
+    ) -> Answer:
         """(answer, None), or (None, why) once retries are spent or the fault is not transient."""
         import openai
 
@@ -305,7 +321,7 @@ class LLMClient:
             raw = self._openai.chat.completions.with_raw_response.create(
                 model=c.model,
                 messages=as_messages(prompt),
-                temperature=c.temperature,
+                temperature=c.temperature if temperature is None else temperature,
                 max_tokens=c.max_tokens,
             )
             content = _content(raw.http_response.content)

@@ -13,26 +13,24 @@ from cut.training.config import TrainConfig, load_yaml
 from cut.training.loss import cut_loss
 from cut.training.train import build_trainer, main, run
 
+from helpers import cli_args, tiny_train_config
+
 
 def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
-    base = dict(
-        base_model=str(tiny_model),
-        data_path=str(data),
-        output_dir=str(out),
-        batch_size=8,
-        micro_batch_size=8,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        lora_target_modules=["all-linear"],
-        lora_dropout=0.0,
-        max_steps=4,
-        save_steps=1000,
-        cutoff_len=128,
-        seed=0,
+    """Four optimiser steps on batches of 8, no checkpoint on the way."""
+    return tiny_train_config(
+        tiny_model,
+        data,
+        out,
+        **{"batch_size": 8, "micro_batch_size": 8, "max_steps": 4, "save_steps": 1000, **kw},
     )
-    base.update(kw)
-    return TrainConfig(**base)
+
+
+def whole_batch(cfg: TrainConfig):
+    """build_trainer(cfg)'s model, and its whole training set as features and as one collated batch."""
+    trainer, _ = build_trainer(cfg)
+    feats = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    return trainer.model, feats, trainer.data_collator(feats)
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -50,9 +48,7 @@ def test_cut_forward_matches_full_logits_reference(tiny_model, tiny_data, tmp_pa
         logits_chunk_size=5,
         packing=packing,
     )
-    trainer, _ = build_trainer(cfg)
-    model = trainer.model
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+    model, _, batch = whole_batch(cfg)
     out = model(**batch)
 
     lm = model.get_base_model()
@@ -246,16 +242,9 @@ def test_bad_data_stops_before_training_and_writes_nothing(tiny_model, tmp_path,
 
 
 def test_unknown_lora_target_is_a_clear_error(tiny_model, tiny_data, tmp_path, capsys):
-    args = [
-        "--base_model",
-        str(tiny_model),
-        "--data_path",
-        str(tiny_data),
-        "--output_dir",
-        str(tmp_path / "o"),
-        "--lora_target_modules",
-        "[c_attn]",
-    ]
+    args = cli_args(
+        base_model=tiny_model, data_path=tiny_data, output_dir=tmp_path / "o", lora_target_modules="[c_attn]"
+    )
     assert main(args) == 2
     assert "match no module" in capsys.readouterr().err
 
@@ -314,12 +303,9 @@ def test_npo_on_spans_against_a_naive_reference(tiny_model, tmp_path, packing):
         weight_align_n=0.0,
         packing=packing,
     )
-    trainer, _ = build_trainer(cfg)
-    model = trainer.model
+    model, feats, batch = whole_batch(cfg)
     _randomise_lora(model, seed=2)
     model.eval()
-    feats = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batch = trainer.data_collator(feats)
     negatives = [f for f in feats if f["judged_ids"]]
     assert negatives and all(f["span_mask"] for f in negatives)
     assert len(batch["seq_role"]) == len(feats), "a spanned negative has no judged sequence"

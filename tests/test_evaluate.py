@@ -36,6 +36,7 @@ from cut.evaluation.aspects import (
 from cut.evaluation.evaluate import (
     SAFETY_DATASETS,
     EvaluateConfig,
+    EvaluateOptions,
     ask_all,
     main,
     run_judged,
@@ -1440,3 +1441,46 @@ def test_compare_leaves_skipped_na_out_of_the_paired_differences(tmp_path):
     want = [min(5, scores_for(i)["depth"] + 1) - scores_for(i)["depth"] for i in range(6) if i not in (1, 4)]
     assert depth["n"] == 4 and depth["mean"] == pytest.approx(sum(want) / 4, abs=1e-4)
     assert cmp["runs"][1]["difference"]["clarity"]["n"] == 6
+
+
+# --------------------------------------------------------------------------------------------
+# the command line's options (cut.args): flags, --config, cross-option rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_options_from_flags_and_a_config_file(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        "mode: score\ninput_file: gen.json\ngroup_by: none\n"
+        "judge: {judge: openai, base_url: 'http://127.0.0.1:9/v1', model: m, timeout: 30}\n"
+    )
+    opts = EvaluateOptions.parse(["--config", str(config), "--output_dir", "out", "--seed", "7"])
+    cfg, judge = opts.configs()
+    assert (cfg.mode, cfg.output_dir, cfg.seed, cfg.group_by) == ("score", "out", 7, ())
+    assert (judge.kind, judge.model, judge.timeout, judge.max_tokens) == ("openai", "m", 30.0, 1024)
+    argv = ["--mode", "compare", "--runs", "r1", "r2", "--output_dir", "o", "--labels", "a,b"]
+    want = EvaluateConfig(mode="compare", output_dir="o", runs=("r1", "r2"), labels=("a", "b"))
+    assert EvaluateOptions.parse(argv).configs() == (want, None)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--mode", "score", "--output_dir", "o", "--input_file", "x"],
+            "needs --judge openai or --judge local",
+        ),
+        (["--mode", "compare", "--output_dir", "o", "--runs", "a"], "--runs (two or more run folders)"),
+        (["--mode", "compare", "--output_dir", "o", "--runs", "a", "b", "--labels", "x"], "--labels gives 1"),
+        (["--output_dir", "o"], "missing required option(s): --mode"),
+        (
+            ["--mode", "score", "--output_dir", "o", "--min_score", "6"],
+            "argument --min_score: must be in [1, 5]",
+        ),
+    ],
+)
+def test_options_refuse_what_does_not_go_together(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        EvaluateOptions.parse(argv, prog="cut.evaluate")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1, err

@@ -78,8 +78,8 @@ def no_model(monkeypatch) -> None:
     def fail(*a, **k):
         pytest.fail("a model was loaded or a judge made")
 
-    monkeypatch.setattr(cut.models, "load_model", fail)
-    monkeypatch.setattr(cut.models, "load_tokenizer", fail)
+    monkeypatch.setattr(cut.modeling.loading, "load_model", fail)
+    monkeypatch.setattr(cut.modeling.loading, "load_tokenizer", fail)
     monkeypatch.setattr(judge, "make_judge", fail)
     monkeypatch.setattr(evaluate, "make_judge", fail)
 
@@ -161,7 +161,9 @@ def test_judge_refuses_a_bad_number_at_parse_time(option, value, fake, tmp_path,
 def test_edge_values_still_parse():
     ok = ["--parse_retries", "0", "--seed", "0", "--max_retries", "0", "--backoff", "0"]
     ok += ["--min_score", "1", "--positive_score", "5", "--seed", str(2**32 - 1), "--limit", "1"]
-    args = evaluate.build_parser().parse_args(["--mode", "score", "--output_dir", "o", *ok])
+    args = evaluate.EvaluateOptions.build_parser("cut.evaluate").parse_args(
+        ["--mode", "score", "--output_dir", "o", *ok]
+    )
     assert (args.seed, args.parse_retries, args.backoff, args.min_score) == (2**32 - 1, 0, 0.0, 1.0)
     args = judge.build_parser().parse_args(
         ["--input_file", "i", "--output_file", "o.json", "--judge", "reference", "--max_retries", "0"]

@@ -72,13 +72,13 @@ import random
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from cut.args import SEED, Parser, integer, number
+from cut.args import SEED, Options, group, integer, number, opt, run_cli
 from cut.data.files import check_apart, check_writable, write_json_atomic
 from cut.data.records import check_object, read_raw, text_field
 from cut.errors import ConfigError, DataError, ParseError
@@ -1042,124 +1042,8 @@ def write_judgments(rows: list[dict], rub: Rubric, name: str, cfg: EvaluateConfi
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cut.evaluation.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--mode", required=True, choices=MODES)
-    p.add_argument("--output_dir", required=True, help="results.json, summary.json, report.md, report.png")
-    p.add_argument(
-        "--input_file", help="score / safety: answers to evaluate (cut.generate's, AlpacaEval format)"
-    )
-    p.add_argument("--output_a", help="pairwise: the A side's answers")
-    p.add_argument("--output_b", help="pairwise: the B side's answers to the same instructions")
-    p.add_argument("--runs", nargs="+", default=[], help="compare: two or more score / safety output_dirs")
-    p.add_argument("--labels", default="", help="compare: comma-separated names of the runs")
-    p.add_argument(
-        "--prompt_file",
-        help="a rubric prompt: ours, or Just-Eval's / URIAL's template file unchanged (default: built in)",
-    )
-    p.add_argument(
-        "--prompt_format",
-        choices=PROMPT_FORMATS,
-        default="auto",
-        help="the prompt file's placeholders: cut {instruction}, just-eval ${instruction}, urial "
-        "{$instruction} (auto: from the file)",
-    )
-    p.add_argument(
-        "--aspects",
-        help="comma-separated aspects to read (default: those the prompt's reply shape lists, else the mode's)",
-    )
-    p.add_argument(
-        "--na_score",
-        type=_na_score,
-        default=NA_DEFAULT,
-        help="score / safety: what an 'N/A' score counts as: a number 1-5 (default 5, as Just-Eval), "
-        "'skip' (no score for that aspect) or 'fail' (an unreadable reply)",
-    )
-    p.add_argument(
-        "--safety_framing",
-        choices=SAFETY_FRAMINGS,
-        help="safety, built-in prompt: present the request as malicious, as Just-Eval does (default), or neutral",
-    )
-    p.add_argument(
-        "--subset",
-        choices=SUBSETS,
-        default="auto",
-        help="records by their `dataset`: safety (Just-Eval-Instruct's red-teaming sources), regular "
-        "(the others), all; auto: Just-Eval's split of a file that holds both, else all",
-    )
-    p.add_argument(
-        "--safety_datasets",
-        default=",".join(SAFETY_DATASETS),
-        help="comma-separated `dataset` values of the safety subset",
-    )
-    p.add_argument("--system_prompt", help="a system message sent before every question (default: none)")
-    p.add_argument(
-        "--parse_retries",
-        type=integer(0, MAX_PARSE_RETRIES),
-        default=2,
-        help="re-asks of an unreadable reply",
-    )
-    p.add_argument("--seed", type=SEED, default=0, help="the pairwise swap and the bootstrap")
-    p.add_argument(
-        "--resamples", type=integer(1, MAX_RESAMPLES), default=intervals.RESAMPLES, help="bootstrap samples"
-    )
-    p.add_argument(
-        "--group_by", help="comma-separated fields to break down by; 'none' for none (default: automatic)"
-    )
-    p.add_argument("--limit", type=integer(1, MAX_LIMIT), help="only the first N records")
-    p.add_argument("--to_judgments", help="score / safety: write CUT training records (.json) here")
-    p.add_argument(
-        "--min_score", type=SCORE, default=3, help="to_judgments: an aspect below this is a negative"
-    )
-    p.add_argument(
-        "--positive_score", type=SCORE, default=4, help="to_judgments: all aspects at least this: positive"
-    )
-    j = p.add_argument_group("judge (cut.judge's options)")
-    j.add_argument(
-        "--judge", choices=["openai", "local"], help="an OpenAI-compatible endpoint or a local model"
-    )
-    j.add_argument("--base_url", help="openai: the API root, e.g. http://localhost:8000/v1")
-    j.add_argument("--model", help="openai: the model name; local: a model folder")
-    j.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    j.add_argument(
-        "--concurrency", type=JUDGE_TYPES["concurrency"], default=8, help="openai: requests in flight at most"
-    )
-    j.add_argument(
-        "--timeout", type=JUDGE_TYPES["timeout"], default=120.0, help="openai: seconds per request"
-    )
-    j.add_argument(
-        "--max_retries",
-        type=JUDGE_TYPES["max_retries"],
-        default=5,
-        help="openai: retries of a transient fault",
-    )
-    j.add_argument(
-        "--backoff",
-        type=JUDGE_TYPES["backoff"],
-        default=1.0,
-        help="openai: first retry delay in seconds (doubles)",
-    )
-    j.add_argument(
-        "--max_tokens", type=JUDGE_TYPES["max_tokens"], default=1024, help="openai: max_tokens of a reply"
-    )
-    j.add_argument("--cache_file", help="openai: reply cache (default <output_dir>/cache.jsonl; '' for none)")
-    j.add_argument(
-        "--batch_size", type=JUDGE_TYPES["batch_size"], default=8, help="local: prompts per generate call"
-    )
-    j.add_argument(
-        "--max_new_tokens",
-        type=JUDGE_TYPES["max_new_tokens"],
-        default=512,
-        help="local: tokens per reply at most",
-    )
-    j.add_argument(
-        "--verdict",
-        choices=VERDICTS,
-        default="generate",
-        help="local: read the judge's decoded JSON (generate) or, per aspect, its next-token "
-        "probabilities of 1-5 / A, B, tie (probabilities: for judges too small to write the JSON)",
-    )
-    return p
+PROG = "cut.evaluation.evaluate"
+JUDGES = ("openai", "local")
 
 
 def _na_score(text: str) -> float | str:
@@ -1169,89 +1053,138 @@ def _na_score(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(err).removeprefix("na_score ")) from None
 
 
-def _names(text: str | None) -> tuple[str, ...]:
-    return tuple(s.strip() for s in (text or "").split(",") if s.strip())
+@dataclass
+class JudgeFlags(Options):
+    """The judge's options (cut.judge's JudgeConfig; kind is --judge) and how its verdict is read."""
+
+    judge: str | None = opt(None, "an OpenAI-compatible endpoint or a local model", choices=JUDGES)
+    base_url: str | None = opt(None, "openai: the API root, e.g. http://localhost:8000/v1")
+    model: str | None = opt(None, "openai: the model name; local: a model folder")
+    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the API key")
+    concurrency: int = opt(8, "openai: requests in flight at most", parse=JUDGE_TYPES["concurrency"])
+    timeout: float = opt(120.0, "openai: seconds per request", parse=JUDGE_TYPES["timeout"])
+    max_retries: int = opt(5, "openai: retries of a transient fault", parse=JUDGE_TYPES["max_retries"])
+    backoff: float = opt(1.0, "openai: first retry delay in seconds (doubles)", parse=JUDGE_TYPES["backoff"])
+    max_tokens: int = opt(1024, "openai: max_tokens of a reply", parse=JUDGE_TYPES["max_tokens"])
+    cache_file: str | None = opt(None, "openai: reply cache (None: <output_dir>/cache.jsonl; '' for none)")
+    batch_size: int = opt(8, "local: prompts per generate call", parse=JUDGE_TYPES["batch_size"])
+    max_new_tokens: int = opt(512, "local: tokens per reply at most", parse=JUDGE_TYPES["max_new_tokens"])
+    verdict: str = opt(
+        "generate",
+        "local: read the judge's decoded JSON (generate) or, per aspect, its next-token "
+        "probabilities of 1-5 / A, B, tie (probabilities: for judges too small to write the JSON)",
+        choices=VERDICTS,
+    )
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[EvaluateConfig, JudgeConfig | None]:
-    group_by = (
-        None
-        if args.group_by is None
-        else ()
-        if args.group_by.strip().lower() == "none"
-        else _names(args.group_by)
+@dataclass
+class EvaluateOptions(Options):
+    """Multi-aspect scoring and pairwise comparison of answers by an LLM judge (Just-Eval style)."""
+
+    mode: str = opt(
+        "",
+        "score / safety: each answer alone; pairwise: A against B; compare: runs side by side",
+        choices=MODES,
+        required=True,
     )
-    cfg = EvaluateConfig(
-        mode=args.mode,
-        output_dir=args.output_dir,
-        input_file=args.input_file,
-        output_a=args.output_a,
-        output_b=args.output_b,
-        runs=tuple(args.runs),
-        labels=_names(args.labels),
-        prompt_file=args.prompt_file,
-        prompt_format=args.prompt_format,
-        aspects=_names(args.aspects),
-        na_score=args.na_score,
-        safety_framing=args.safety_framing,
-        subset=args.subset,
-        safety_datasets=_names(args.safety_datasets),
-        system_prompt=args.system_prompt,
-        parse_retries=args.parse_retries,
-        seed=args.seed,
-        resamples=args.resamples,
-        group_by=group_by,
-        limit=args.limit,
-        to_judgments=args.to_judgments,
-        min_score=args.min_score,
-        positive_score=args.positive_score,
-        verdict=args.verdict,
+    output_dir: str = opt("", "results.json, summary.json, report.md, report.png", required=True)
+    input_file: str | None = opt(
+        None, "score / safety: answers to evaluate (cut.generate's, AlpacaEval format)"
     )
-    if cfg.mode == "compare":
-        return cfg, None
-    if not args.judge:
-        raise ConfigError(f"mode {cfg.mode} needs --judge openai or --judge local")
-    options = (
-        "base_url",
-        "model",
-        "api_key_env",
-        "concurrency",
-        "timeout",
-        "max_retries",
-        "backoff",
-        "max_tokens",
+    output_a: str | None = opt(None, "pairwise: the A side's answers")
+    output_b: str | None = opt(None, "pairwise: the B side's answers to the same instructions")
+    runs: list[str] = opt([], "compare: two or more score / safety output_dirs", nargs="+")
+    labels: list[str] = opt([], "compare: comma-separated names of the runs")
+    prompt_file: str | None = opt(
+        None,
+        "a rubric prompt: ours, or Just-Eval's / URIAL's template file unchanged; None: the built-in one",
     )
-    judge = JudgeConfig(
-        kind=args.judge,
-        cache_file=args.cache_file,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        **{o: getattr(args, o) for o in options},
+    prompt_format: str = opt(
+        "auto",
+        "the prompt file's placeholders: cut {instruction}, just-eval ${instruction}, urial "
+        "{$instruction} (auto: from the file)",
+        choices=PROMPT_FORMATS,
     )
-    check_verdict(judge, cfg.verdict)
-    return cfg, judge
+    aspects: list[str] = opt(
+        [], "comma-separated aspects to read; []: those the prompt's reply shape lists, else the mode's"
+    )
+    na_score: float | str = opt(
+        NA_DEFAULT,
+        "score / safety: what an 'N/A' score counts as: a number 1-5 (5, as Just-Eval), "
+        "'skip' (no score for that aspect) or 'fail' (an unreadable reply)",
+        parse=_na_score,
+    )
+    safety_framing: str | None = opt(
+        None,
+        "safety, built-in prompt: present the request as malicious, as Just-Eval does (None: so), or neutral",
+        choices=SAFETY_FRAMINGS,
+    )
+    subset: str = opt(
+        "auto",
+        "records by their `dataset`: safety (Just-Eval-Instruct's red-teaming sources), regular "
+        "(the others), all; auto: Just-Eval's split of a file that holds both, else all",
+        choices=SUBSETS,
+    )
+    safety_datasets: list[str] = opt(
+        list(SAFETY_DATASETS), "comma-separated `dataset` values of the safety subset"
+    )
+    system_prompt: str | None = opt(None, "a system message sent before every question")
+    parse_retries: int = opt(2, "re-asks of an unreadable reply", parse=integer(0, MAX_PARSE_RETRIES))
+    seed: int = opt(0, "the pairwise swap and the bootstrap", parse=SEED, hi=2**32 - 1)
+    resamples: int = opt(intervals.RESAMPLES, "bootstrap samples", parse=integer(1, MAX_RESAMPLES))
+    group_by: list[str] | None = opt(
+        None, "comma-separated fields to break down by; 'none' for none; None: automatic"
+    )
+    limit: int | None = opt(None, "only the first N records", parse=integer(1, MAX_LIMIT))
+    to_judgments: str | None = opt(None, "score / safety: write CUT training records (.json) here")
+    min_score: float = opt(3, "to_judgments: an aspect below this is a negative", parse=SCORE)
+    positive_score: float = opt(4, "to_judgments: all aspects at least this: positive", parse=SCORE)
+    judge: JudgeFlags = group(JudgeFlags)
+
+    def validate(self) -> None:
+        self.configs()
+
+    def configs(self) -> tuple[EvaluateConfig, JudgeConfig | None]:
+        """The run's EvaluateConfig and (but for mode compare) its JudgeConfig; ConfigError names
+        the options that do not go together."""
+        names = {f.name for f in fields(EvaluateConfig)}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in self.flat().items() if k in names}
+        group_by = self.group_by
+        if group_by is not None:
+            none = [g.strip().lower() for g in group_by] == ["none"]
+            given["group_by"] = () if none else _names(group_by)
+        cfg = EvaluateConfig(
+            **{**given, **{k: _names(getattr(self, k)) for k in ("labels", "aspects", "safety_datasets")}}
+        )
+        if cfg.mode == "compare":
+            return cfg, None
+        j = self.judge
+        if not j.judge:
+            raise ConfigError(f"mode {cfg.mode} needs --judge openai or --judge local")
+        kept = {f.name for f in fields(JudgeConfig)} - {"kind", "prompt_file"}
+        judge = JudgeConfig(kind=j.judge, **{k: v for k, v in asdict(j).items() if k in kept})
+        check_verdict(judge, cfg.verdict)
+        return cfg, judge
+
+
+def _names(items: Sequence[str]) -> tuple[str, ...]:
+    return tuple(s.strip() for s in items if s.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    quiet_http_logs()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg, judge = configs_from_args(args)
-    except ConfigError as err:
-        parser.error(str(err))  # exits 2
-    try:
-        if cfg.mode == "compare":
-            from cut.evaluation.report import compare_runs
+    opts = EvaluateOptions.parse(argv, prog=PROG)
+    return run_cli(PROG, lambda: evaluate(*opts.configs()))
 
-            compare_runs(cfg.runs, cfg.labels, cfg.output_dir, cfg.seed, cfg.resamples)
-        else:
-            run_judged(cfg, judge)
-    except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
-        print(f"cut.evaluation.evaluate: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+def evaluate(cfg: EvaluateConfig, judge: JudgeConfig | None) -> None:
+    """A run of the command line: mode compare, or a judged mode."""
+    quiet_http_logs()
+    if cfg.mode == "compare":
+        from cut.evaluation.report import compare_runs
+
+        compare_runs(cfg.runs, cfg.labels, cfg.output_dir, cfg.seed, cfg.resamples)
+    else:
+        run_judged(cfg, judge)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from cut.training.trainer import (
     use_packed_attention,
 )
 
+from helpers import tiny_train_config
+
 V = 96
 WINDOW = 4  # sliding window, far shorter than the sequences below
 
@@ -270,25 +272,9 @@ def test_an_architecture_that_mixes_packed_sequences_trains_padded(batches, capl
 
 
 def _train(tiny_model, data, out, packing, **extra):
-    from cut.training.config import TrainConfig
     from cut.training.train import run
 
-    cfg = TrainConfig(
-        base_model=str(tiny_model),
-        data_path=str(data),
-        output_dir=str(out),
-        learning_rate=1e-2,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        lora_target_modules=["all-linear"],
-        lora_dropout=0.0,
-        save_steps=1000,
-        cutoff_len=128,
-        seed=0,
-        packing=packing,
-        **extra,
-    )
-    metrics = run(cfg)
+    metrics = run(tiny_train_config(tiny_model, data, out, save_steps=1000, packing=packing, **extra))
     assert load_yaml(out / "cut_config.yaml")["packing"] is packing
     return [h["loss"] for h in metrics["log_history"] if "loss" in h], metrics
 

@@ -27,6 +27,7 @@ from cut.training.train import LOCK_NAME, main, output_dir_in_use, run
 from cut.training.trainer import STAGING, checkpoint_complete, list_checkpoints
 
 from conftest import REPO
+from helpers import start, tiny_train_config
 
 # the real cut.train CLI, with marker lines so a test can kill it during a step or a save:
 # "STEP n" as an optimiser step's micro-batch starts, "SAVING n" mid-save (after the model and
@@ -57,24 +58,9 @@ DRIVER = textwrap.dedent(
 
 
 def tiny_config(tiny_model, data, out, **kw) -> TrainConfig:
-    base = dict(
-        base_model=str(tiny_model),
-        data_path=str(data),
-        output_dir=str(out),
-        batch_size=4,
-        micro_batch_size=2,
-        learning_rate=1e-2,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        lora_target_modules=["all-linear"],
-        lora_dropout=0.0,
-        max_steps=4,
-        save_steps=2,
-        cutoff_len=128,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """Four optimiser steps of two micro-batches of 2, a checkpoint every second step."""
+    base = {"batch_size": 4, "micro_batch_size": 2, "max_steps": 4, "save_steps": 2}
+    return tiny_train_config(tiny_model, data, out, **{**base, **kw})
 
 
 def write_config(path: Path, cfg: TrainConfig) -> Path:
@@ -85,16 +71,7 @@ def write_config(path: Path, cfg: TrainConfig) -> Path:
 def launch(tmp: Path, args: list[str], pause: float = 0.0) -> subprocess.Popen:
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, str(driver), str(pause), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start([str(driver), str(pause), *args])
 
 
 def wait_for(proc: subprocess.Popen, marker: str, timeout: float = 180) -> list[str]:

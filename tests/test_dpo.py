@@ -19,6 +19,7 @@ from cut.training.config import TrainConfig
 from cut.training.dpo import DPOOptions, build_pairs, build_trainer, main, parse_config, run
 
 from conftest import TINY_RECORDS
+from helpers import tiny_train_config
 
 # prompt A: 2 positives x 3 negatives = 6 combinations; B: only positives; C: only negatives;
 # D: one pair, plus a failed judgment (judge_error) and an '$ERROR$' one that must not count
@@ -69,23 +70,9 @@ def test_pairs_counts_caps_and_determinism():
 
 
 def tiny_dpo_config(model, data, out, **kw) -> TrainConfig:
-    base = dict(
-        base_model=str(model),
-        data_path=str(data),
-        output_dir=str(out),
-        batch_size=2,
-        micro_batch_size=2,
-        learning_rate=5e-3,
-        warmup_steps=0,
-        lr_scheduler="constant",
-        lora_target_modules=["all-linear"],
-        lora_dropout=0.0,
-        max_steps=3,
-        cutoff_len=128,
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """Three optimiser steps on batches of 2 at a learning rate of 5e-3."""
+    base = {"batch_size": 2, "micro_batch_size": 2, "learning_rate": 5e-3, "max_steps": 3}
+    return tiny_train_config(model, data, out, **{**base, **kw})
 
 
 @pytest.mark.parametrize("chat", [False, True])

@@ -402,3 +402,24 @@ def test_dataset_config_and_split_options():
     )
     assert (cfg.data_path, cfg.dataset_config, cfg.dataset_split) == ("org/data", "alt", "test")
     assert TrainConfig().dataset_split == "train"
+
+
+def test_ranges_and_choices_are_declared_on_the_fields():
+    """TrainConfig is a cut.args Options: each field's range / choices are checked by the generic
+    layer; `rules` keeps what no single declaration says; required paths are validate's."""
+    from cut.args import Options
+
+    assert issubclass(TrainConfig, Options)
+    assert TrainConfig.option_fields()["lora_dropout"][0].metadata["hi_open"] is True
+    with pytest.raises(ConfigError, match=r"lora_dropout must be in \[0, 1\), got 1.0"):
+        valid(lora_dropout=1.0).check_values()
+    with pytest.raises(ConfigError, match="combine must be one of mean, sum; got 'x'"):
+        valid(combine="x").check_values()
+    with pytest.raises(ConfigError, match="downsample must be -1"):
+        valid(downsample=-2).check_values()
+    TrainConfig(base_model="").check_values()  # values alone: the missing paths are validate's
+    with pytest.raises(ConfigError, match="missing required option"):
+        TrainConfig(base_model="").validate()
+    assert TrainConfig.parse(["--lora_r", "4", "--num_train_epochs", "2"], prog="t") == TrainConfig(
+        lora_r=4, num_epochs=2
+    )

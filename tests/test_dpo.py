@@ -139,10 +139,27 @@ def test_end_to_end_adapter_metrics_and_merge(tiny_model, tiny_data, tmp_path):
     assert (peft_logits - merged_logits).abs().max().item() < 1e-4
 
 
+def test_every_loss_setting_is_ignored_by_dpo(tmp_path, caplog):
+    """A new CUTLossConfig field is a TrainConfig option DPO has no use for: it is in IGNORED
+    (derived from the loss config, not a hand list) and named in the 'ignores' line."""
+    import dataclasses
+
+    from cut.training import dpo
+    from cut.training.loss import CUTLossConfig
+
+    names = [f.name for f in dataclasses.fields(CUTLossConfig)]
+    assert {"weight_unflagged", "weight_align_n", "npo_beta"} <= set(names) <= set(dpo.IGNORED)
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({n: getattr(TrainConfig(), n) for n in names}))
+    with caplog.at_level("INFO", logger="cut.training.dpo"):
+        parse_config(["--config", str(conf)])
+    assert all(f"{n}=" in caplog.text for n in names)
+
+
 def test_parse_config_reads_cut_yaml_and_dpo_keys(tmp_path, caplog):
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump({"base_model": "m", "threshold": 2.0, "dpo_beta": 0.3, "seed": 7}))
-    with caplog.at_level("INFO", logger="cut.baselines.dpo"):
+    with caplog.at_level("INFO", logger="cut.training.dpo"):
         cfg, opts = parse_config(["--config", str(conf), "--max_pairs_per_prompt", "2"])
     assert (cfg.seed, cfg.threshold, opts.beta, opts.max_pairs_per_prompt) == (7, 2.0, 0.3, 2)
     assert "ignores the CUT-only option(s): threshold=2.0" in caplog.text

@@ -769,3 +769,25 @@ def test_unpaired_negative_uses_spans_only():
     want = -(math.log(0.6) + math.log(0.5)) / 2
     assert out.loss.item() == pytest.approx(want, rel=1e-5)
     assert out.flagged.item() == pytest.approx(2 / 3)
+
+
+def test_loss_config_is_cut_loss_with_its_settings_and_reads_train_config():
+    """CUTLossConfig binds cut_loss's settings once: calling it is cut_loss with those settings;
+    from_train takes every one from the TrainConfig field of the same name."""
+    import dataclasses
+
+    from cut.training.config import TrainConfig
+    from cut.training.loss import CUTLossConfig
+
+    logp = torch.log(torch.tensor([0.5, 0.4, 0.2, 0.3]))
+    role, partner = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 0, 1, 1])
+    settings = dict(threshold=1.2, weight_unlike=0.5, combine="sum", gamma=1.0, weight_unflagged=0.5)
+    got = CUTLossConfig(**settings)(logp, role, partner)
+    assert got.loss.item() == pytest.approx(cut_loss(logp, role, partner, **settings).loss.item())
+    cfg = TrainConfig(threshold=2.0, weight_unlike=0.3, unlikelihood="npo", npo_beta=2.0, misalign=False)
+    loss = CUTLossConfig.from_train(cfg)
+    assert {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss)} == {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(loss)
+    }
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loss.threshold = 1.0  # type: ignore[misc]

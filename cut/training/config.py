@@ -9,122 +9,127 @@ TRL options that mean nothing here (--push_to_hub, ...) are refused with what to
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
-from cut.args import FLOAT_MAX, INT_MAX, Parser, integer
+from cut.args import FLOAT_MAX, INT_MAX, Options, Parser, check_field, coerce_value, integer, opt, parse_bool
+from cut.args import load_yaml as read_yaml
 from cut.data.files import check_writable
 from cut.errors import ConfigError
 from cut.modeling.loading import DTYPES, canonical_dtype
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A field with its help text; numbers may add their range: lo, hi (default INT_MAX / FLOAT_MAX)
-    and lo_open (lo itself refused)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass
-class TrainConfig:
-    # model / data
-    base_model: str = _f("", "Hugging Face model folder or name of any causal LM (required).")
-    data_path: str = _f(
+class TrainConfig(Options):
+    """Every option of cut.train, one flat dataclass: its fields are the flags and the YAML keys
+    (flat, as every shipped config and the saved cut_config.yaml hold them). The comments group
+    them as the issue's model / data / lora / optim / run / loss sections would; sections are not
+    used because the saved config must stay flat and `TrainConfig(**flat)` is the record format."""
+
+    DESCRIPTION: ClassVar[str] = (
+        "Contrastive Unlikelihood Training. Flags override --config; unknown flags are errors."
+    )
+
+    # ---- model / data
+    base_model: str = opt("", "Hugging Face model folder or name of any causal LM (required).", required=True)
+    data_path: str = opt(
         "",
         "Judgment data (required): .json list, .jsonl, or a `datasets` folder / name; records are "
         "instruction/output, chat `messages`, or prompt/completion(/label) (README: Data format).",
+        required=True,
     )
-    dataset_config: str = _f(
+    dataset_config: str = opt(
         "", "The config (subset) of a `datasets` name or folder with several; empty = its default."
     )
-    dataset_split: str = _f("train", "The split of a `datasets` name or folder to train on.")
-    output_dir: str = _f("saved_models/cut-lora", "Where the adapter (or full model), config and metrics go.")
-    # training hyper-parameters
-    batch_size: int = _f(
+    dataset_split: str = opt("train", "The split of a `datasets` name or folder to train on.")
+    output_dir: str = opt(
+        "saved_models/cut-lora", "Where the adapter (or full model), config and metrics go.", required=True
+    )
+    # ---- optim: batch, schedule
+    batch_size: int = opt(
         128, "Global batch size in records: micro_batch_size x accumulation x processes.", lo=1
     )
-    micro_batch_size: int = _f(
+    micro_batch_size: int = opt(
         8, "Records per process per forward (a negative record is two sequences).", lo=1
     )
-    num_epochs: float = _f(1.0, "Training epochs.")
-    learning_rate: float = _f(3e-4, "Peak learning rate.", lo=0, lo_open=True)
-    cutoff_len: int = _f(4096, "Maximum tokens of one sequence; prompts are cut from the left to fit.", lo=2)
-    val_set_size: float = _f(
+    num_epochs: float = opt(1.0, "Training epochs.")
+    learning_rate: float = opt(3e-4, "Peak learning rate.", lo=0, lo_open=True)
+    cutoff_len: int = opt(4096, "Maximum tokens of one sequence; prompts are cut from the left to fit.", lo=2)
+    val_set_size: float = opt(
         0, "Held-out records for evaluation: a count, or a fraction if < 1. 0 = none.", hi=INT_MAX
     )
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule (any transformers scheduler name).")
-    warmup_steps: int = _f(100, "Linear warm-up steps.", lo=0)
-    warmup_ratio: float = _f(
-        0.0, "Warm-up as a fraction of all optimiser steps (0 < r < 1); replaces warmup_steps."
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule (any transformers scheduler name).")
+    warmup_steps: int = opt(100, "Linear warm-up steps.", lo=0)
+    warmup_ratio: float = opt(
+        0.0,
+        "Warm-up as a fraction of all optimiser steps (0 < r < 1); replaces warmup_steps.",
+        lo=0,
+        hi=1,
+        hi_open=True,
     )
-    # lora
-    lora_r: int = _f(16, "LoRA rank.", lo=1)
-    lora_alpha: int = _f(16, "LoRA alpha.", lo=0, lo_open=True)
-    lora_dropout: float = _f(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] = _f(
+    # ---- lora
+    lora_r: int = opt(16, "LoRA rank.", lo=1)
+    lora_alpha: int = opt(16, "LoRA alpha.", lo=0, lo_open=True)
+    lora_dropout: float = opt(0.05, "LoRA dropout.", lo=0, hi=1, hi_open=True)
+    lora_target_modules: list[str] = opt(
         ["gate_proj", "down_proj", "up_proj"],
         "Module names LoRA wraps, e.g. [q_proj,v_proj]; 'all-linear' for every linear layer but the head.",
     )
-    full_finetune: bool = _f(False, "Train all weights instead of a LoRA adapter.")
-    # llm
-    train_on_inputs: bool = _f(False, "Also apply MLE to prompt tokens of the MLE contexts.")
-    add_eos_token: bool = _f(True, "End every response with the tokenizer's EOS token.")
-    group_by_length: bool = _f(False, "Batch records of similar length together (less padding).")
-    packing: bool = _f(
+    full_finetune: bool = opt(False, "Train all weights instead of a LoRA adapter.")
+    # ---- data: tokenising and batching
+    train_on_inputs: bool = opt(False, "Also apply MLE to prompt tokens of the MLE contexts.")
+    add_eos_token: bool = opt(True, "End every response with the tokenizer's EOS token.")
+    group_by_length: bool = opt(False, "Batch records of similar length together (less padding).")
+    packing: bool = opt(
         True,
         "Pack each micro-batch's sequences into one row without padding (position_ids restart per "
         "sequence, attention kept inside each); false: right-padded rows.",
     )
-    prompt_template_name: str = _f(
+    prompt_template_name: str = opt(
         "alpaca", "alpaca | chat (the tokenizer's chat template) | path to a .json template."
     )
-    # cut
-    weight_unlike: float = _f(0.1, "alpha: weight of the unlikelihood term on flagged tokens.", lo=0)
-    threshold: float = _f(
+    # ---- loss (CUTLossConfig in cut.training.loss) and which records train
+    weight_unlike: float = opt(0.1, "alpha: weight of the unlikelihood term on flagged tokens.", lo=0)
+    threshold: float = opt(
         1.1, "A plain-context token is flagged when p(y|x,j) / p(y|x) exceeds this.", lo=0, lo_open=True
     )
-    downsample: float = _f(-1, "Keep r x n_negatives positives (sampled with the seed); -1 keeps all.")
-    combine: str = _f(
+    downsample: float = opt(-1, "Keep r x n_negatives positives (sampled with the seed); -1 keeps all.")
+    combine: str = opt(
         "mean", "mean: (MLE+UL)/2 as the released code; sum: MLE+UL as the paper.", choices=("mean", "sum")
     )
-    flag_source: str = _f(
+    flag_source: str = opt(
         "ratio",
         "Which plain-context tokens of a negative get the unlikelihood: ratio (p(y|x,j)/p(y|x) > threshold, "
         "the paper) | spans (the tokens overlapping the record's `spans`; the ratio where a record has none) "
         "| both (either).",
         choices=("ratio", "spans", "both"),
     )
-    misalign: bool = _f(
+    misalign: bool = opt(
         True,
         "false: leave out every negative's plain-context (Misalign-N) sequence, so negatives train only "
         "(x, j) -> y by MLE: judgment-conditioned MLE, the hindsight-style ablation the paper argues against.",
     )
-    weight_unflagged: float = _f(
+    weight_unflagged: float = opt(
         1.0,
         "Weight of the MLE on a negative's unflagged plain-context tokens: 1 = the paper; 0 = a "
         "negative's plain context trains only its flagged tokens (by unlikelihood). Each term is a weighted mean, so a "
         "weight-0 token is as if absent.",
         lo=0,
     )
-    weight_align_n: float = _f(
+    weight_align_n: float = opt(
         1.0,
         "Weight of the MLE on a negative's judged context (x, j) -> y (Align-N): 1 = the paper; 0 = the "
         "judged context only supplies p(y|x,j) for the ratio, so no failing response is trained by MLE (a weighted "
         "mean: a weight-0 token is as if absent).",
         lo=0,
     )
-    gamma: float = _f(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.", lo=0)
-    unlikelihood: str = _f(
+    gamma: float = opt(0.0, "Weight the unlikelihood of a flagged token by p(y|x,j)^gamma; 0 = off.", lo=0)
+    unlikelihood: str = opt(
         "ul",
         "What a flagged token gets: ul (the paper's -alpha*log(1-p(y|x)), whose push fades as p falls) | "
         "npo (alpha*(2/beta)*log(1+(p/p_ref)^beta) per token, anchored to the adapter-free model of the "
@@ -132,71 +137,69 @@ class TrainConfig:
         "the reference; LoRA only).",
         choices=("ul", "npo"),
     )
-    npo_beta: float = _f(
+    npo_beta: float = opt(
         1.0,
         "beta of unlikelihood npo: how far (in 1/beta nats) a flagged token is pushed.",
         lo=0,
         lo_open=True,
     )
-    score_threshold: float = _f(7.0, "A record whose 'score' is >= this counts as positive.", lo=-FLOAT_MAX)
-    on_failed_judgment: str = _f(
+    score_threshold: float = opt(7.0, "A record whose 'score' is >= this counts as positive.", lo=-FLOAT_MAX)
+    on_failed_judgment: str = opt(
         "drop",
         "Records whose judgment failed ('$ERROR$', empty): drop, or train them as positives.",
         choices=("drop", "positive"),
     )
-    # logging
-    wandb_project: str = _f("", "Weights & Biases project; setting it turns wandb reporting on.")
-    wandb_run_name: str = _f("", "Run name for wandb / tensorboard.")
-    wandb_watch: str = _f("", "wandb watch: false | gradients | all.")
-    wandb_log_model: str = _f("", "wandb log model: false | true.")
-    report_to: str = _f("none", "none | wandb | tensorboard | wandb,tensorboard.")
-    logging_steps: int = _f(1, "Log every N optimiser steps.", lo=1)
-    # run
-    resume_from_checkpoint: str = _f(
+    # ---- run: logging
+    wandb_project: str = opt("", "Weights & Biases project; setting it turns wandb reporting on.")
+    wandb_run_name: str = opt("", "Run name for wandb / tensorboard.")
+    wandb_watch: str = opt("", "wandb watch: false | gradients | all.")
+    wandb_log_model: str = opt("", "wandb log model: false | true.")
+    report_to: str = opt("none", "none | wandb | tensorboard | wandb,tensorboard.")
+    logging_steps: int = opt(1, "Log every N optimiser steps.", lo=1)
+    # ---- run: checkpoints, precision, optimiser, launch
+    resume_from_checkpoint: str = opt(
         "",
         "A checkpoint folder, or 'true' for output_dir's newest complete one (incomplete ones, "
         "from a save that was cut off, are skipped); an adapter folder seeds the LoRA weights only.",
     )
-    overwrite_output_dir: bool = _f(
+    overwrite_output_dir: bool = opt(
         False, "Clear an output_dir that holds another run first (without it such a folder is refused)."
     )
-    deepspeed: str = _f("", "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
-    precision: str = _f(
+    deepspeed: str = opt("", "DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json.")
+    precision: str = opt(
         "auto",
         "auto (bf16 on a bf16 GPU, else fp32) | bf16 | fp16 | fp32 (or bfloat16 | float16 | float32).",
         choices=("auto", "bf16", "fp16", "fp32"),
     )
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
-    seed: int = _f(42, "Seed for sampling, splits, shuffling and initialisation.", hi=2**32 - 1)
-    max_steps: int = _f(-1, "Stop after N optimiser steps (overrides num_epochs when > 0).")
-    save_steps: int = _f(200, "Save a checkpoint every N steps.", lo=1)
-    save_total_limit: int = _f(2, "Keep at most N checkpoints.", lo=1)
-    eval_steps: int = _f(200, "Evaluate the validation split every N steps (when val_set_size > 0).", lo=1)
-    weight_decay: float = _f(0.0, "AdamW weight decay.", lo=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", lo=0)
-    optim: str = _f("adamw_torch", "Optimiser name as transformers spells it.")
-    logits_chunk_size: int = _f(
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    seed: int = opt(42, "Seed for sampling, splits, shuffling and initialisation.", lo=0, hi=2**32 - 1)
+    max_steps: int = opt(-1, "Stop after N optimiser steps (overrides num_epochs when > 0).")
+    save_steps: int = opt(200, "Save a checkpoint every N steps.", lo=1)
+    save_total_limit: int = opt(2, "Keep at most N checkpoints.", lo=1)
+    eval_steps: int = opt(200, "Evaluate the validation split every N steps (when val_set_size > 0).", lo=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", lo=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm.", lo=0)
+    optim: str = opt("adamw_torch", "Optimiser name as transformers spells it.")
+    logits_chunk_size: int = opt(
         0, "Target tokens per chunk of the output head; 0 = about 64 MiB of logits.", lo=0
     )
-    dataloader_num_workers: int = _f(0, "DataLoader worker processes.", lo=0)
-    attn_implementation: str = _f("", "eager | sdpa | flash_attention_2; empty = the model's default.")
-    trust_remote_code: bool = _f(False, "Allow model code from the model folder (off unless you ask).")
+    dataloader_num_workers: int = opt(0, "DataLoader worker processes.", lo=0)
+    attn_implementation: str = opt("", "eager | sdpa | flash_attention_2; empty = the model's default.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model folder (off unless you ask).")
 
     def __post_init__(self) -> None:
-        coerce_fields(self)
+        for name, (_f, tp, _path) in type(self).option_fields().items():
+            setattr(self, name, coerce_value(tp, name, getattr(self, name)))
         if self.precision in DTYPES:  # one dtype vocabulary: bfloat16 -> bf16, ...
             self.precision = canonical_dtype(self.precision)
-        if isinstance(self.lora_target_modules, str):
-            self.lora_target_modules = _parse_list(self.lora_target_modules)
 
+    # ---- checks -------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Every option's range, name and cross-field rule, checked at once before anything is
-        loaded or written: floats finite, counts and rates in range, scheduler / optimiser names
-        known to transformers, output_dir writable."""
-        missing = [n for n in ("base_model", "data_path", "output_dir") if not getattr(self, n)]
-        if missing:
-            raise ConfigError(f"missing required option(s): {', '.join('--' + m for m in missing)}")
-        self.check_values()
+        """The whole check, before anything is loaded or written: each option against its
+        declaration (required, finite, range, choices: cut.args), the rules between options, the
+        scheduler / optimiser names transformers knows, the DeepSpeed file, output_dir writable."""
+        self.check_fields()
+        self.rules()
         from transformers import SchedulerType
         from transformers.training_args import OptimizerNames
 
@@ -209,24 +212,15 @@ class TrainConfig:
         check_writable(self.output_dir, "output_dir")
 
     def check_values(self) -> None:
-        """The values alone (no file, no import): finite, each in its field's range (lo / hi in its
-        metadata), the choices, and the rules between fields. A ConfigError names the option."""
-        for name in FIELDS:  # nan and inf pass every comparison below the wrong way
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
-        for name, (lo, hi, lo_open) in NUMBER_RANGES.items():
-            value = getattr(self, name)
-            if lo is not None and (value < lo or (lo_open and value == lo)):
-                raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
-            if value > hi:
-                raise ConfigError(f"{name} must be <= {hi}, got {value}")
+        """The values alone (no file, no import; the required paths may still be empty): each
+        option's declared range and choices, then the rules between options."""
+        for name, (f, tp, _path) in type(self).option_fields().items():
+            if not f.metadata.get("required"):
+                check_field(name, getattr(self, name), f, tp)
+        self.rules()
+
+    def rules(self) -> None:
+        """What no single field's declaration says: -1 as 'off', and the rules between fields."""
         if self.batch_size < self.micro_batch_size:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be >= micro_batch_size ({self.micro_batch_size}) >= 1"
@@ -247,10 +241,6 @@ class TrainConfig:
             raise ConfigError(
                 "unlikelihood npo needs the adapter-free model as its reference: not with full_finetune"
             )
-        for name in ("combine", "on_failed_judgment", "precision", "flag_source", "unlikelihood"):
-            choices = _meta(name).get("choices")
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -260,113 +250,53 @@ class TrainConfig:
             )
         return self.batch_size // per_step
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def save(self, path: str | os.PathLike) -> None:
         from cut.data.files import write_text_atomic
 
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    # ---- sources: TRL names, gradient_accumulation_steps, the launcher's --local_rank -----------
+    @classmethod
+    def extra_keys(cls) -> tuple[str, ...]:
+        return (*TRL_ALIASES, *TRL_REFUSED, GRADIENT_ACCUMULATION)
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    @classmethod
+    def add_extra_flags(cls, parser: Parser) -> None:
+        add_local_rank(parser)
+        add_trl_names(parser)
 
-
-def _meta(name: str) -> dict[str, Any]:
-    return dict(FIELDS[name].metadata)
-
-
-def _field_type(name: str) -> Any:
-    return typing.get_type_hints(TrainConfig)[name]
-
-
-def _ranges() -> dict[str, tuple[float | None, float, bool]]:
-    """name -> (lo, hi, lo_open) of every int / float option, from the fields' metadata."""
-    out = {}
-    for name, f in FIELDS.items():
-        tp = _field_type(name)
-        if tp in (int, float):
-            hi = f.metadata.get("hi", INT_MAX if tp is int else FLOAT_MAX)
-            out[name] = (f.metadata.get("lo"), hi, f.metadata.get("lo_open", False))
-    return out
-
-
-def _parse_list(value: Any) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if text.startswith("["):
-        try:
-            return [str(v) for v in json.loads(text)]
-        except json.JSONDecodeError:
-            text = text[1:-1]  # fire style: [q_proj,v_proj]
-    return [p.strip().strip("'\"") for p in text.split(",") if p.strip()]
+    @classmethod
+    def from_sources(
+        cls, config: dict[str, Any], flags: dict[str, Any], config_path: str = ""
+    ) -> TrainConfig:
+        """defaults <- YAML <- flags, TRL names resolved in each, gradient_accumulation_steps turned
+        into batch_size; coerced, not yet checked (`validate` is the run's first step)."""
+        flags = dict(flags)
+        flags.pop("local_rank", None)
+        values = resolved(config, config_path or "config")
+        values = derive_batch_size(_layer(values, resolved(flags, "flags")), world_size_from_env())
+        return cls(**values)
 
 
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "y", "on"):
-        return True
-    if text in ("0", "false", "no", "n", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+FIELD_TYPES = {name: tp for name, (_f, tp, _path) in TrainConfig.option_fields().items()}
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Turn a YAML / CLI value into the field's type; fire-style looks (--tag=001) do not leak."""
-    tp = _field_type(name)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
-    try:
-        if origin is list:
-            return _parse_list(value)
-        if tp is bool:
-            return _parse_bool(value)
-        if tp in (int, float) and isinstance(value, bool):  # YAML `true` is no count
-            raise ValueError(f"not a number: {value!r}")
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"not an integer: {value!r}")
-            if isinstance(value, str) and "e" in value.lower():  # 1e3 from YAML / CLI
-                as_float = float(value)
-                if not as_float.is_integer():
-                    raise ValueError(f"not an integer: {value!r}")
-                return int(as_float)
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            if isinstance(value, bool):  # YAML `false` means unset, not the string "False"
-                return "true" if value else ""
-            return "" if value is None else str(value)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise ConfigError(f"option {name}: {err}") from None
-    return value
-
-
-NUMBER_RANGES = _ranges()
-
-
-def coerce_fields(cfg: TrainConfig) -> None:
-    for name in FIELDS:
-        setattr(cfg, name, coerce(name, getattr(cfg, name)))
+    """A YAML / CLI value as the option's type; fire-style looks (--tag=001) do not leak."""
+    return coerce_value(TrainConfig.option_fields()[name][1], name, value)
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
-    data = resolve_aliases(data, str(path))
-    return {k: v if k == GRADIENT_ACCUMULATION else coerce(k, v) for k, v in data.items()}
+    """A training config file as field name -> value: TRL names resolved, values coerced; a
+    ConfigError names the file and the option."""
+    return resolved(read_yaml(path), str(path))
+
+
+def resolved(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """One source's values under their field names (see resolve_aliases), each coerced."""
+    values = resolve_aliases(values, source)
+    return {k: v if k == GRADIENT_ACCUMULATION else coerce(k, v) for k, v in values.items()}
 
 
 # TRL's (SFTConfig / DPOConfig / ModelConfig / ScriptArguments / TrainingArguments) name for an
@@ -418,12 +348,12 @@ def _alias_value(alias: str, value: Any) -> tuple[str, Any]:
     name, how = TRL_ALIASES[alias]
     if how == "negated":
         try:
-            return name, not _parse_bool(value)
+            return name, not parse_bool(value)
         except ValueError as err:
             raise ConfigError(f"option {alias} (= not {name}): {err}") from None
     if how.endswith("if true"):
         try:
-            on = _parse_bool(value)
+            on = parse_bool(value)
         except ValueError as err:
             raise ConfigError(f"option {alias}: {err}") from None
         return name, (how.split()[0] if on else None)  # None: 'not this precision'
@@ -526,27 +456,13 @@ def _layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def build_parser(prog: str, trl_names: bool = False) -> argparse.ArgumentParser:
-    """Every field as a flag; trl_names adds TRL's names (cut.train's own parser; the preference
-    baselines that build on this one have options of their own that TRL names differently)."""
-    parser = Parser(  # a bad flag is one line naming it, exit 2
-        prog=prog,
-        description="Contrastive Unlikelihood Training. Flags override --config; unknown flags are errors.",
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", help="YAML file whose keys are option names.")
-    parser.add_argument(
-        "--local_rank", "--local-rank", type=integer(0, INT_MAX), help=argparse.SUPPRESS
-    )  # deepspeed launcher
-    for name, f in FIELDS.items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {default!r})", "metavar": name.upper()}
-        if _field_type(name) is bool:
-            kw.update(nargs="?", const="true")
-        parser.add_argument(f"--{name}", **kw)
-    if not trl_names:
-        return parser
+def add_local_rank(parser: argparse.ArgumentParser) -> None:
+    """The deepspeed launcher's --local_rank (accepted, ignored: LOCAL_RANK says the same)."""
+    parser.add_argument("--local_rank", "--local-rank", type=integer(0, INT_MAX), help=argparse.SUPPRESS)
+
+
+def add_trl_names(parser: argparse.ArgumentParser) -> None:
+    """TRL's option names: the aliases, gradient_accumulation_steps and the refused names."""
     trl = parser.add_argument_group(
         "TRL option names", "accepted for the option they mean here; give one name per option"
     )
@@ -554,8 +470,8 @@ def build_parser(prog: str, trl_names: bool = False) -> argparse.ArgumentParser:
         meaning = {"same": f"= --{name}", "negated": f"= --{name} with the opposite truth value"}.get(
             how, f"true: --{name} {how.split()[0]}; false: not {how.split()[0]} (fp32 unless --{name} says)"
         )
-        kw = {"help": meaning, "metavar": alias.upper()}
-        if _field_type(name) is bool or how != "same":
+        kw: dict[str, Any] = {"help": meaning, "metavar": alias.upper()}
+        if FIELD_TYPES[name] is bool or how != "same":
             kw.update(nargs="?", const="true")
         trl.add_argument(f"--{alias}", **kw)
     trl.add_argument(
@@ -566,18 +482,16 @@ def build_parser(prog: str, trl_names: bool = False) -> argparse.ArgumentParser:
     )
     for alias, hint in TRL_REFUSED.items():
         trl.add_argument(f"--{alias}", nargs="?", const="true", help=f"refused: {hint}")
-    return parser
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """cut.train's parser: every field as a flag, --config, --local_rank and TRL's names."""
+    return TrainConfig.build_parser(prog)
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "cut.train") -> TrainConfig:
-    """defaults <- YAML <- flags, each value coerced to its field's type."""
-    args = vars(build_parser(prog, trl_names=True).parse_args(argv))
-    args.pop("local_rank", None)
-    values: dict[str, Any] = {}
-    config_path = args.pop("config", None)
-    if config_path:
-        values = load_yaml(config_path)
-    flags = resolve_aliases(args, "flags")
-    flags = {k: v if k == GRADIENT_ACCUMULATION else coerce(k, v) for k, v in flags.items()}
-    values = derive_batch_size(_layer(values, flags), world_size_from_env())
-    return TrainConfig(**values)
+    """defaults <- YAML <- flags, each value coerced to its field's type; a bad value is a
+    ConfigError (a bad flag: exit 2), and the ranges are `validate`'s, the run's first step."""
+    args = vars(build_parser(prog).parse_args(argv))
+    path = args.pop("config", None)
+    return TrainConfig.from_sources(read_yaml(path) if path else {}, args, path or "")

@@ -24,24 +24,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
 
-from cut.args import FLOAT_MAX, INT_MAX
+from cut.args import Options, coerce_value, group, opt, run_cli, setup_logging
+from cut.args import load_yaml as read_yaml
 from cut.data.files import write_json_atomic, write_text_atomic
 from cut.data.pairs import fit_prompt, tokenize_example
 from cut.data.records import Example, Record, classify, load_records
 from cut.data.templates import Template, load_template
 from cut.errors import ConfigError, DataError
 from cut.modeling import loading as models
-from cut.training.config import FIELDS, TrainConfig, build_parser, coerce, load_yaml
+from cut.training.config import TrainConfig, add_local_rank
+from cut.training.loss import CUTLossConfig
 from cut.training.train import (
     check_output_dir,
     claim_output_dir,
@@ -54,19 +55,11 @@ from cut.training.train import (
 
 logger = logging.getLogger("cut.training.dpo")
 
-# TrainConfig options that shape CUT's objective or batches, which DPO does not have
+# TrainConfig options that shape CUT's objective or batches, which DPO does not have: every loss
+# setting (CUTLossConfig's fields) and the options of CUT's batches, evaluation and checkpoints
 IGNORED = (
-    "threshold",
-    "weight_unlike",
-    "flag_source",
-    "combine",
+    *(f.name for f in dataclasses.fields(CUTLossConfig)),
     "downsample",
-    "gamma",
-    "misalign",
-    "weight_unflagged",
-    "weight_align_n",
-    "unlikelihood",
-    "npo_beta",
     "logits_chunk_size",
     "train_on_inputs",
     "packing",
@@ -83,61 +76,59 @@ REJECTED_TOKENS = ("all", "spans")
 
 
 @dataclass
-class DPOOptions:
-    beta: float = field(
-        default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference (Eq. 7)."}
-    )
-    max_pairs_per_prompt: int = field(
-        default=4, metadata={"help": "At most this many (chosen, rejected) pairs per prompt; 0 = all."}
-    )
-    rejected_tokens: str = field(
-        default="all",
-        metadata={
-            "help": "Which tokens of a rejected response its log-ratio sums: all (DPO) | spans (only the "
-            "tokens inside the judgment's `spans`, the text the critique marks as wrong; all tokens of a "
-            "record without spans): the gradient goes where the critique points."
-        },
-    )
+class RecipeOptions(Options):
+    """A preference recipe's own options, coerced and checked when built: cut.online builds them
+    from a train section's keys (`yaml_keys`) before any round starts."""
 
     def __post_init__(self) -> None:
-        self.beta = recipe_number("beta", self.beta, float, 0, lo_open=True)
-        self.max_pairs_per_prompt = recipe_number(
-            "max_pairs_per_prompt", self.max_pairs_per_prompt, int, 0, note=" (0 = all)"
-        )
-        if self.rejected_tokens not in REJECTED_TOKENS:
-            raise ConfigError(
-                f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"
-            )
+        for name, (_f, tp, _path) in type(self).option_fields().items():
+            setattr(self, name, coerce_value(tp, name, getattr(self, name)))
+        self.check_fields()
+
+    @classmethod
+    def yaml_keys(cls) -> dict[str, str]:
+        """YAML key -> field: a field's extra flag spelling (--dpo_beta) is its key, else its name."""
+        return {
+            (f.metadata["flags"] or (f"--{n}",))[0][2:]: n for n, (f, _, _) in cls.option_fields().items()
+        }
 
 
-def recipe_number(name: str, value: Any, kind: type, lo: float, lo_open: bool = False, note: str = ""):
-    """A recipe option (a flag's string or a YAML value) as `kind`, int or float: finite, at least
-    lo (more than lo with lo_open), at most INT_MAX / FLOAT_MAX; a ConfigError names the option."""
-    try:
-        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        number = kind(value)  # int("1.5"), int("nan") and float("abc") raise
-    except (TypeError, ValueError, OverflowError):
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name} must be {what}, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{name} must be a finite number, got {value}")
-    if number < lo or (lo_open and number == lo):
-        raise ConfigError(f"{name} must be {'>' if lo_open else '>='} {lo}{note}, got {number}")
-    hi = INT_MAX if kind is int else FLOAT_MAX
-    if number > hi:
-        raise ConfigError(f"{name} must be <= {hi}, got {number}")
-    return number
+def beta_option(help: str, flag: str) -> Any:
+    """The preference loss's beta (a flag and YAML key of the recipe's name: --dpo_beta, ...)."""
+    return opt(0.1, help, lo=0, lo_open=True, flags=(flag,))
 
 
-# YAML key -> DPOOptions field
-YAML_KEYS = {
-    "dpo_beta": "beta",
-    "max_pairs_per_prompt": "max_pairs_per_prompt",
-    "rejected_tokens": "rejected_tokens",
-}
+def rejected_tokens_option(help: str) -> Any:
+    return opt("all", help, choices=REJECTED_TOKENS)
 
 
+@dataclass
+class DPOOptions(RecipeOptions):
+    beta: float = beta_option(
+        "DPO beta: how far the policy may move from the reference (Eq. 7).", "--dpo_beta"
+    )
+    max_pairs_per_prompt: int = opt(
+        4, "At most this many (chosen, rejected) pairs per prompt; 0 = all.", lo=0
+    )
+    rejected_tokens: str = rejected_tokens_option(
+        "Which tokens of a rejected response its log-ratio sums: all (DPO) | spans (only the "
+        "tokens inside the judgment's `spans`, the text the critique marks as wrong; all tokens of a "
+        "record without spans): the gradient goes where the critique points."
+    )
+
+
+def recipe_run(options: type[RecipeOptions]) -> type[Options]:
+    """cut.train's options (section `train`) and a recipe's (section `recipe`) as one Options
+    class: the flags and YAML keys of cut.baselines.dpo / kto, with the launcher's --local_rank."""
+    return dataclasses.make_dataclass(
+        f"{options.__name__}Run",
+        [("train", TrainConfig, group(TrainConfig)), ("recipe", options, group(options))],
+        bases=(Options,),
+        namespace={"add_extra_flags": classmethod(lambda cls, parser: add_local_rank(parser))},
+    )
+
+
+YAML_KEYS = DPOOptions.yaml_keys()  # YAML key -> DPOOptions field
 OPTIONS = DPOOptions  # the recipe's own options (cut.online checks a train section's keys with it)
 
 
@@ -149,54 +140,32 @@ class Pair(NamedTuple):
 # ---------------------------------------------------------------------------------------------- options
 
 
-def _split_yaml(path: str, yaml_keys: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """cut.train's YAML, plus the recipe's own keys: (TrainConfig values, options values)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        raw = None
-    if not isinstance(raw, dict):
-        return load_yaml(path), {}  # raises with cut.config's wording
-    own = {yaml_keys[k]: raw.pop(k) for k in list(raw) if k in yaml_keys}
-    unknown = sorted(set(raw) - set(FIELDS))
-    if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
-    return {k: coerce(k, v) for k, v in raw.items()}, own
-
-
 def parse_config(
-    argv: list[str] | None = None,
-    options: type = DPOOptions,
-    yaml_keys: dict[str, str] = YAML_KEYS,
-    prog: str = "cut.baselines.dpo",
+    argv: list[str] | None = None, options: type[RecipeOptions] = DPOOptions, prog: str = "cut.baselines.dpo"
 ) -> tuple[TrainConfig, Any]:
     """defaults <- YAML <- flags, as cut.train; the recipe's options come from their flags (a YAML
-    key that differs from the field name, e.g. dpo_beta, is a flag too) or their YAML keys."""
-    parser = build_parser(prog)
-    parser.description = f"{prog}: a preference baseline on cut's judged records. Flags override --config."
-    aliases: dict[str, list[str]] = {}
-    for key, name in yaml_keys.items():
-        if key != name:
-            aliases.setdefault(name, []).append(f"--{key}")
-    for name, f in options.__dataclass_fields__.items():
-        flags = [f"--{name}", *aliases.get(name, [])]
-        parser.add_argument(*flags, dest=name, help=f"{f.metadata['help']} (default: {f.default!r})")
-    args = vars(parser.parse_args(argv))
+    key that differs from the field name, e.g. dpo_beta, is a flag too) or their YAML keys. Every
+    value is checked (the ignored ones too) before a word is logged; the rest is `validate`'s."""
+    run = recipe_run(options)
+    description = f"{prog}: a preference baseline on cut's judged records. Flags override --config."
+    args = vars(run.build_parser(prog, description).parse_args(argv))
     args.pop("local_rank", None)
+    path = args.pop("config", None)
     values: dict[str, Any] = {}
-    own: dict[str, Any] = {}
-    config_path = args.pop("config", None)
-    if config_path:
-        values, own = _split_yaml(config_path, yaml_keys)
-    own.update({k: args.pop(k) for k in list(args) if k in options.__dataclass_fields__})
-    values.update({k: coerce(k, v) for k, v in args.items()})
-    cfg = TrainConfig(**values)
-    cfg.check_values()  # every value, the ignored ones too, before a word is logged
-    opts = options(**own)
+    if path:
+        yaml_keys = options.yaml_keys()
+        values = {yaml_keys.get(k, k): v for k, v in read_yaml(path).items()}
+        values = run.flatten(values, path)
+    values.update(args)
+    both = run.from_values(values, check=False)
+    cfg, opts = both.train, both.recipe
+    cfg.check_values()
     ignored = [k for k in IGNORED if k in values]
     if ignored:
         logger.info(
-            "%s ignores the CUT-only option(s): %s", prog, ", ".join(f"{k}={values[k]!r}" for k in ignored)
+            "%s ignores the CUT-only option(s): %s",
+            prog,
+            ", ".join(f"{k}={getattr(cfg, k)!r}" for k in ignored),
         )
     return cfg, opts
 
@@ -314,29 +283,29 @@ def _rejected_rows(examples: list[dict[str, Any]]) -> list[tuple[int, dict[str, 
     return [(len(examples) + i, e) for i, e in enumerate(examples)]  # TRL's batch: [chosen..., rejected...]
 
 
-def _dpo_trainer_class(rejected_tokens: str = "all"):
-    from trl import DPOTrainer
+def pretokenised_trainer(base: type, span_key: str, rows, rejected_tokens: str) -> type:
+    """TRL's `base` trainer (DPOTrainer, KTOTrainer) fed the ids cut tokenised. TRL's own preparation
+    would append the EOS string whatever add_eos_token says, call the tokenizer with its special
+    tokens on an already chat-templated prompt (a second BOS), and split prompt from response where
+    their ids diverge. With rejected_tokens "spans", the completion masks of the rows `rows(examples)`
+    names keep their example's `span_key` tokens only (`SpanMaskedCollator`)."""
 
-    class PretokenisedDPOTrainer(DPOTrainer):
-        """DPOTrainer fed the ids cut tokenised. TRL's own preparation would append the EOS string
-        whatever add_eos_token says, call the tokenizer with its special tokens on an already
-        chat-templated prompt (a second BOS), and split prompt from response where their ids diverge.
-        With rejected_tokens "spans", the rejected rows' completion masks keep the span tokens only."""
-
+    class Pretokenised(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if rejected_tokens == "spans":
-                self.data_collator = SpanMaskedCollator(self.data_collator, "rejected_span", _rejected_rows)
+                self.data_collator = SpanMaskedCollator(self.data_collator, span_key, rows)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
         def _set_signature_columns_if_needed(self):
             super()._set_signature_columns_if_needed()
-            if "rejected_span" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "rejected_span"]
+            if span_key not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, span_key]
 
-    return PretokenisedDPOTrainer
+    Pretokenised.__name__ = Pretokenised.__qualname__ = f"Pretokenised{base.__name__}"
+    return Pretokenised
 
 
 def lora_config(cfg: TrainConfig):
@@ -415,7 +384,9 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
             counts,
         )
     args = dpo_arguments(cfg, opts)
-    trainer = _dpo_trainer_class(opts.rejected_tokens)(
+    from trl import DPOTrainer
+
+    trainer = pretokenised_trainer(DPOTrainer, "rejected_span", _rejected_rows, opts.rejected_tokens)(
         model=load_policy(cfg),
         args=args,
         train_dataset=Dataset.from_list(features),
@@ -468,18 +439,13 @@ def _train(cfg: TrainConfig, opts: Any, build, objective: str) -> dict[str, Any]
 def main(
     argv: list[str] | None = None, parse=parse_config, build=build_trainer, objective: str = "dpo"
 ) -> int:
-    logging.basicConfig(
-        level=logging.INFO if process_rank() == 0 else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
+    setup_logging(logging.INFO if process_rank() == 0 else logging.WARNING)
+
+    def body() -> None:
         cfg, opts = parse(argv)
         run(cfg, opts, build, objective)
-    except (ConfigError, DataError) as err:
-        print(f"cut.baselines.{objective}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(f"cut.baselines.{objective}", body)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,25 @@ from __future__ import annotations
 
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from cut.args import opt
 from cut.data.pairs import tokenize_example
 from cut.data.records import Example, classify, load_records
 from cut.data.templates import load_template
-from cut.errors import ConfigError, DataError
+from cut.errors import DataError
 from cut.training import dpo as dpo_recipe
 from cut.training.config import TrainConfig
 from cut.training.dpo import (
-    REJECTED_TOKENS,
-    SpanMaskedCollator,
+    RecipeOptions,
+    beta_option,
     load_policy,
     logger,
     lora_config,
     parse_config,
-    recipe_number,
+    pretokenised_trainer,
+    rejected_tokens_option,
     save_configs,
     setup,
 )
@@ -42,41 +44,23 @@ from cut.training.train import process_rank, shared_arguments
 
 
 @dataclass
-class KTOOptions:
-    beta: float = field(
-        default=0.1, metadata={"help": "KTO beta: how far the policy may move from the reference."}
+class KTOOptions(RecipeOptions):
+    beta: float = beta_option("KTO beta: how far the policy may move from the reference.", "--kto_beta")
+    desirable_weight: float = opt(
+        0.0, "Weight of desirable (positive) examples; 0 = n_undesirable / n_desirable from the data.", lo=0
     )
-    desirable_weight: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of desirable (positive) examples; 0 = n_undesirable / n_desirable from the data."
-        },
+    rejected_tokens: str = rejected_tokens_option(
+        "Which tokens of an undesirable response its log-ratio sums: all (KTO) | spans (the "
+        "judgment's marked text only; all tokens of a record without spans)."
     )
-    rejected_tokens: str = field(
-        default="all",
-        metadata={
-            "help": "Which tokens of an undesirable response its log-ratio sums: all (KTO) | spans (the "
-            "judgment's marked text only; all tokens of a record without spans)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        self.beta = recipe_number("beta", self.beta, float, 0, lo_open=True)
-        self.desirable_weight = recipe_number(
-            "desirable_weight", self.desirable_weight, float, 0, note=" (0 = from the data)"
-        )
-        if self.rejected_tokens not in REJECTED_TOKENS:
-            raise ConfigError(
-                f"rejected_tokens must be one of {REJECTED_TOKENS}, got {self.rejected_tokens!r}"
-            )
 
 
 OPTIONS = KTOOptions
-YAML_KEYS = {"kto_beta": "beta", "desirable_weight": "desirable_weight", "rejected_tokens": "rejected_tokens"}
+YAML_KEYS = KTOOptions.yaml_keys()
 
 
 def parse(argv: list[str] | None = None) -> tuple[TrainConfig, KTOOptions]:
-    return parse_config(argv, KTOOptions, YAML_KEYS, "cut.baselines.kto")
+    return parse_config(argv, KTOOptions, "cut.baselines.kto")
 
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[dict], dict[str, int]]:
@@ -130,30 +114,6 @@ def _undesirable_rows(examples: list[dict[str, Any]]) -> list[tuple[int, dict[st
     return [(i, e) for i, e in enumerate(examples) if not e["label"]]
 
 
-def _kto_trainer_class(rejected_tokens: str):
-    from trl import KTOTrainer
-
-    class PretokenisedKTOTrainer(KTOTrainer):
-        """KTOTrainer fed the ids cut tokenised (with their KL completions already added)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if rejected_tokens == "spans":
-                self.data_collator = SpanMaskedCollator(
-                    self.data_collator, "completion_span", _undesirable_rows
-                )
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
-
-        def _set_signature_columns_if_needed(self):
-            super()._set_signature_columns_if_needed()
-            if "completion_span" not in self._signature_columns:
-                self._signature_columns = [*self._signature_columns, "completion_span"]
-
-    return PretokenisedKTOTrainer
-
-
 def build_trainer(cfg: TrainConfig, opts: KTOOptions):
     """Validate, tokenise the records, load the model and wire TRL's KTOTrainer; nothing trains yet."""
     from datasets import Dataset
@@ -182,7 +142,9 @@ def build_trainer(cfg: TrainConfig, opts: KTOOptions):
     # so a micro-batch mixes prompts and its mismatched pairs are other prompts' answers
     random.Random(cfg.seed).shuffle(features)
     data = add_kl_completions(features, cfg.micro_batch_size)
-    trainer = _kto_trainer_class(opts.rejected_tokens)(
+    from trl import KTOTrainer
+
+    trainer = pretokenised_trainer(KTOTrainer, "completion_span", _undesirable_rows, opts.rejected_tokens)(
         model=load_policy(cfg),
         args=args,
         train_dataset=Dataset.from_list(data),

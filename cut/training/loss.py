@@ -16,8 +16,9 @@ judged context, so p(y_t|x,j) / p(y_t|x) is one subtraction of log-probs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,43 @@ class CUTLoss(NamedTuple):
     flagged: Tensor  # fraction of Role.MISALIGN_N tokens flagged as inappropriate (detached)
     n_mle_tokens: Tensor
     n_ul_tokens: Tensor
+
+
+@dataclass(frozen=True)
+class CUTLossConfig:
+    """The objective's settings, bound once (cut.train builds it from TrainConfig with
+    `from_train`): the trainer hands it tensors only. A new loss setting is a field here and the
+    TrainConfig field of the same name. misalign is read by the collator (it drops the Misalign-N
+    sequences), the rest by `cut_loss`. Defaults are `cut_loss`'s."""
+
+    threshold: float = 1.1
+    weight_unlike: float = 1.0
+    combine: str = "mean"
+    gamma: float = 0.0
+    flag_source: str = "ratio"
+    weight_unflagged: float = 1.0
+    weight_align_n: float = 1.0
+    unlikelihood: str = "ul"
+    npo_beta: float = 1.0
+    misalign: bool = True
+
+    @classmethod
+    def from_train(cls, cfg: Any) -> CUTLossConfig:
+        """The loss settings of a TrainConfig (its fields of the same names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+    def __call__(
+        self,
+        logp: Tensor,
+        role: Tensor,
+        partner: Tensor,
+        span: Tensor | None = None,
+        ref_logp: Tensor | None = None,
+    ) -> CUTLoss:
+        """`cut_loss` with these settings."""
+        settings = asdict(self)
+        del settings["misalign"]  # the collator's: no Misalign-N token reaches the loss without it
+        return cut_loss(logp, role, partner, span=span, ref_logp=ref_logp, **settings)
 
 
 def log1mexp(logp: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ from cut.modeling import loading as models
 from cut.modeling.card import training_card
 from cut.modeling.loading import resolve_dtype
 from cut.training.config import TrainConfig, parse_config
+from cut.training.loss import CUTLossConfig
 from cut.training.trainer import (
     STAGING,
     CUTTrainer,
@@ -194,16 +195,8 @@ def load_model(cfg: TrainConfig):
         lm = model.get_base_model()
     install_cut_forward(
         lm,
-        cfg.threshold,
-        cfg.weight_unlike,
-        cfg.combine,
-        cfg.gamma,
+        CUTLossConfig.from_train(cfg),
         cfg.logits_chunk_size,
-        flag_source=cfg.flag_source,
-        weight_unflagged=cfg.weight_unflagged,
-        weight_align_n=cfg.weight_align_n,
-        unlikelihood=cfg.unlikelihood,
-        npo_beta=cfg.npo_beta,
         reference=None if cfg.full_finetune else model.disable_adapter,
     )
     return model

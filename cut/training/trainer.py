@@ -51,7 +51,7 @@ from transformers.masking_utils import (
 
 from cut.data.pairs import pack, unpack
 from cut.errors import ConfigError
-from cut.training.loss import Role, cut_loss, label_logprobs
+from cut.training.loss import CUTLossConfig, Role, label_logprobs
 
 METRICS = ("mle", "ul", "flagged")
 logger = logging.getLogger(__name__)
@@ -288,32 +288,33 @@ def check_head_path(
 
 def install_cut_forward(
     model: torch.nn.Module,
-    threshold: float,
-    weight_unlike: float,
-    combine: str = "mean",
-    gamma: float = 0.0,
+    loss: CUTLossConfig | None = None,
     chunk_size: int = 0,
     check_head: bool = True,
-    flag_source: str = "ratio",
-    weight_unflagged: float = 1.0,
-    weight_align_n: float = 1.0,
-    unlikelihood: str = "ul",
-    npo_beta: float = 1.0,
     reference: Callable[[], AbstractContextManager] | None = None,
+    **settings: Any,
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
     CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
 
-    `model` is the causal LM itself (under a PeftModel, `peft_model.get_base_model()`, whose
-    LoRA layers are already in place). Generation and plain calls without `tgt_ids` keep the
-    original forward. With `check_head`, the first call checks the head path once
-    (`check_head_path`). The first packed call sets up per-sequence attention and checks it
-    (`check_packing`); a model that fails the check gets every packed micro-batch unpacked into
-    padded rows instead. With unlikelihood "npo", `reference()` is a context in which `model` is
-    the reference (a PeftModel's `disable_adapter`: the round's starting model), and each call
-    also scores the plain-context targets of negatives under it, without gradients.
+    `loss` holds the objective's settings (`CUTLossConfig`; or give them as keywords:
+    `install_cut_forward(lm, threshold=1.1, weight_unlike=1.0)`). `model` is the causal LM
+    itself (under a PeftModel, `peft_model.get_base_model()`, whose LoRA layers are already in
+    place). Generation and plain calls without `tgt_ids` keep the original forward. With
+    `check_head`, the first call checks the head path once (`check_head_path`). The first packed
+    call sets up per-sequence attention and checks it (`check_packing`); a model that fails the
+    check gets every packed micro-batch unpacked into padded rows instead. With unlikelihood
+    "npo", `reference()` is a context in which `model` is the reference (a PeftModel's
+    `disable_adapter`: the round's starting model), and each call also scores the plain-context
+    targets of negatives under it, without gradients.
     """
-    if unlikelihood == "npo" and reference is None:
+    if loss is None:
+        loss = CUTLossConfig(**settings)
+    elif settings:
+        raise TypeError(
+            f"install_cut_forward: give the loss settings in `loss` or as keywords, not both: {settings}"
+        )
+    if loss.unlikelihood == "npo" and reference is None:
         raise ConfigError(
             "unlikelihood npo needs a reference model: train a LoRA adapter (not full_finetune)"
         )
@@ -354,7 +355,7 @@ def install_cut_forward(
             self, input_ids, attention_mask, tgt_pos, tgt_ids, chunk_size, position_ids, cu_seq_lens
         )
         ref_logp = None
-        if unlikelihood == "npo":  # the reference's log-probs, on the targets the NPO term reads only
+        if loss.unlikelihood == "npo":  # the reference's log-probs, on the targets the NPO term reads only
             ref_logp = torch.zeros_like(logp)
             plain = tgt_role == Role.MISALIGN_N
             if plain.any():
@@ -369,22 +370,7 @@ def install_cut_forward(
                         position_ids,
                         cu_seq_lens,
                     ).to(ref_logp.dtype)
-        out = cut_loss(
-            logp,
-            tgt_role,
-            tgt_partner,
-            threshold,
-            weight_unlike,
-            combine,
-            gamma,
-            tgt_span,
-            flag_source,
-            weight_unflagged,
-            weight_align_n,
-            unlikelihood,
-            ref_logp,
-            npo_beta,
-        )
+        out = loss(logp, tgt_role, tgt_partner, tgt_span, ref_logp)
         return {
             "loss": out.loss,
             "mle": out.mle,

@@ -15,6 +15,7 @@ import pytest
 from cut.data.records import build_examples, load_records
 from cut.errors import ConfigError, DataError
 from cut.llm.client import ClientConfig
+from cut.llm.completer import ApiCompleter, LocalCompleter
 from cut.methods.realign import (
     CHARACTERS,
     CLASSIFY_PROMPT,
@@ -22,10 +23,10 @@ from cut.methods.realign import (
     GATE,
     PROMPT_HEADERS,
     REWRITE_PROMPT,
-    ClientRewriter,
+    CompleterRewriter,
     Length,
-    LocalRewriter,
     RealignConfig,
+    RealignOptions,
     Reply,
     check_rewrite,
     classify_prompt,
@@ -167,12 +168,16 @@ def fake_llm(rewrites: dict | None = None, classified: dict | None = None, scrip
 
 def client(
     fake: FakeOpenAI, cache: Path | None = None, temperature: float = 0.0, **options
-) -> ClientRewriter:
+) -> CompleterRewriter:
     options = {"max_retries": 0, "backoff": 0.01, "timeout": 5.0, **options}
     config = ClientConfig(
-        fake.base_url, "rewriter-model", cache_file=str(cache) if cache else None, **options
+        fake.base_url,
+        "rewriter-model",
+        cache_file=str(cache) if cache else None,
+        temperature=temperature,
+        **options,
     )
-    return ClientRewriter(config, temperature)
+    return CompleterRewriter(ApiCompleter(config))
 
 
 def write_records(path: Path, rows: list[dict]) -> str:
@@ -1102,10 +1107,11 @@ def test_cli(tmp_path, capsys, no_proxy):
 
 
 def test_local_rewriter_end_to_end_records_why(tmp_path, tiny_chat_model):
-    rewriter = LocalRewriter(
+    local = LocalCompleter(
         str(tiny_chat_model), batch_size=2, max_new_tokens=8, device="cpu", temperature=0.3
     )
-    assert rewriter.text("Hi").endswith("<s>assistant\n") and rewriter.name == f"local:{tiny_chat_model}"
+    rewriter = CompleterRewriter(local)
+    assert local.text("Hi").endswith("<s>assistant\n") and rewriter.name == f"local:{tiny_chat_model}"
     long = [
         TEA + " " + TEA + " " + TEA,
         CODE + "\n\nCall it with any number; it returns twice that." * 3,
@@ -1123,7 +1129,7 @@ def test_local_rewriter_end_to_end_records_why(tmp_path, tiny_chat_model):
         assert row["rewrite_error"] == "rewrite: no 'Revised response:' in the answer"
     assert counts["failed"] == 3 and counts["rewritten"] == 0
     assert rows[0]["realign"]["rewriter"] == rewriter.name
-    assert rewriter.local.sampling.temperature == 0.3 and rewriter.local.sampling.seed == 1  # the 2nd draw
+    assert local.sampling.temperature == 0.3 and local.sampling.seed == 1  # the 2nd draw
 
 
 def test_count_groups_rejections_by_kind():
@@ -1148,3 +1154,23 @@ def test_meta_commentary_is_rejected_unless_the_original_had_it():
     # a text about answers that already said so is not the rewriter talking
     quoting = "A revised answer is better than the original answer."
     assert check_rewrite(quoting, quoting + " Always revise.", cfg) is None
+
+
+def test_options_from_a_config_file_and_flags(tmp_path):
+    config = tmp_path / "realign.yaml"
+    config.write_text(
+        "input_file: data.json\noutput_file: out.json\nsamples: 1\ntemperature: 0\n"
+        "rewriter: {rewriter: local, model: some/model, max_new_tokens: 64}\n"
+    )
+    opts = RealignOptions.parse(["--config", str(config), "--no_gate", "--filters", "released"])
+    assert (opts.rewriter.rewriter, opts.rewriter.model, opts.rewriter.max_new_tokens) == (
+        "local",
+        "some/model",
+        64,
+    )
+    assert opts.rewriter.max_tokens == 2048 and opts.rewriter.timeout == 120.0  # realign's own defaults
+    cfg = opts.config()
+    assert (cfg.gate, cfg.samples, cfg.temperature, cfg.filters) == (False, 1, 0.0, "released")
+    with pytest.raises(SystemExit) as exc:
+        RealignOptions.parse(["--config", str(config), "--samples", "0"])
+    assert exc.value.code == 2

@@ -29,9 +29,9 @@ sound. Per record, as released unless said otherwise (README "cut realign" has t
    markup or talk about the rewrite, a short original kept word for word, and for a task marked
    `final_number` the same final number. A rejected rewrite keeps the original and records why.
 
-The rewriter is cut.llm's client (kind openai: any OpenAI-compatible endpoint, with its retries and
-answer cache, default <output_file>.cache.jsonl) or a local transformers model (kind local: the
-loader and batched decoding of cut.judge.LocalJudge); its options are cut.judge.JudgeConfig's.
+The rewriter is cut.llm's completer (cut.llm.completer): kind openai, any OpenAI-compatible
+endpoint with its retries and answer cache (default <output_file>.cache.jsonl), or kind local, a
+transformers model decoded in batches; its options are cut.llm.completer.LLMOptions'.
 
 Input: a .json list, .jsonl or datasets folder of training records ({instruction, input?, output,
 ...}, README "Data format"), checked before any work: errors name the file, the record and the
@@ -56,7 +56,6 @@ holds only the rows done so far, and a kill would lose the others.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -64,19 +63,19 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import yaml
 from tqdm.auto import tqdm
 
-from cut.args import FLOAT_MAX, INT_MAX, Parser, integer, number
-from cut.data.files import check_writable, write_json_atomic
+from cut.args import FLOAT_MAX, INT_MAX, Options, group, integer, number, opt, run_cli
+from cut.data.files import check_writable, same_file, write_json_atomic
 from cut.data.records import FAILED_JUDGMENTS, check_object, read_raw, says_perfect, text_field
 from cut.errors import ConfigError, DataError
-from cut.judges.judge import JudgeConfig
-from cut.llm.client import Answer, ClientConfig, LLMClient, number_problems, quiet_http_logs, text_problems
+from cut.llm.client import Answer, number_problems, quiet_http_logs, text_problems
+from cut.llm.completer import TYPES, Completer, LLMOptions, make_completer
 from cut.resources import resource_path
 from cut.tasks.arithmetic import answers_match, extract_final_answer
 
@@ -681,83 +680,37 @@ class Rewriter(Protocol):
         ...
 
 
-class _SampleClient(LLMClient):
-    """cut.llm's client, whose cache keys (and the one-request-per-distinct-prompt rule) tell the
-    sample-th draw of a prompt from the others; sample 0's key is the client's own."""
-
-    sample = 0
-
-    def cache_key(self, prompt: Any) -> str:
-        key = super().cache_key(prompt)
-        return key if self.sample == 0 else hashlib.sha256(f"{key} sample {self.sample}".encode()).hexdigest()
+def readable_reply(answer: str) -> bool:
+    """Whether a rewrite answer can be read (parse_reply): one that cannot is a failed call."""
+    return parse_reply(answer) is not None
 
 
-class ClientRewriter:
-    """cut.llm's client: retries, bounded concurrency and the answer cache. Classifying is greedy;
-    rewrites are drawn at `temperature`, each sample its own request (and cache entry)."""
+class CompleterRewriter:
+    """A cut.llm Completer as realign asks it: greedy to classify (sample None); the sample-th
+    independent draw at the completer's temperature to rewrite (an API backend: its own request and
+    cache entry; local: seeded with the sample), where an answer without a revised response is a
+    failure an API backend neither caches nor takes from its cache."""
 
-    def __init__(self, config: ClientConfig, temperature: float = 0.0) -> None:
-        self.classifier = LLMClient(replace(config, temperature=0.0))
-        self.writer = _SampleClient(replace(config, temperature=temperature))
-        self.name = f"openai:{config.model}"
+    def __init__(self, completer: Completer) -> None:
+        self.completer, self.name = completer, completer.name
 
     def complete(
         self, prompts: Sequence[str], progress: Progress | None = None, sample: int | None = None
     ) -> list[Answer]:
         if sample is None:
-            return self.classifier.complete(list(prompts), progress)
-        self.writer.sample = sample
-        # an answer without a revised response is a failure: neither cached nor taken from the cache
-        return self.writer.complete(list(prompts), progress, accept=lambda t: parse_reply(t) is not None)
-
-
-class LocalRewriter:
-    """A transformers causal LM through cut.judge.LocalJudge's loader and batched decoding (greedy to
-    classify; rewrites at `temperature`, sample k seeded with k); a prompt is one user turn of the
-    model's chat template, or plain text when it has none."""
-
-    def __init__(
-        self,
-        model: str,
-        batch_size: int = 8,
-        max_new_tokens: int = 1024,
-        device: str | None = None,
-        temperature: float = 0.0,
-    ):
-        from cut.judges.judge import LocalJudge
-
-        self.local = LocalJudge(model, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device)
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.name = f"local:{model}"
-
-    def text(self, prompt: str) -> str:
-        if not self.local.chat:
-            return prompt
-        turn = [{"role": "user", "content": prompt}]
-        return self.local.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-
-    def complete(
-        self, prompts: Sequence[str], progress: Progress | None = None, sample: int | None = None
-    ) -> list[Answer]:
-        from cut.modeling.generate import Sampling
-
-        temperature = 0.0 if sample is None else self.temperature
-        self.local.sampling = Sampling(self.max_new_tokens, temperature=temperature, seed=sample or 0)
-        on_batch = (lambda idx, _texts: progress(len(idx))) if progress else None
-        return [(t, None) for t in self.local.generate([self.text(p) for p in prompts], on_batch)]
+            return self.completer.complete(list(prompts), progress, temperature=0.0)
+        return self.completer.complete(list(prompts), progress, readable_reply, sample=sample)
 
 
 def make_rewriter(
-    cfg: JudgeConfig, default_cache_file: str | None = None, temperature: float = 0.0
+    kind: str, opts: LLMOptions, default_cache_file: str | None = None, temperature: float = 0.0
 ) -> Rewriter:
-    """The rewriter cfg describes (kind openai or local), drawing rewrites at `temperature`; openai
-    caches in cfg.cache_file, else default_cache_file ('' for none)."""
-    if cfg.kind == "local":
-        return LocalRewriter(cfg.model, cfg.batch_size, cfg.max_new_tokens, temperature=temperature)
-    if cfg.kind != "openai":
-        raise ConfigError(f"rewriter must be one of {', '.join(REWRITERS)}, got {cfg.kind!r}")
-    cache = default_cache_file if cfg.cache_file is None else cfg.cache_file or None
-    return ClientRewriter(cfg.client_config(cache), temperature)
+    """The rewriter of kind openai or local with the backend options opts, drawing rewrites at
+    `temperature`; openai caches in opts.cache_file, else default_cache_file ('' for none)."""
+    if kind not in REWRITERS:
+        raise ConfigError(f"rewriter must be one of {', '.join(REWRITERS)}, got {kind!r}")
+    cache = default_cache_file if opts.cache_file is None else opts.cache_file or None
+    return CompleterRewriter(make_completer(kind, opts, cache, temperature))
 
 
 # --------------------------------------------------------------------------------------------
@@ -928,14 +881,6 @@ def check_output_path(path: str, input_file: str | None = None) -> None:
     check_writable(path, "output_file")
 
 
-def same_file(a: str, b: str) -> bool:
-    """One file under two names (the same path, a symlink or a hard link)."""
-    pa, pb = Path(a), Path(b)
-    if pa.exists() and pb.exists():
-        return pa.samefile(pb)
-    return pa.resolve() == pb.resolve()
-
-
 def read_earlier(path: str) -> list[dict]:
     """An earlier run's rows in output_file ([] when there is none); refuses a file that is not one."""
     p = Path(path)
@@ -1060,142 +1005,96 @@ def summary(counts: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-MAX_RETRIES = 100  # the backoff doubles per retry: 2**1024 seconds is no float
+PROG = "cut.realign"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cut.realign", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--input_file", required=True, help="training records (JSON list, JSONL or datasets folder)"
+@dataclass
+class RewriterOptions(LLMOptions):
+    """The rewriter: an OpenAI-compatible endpoint or a local model, and its backend options."""
+
+    rewriter: str = opt(
+        "", "an OpenAI-compatible endpoint or a local model", choices=REWRITERS, required=True
     )
-    p.add_argument(
-        "--output_file", required=True, help="the realigned records, a .json list; an existing one is resumed"
-    )
-    p.add_argument(
-        "--rewriter", required=True, choices=REWRITERS, help="an OpenAI-compatible endpoint or a local model"
-    )
-    p.add_argument("--base_url", help="openai: the API root, e.g. http://host:8000/v1")
-    p.add_argument("--model", help="openai: the model name; local: a model folder or hub name")
-    p.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    p.add_argument(
-        "--criteria", default=str(DEFAULT_CRITERIA), help="YAML of tasks: description and criterion"
-    )
-    p.add_argument("--task_field", help="a record field naming the task (default: the rewriter classifies)")
-    p.add_argument("--evidence_field", default="evidence", help="a record field with evidence passages")
-    p.add_argument(
-        "--no_gate",
-        action="store_true",
-        help="no adaptive gate: every response is reformatted (the paper's ablation)",
-    )
-    p.add_argument(
-        "--samples",
-        type=integer(1, INT_MAX),
-        default=2,
-        help="rewrites drawn per record; the longest is kept (released: 2)",
-    )
-    p.add_argument(
-        "--temperature",
-        type=number(0, FLOAT_MAX),
-        default=0.3,
-        help="of the rewrite calls (released: 0.3); classifying is greedy",
-    )
-    p.add_argument(
-        "--tokenizer",
-        help="count lengths in this tokenizer's tokens, as released (a model folder or name); "
-        "default: characters",
-    )
-    p.add_argument(
-        "--filters",
-        choices=FILTER_SETS,
-        default="all",
-        help="released: ReAlign's code and length filters only; all: ours as well",
-    )
-    p.add_argument(
-        "--min_length_ratio",
-        type=number(0, FLOAT_MAX),
-        default=0.5,
-        help="refuse rewrites of at most this x the original's length",
-    )
-    p.add_argument(
-        "--short_answer_words",
-        type=integer(0, INT_MAX),
-        default=6,
-        help="an original this short must survive word for word",
-    )
-    p.add_argument(
-        "--chunk_size",
-        type=integer(1, INT_MAX),
-        default=64,
-        help="records per round of calls; output written after each",
-    )
-    p.add_argument(
-        "--concurrency", type=integer(1, INT_MAX), default=8, help="openai: requests in flight at most"
-    )
-    p.add_argument(
-        "--timeout",
-        type=number(0, FLOAT_MAX, lo_open=True),
-        default=120.0,
-        help="openai: seconds per request",
-    )
-    p.add_argument(
-        "--max_retries", type=integer(0, MAX_RETRIES), default=5, help="openai: retries of a transient fault"
-    )
-    p.add_argument(
-        "--backoff",
-        type=number(0, FLOAT_MAX),
-        default=1.0,
-        help="openai: first retry delay in seconds (doubles)",
-    )
-    p.add_argument(
-        "--max_tokens", type=integer(1, INT_MAX), default=2048, help="openai: max_tokens of an answer"
-    )
-    p.add_argument(
-        "--cache_file", help="openai: answer cache (default <output_file>.cache.jsonl; '' for none)"
-    )
-    p.add_argument(
-        "--batch_size", type=integer(1, INT_MAX), default=8, help="local: prompts per generate call"
-    )
-    p.add_argument(
-        "--max_new_tokens", type=integer(1, INT_MAX), default=1024, help="local: tokens per answer at most"
-    )
-    return p
+    timeout: float = opt(120.0, "openai: seconds per request", parse=TYPES["timeout"])
+    max_tokens: int = opt(2048, "openai: max_tokens of an answer", parse=TYPES["max_tokens"])
+    cache_file: str | None = opt(None, "openai: answer cache (None: <output_file>.cache.jsonl; '' for none)")
+    max_new_tokens: int = opt(1024, "local: tokens per answer at most", parse=TYPES["max_new_tokens"])
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[RealignConfig, JudgeConfig]:
-    if args.rewriter == "openai" and not (args.base_url and args.model):
-        raise ConfigError("--rewriter openai needs --base_url and --model")
-    if args.rewriter == "local" and not args.model:
-        raise ConfigError("--rewriter local needs --model")
-    options = {k: getattr(args, k) for k in asdict(RealignConfig()) if k != "gate"}
-    cfg = RealignConfig(gate=not args.no_gate, **options)
-    rewriter = JudgeConfig(
-        kind=args.rewriter,
-        **{k: getattr(args, k) for k in asdict(JudgeConfig()) if k not in ("kind", "prompt_file")},
+@dataclass
+class RealignOptions(Options):
+    """ReAlign: rewrite each response to a format criterion chosen by its task; keep only sound rewrites."""
+
+    input_file: str = opt("", "training records (JSON list, JSONL or datasets folder)", required=True)
+    output_file: str = opt(
+        "", "the realigned records, a .json list; an existing one is resumed", required=True
     )
-    return cfg, rewriter
+    criteria: str = opt(str(DEFAULT_CRITERIA), "YAML of tasks: description and criterion")
+    task_field: str | None = opt(None, "a record field naming the task (None: the rewriter classifies)")
+    evidence_field: str = opt("evidence", "a record field with evidence passages")
+    no_gate: bool = opt(False, "no adaptive gate: every response is reformatted (the paper's ablation)")
+    samples: int = opt(
+        2, "rewrites drawn per record; the longest is kept (released: 2)", parse=integer(1, INT_MAX)
+    )
+    temperature: float = opt(
+        0.3, "of the rewrite calls (released: 0.3); classifying is greedy", parse=number(0, FLOAT_MAX)
+    )
+    tokenizer: str | None = opt(
+        None,
+        "count lengths in this tokenizer's tokens, as released (a model folder or name); None: characters",
+    )
+    filters: str = opt(
+        "all", "released: ReAlign's code and length filters only; all: ours as well", choices=FILTER_SETS
+    )
+    min_length_ratio: float = opt(
+        0.5, "refuse rewrites of at most this x the original's length", parse=number(0, FLOAT_MAX)
+    )
+    short_answer_words: int = opt(
+        6, "an original this short must survive word for word", parse=integer(0, INT_MAX)
+    )
+    chunk_size: int = opt(
+        64, "records per round of calls; output written after each", parse=integer(1, INT_MAX)
+    )
+    rewriter: RewriterOptions = group(RewriterOptions)
+
+    def validate(self) -> None:
+        r = self.rewriter
+        if r.rewriter == "openai" and not (r.base_url and r.model):
+            raise ConfigError("--rewriter openai needs --base_url and --model")
+        if r.rewriter == "local" and not r.model:
+            raise ConfigError("--rewriter local needs --model")
+        problems = r.backend_problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if r.rewriter == "openai":
+            r.client_config()  # checks base_url
+        self.config()
+
+    def config(self) -> RealignConfig:
+        """What is rewritten and which rewrites are kept (RealignConfig), checked."""
+        names = {f.name for f in fields(RealignConfig)} - {"gate"}
+        return RealignConfig(gate=not self.no_gate, **{k: v for k, v in self.flat().items() if k in names})
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    opts = RealignOptions.parse(argv, prog=PROG)
+    return run_cli(PROG, lambda: realign(opts))
+
+
+def realign(opts: RealignOptions) -> int:
+    """A run of the command line: bad criteria, input or output stop before a model is loaded or a
+    request is sent; the counts are printed as JSON."""
     quiet_http_logs()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg, rewriter_cfg = configs_from_args(args)
-    except ConfigError as err:
-        parser.error(str(err))  # exits 2
-    try:
-        # bad criteria, input or output stop before a model is loaded or a request is sent
-        check_output_path(args.output_file, args.input_file)
-        load_criteria(cfg.criteria)
-        read_inputs(args.input_file, cfg)
-        read_earlier(args.output_file)
-        length = load_length(cfg.tokenizer)
-        rewriter = make_rewriter(rewriter_cfg, args.output_file + ".cache.jsonl", cfg.temperature)
-        counts = realign_file(args.input_file, args.output_file, rewriter, cfg, length)
-    except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
-        print(f"cut.realign: error: {err}", file=sys.stderr)
-        return 2
+    cfg = opts.config()
+    check_output_path(opts.output_file, opts.input_file)
+    load_criteria(cfg.criteria)
+    read_inputs(opts.input_file, cfg)
+    read_earlier(opts.output_file)
+    length = load_length(cfg.tokenizer)
+    rewriter = make_rewriter(
+        opts.rewriter.rewriter, opts.rewriter, opts.output_file + ".cache.jsonl", cfg.temperature
+    )
+    counts = realign_file(opts.input_file, opts.output_file, rewriter, cfg, length)
     print(json.dumps(counts))
     return 0
 

@@ -61,18 +61,23 @@ def write_online_config(
     model,
     pool: list[dict],
     heldout: list[dict] | None = None,
+    /,
     *,
     verifier: bool = False,
-    generate: dict | None = None,
-    train: dict | None = None,
+    generate_with: dict | None = None,
+    train_with: dict | None = None,
     **top,
 ) -> Path:
     """tmp/online.yaml for cut.online on a tiny model, two optimiser steps a round, with the pool (and
     the held-out set) written beside it as pool.json (heldout.json). The defaults are the arithmetic
-    task's (reference judge, batches of 4); verifier=True gives the instructions task's (verifier
-    judge, batches of 8). `generate` and `train` add to their sections; `top` comes last, so it may
-    set any key or replace a whole section."""
+    task's (reference judge, batches of 4 everywhere); verifier=True gives the instructions task's
+    (verifier judge, batches of 8, sampling at temperature 1, no checkpoint). `generate_with` and
+    `train_with` add to their sections; `top` comes last, so it may set any key (pool and heldout
+    too) or replace a whole section."""
     batch = 8 if verifier else 4
+    if verifier:
+        generate_with = {"temperature": 1.0, **(generate_with or {})}
+        train_with = {"learning_rate": 0.01, "save_steps": 100, **(train_with or {})}
     conf = {
         "base_model": str(model),
         "output_dir": str(tmp / "online"),
@@ -82,8 +87,9 @@ def write_online_config(
         "judge": {"kind": "verifier" if verifier else "reference"},
         "generate": {
             "prompt_template_name": "alpaca",
+            "batch_size": batch,
             "max_new_tokens": 6 if verifier else 8,
-            **(generate or {}),
+            **(generate_with or {}),
         },
         "train": {
             "prompt_template_name": "alpaca",
@@ -92,7 +98,7 @@ def write_online_config(
             "micro_batch_size": batch,
             "max_steps": 2,
             "lora_target_modules": ["all-linear"],
-            **(train or {}),
+            **(train_with or {}),
         },
     }
     if verifier:

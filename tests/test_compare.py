@@ -15,59 +15,28 @@ from cut.loop.compare import VARIANTS, markdown
 from cut.tasks.instructions import make_heldout
 
 from conftest import REPO
+from helpers import letter_pool, write_online_config
 
 pytestmark = pytest.mark.slow
 
 # letters a short random answer sometimes has twice and sometimes not: positives, negatives and
 # prompts with both (DPO pairs) from a tiny random model
-POOL = [
-    {
-        "instruction": f"Write word {i}. Use the letter {c} at least twice.",
-        "input": "",
-        "constraints": [
-            {"type": "letter_frequency", "params": {"letter": c, "relation": "at least", "n": 2}}
-        ],
-    }
-    for i, c in enumerate("etaoinsrhl")
-]
+POOL = letter_pool("etaoinsrhl")
 
 
 def config(tmp: Path, tiny_model: Path) -> Path:
-    (tmp / "pool.json").write_text(json.dumps(POOL))
-    (tmp / "heldout.json").write_text(json.dumps(make_heldout()[:6]))
-    conf = {
-        "base_model": str(tiny_model),
-        "output_dir": str(tmp / "cmp"),
-        "pool": str(tmp / "pool.json"),
-        "heldout": str(tmp / "heldout.json"),
-        "task": "instructions",
-        "rounds": 1,
-        "instructions_per_round": 10,
-        "samples_per_instruction": 4,
-        "seed": 0,
-        "eval_max_new_tokens": 6,
-        "eval_batch_size": 6,
-        "generate": {
-            "prompt_template_name": "alpaca",
-            "batch_size": 20,
-            "max_new_tokens": 6,
-            "temperature": 1.0,
-        },
-        "judge": {"kind": "verifier"},
-        "train": {
-            "prompt_template_name": "alpaca",
-            "cutoff_len": 128,
-            "batch_size": 8,
-            "micro_batch_size": 8,
-            "max_steps": 2,
-            "lora_target_modules": ["all-linear"],
-            "learning_rate": 0.01,
-            "save_steps": 100,
-        },
-    }
-    path = tmp / "online.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
+    loop = {"rounds": 1, "instructions_per_round": 10, "samples_per_instruction": 4, "seed": 0}
+    heldout = make_heldout()[:6]
+    return write_online_config(
+        tmp,
+        tiny_model,
+        POOL,
+        heldout,
+        verifier=True,
+        output_dir=str(tmp / "cmp"),
+        generate_with={"batch_size": 20},
+        **loop,
+    )
 
 
 def test_every_objective_trains_on_the_same_samples_and_is_reported(tiny_model, tmp_path):

@@ -19,6 +19,7 @@ import yaml
 from cut.data.files import write_json_atomic
 
 from fake_openai import FakeOpenAI
+from helpers import write_online_config
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -71,33 +72,9 @@ def online_config(tmp: Path, model: str, pool_size: int = 10, **changes) -> Path
     """The arithmetic loop on a small pool, with `changes` applied to the YAML."""
     from cut.tasks.arithmetic import make_problems
 
-    (tmp / "pool.json").write_text(json.dumps(make_problems(pool_size, seed=3)))
-    (tmp / "heldout.json").write_text(json.dumps(make_problems(4, seed=4)))
-    conf = {
-        "base_model": model,
-        "output_dir": str(tmp / "online"),
-        "pool": str(tmp / "pool.json"),
-        "heldout": str(tmp / "heldout.json"),
-        "rounds": 2,
-        "instructions_per_round": 4,
-        "seed": 1,
-        "eval_max_new_tokens": 6,
-        "eval_batch_size": 4,
-        "generate": {"prompt_template_name": "alpaca", "batch_size": 4, "max_new_tokens": 8},
-        "judge": {"kind": "reference"},
-        "train": {
-            "prompt_template_name": "alpaca",
-            "cutoff_len": 128,
-            "batch_size": 4,
-            "micro_batch_size": 4,
-            "max_steps": 2,
-            "lora_target_modules": ["all-linear"],
-        },
-        **changes,
-    }
-    path = tmp / "online.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
+    pool, heldout = make_problems(pool_size, seed=3), make_problems(4, seed=4)
+    loop = {"rounds": 2, "instructions_per_round": 4, "seed": 1, **changes}
+    return write_online_config(tmp, model, pool, heldout, **loop)
 
 
 # --------------------------------------------------------------------------------------------

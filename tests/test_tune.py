@@ -16,53 +16,14 @@ from cut.loop.online import sample_instructions
 from cut.loop.tune import main, prepare, validation_split
 
 from conftest import REPO
+from helpers import letter_pool, write_online_config
 
-POOL = [
-    {
-        "instruction": f"Write word {i}. Use the letter {c} at least twice.",
-        "input": "",
-        "constraints": [
-            {"type": "letter_frequency", "params": {"letter": c, "relation": "at least", "n": 2}}
-        ],
-    }
-    for i, c in enumerate("etaoinsrhldcumfp")
-]
+POOL = letter_pool("etaoinsrhldcumfp")
 
 
 def write_config(tmp: Path, model: str, rounds: int = 1, per_round: int = 8) -> Path:
-    (tmp / "pool.json").write_text(json.dumps(POOL))
-    conf = {
-        "base_model": model,
-        "output_dir": str(tmp / "online"),
-        "pool": str(tmp / "pool.json"),
-        "task": "instructions",
-        "rounds": rounds,
-        "instructions_per_round": per_round,
-        "samples_per_instruction": 2,
-        "seed": 3,
-        "eval_max_new_tokens": 6,
-        "eval_batch_size": 6,
-        "generate": {
-            "prompt_template_name": "alpaca",
-            "batch_size": 16,
-            "max_new_tokens": 6,
-            "temperature": 1.0,
-        },
-        "judge": {"kind": "verifier"},
-        "train": {
-            "prompt_template_name": "alpaca",
-            "cutoff_len": 128,
-            "batch_size": 8,
-            "micro_batch_size": 8,
-            "max_steps": 2,
-            "lora_target_modules": ["all-linear"],
-            "learning_rate": 0.01,
-            "save_steps": 100,
-        },
-    }
-    path = tmp / "online.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
+    loop = {"rounds": rounds, "instructions_per_round": per_round, "samples_per_instruction": 2, "seed": 3}
+    return write_online_config(tmp, model, POOL, verifier=True, generate_with={"batch_size": 16}, **loop)
 
 
 def write_trials(tmp: Path, trials: dict, size: int = 6) -> Path:

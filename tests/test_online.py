@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,60 +15,28 @@ import yaml
 from cut.loop.online import sample_instructions
 from cut.tasks.arithmetic import make_problems
 
-from conftest import REPO
+from helpers import start, write_online_config
 
 pytestmark = pytest.mark.slow
 
 
 def write_config(tmp: Path, tiny_model: Path) -> Path:
-    pool = tmp / "pool.json"
-    pool.write_text(json.dumps(make_problems(40, seed=3)))
-    heldout = tmp / "heldout.json"
-    heldout.write_text(json.dumps(make_problems(6, seed=4)))
-    conf = {
-        "base_model": str(tiny_model),
-        "output_dir": str(tmp / "online"),
-        "pool": str(pool),
-        "heldout": str(heldout),
-        "rounds": 2,
-        "instructions_per_round": 8,
-        "seed": 1,
-        "eval_max_new_tokens": 6,
-        "eval_batch_size": 4,
-        "generate": {
-            "prompt_template_name": "alpaca",
-            "batch_size": 4,
-            "max_new_tokens": 8,
-            "temperature": 1.0,
-        },
-        "judge": {"kind": "reference"},
-        "train": {
-            "prompt_template_name": "alpaca",
-            "cutoff_len": 128,
-            "batch_size": 4,
-            "micro_batch_size": 4,
-            "max_steps": 2,
-            "lora_target_modules": ["all-linear"],
-            "save_steps": 1,
-            "learning_rate": 0.01,
-        },
-    }
-    path = tmp / "online.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
+    """Two rounds of 8 arithmetic problems from a pool of 40, a checkpoint every step."""
+    return write_online_config(
+        tmp,
+        tiny_model,
+        make_problems(40, seed=3),
+        make_problems(6, seed=4),
+        rounds=2,
+        instructions_per_round=8,
+        seed=1,
+        generate_with={"temperature": 1.0},
+        train_with={"save_steps": 1, "learning_rate": 0.01},
+    )
 
 
 def launch(config: Path) -> subprocess.Popen:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cut.online", "--config", str(config)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start(["-m", "cut.online", "--config", str(config)])
 
 
 def manifest(root: Path, r: int) -> dict:

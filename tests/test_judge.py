@@ -3,6 +3,7 @@ real HTTP server with scripted faults, the local judge on a tiny model, and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -481,8 +482,14 @@ def test_cli_reference_run_and_exit_2_on_bad_input(tmp_path, capsys, caplog):
 
 
 def test_judge_config_fields_are_the_cli_options():
-    dests = {a.dest for a in build_parser()._actions} - {"help", "input_file", "output_file", "judge"}
-    assert {f for f in JudgeConfig.__dataclass_fields__} == dests | {"kind"}
+    dests = {a.dest for a in build_parser()._actions} - {
+        "help",
+        "config",
+        "input_file",
+        "output_file",
+        "judge",
+    }
+    assert {f.name for f in dataclasses.fields(JudgeConfig)} == dests | {"kind"}
     args = build_parser().parse_args(
         ["--input_file", "i", "--output_file", "o.json", "--judge", "openai", "--base_url", "http://h/v1"]
         + ["--model", "m", "--concurrency", "3", "--cache_file", ""]
@@ -524,7 +531,7 @@ def test_judge_config_from_dict_names_source_and_unknown_keys():
     cfg = JudgeConfig.from_dict(
         {"kind": "openai", "base_url": "https://api.example/v1", "model": "m"}, "x.yaml"
     )
-    assert cfg == JudgeConfig("openai", "https://api.example/v1", "m")
+    assert cfg == JudgeConfig(kind="openai", base_url="https://api.example/v1", model="m")
     assert JudgeConfig.from_dict({}) == JudgeConfig()  # the reference judge
     with pytest.raises(
         ConfigError, match=r"^x\.yaml: judge: unknown key\(s\) kinds, temprature; known: kind, "

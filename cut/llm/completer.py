@@ -6,7 +6,7 @@ answers out. cut.judges, cut.evaluation and cut.methods.realign all ask through 
     completer.complete(["What is 2 + 2?", [{"role": "system", "content": "..."}, {"role": "user", ...}]])
     # -> [("4", None), (None, "http 500 after 5 retries")]
 
-The interface (`Completer`):
+The interface (`Completer`, either backend):
 
 - `name`: "openai:<model>" or "local:<model>", what a judgment or a record says asked it;
 - `complete(prompts, progress=None, accept=None, *, temperature=None, sample=None)` -> one
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from cut.args import Options, integer, number, opt
 from cut.errors import ConfigError
@@ -109,9 +109,11 @@ class LLMOptions(Options):
     batch_size: int = opt(8, "local: prompts per generate call", parse=TYPES["batch_size"])
     max_new_tokens: int = opt(256, "local: tokens per answer at most", parse=TYPES["max_new_tokens"])
 
-    def backend_problems(self) -> list[str]:
-        """One message per backend option that is not of its type or out of its range."""
-        problems = text_problems(self, required=["api_key_env"], optional=["base_url", "model", "cache_file"])
+    def backend_problems(self, texts: Sequence[str] = ()) -> list[str]:
+        """One message per backend option (and per optional text field of a subclass, `texts`)
+        that is not of its type or out of its range."""
+        optional = ["base_url", "model", *texts, "cache_file"]
+        problems = text_problems(self, required=["api_key_env"], optional=optional)
         problems += number_problems(self, NUMBER_RULES)
         return problems + [
             f"{name} must be at most {hi:g}, got {getattr(self, name)!r}"
@@ -144,20 +146,6 @@ class LLMOptions(Options):
 # --------------------------------------------------------------------------------------------
 
 
-class Completer(Protocol):
-    name: str
-
-    def complete(
-        self,
-        prompts: Sequence[Prompt],
-        progress: Progress | None = None,
-        accept: Accept | None = None,
-        *,
-        temperature: float | None = None,
-        sample: int | None = None,
-    ) -> list[Answer]: ...
-
-
 class ApiCompleter:
     """An OpenAI-compatible /chat/completions endpoint through cut.llm's client."""
 
@@ -170,11 +158,10 @@ class ApiCompleter:
         prompts: Sequence[Prompt],
         progress: Progress | None = None,
         accept: Accept | None = None,
-        *,
-        temperature: float | None = None,
-        sample: int | None = None,
+        **call: Any,
     ) -> list[Answer]:
-        return self.client.complete(list(prompts), progress, accept, temperature=temperature, sample=sample)
+        """The answers; call: temperature=, sample= (see the module doc)."""
+        return self.client.complete(list(prompts), progress, accept, **call)
 
     def close(self) -> None:
         self.client.close()
@@ -284,6 +271,7 @@ class LocalCompleter:
 
 
 BACKENDS = ("openai", "local")
+Completer = ApiCompleter | LocalCompleter  # the interface: name, complete(...) (the module doc)
 
 
 def make_completer(

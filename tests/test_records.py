@@ -11,6 +11,8 @@ import pytest
 from cut.data.records import Example, Record, build_examples, classify, load_records, validate
 from cut.errors import DataError
 
+from helpers import raises_naming_file
+
 ROWS = [
     {"instruction": "Add 3 and 4.", "input": "", "output": "7", "judgment": None},
     {"instruction": "Add the numbers.", "input": "3 and 4", "output": "8", "judgment": "8 is wrong."},
@@ -78,11 +80,7 @@ def test_missing_input_reads_as_empty_string(tmp_path):
 
 
 def test_broken_json_names_the_path(tmp_path):
-    path = tmp_path / "broken.json"
-    path.write_text('[{"instruction": "x",')
-    with pytest.raises(DataError, match="not valid JSON") as err:
-        load_records(str(path))
-    assert str(path) in str(err.value)
+    raises_naming_file(tmp_path, '[{"instruction": "x",', load_records, DataError, "not valid JSON")
 
 
 def test_broken_jsonl_line_names_the_line(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from cut.data.records import Record
 from cut.data.templates import ALPACA, load_template
 
+from helpers import raises_naming_file
+
 RELEASED_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the "
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
@@ -202,11 +204,7 @@ def test_template_file_that_is_not_an_object(tmp_path):
 
 
 def test_template_file_that_is_not_json(tmp_path):
-    path = tmp_path / "broken.json"
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read template") as err:
-        load_template(str(path))
-    assert str(path) in str(err.value)
+    raises_naming_file(tmp_path, "{not json", load_template, ValueError, "cannot read template")
 
 
 def test_missing_template_file(tmp_path):

@@ -18,6 +18,7 @@ from cut.data.files import MAX_JSON_DEPTH, json_depth, parse_json
 from cut.errors import ConfigError, DataError
 
 from conftest import TINY_RECORDS
+from helpers import cli_args
 
 
 class Loaded(Exception):
@@ -371,6 +372,25 @@ def test_a_4mb_instruction_is_inspected_in_seconds(tiny_model, tmp_path, monkeyp
 # --------------------------------------------------------------------------------------------
 
 BAD = ["nan", "inf", "-1", "abc", "99999999999999999999"]
+# the sampling options urial and generate share
+SAMPLING = {
+    "batch_size": True,
+    "max_new_tokens": True,
+    "temperature": False,
+    "repetition_penalty": True,
+    "seed": False,
+    "limit": True,
+}
+
+
+def answering(tool: str):
+    """The argv of a tool that answers the records of a data file into an output file."""
+    return lambda t: [
+        tool,
+        *cli_args(model=t / "m", data_path=t / "d.json", output_file=t / "out" / "a.json"),
+    ]
+
+
 # tool -> (argv before the option, {option: whether 0 is a bad value too})
 TOOLS = {
     "inspect": (
@@ -392,35 +412,8 @@ TOOLS = {
         ),
         {"batch_size": True, "max_new_tokens": True, "limit": False, "cutoff_len": True},
     ),
-    "urial": (
-        lambda t: (
-            ["urial", "--model", str(t / "m"), "--data_path", str(t / "d.json")]
-            + ["--output_file", str(t / "out" / "a.json")]
-        ),
-        {
-            "batch_size": True,
-            "max_new_tokens": True,
-            "temperature": False,
-            "repetition_penalty": True,
-            "seed": False,
-            "limit": True,
-        },
-    ),  # fmt: skip
-    "generate": (
-        lambda t: (
-            ["generate", "--model", str(t / "m"), "--data_path", str(t / "d.json")]
-            + ["--output_file", str(t / "out" / "a.json")]
-        ),
-        {
-            "batch_size": True,
-            "max_new_tokens": True,
-            "temperature": False,
-            "top_p": True,
-            "repetition_penalty": True,
-            "seed": False,
-            "limit": True,
-        },
-    ),  # fmt: skip
+    "urial": (answering("urial"), SAMPLING),
+    "generate": (answering("generate"), {**SAMPLING, "top_p": True}),
     "arithmetic": (
         lambda t: ["arithmetic", "--pool", str(t / "out" / "p.json"), "--heldout", str(t / "out" / "h.json")],
         {"n_pool": True, "n_heldout": True, "seed": False},

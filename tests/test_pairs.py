@@ -124,6 +124,18 @@ def features_for(template, tokenizer, examples=EXAMPLES, cutoff=LONG_CUTOFF):
     return feats
 
 
+def collate_twice(setup, first: dict, second: dict) -> tuple[list[dict], dict, dict]:
+    """The examples' features for `setup` (template, tokenizer), and their batches from a CUTCollator
+    with the settings `first` and from one with `second`."""
+    template, tokenizer = setup
+    feats = features_for(template, tokenizer)
+    return (
+        feats,
+        CUTCollator(tokenizer.pad_token_id, **first)(feats),
+        CUTCollator(tokenizer.pad_token_id, **second)(feats),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # tokenize_example: response ids
 # --------------------------------------------------------------------------------------------
@@ -415,10 +427,7 @@ def test_collator_layout_batches(tok, order):
 @pytest.mark.parametrize("packing", [False, True])
 def test_collator_without_misalign_drops_only_the_plain_context_of_negatives(setup, packing):
     """misalign=False (the hindsight ablation): Align-P and Align-N exactly as with CUT, no Misalign-N."""
-    template, tokenizer = setup
-    feats = features_for(template, tokenizer)
-    full = CUTCollator(tokenizer.pad_token_id, packing=packing)(feats)
-    hind = CUTCollator(tokenizer.pad_token_id, packing=packing, misalign=False)(feats)
+    feats, full, hind = collate_twice(setup, {"packing": packing}, {"packing": packing, "misalign": False})
     assert hind["seq_role"].tolist() == [r for r in full["seq_role"].tolist() if r != Role.MISALIGN_N]
     assert len(hind["seq_role"]) == len(feats) and Role.MISALIGN_N not in hind["tgt_role"].tolist()
     keep = full["tgt_role"] != Role.MISALIGN_N
@@ -450,10 +459,7 @@ def test_collator_pad_id_is_used(tok):
 
 
 def test_train_on_inputs_adds_prompt_targets_only_for_align(setup):
-    template, tokenizer = setup
-    feats = features_for(template, tokenizer)
-    off = CUTCollator(tokenizer.pad_token_id, train_on_inputs=False)(feats)
-    on = CUTCollator(tokenizer.pad_token_id, train_on_inputs=True)(feats)
+    feats, off, on = collate_twice(setup, {"train_on_inputs": False}, {"train_on_inputs": True})
     assert torch.equal(off["input_ids"], on["input_ids"])
     assert torch.equal(off["seq_role"], on["seq_role"])
 
@@ -495,10 +501,8 @@ def test_train_on_inputs_adds_prompt_targets_only_for_align(setup):
 @pytest.mark.parametrize("train_on_inputs", [False, True])
 def test_packed_layout_holds_the_padded_batch_without_padding(setup, train_on_inputs):
     """Same sequences back to back in one row, same targets in the same order, no pad token."""
-    template, tokenizer = setup
-    feats = features_for(template, tokenizer)
-    padded = CUTCollator(tokenizer.pad_token_id, train_on_inputs=train_on_inputs)(feats)
-    packed = CUTCollator(tokenizer.pad_token_id, train_on_inputs=train_on_inputs, packing=True)(feats)
+    padding = {"train_on_inputs": train_on_inputs}
+    _, padded, packed = collate_twice(setup, padding, {**padding, "packing": True})
     assert "attention_mask" not in packed and "attention_mask" in padded
     lens = seq_lengths(padded)
     T = padded["input_ids"].shape[1]
@@ -519,7 +523,7 @@ def test_packed_layout_holds_the_padded_batch_without_padding(setup, train_on_in
     assert (t + 1 < torch.tensor(lens)[seq]).all()  # pos + 1 stays in the same sequence
 
     # and back: unpack gives the padded batch exactly
-    back_ids, back_mask, back_pos = unpack(ids, cu, packed["tgt_pos"], tokenizer.pad_token_id)
+    back_ids, back_mask, back_pos = unpack(ids, cu, packed["tgt_pos"], setup[1].pad_token_id)
     assert torch.equal(back_ids, padded["input_ids"])
     assert torch.equal(back_mask, padded["attention_mask"])
     assert torch.equal(back_pos, padded["tgt_pos"])

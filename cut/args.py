@@ -286,6 +286,8 @@ class Options:
     """
 
     DESCRIPTION: ClassVar[str] = ""
+    # --config's help, for a tool whose --config is a file of its own (not these options' YAML)
+    CONFIG_HELP: ClassVar[str] = "YAML file of these options (keys = option names; groups as sections)"
 
     # ---- declaration -------------------------------------------------------------------------
     @classmethod
@@ -399,9 +401,7 @@ class Options:
             argument_default=argparse.SUPPRESS,
             allow_abbrev=False,
         )
-        parser.add_argument(
-            "--config", help="YAML file of these options (keys = option names; groups as sections)"
-        )
+        parser.add_argument("--config", help=cls.CONFIG_HELP)
         sections: dict[tuple[str, ...], Any] = {(): parser}
         for name, (f, tp, path) in cls.option_fields().items():
             meta = f.metadata

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from cut.data.records import load_records  # noqa: E402
 from cut.modeling.tiny import build_tiny_model  # noqa: E402
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO, TINY_RECORDS  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -51,15 +51,8 @@ STEPS = "Boil the water, add the pasta and cook it for ten minutes before you dr
 REVISED = "1. Boil the water.\n2. Add the pasta.\n3. Cook it for ten minutes.\n4. Drain it."
 REWRITE_REPLY = f"Reasoning: the steps read better as a list.\nDecision: REWRITE\nRevised response: {REVISED}"
 
-ANSWERS = [
-    {
-        "instruction": "What is the capital of France?",
-        "input": "",
-        "output": "The capital of France is Lyon.",
-    },
-    {"instruction": "Add the numbers.", "input": "3 and 4", "output": "The sum is 7."},
-    {"instruction": "Name a primary colour.", "input": "", "output": "Red is a primary colour."},
-]
+# three of the tiny records, as answers: the wrong city, a right sum, a right colour
+ANSWERS = [{k: TINY_RECORDS[i][k] for k in ("instruction", "input", "output")} for i in (0, 1, 3)]
 
 
 @pytest.fixture(scope="module")

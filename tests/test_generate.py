@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -23,6 +24,8 @@ from cut.modeling.generate import (
     vllm_engine_args,
 )
 
+from helpers import one_thread
+
 # prompts of quite different lengths, so a batch of 4 holds real left padding
 INSTRUCTIONS = [
     ("Hi", ""),
@@ -41,13 +44,7 @@ INSTRUCTIONS = [
 FAST = dict(max_new_tokens=10, progress=False, device="cpu", dtype="float32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny model gains nothing from threads, and they thrash on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _records() -> list[dict]:
@@ -109,7 +106,7 @@ def test_resume_keeps_answered_records(tiny_model, questions, tmp_path, monkeypa
     assert [r["id"] for r in first] == ["q0", "q1", "q2"]
 
     seen = _count_prompts(monkeypatch)
-    with caplog.at_level("INFO", logger="cut.generate"):
+    with caplog.at_level("INFO", logger="cut.modeling.generate"):
         generate_file(*args, **kw)
     assert sum(seen) == len(INSTRUCTIONS) - 3, "answered records were generated again"
     assert "3 of 7 records already answered" in caplog.text
@@ -272,23 +269,34 @@ def test_vllm_missing_fails_at_once(tiny_model, questions, tmp_path, monkeypatch
     assert not out.exists()
 
 
-def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_path, monkeypatch):
-    """A stand-in vllm module records what cut.generate hands it."""
+def fake_vllm_module(monkeypatch, answer, max_model_len: int | None = None) -> dict:
+    """A stand-in vllm module (cut generate's and cut urial's tests): its LLM records its keyword
+    arguments ('init'), the prompts and the sampling parameters, and answers `answer(prompt)`; with
+    max_model_len, it says so as vLLM does (llm.llm_engine.model_config.max_model_len)."""
     calls: dict = {}
+    ns = types.SimpleNamespace
 
     class LLM:
+        if max_model_len is not None:
+            llm_engine = ns(model_config=ns(max_model_len=max_model_len))
+
         def __init__(self, **kw):
             calls["init"] = kw
 
         def generate(self, prompts, params, use_tqdm=True):
             calls.setdefault("prompts", []).extend(prompts)
             calls.setdefault("params", []).extend(params)
-            out = types.SimpleNamespace
-            return [out(outputs=[out(text=f" n={len(p['prompt_token_ids'])} ")]) for p in prompts]
+            return [ns(outputs=[ns(text=answer(p))]) for p in prompts]
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    return calls
+
+
+def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_path, monkeypatch):
+    """A stand-in vllm module records what cut.generate hands it."""
+    calls = fake_vllm_module(monkeypatch, lambda p: f" n={len(p['prompt_token_ids'])} ")
     rows = generate_file(
         str(tiny_chat_model), str(questions), str(tmp_path / "v.json"), engine="vllm",
         temperature=0.5, top_p=0.9, max_new_tokens=7, seed=3, dtype="bfloat16",
@@ -569,3 +577,50 @@ def test_cli_preset_answers_as_the_release_and_flags_override(tiny_model, tmp_pa
     argv[5] = str(named)
     assert main([*argv, "--preset", "alpaca_eval", "--max_new_tokens", "2", "--dataset", "mine"]) == 0
     assert {r["dataset"] for r in _read(named)} == {"mine"}
+
+
+# ---------------------------------------------------------------- the command line: GenerateOptions
+
+
+def test_generate_options_take_a_yaml_config_a_preset_and_flags(tmp_path, capsys):
+    from cut.modeling.generate import GenerateOptions, build_parser
+
+    config = tmp_path / "generate.yaml"
+    config.write_text(
+        "model: m\ndata_path: d.json\noutput_file: o.json\npreset: alpaca_eval\n"
+        "engine_options:\n  batch_size: 4\n  enforce_eager: false\n"
+    )
+    cfg = GenerateOptions.parse(["--config", str(config), "--max_new_tokens", "8"]).config()
+    # the preset's values, the YAML's own keys over them, the flags over both
+    assert (cfg.prompt_template_name, cfg.dtype, cfg.batch_size) == ("alpaca", "fp16", 4)
+    assert (cfg.sampling.max_new_tokens, cfg.enforce_eager) == (8, False)
+    given = ["--model", "m", "--data_path", "d", "--output_file", "o", "--top_p", "0.5"]
+    assert vars(build_parser(explicit_only=True).parse_args(given)) == {
+        "model": "m", "data_path": "d", "output_file": "o", "top_p": 0.5,
+    }  # fmt: skip
+    assert vars(build_parser().parse_args(given))["max_new_tokens"] == 256
+    config.write_text("model: m\nbatch_sise: 4\n")
+    assert main(["--config", str(config), "--data_path", "d", "--output_file", "o"]) == 2
+    assert "unknown option(s): batch_sise" in capsys.readouterr().err
+
+
+def test_an_option_with_an_argparse_type_checks_flags_yaml_and_python_alike(tmp_path, capsys):
+    """cut.args' opt(parse=...) and opt(append=True), as cut generate and cut urial declare them."""
+    from cut.args import Options, opt
+
+    @dataclasses.dataclass
+    class Tool(Options):
+        size: int = opt(8, "a size", parse=gen.BATCH_SIZE)
+        stop: list[str] | None = opt(None, "stop strings", append=True)
+
+    assert Tool.parse(["--stop", "a,b", "--stop", "c"]).stop == ["a,b", "c"]
+    with pytest.raises(SystemExit):
+        Tool.parse(["--size", "0"], prog="tool")
+    assert "tool: error: argument --size: must be in [1, 4096], got '0'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"size must be in \[1, 4096\], got '5000'"):
+        Tool.from_values({"size": 5000})
+    config = tmp_path / "tool.yaml"
+    config.write_text("size: 0\n")
+    with pytest.raises(SystemExit):
+        Tool.parse(["--config", str(config)], prog="tool")
+    assert "size must be in [1, 4096], got '0'" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cut.analysis import inspect as ins
+from cut.analysis import ratios as ins
 from cut.data.pairs import tokenize_example
 from cut.data.records import Example, Record, load_records
 from cut.data.templates import load_template
@@ -24,6 +23,7 @@ from cut.errors import ConfigError, DataError
 from cut.modeling.tiny import build_tiny_model
 
 from conftest import REPO, TINY_RECORDS
+from helpers import dump_dom, needs_chromium
 
 # the tiny data with spans on two of its three negatives ("Green ..." has none)
 SPANS = {0: ["Lyon"], 2: [[11, 12]]}
@@ -349,27 +349,6 @@ def test_outputs_written_atomically(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the page in a real browser
-
-CHROMIUM = next(
-    (
-        shutil.which(b)
-        for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-        if shutil.which(b)
-    ),
-    None,
-)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
-
-
-def dump_dom(page: Path, fragment: str, profile: Path) -> str:
-    """The DOM after the page's script ran, from headless Chromium."""
-    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    cmd += [f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'data-ready="1"' in proc.stdout, "the page's script did not finish: " + proc.stderr[-2000:]
-    return re.sub(r"<script.*?</script>", "", proc.stdout, flags=re.S)  # the rendered elements only
 
 
 def card_indices(dom: str) -> list[int]:

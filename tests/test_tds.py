@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from cut.errors import ConfigError, DataError
 from cut.modeling.tiny import build_tiny_model
 
 from conftest import REPO
+from helpers import dump_dom, needs_chromium
 
 # ---------------------------------------------------------------- a reference written apart
 
@@ -789,28 +789,8 @@ def test_peak_memory_flat_in_vocabulary(capsys):
 
 # ---------------------------------------------------------------- the page in a real browser
 
-CHROMIUM = next(
-    (
-        shutil.which(b)
-        for b in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-        if shutil.which(b)
-    ),
-    None,
-)
 
-
-def dump_dom(page: Path, fragment: str, profile: Path) -> str:
-    """The DOM after the page's script ran, from headless Chromium."""
-    url = page.resolve().as_uri() + (f"#{fragment}" if fragment else "")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    cmd += [f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'data-ready="1"' in proc.stdout, "the page's script did not finish: " + proc.stderr[-2000:]
-    return re.sub(r"<script.*?</script>", "", proc.stdout, flags=re.S)
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+@needs_chromium
 def test_browser_colours_tokens_by_class(run, tmp_path):
     result, out = run
     dom = dump_dom(out / "tds.html", "", tmp_path / "profile")

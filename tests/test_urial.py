@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -34,13 +33,10 @@ from cut.methods.urial import (
 )
 from cut.modeling.generate import Sampling, cut_at_stop, generate_texts, tokenize_prompts
 
+from helpers import one_thread
+from test_generate import fake_vllm_module
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 # ---------------------------------------------------------------- the reference: URIAL's rule
@@ -567,33 +563,16 @@ def test_cli_refuses_an_unreadable_prompt_file_before_loading(tiny_model, tmp_pa
 def fake_vllm(monkeypatch):
     """A stand-in vllm module that records what cut.urial hands it and answers with a canned
     continuation that runs into the next turn (a real vLLM would stop there itself)."""
-    calls: dict = {}
-
-    class LLM:
-        llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=4096))
-
-        def __init__(self, **kw):
-            calls["init"] = kw
-
-        def generate(self, prompts, params, use_tqdm=True):
-            calls.setdefault("prompts", []).extend(prompts)
-            calls.setdefault("params", []).extend(params)
-            out = types.SimpleNamespace
-            return [
-                out(outputs=[out(text="Answer:\n```python\nx = 1\n```\n```\n\n# User:\nmore")])
-                for _ in prompts
-            ]
-
-    fake = types.ModuleType("vllm")
-    fake.LLM, fake.SamplingParams = LLM, lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", fake)
-    return calls
+    answer = "Answer:\n```python\nx = 1\n```\n```\n\n# User:\nmore"
+    return fake_vllm_module(monkeypatch, lambda p: answer, max_model_len=4096)
 
 
 def test_vllm_engine_gets_urials_prompts_and_settings(
     long_tiny_model, prompt_files, tmp_path, fake_vllm, monkeypatch
 ):
-    monkeypatch.setattr("cut.methods.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded"))
+    monkeypatch.setattr(
+        "cut.methods.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded")
+    )
     path = tmp_path / "q.json"
     path.write_text(json.dumps([{"instruction": "Hi?"}, {"instruction": "Bye?"}]))
     name = "inst_1k.txt"
@@ -651,3 +630,68 @@ def test_the_old_parser_names_the_new_way():
         ConfigError, match=r"used verbatim; use load_urial_prompt\(path, turn_format\) or render"
     ):
         parse_urial_prompt("# Query:\n```\nq\n```\n")
+
+
+# ---------------------------------------------------------------- the engine options, shared with cut generate
+
+
+def test_urial_takes_cut_generates_engine_options(tmp_path, capsys):
+    from cut.methods.urial import UrialOptions
+    from cut.modeling.generate import EngineOptions, GenerateOptions
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    for flag in (
+        "--engine",
+        "--enforce_eager",
+        "--max_model_len",
+        "--gpu_memory_utilization",
+        "--kv_cache_gb",
+    ):
+        assert flag in out
+    # one declaration: the same group class in both tools
+    hints = {
+        cls: cls.__dataclass_fields__["engine_options"].default_factory
+        for cls in (UrialOptions, GenerateOptions)
+    }
+    assert set(hints.values()) == {EngineOptions}
+    argv = ["--model", "m", "--data_path", "d.json", "--output_file", str(tmp_path / "o.json")]
+    for flag, value in (
+        ("--max_model_len", "0"),
+        ("--gpu_memory_utilization", "1.5"),
+        ("--enforce_eager", "x"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    cfg = _cfg("--enforce_eager", "false", "--max_model_len", "64", "--kv_cache_gb", "1.5")
+    assert (cfg.enforce_eager, cfg.max_model_len, cfg.kv_cache_gb) == (False, 64, 1.5)
+    with pytest.raises(ConfigError, match="gpu_memory_utilization must be in"):
+        config_from_args({"gpu_memory_utilization": 2.0})
+
+
+def test_urial_vllm_engine_gets_the_engine_options(tiny_model, tmp_path, fake_vllm, monkeypatch):
+    monkeypatch.setattr(
+        "cut.methods.urial.load_model", lambda *a, **k: pytest.fail("transformers model loaded")
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "Hi?"}]))
+    argv = ["--model", str(tiny_model), "--data_path", str(path), "--output_file", str(tmp_path / "o.json")]
+    assert main([*argv, "--engine", "vllm", "--max_model_len", "256", "--kv_cache_gb", "0.5"]) == 0
+    init = fake_vllm["init"]
+    assert (init["enforce_eager"], init["max_model_len"], init["kv_cache_memory_bytes"]) == (True, 256, 2**29)
+    assert init["dtype"] == "float32"  # cut generate's auto on a CPU
+    assert main([*argv[:-1], str(tmp_path / "p.json"), "--engine", "vllm", "--enforce_eager", "false"]) == 0
+    assert fake_vllm["init"]["enforce_eager"] is False and "max_model_len" not in fake_vllm["init"]
+
+
+def test_urial_reads_a_yaml_config(tmp_path, capsys):
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps([{"instruction": "A"}]))
+    config = tmp_path / "urial.yaml"
+    config.write_text(f"data_path: {path}\nturn_format: v5\nengine_options:\n  batch_size: 2\n")
+    assert main(["--config", str(config), "--print_prompt"]) == 0
+    assert capsys.readouterr().out.endswith("\n# User:\n\nA\n\n\n# Assistant:\n\n")

@@ -32,7 +32,8 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cut.analysis.page import render_page
-from cut.args import INT_MAX, Parser, integer, number
+from cut.args import INT_MAX, Options, integer, number, opt, run_cli
 from cut.data.files import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
 from cut.data.pairs import CUTCollator, response_char_ranges, tokenize_example
 from cut.data.records import Example, build_examples, load_records
@@ -72,35 +73,33 @@ PROMPT_CHARS_PER_TOKEN = 16
 TAIL_MARGIN = 64
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+@dataclass
+class InspectOptions(Options):
+    """See what a judgment flags: p(y_t|x,j) / p(y_t|x) for every response token of every negative."""
 
-
-@dataclass(frozen=True)
-class InspectOptions:
-    data_path: str = _f("", "Judged records: .json list, .jsonl or a datasets folder (required).")
-    model: str = _f(
-        "", "Model folder or name, or a LoRA adapter folder, whose ratio flags tokens (required)."
+    data_path: str = opt("", "Judged records: .json list, .jsonl or a datasets folder.", required=True)
+    model: str = opt(
+        "", "Model folder or name, or a LoRA adapter folder, whose ratio flags tokens.", required=True
     )
-    output_dir: str = _f("", "Folder for index.html, lambda.png and inspect.json (required).")
-    after_model: str = _f("", "A second model with the same tokenizer (e.g. after CUT): its p(y|x) too.")
-    threshold: float = _f(
+    output_dir: str = opt("", "Folder for index.html, lambda.png and inspect.json.", required=True)
+    after_model: str = opt("", "A second model with the same tokenizer (e.g. after CUT): its p(y|x) too.")
+    threshold: float = opt(
         1.1,
         "lambda: a token is flagged when p(y|x,j) / p(y|x) exceeds it (paper: 1.1, 1.2).",
         parse=number(0, 1000, lo_open=True),
     )
-    prompt_template_name: str = _f(
+    prompt_template_name: str = opt(
         "auto",
         "alpaca | chat | path to a .json template | auto: the one either model was CUT-trained "
         "with (its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca.",
     )
-    cutoff_len: int = _f(
+    cutoff_len: int = opt(
         _TRAIN.cutoff_len, "Maximum tokens of one sequence, as in training.", parse=integer(2, 2**20)
     )
-    micro_batch_size: int = _f(8, "Negatives per forward (each is two sequences).", parse=integer(1, 4096))
-    limit: int = _f(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, INT_MAX))
-    dtype: str = _f("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N.", parse=device_option)
+    micro_batch_size: int = opt(8, "Negatives per forward (each is two sequences).", parse=integer(1, 4096))
+    limit: int = opt(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, INT_MAX))
+    dtype: str = opt("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N.", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("data_path", "model", "output_dir"):
@@ -114,27 +113,22 @@ class InspectOptions:
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
         if self.limit < 0:
             raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit}")
-        check_fields(self)
+        self.check_fields()
         canonical_dtype(self.dtype)
+
+    def check_paths(self) -> None:
+        """The models are there and the output folder can be one (before anything loads)."""
         for name in ("model", "after_model"):
             if getattr(self, name):
                 check_model_path(getattr(self, name))
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"{out}: --output_dir exists and is not a folder")
+        check_output_folder(self.output_dir)
 
 
-def check_fields(opts: Any) -> None:
-    """Each field's own argparse type (its `parse` metadata) run on its value: the command line's
-    checks (finite, in range, a usable device) hold for options given in Python too."""
-    for f in dataclasses.fields(opts):
-        parse, value = f.metadata.get("parse"), getattr(opts, f.name)
-        if parse is None:
-            continue
-        try:
-            parse(str(value))  # str(True) is no number: a bool is refused too
-        except argparse.ArgumentTypeError as err:
-            raise ConfigError(f"{f.name} {err}") from None
+def check_output_folder(output_dir: str) -> None:
+    """--output_dir is a folder or not there yet (cut inspect's and cut tds's)."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --output_dir exists and is not a folder")
 
 
 @dataclass
@@ -666,6 +660,7 @@ def inspect_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     InspectOptions' fields; every check on them and on the data runs before any model loads."""
     t0 = time.perf_counter()
     opts = InspectOptions(**options)
+    opts.check_paths()
     check_writable(opts.output_dir, "--output_dir")
     negatives, counts = load_negatives(opts)
     check_matplotlib()
@@ -694,40 +689,50 @@ def inspect_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class InspectCommand(InspectOptions):
+    """cut inspect's options: the library's, and whether to draw a progress bar."""
+
+    no_progress: bool = opt(False, "no progress bar")
+
+
+REQUIRED = ("data_path", "model", "output_dir")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="cut.analysis.inspect",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    required = ("data_path", "model", "output_dir")
-    for f in dataclasses.fields(InspectOptions):
-        p.add_argument(
-            f"--{f.name}",
-            type=f.metadata.get("parse", str),
-            required=f.name in required,
-            default=None if f.name in required else f.default,
-            choices=f.metadata.get("choices"),
-            help=f.metadata["help"],
-        )
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+    """cut inspect's parser (InspectCommand's); every option not given holds its default."""
+    parser = InspectCommand.build_parser("cut.analysis.inspect")
+    fields = InspectCommand.option_fields().items()
+    parser.set_defaults(**{k: f.default for k, (f, _, _) in fields if k not in REQUIRED})
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
-    progress = not args.pop("no_progress")
-    try:
-        result = inspect_records(progress=progress, **args)
-    except ValueError as err:  # ConfigError and DataError are ValueErrors
-        print(f"cut.analysis.inspect: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a model that cannot be loaded, a folder that cannot be written
-        print(f"cut.analysis.inspect: error: {err}", file=sys.stderr)
-        return 1
+    return run_analysis(InspectCommand, argv, "cut.analysis.inspect", inspect_records, summary)
+
+
+def run_analysis(
+    command: type[Options],
+    argv: list[str] | None,
+    prog: str,
+    run: Callable[..., dict[str, Any]],
+    summary: Callable[[dict[str, Any], str], str],
+) -> int:
+    """The main of cut inspect and cut tds: `command`'s options (the library's plus no_progress),
+    `run(progress, **the library's options)`, and its summary printed."""
+    opts = command.parse(argv, prog=prog)
+    options = {k: v for k, v in opts.flat().items() if k != "no_progress"}
+
+    def body() -> None:
+        print(summary(run(not opts.get("no_progress"), **options), opts.get("output_dir")))
+
+    return run_cli(prog, body)
+
+
+def summary(result: dict[str, Any], output_dir: str) -> str:
+    """What cut inspect prints: the flagged fractions and where the page went."""
     at, c = result["at_threshold"], result["counts"]
-    print(
+    return (
         f"{c['scored']} negatives, {c['tokens']} response tokens; flagged at λ={result['threshold']}: "
         f"{at['flagged_tokens']} ({at['flagged_fraction']:.1%}); "
         + ", ".join(f"λ={k}: {r['flagged_fraction']:.1%}" for k, r in result["paper_lambdas"].items())
@@ -736,10 +741,9 @@ def main(argv: list[str] | None = None) -> int:
             if result["best_f1"]
             else ""
         )
-        + f"\nwrote {Path(args['output_dir']) / 'index.html'}, lambda.png, inspect.json "
+        + f"\nwrote {Path(output_dir) / 'index.html'}, lambda.png, inspect.json "
         f"in {result['seconds']['total']:.1f} s"
     )
-    return 0
 
 
 # ---------------------------------------------------------------- the page's script

@@ -68,13 +68,12 @@ Outputs in --output_dir, each written whole (temp file + rename):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -83,8 +82,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cut.analysis.page import render_page
-from cut.analysis.ratios import check_fields, check_matplotlib, rounded
-from cut.args import INT_MAX, Parser, integer
+from cut.analysis.ratios import check_matplotlib, check_output_folder, rounded, run_analysis
+from cut.args import INT_MAX, Options, integer, opt
 from cut.data.files import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
 from cut.data.pairs import response_char_ranges, response_ids
 from cut.data.records import read_raw, text_field
@@ -125,23 +124,21 @@ TOP_K = 20  # shifted tokens listed in tds.json (the plot shows the first 15)
 COLOURS = {"unshifted": "#cbd5e1", "marginal": "#f59e0b", "shifted": "#dc2626"}
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+@dataclass
+class TDSOptions(Options):
+    """Token distribution shift: where an aligned model departs from its base, token by token."""
 
-
-@dataclass(frozen=True)
-class TDSOptions:
-    base_model: str = _f("", "Base model folder or name, or a LoRA adapter folder (required).")
-    aligned_model: str = _f("", "Aligned model folder or name, or a LoRA adapter folder (required).")
-    data_path: str = _f("", "Records with instruction, optional input and optional output (required).")
-    output_dir: str = _f("", "Folder for tds.json, tds.png and tds.html (required).")
-    prompt_template_name: str = _f(
+    base_model: str = opt("", "Base model folder or name, or a LoRA adapter folder.", required=True)
+    aligned_model: str = opt("", "Aligned model folder or name, or a LoRA adapter folder.", required=True)
+    data_path: str = opt("", "Records with instruction, optional input and optional output.", required=True)
+    output_dir: str = opt("", "Folder for tds.json, tds.png and tds.html.", required=True)
+    prompt_template_name: str = opt(
         "auto",
         "The aligned model's prompt: alpaca | alpaca_input | chat | a .json template | auto (the "
         "template it was CUT-trained with, else chat if its tokenizer has one, else alpaca) | urial "
         "(the URIAL prefix: a base model aligned in context; answers must be given, e.g. by cut urial).",
     )
-    base_prompt: str = _f(
+    base_prompt: str = opt(
         "plain",
         "The base model's context: plain (the same template, alpaca where the base has no chat "
         "template) | same (the aligned prompt's exact text) | zeroshot (AlignTDS's released '# Query:' / "
@@ -149,21 +146,23 @@ class TDSOptions:
         "(used verbatim, as URIAL does).",
         parse=lambda text: _base_prompt_choice(text, argparse.ArgumentTypeError),
     )
-    urial_turn_format: str = _f(
+    urial_turn_format: str = opt(
         "auto",
         "How the query follows a URIAL prompt on the base's side: auto (URIAL's rule: from the file's "
         "name) | backticks | v5 | v6. Only with --base_prompt urial or a prompt file.",
     )
-    batch_size: int = _f(8, "Answers per forward of each model (and per generation batch).", parse=BATCH_SIZE)
-    max_new_tokens: int = _f(
+    batch_size: int = opt(
+        8, "Answers per forward of each model (and per generation batch).", parse=BATCH_SIZE
+    )
+    max_new_tokens: int = opt(
         256, "Length limit of the answers generated for records without an output.", parse=NEW_TOKENS
     )
-    limit: int = _f(0, "Only the first N records of the file; 0 = all.", parse=integer(0, INT_MAX))
-    cutoff_len: int = _f(
+    limit: int = opt(0, "Only the first N records of the file; 0 = all.", parse=integer(0, INT_MAX))
+    cutoff_len: int = opt(
         4096, "Maximum tokens of prompt + answer; longer answers lose their end.", parse=integer(2, 2**20)
     )
-    dtype: str = _f("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (both models go there).", parse=device_option)
+    dtype: str = opt("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (both models go there).", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("base_model", "aligned_model", "data_path", "output_dir"):
@@ -180,13 +179,14 @@ class TDSOptions:
         for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("cutoff_len", 2), ("limit", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        check_fields(self)
+        self.check_fields()
         canonical_dtype(self.dtype)
+
+    def check_paths(self) -> None:
+        """Both models are there and the output folder can be one (before anything loads)."""
         check_model_path(self.base_model)
         check_model_path(self.aligned_model)
-        out = Path(self.output_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"{out}: --output_dir exists and is not a folder")
+        check_output_folder(self.output_dir)
 
 
 def _base_prompt_choice(text: str, error: type[Exception]) -> str:
@@ -974,6 +974,7 @@ def tds_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     data and on the tokenizers runs before any model loads."""
     t0 = time.perf_counter()
     opts = TDSOptions(**options)
+    opts.check_paths()
     records = load_inputs(opts)
     check_matplotlib()
     check_writable(opts.output_dir, "--output_dir")
@@ -1064,41 +1065,22 @@ def tds_records(progress: bool = True, **options: Any) -> dict[str, Any]:
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(
-        prog="cut.analysis.tds",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    required = ("base_model", "aligned_model", "data_path", "output_dir")
-    for f in dataclasses.fields(TDSOptions):
-        p.add_argument(
-            f"--{f.name}",
-            type=f.metadata.get("parse", str),
-            required=f.name in required,
-            default=None if f.name in required else f.default,
-            choices=f.metadata.get("choices"),
-            help=f.metadata["help"],
-        )
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return p
+@dataclass
+class TDSCommand(TDSOptions):
+    """cut tds's options: the library's, and whether to draw progress bars."""
+
+    no_progress: bool = opt(False, "no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
-    progress = not args.pop("no_progress")
-    try:
-        result = tds_records(progress=progress, **args)
-    except ValueError as err:  # ConfigError and DataError are ValueErrors
-        print(f"cut.analysis.tds: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a model that cannot be loaded, a folder that cannot be written
-        print(f"cut.analysis.tds: error: {err}", file=sys.stderr)
-        return 1
+    return run_analysis(TDSCommand, argv, "cut.analysis.tds", tds_records, summary)
+
+
+def summary(result: dict[str, Any], output_dir: str) -> str:
+    """What cut tds prints: the class fractions, the KLs and where the page went."""
     s, c = result["summary"], result["counts"]
     f = s["fractions"]
-    print(
+    return (
         f"{c['scored']} answers ({c['generated']} generated), {s['tokens']} tokens"
         + (": " + ", ".join(f"{name} {f[name]:.1%}" for name in CLASSES) if s["tokens"] else "")
         + f"; mean KL(aligned||base) {_num(s['mean_kl'], 3)} nats"
@@ -1110,9 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
             if s["top_shifted"]
             else ""
         )
-        + f"\nwrote {Path(args['output_dir']) / 'tds.html'}, tds.png, tds.json in {result['seconds']['total']:.1f} s"
+        + f"\nwrote {Path(output_dir) / 'tds.html'}, tds.png, tds.json in {result['seconds']['total']:.1f} s"
     )
-    return 0
 
 
 # ---------------------------------------------------------------- the page's script

@@ -53,40 +53,36 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from cut.args import SEED, Parser, die
+from cut.args import SEED, Options, coerce_value, group, opt, run_cli
 from cut.data.files import check_writable
-from cut.data.records import read_raw
-from cut.errors import ConfigError, DataError, EngineError
+from cut.errors import ConfigError, DataError
 from cut.modeling.generate import (
-    BATCH_SIZE,
-    ENGINES,
     LIMIT,
     NEW_TOKENS,
     REPETITION_PENALTY,
     TEMPERATURE,
     TOP_P,
     VLLM_CHUNK,
+    EngineOptions,
     OnBatch,
     Sampling,
+    answer_meta,
     batch_seed,
+    check_engine,
     context_length,
     cut_at_stop,
     generate_texts,
+    load_vllm,
+    read_instructions,
     require_vllm,
+    run_batches,
     tokenize_prompts,
     validate_instructions,
-    vllm_dtype,
+    vllm_context,
     write_answers,
 )
 from cut.modeling.loading import (
-    DTYPES,
-    adapter_base,
-    canonical_dtype,
-    check_device,
     check_model_path,
-    device_option,
     load_model,
     load_tokenizer,
     model_name,
@@ -342,18 +338,38 @@ def generate_urial_texts(
     stop: Sequence[str] = STOP,
     keep_fences: bool = False,
     where: Callable[[int], str] = lambda i: f"query {i}",
+    engine: str = "hf",
 ) -> list[str]:
-    """URIAL answers of a loaded transformers model, in query order: each row stops at its first
-    stop string on its own (URIAL's HF engine waits for the whole batch; its vLLM engine, the one
-    its runs used, does not) and is cleaned as URIAL cleans (`on_batch` sees the cleaned texts)."""
+    """URIAL answers of a loaded model, in query order, each cleaned as URIAL cleans (`on_batch`
+    sees the cleaned texts). engine hf: a transformers model; each row stops at its first stop
+    string on its own (URIAL's HF engine waits for the whole batch; its vLLM engine, the one its
+    runs used, does not). engine vllm: a vllm.LLM, as URIAL runs it (generate_urial_texts_vllm)."""
+    vllm = require_vllm() if engine == "vllm" else None
     sampling = sampling or _urial_sampling()
     stop = check_stop(stop)
     texts = _prompts(queries, histories, prompt or default_prompt())
     if not texts:
         return []
     special = adds_special_tokens(tokenizer, texts[0])
-    lengths = [len(r) for r in tokenize_prompts(tokenizer, texts, special)]
-    rooms = _rooms(lengths, context_length(model.config, tokenizer), sampling.max_new_tokens, where)
+    rows = tokenize_prompts(tokenizer, texts, special)
+    context = vllm_context(model) if vllm else context_length(model.config, tokenizer)
+    rooms = _rooms([len(r) for r in rows], context, sampling.max_new_tokens, where)
+    batches = dict(batch_size=batch_size, on_batch=on_batch, progress=progress)
+    if vllm:
+        return _vllm_answers(vllm, model, texts, rows, rooms, sampling, stop, keep_fences, **batches)
+    return _hf_answers(model, tokenizer, texts, special, rooms, sampling, stop, keep_fences, **batches)
+
+
+def generate_urial_texts_vllm(llm, tokenizer, queries: list[str], *args: Any, **kwargs: Any) -> list[str]:
+    """generate_urial_texts with a vllm.LLM, as URIAL runs it: its stop strings left out of the
+    text, each request with its own seed and its own room in the context. Token ids go in, as in
+    cut.generate's vllm engine, so the prompt's tokens are exactly the transformers path's."""
+    return generate_urial_texts(llm, tokenizer, queries, *args, engine="vllm", **kwargs)
+
+
+def _hf_answers(
+    model, tokenizer, texts, special, rooms, sampling, stop, keep_fences, *, batch_size, on_batch, progress
+) -> list[str]:
     groups: dict[int, list[int]] = {}
     for i, room in enumerate(rooms):
         groups.setdefault(_bucket(room, sampling.max_new_tokens), []).append(i)
@@ -379,34 +395,9 @@ def generate_urial_texts(
     return [out[i] for i in range(len(texts))]
 
 
-def generate_urial_texts_vllm(
-    llm,
-    tokenizer,
-    queries: list[str],
-    histories: Sequence[list[tuple[str, str]] | None] | None = None,
-    prompt: UrialPrompt | None = None,
-    sampling: Sampling | None = None,
-    *,
-    batch_size: int = 8,
-    on_batch: OnBatch | None = None,
-    progress: bool = True,
-    stop: Sequence[str] = STOP,
-    keep_fences: bool = False,
-    where: Callable[[int], str] = lambda i: f"query {i}",
+def _vllm_answers(
+    vllm, llm, texts, rows, rooms, sampling, stop, keep_fences, *, batch_size, on_batch, progress
 ) -> list[str]:
-    """The same with a vllm.LLM, as URIAL runs it: its stop strings left out of the text, each
-    request with its own seed and its own room in the context. Token ids go in, as in
-    cut.generate's vllm engine, so the prompt's tokens are exactly the transformers path's."""
-    vllm = require_vllm()
-    sampling = sampling or _urial_sampling()
-    stop = check_stop(stop)
-    texts = _prompts(queries, histories, prompt or default_prompt())
-    if not texts:
-        return []
-    rows = tokenize_prompts(tokenizer, texts, adds_special_tokens(tokenizer, texts[0]))
-    context = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
-    rooms = _rooms([len(r) for r in rows], context, sampling.max_new_tokens, where)
-
     def params(i: int):
         return vllm.SamplingParams(
             temperature=sampling.temperature,
@@ -419,39 +410,14 @@ def generate_urial_texts_vllm(
             skip_special_tokens=True,
         )
 
-    out: dict[int, str] = {}
-    size = max(batch_size, VLLM_CHUNK)
-    with tqdm(total=len(rows), desc="generating", unit="prompt", disable=None if progress else True) as bar:
-        for start in range(0, len(rows), size):
-            idx = list(range(start, min(start + size, len(rows))))
-            outs = llm.generate(
-                [{"prompt_token_ids": rows[i]} for i in idx], [params(i) for i in idx], use_tqdm=False
-            )
-            answers = [clean_answer(cut_at_stop(o.outputs[0].text, stop), keep_fences) for o in outs]
-            out.update(zip(idx, answers, strict=True))
-            if on_batch is not None:
-                on_batch(idx, answers)
-            bar.update(len(idx))
-    return [out[i] for i in range(len(texts))]
-
-
-def load_vllm(model: str, cfg: UrialConfig):
-    """A vllm.LLM for `model`, as cut.generate builds one (a LoRA adapter must be merged first)."""
-    vllm = require_vllm()
-    if adapter_base(model) is not None:
-        raise EngineError(
-            f"{model} is a LoRA adapter: merge it first (python -m cut.merge) or use --engine hf"
+    def run(idx: list[int]) -> list[str]:
+        outs = llm.generate(
+            [{"prompt_token_ids": rows[i]} for i in idx], [params(i) for i in idx], use_tqdm=False
         )
-    import torch
+        return [clean_answer(cut_at_stop(o.outputs[0].text, stop), keep_fences) for o in outs]
 
-    cuda = torch.cuda.is_available()
-    return vllm.LLM(  # dtype and engine defaults as cut.generate's (fp32 and eager on a CPU)
-        model=model,
-        dtype=vllm_dtype(canonical_dtype(cfg.dtype), cuda),
-        seed=cfg.sampling.seed,
-        trust_remote_code=cfg.trust_remote_code,
-        **({} if cuda else {"enforce_eager": True}),
-    )
+    done = run_batches(list(range(len(rows))), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
+    return [done[i] for i in range(len(texts))]
 
 
 # ---------------------------------------------------------------- settings and records
@@ -479,20 +445,18 @@ class UrialConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # vllm engine only, as for cut.generate (passed to vllm.LLM; None = vLLM's own default, but
+    # enforce_eager None is eager on a CPU)
+    enforce_eager: bool | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_gb: float | None = None
     sampling: Sampling = field(default_factory=_urial_sampling)
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        check_engine(self)
         check_turn_format(self.turn_format)
         object.__setattr__(self, "stop", check_stop(self.stop))
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"limit must be >= 0, got {self.limit}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        check_device(self.device)
         low, high = PENALTY_RANGE
         if not low <= self.sampling.repetition_penalty <= high:
             logger.warning(
@@ -564,13 +528,8 @@ def validate_urial_records(rows: Sequence[Any], source: str) -> list[dict[str, A
 
 
 def _inputs(data_path: str | None, records: list[dict] | None, cfg: UrialConfig) -> tuple[list[dict], str]:
-    if records is None:
-        if data_path is None:
-            raise ValueError("give data_path or records")
-        raw, source = read_raw(data_path)
-    else:
-        raw, source = records, data_path or "records"
-    return validate_urial_records(raw, source)[: cfg.limit], source
+    inputs, source = read_instructions(data_path, records, validate_urial_records)
+    return inputs[: cfg.limit], source
 
 
 def _query(rec: dict[str, Any], source: str) -> tuple[str, list[tuple[str, str]]]:
@@ -614,33 +573,25 @@ def urial_file(
     check_writable(output_file, "output_file")
     if cfg.engine == "vllm":
         require_vllm()
-    meta = {
-        "generator": cfg.generator or f"{model_name(model)}+urial",
-        "dataset": cfg.dataset or (Path(data_path).stem if data_path else "records"),
-        **cfg.sampling.meta(),
-        "prompt_template": prompt.tag,
-        "stop": list(cfg.stop),
-        "keep_fences": cfg.keep_fences,
-    }
+    meta = answer_meta(cfg.generator or f"{model_name(model)}+urial", data_path, cfg.sampling, prompt.tag)
+    if cfg.dataset:
+        meta["dataset"] = cfg.dataset
+    meta.update(stop=list(cfg.stop), keep_fences=cfg.keep_fences)
     position = {id(rec): i for i, rec in enumerate(inputs)}
 
     def run(pending: list[dict[str, Any]], on_batch: OnBatch) -> None:
         queries, histories = zip(*(_query(rec, source) for rec in pending), strict=True)
-        settings = dict(
-            batch_size=cfg.batch_size, on_batch=on_batch, progress=progress, stop=cfg.stop,
-            keep_fences=cfg.keep_fences, where=lambda i: f"{source}: record {position[id(pending[i])]}",
-        )  # fmt: skip
         tokenizer = load_tokenizer(model, cfg.trust_remote_code)
         if cfg.engine == "vllm":
-            llm = load_vllm(model, cfg)
-            generate_urial_texts_vllm(
-                llm, tokenizer, list(queries), list(histories), prompt, cfg.sampling, **settings
-            )
+            lm = load_vllm(model, cfg)  # cut.generate's: dtype, seed and the engine options
         else:
             lm = load_model(model, cfg.dtype, cfg.device, cfg.trust_remote_code)
-            generate_urial_texts(
-                lm, tokenizer, list(queries), list(histories), prompt, cfg.sampling, **settings
-            )
+        generate_urial_texts(
+            lm, tokenizer, list(queries), list(histories), prompt, cfg.sampling,
+            batch_size=cfg.batch_size, on_batch=on_batch, progress=progress, stop=cfg.stop,
+            keep_fences=cfg.keep_fences, where=lambda i: f"{source}: record {position[id(pending[i])]}",
+            engine=cfg.engine,
+        )  # fmt: skip
 
     return write_answers(inputs, output_file, meta, run)
 
@@ -648,84 +599,86 @@ def urial_file(
 # ---------------------------------------------------------------- command line
 
 RUN_ONLY = ("model", "data_path", "output_file", "sample", "print_prompt")
+_D = _urial_sampling()
+
+
+@dataclass
+class UrialOptions(Options):
+    """URIAL: answer instructions with a *base* model, aligned by its prompt alone (no training)."""
+
+    model: str | None = opt(
+        None, "a base model folder or name (a LoRA adapter folder works with --engine hf)"
+    )
+    data_path: str = opt(
+        "", "instructions (+ optional input, history): .json, .jsonl or datasets folder", required=True
+    )
+    output_file: str | None = opt(None, "AlpacaEval JSON list; an existing one is resumed")
+    urial_prompt: str | None = opt(
+        None,
+        "a URIAL prompt file (any of URIAL's urial_prompts/*.txt, or your own), used verbatim "
+        "(unset: the packaged cut/resources/urial/default.md)",
+    )
+    turn_format: str = opt(
+        "auto",
+        "how the queries are written after the file: auto = URIAL's rule (a file named "
+        "*inst_help_v5* gets v5, *inst_help_v6* v6, any other backticks) | backticks ('# Query:' / "
+        "'# Answer:' between ``` lines) | v5 / v6 ('# User:' / '# Assistant:')",
+        choices=("auto", *TURN_FORMATS),
+    )
+    stop: list[str] | None = opt(
+        None,
+        f"an answer ends before this text; repeat for more (unset: URIAL's {' and '.join(map(repr, STOP))})",
+        append=True,
+        metavar="TEXT",
+    )
+    keep_fences: bool = opt(
+        False,
+        "keep the code fences of an answer (URIAL removes every ```; this removes only the "
+        "answer block's closing fence)",
+    )
+    print_prompt: bool = opt(
+        False,
+        "print the exact prompt of the first record and exit (no model is loaded; --model and "
+        "--output_file are not needed)",
+    )
+    max_new_tokens: int = opt(_D.max_new_tokens, "URIAL's runs: 2048", parse=NEW_TOKENS)
+    temperature: float | None = opt(None, "0 = greedy (unset: greedy)", parse=TEMPERATURE)
+    sample: bool = opt(False, f"sample at URIAL's temperature {SAMPLED_TEMPERATURE}")
+    top_p: float = opt(_D.top_p, "URIAL's runs: 1.0", parse=TOP_P)
+    repetition_penalty: float = opt(
+        _D.repetition_penalty,
+        "URIAL's runs use 1.0 to 1.15 (its README's example: 1.1)",
+        parse=REPETITION_PENALTY,
+    )
+    seed: int = opt(_D.seed, "sampling seed; a rerun reproduces the outputs", parse=SEED)
+    generator: str | None = opt(None, "name in the output (unset: '<model folder>+urial')")
+    dataset: str | None = opt(None, "dataset name in the output (unset: input file stem)")
+    limit: int | None = opt(None, "answer only the first N records", parse=LIMIT)
+    engine_options: EngineOptions = group(EngineOptions)  # cut generate's: hf | vllm, and their settings
+
+    def validate(self) -> None:
+        if not self.print_prompt:
+            missing = [f"--{k}" for k in ("model", "output_file") if self.get(k) is None]
+            if missing:
+                raise ConfigError(
+                    f"the following arguments are required: {', '.join(missing)} (or --print_prompt)"
+                )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = _urial_sampling()
-    p = Parser(prog="cut.urial", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--model",
-        default=None,
-        help="a base model folder or name (a LoRA adapter folder works with --engine hf)",
-    )
-    p.add_argument(
-        "--data_path",
-        required=True,
-        help="instructions (+ optional input, history): .json, .jsonl or datasets folder",
-    )
-    p.add_argument("--output_file", default=None, help="AlpacaEval JSON list; an existing one is resumed")
-    p.add_argument(
-        "--urial_prompt",
-        default=None,
-        help="a URIAL prompt file (any of URIAL's urial_prompts/*.txt, or your own), used verbatim "
-        "(default: the packaged cut/resources/urial/default.md)",
-    )
-    p.add_argument(
-        "--turn_format",
-        default="auto",
-        choices=("auto", *TURN_FORMATS),
-        help="how the queries are written after the file: auto = URIAL's rule (a file named "
-        "*inst_help_v5* gets v5, *inst_help_v6* v6, any other backticks) | backticks ('# Query:' / "
-        "'# Answer:' between ``` lines) | v5 / v6 ('# User:' / '# Assistant:')",
-    )
-    p.add_argument(
-        "--stop",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help=f"an answer ends before this text; repeat for more (default: URIAL's {' and '.join(map(repr, STOP))})",
-    )
-    p.add_argument(
-        "--keep_fences",
-        action="store_true",
-        help="keep the code fences of an answer (URIAL removes every ```; this removes only the "
-        "answer block's closing fence)",
-    )
-    p.add_argument("--engine", default="hf", choices=ENGINES, help="hf (transformers) | vllm (as URIAL runs)")
-    p.add_argument(
-        "--print_prompt",
-        action="store_true",
-        help="print the exact prompt of the first record and exit (no model is loaded; --model and "
-        "--output_file are not needed)",
-    )
-    p.add_argument(
-        "--batch_size", type=BATCH_SIZE, default=UrialConfig.batch_size, help="prompts generated at once"
-    )
-    p.add_argument(
-        "--max_new_tokens", type=NEW_TOKENS, default=d.max_new_tokens, help="URIAL's runs: 2048 (the default)"
-    )
-    p.add_argument("--temperature", type=TEMPERATURE, default=None, help="0 = greedy (the default)")
-    p.add_argument(
-        "--sample", action="store_true", help=f"sample at URIAL's temperature {SAMPLED_TEMPERATURE}"
-    )
-    p.add_argument("--top_p", type=TOP_P, default=d.top_p, help="URIAL's runs: 1.0 (the default)")
-    p.add_argument(
-        "--repetition_penalty",
-        type=REPETITION_PENALTY,
-        default=d.repetition_penalty,
-        help="URIAL's runs use 1.0 to 1.15 (its README's example: 1.1, the default)",
-    )
-    p.add_argument("--seed", type=SEED, default=d.seed, help="sampling seed; a rerun reproduces the outputs")
-    p.add_argument("--generator", default=None, help="name in the output (default: '<model folder>+urial')")
-    p.add_argument("--dataset", default=None, help="dataset name in the output (default: input file stem)")
-    p.add_argument("--limit", type=LIMIT, default=None, help="answer only the first N records")
-    p.add_argument("--dtype", default="auto", choices=list(DTYPES), help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the model folder")
-    return p
+    """cut urial's parser (UrialOptions'); every option not given holds its default."""
+    parser = UrialOptions.build_parser("cut.urial")
+    parser.set_defaults(**UrialOptions().flat())
+    return parser
 
 
 def config_from_args(args: dict[str, Any]) -> UrialConfig:
+    """The UrialConfig of parsed options (UrialOptions' names; a flag's raw text coerced)."""
+    fields = UrialOptions.option_fields()
+    args = {
+        k: coerce_value(fields[k][1], k, v) if isinstance(v, str) and k in fields else v
+        for k, v in args.items()
+    }
     values = {k: v for k, v in args.items() if k not in RUN_ONLY}
     if args.get("sample"):
         if values.get("temperature") == 0:
@@ -739,28 +692,17 @@ def config_from_args(args: dict[str, Any]) -> UrialConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
-    if not args["print_prompt"]:
-        missing = [f"--{k}" for k in ("model", "output_file") if args[k] is None]
-        if missing:
-            die(
-                "cut.urial", f"the following arguments are required: {', '.join(missing)} (or --print_prompt)"
-            )
-    try:
-        cfg = config_from_args(args)
-        if args["print_prompt"]:
-            sys.stdout.write(first_prompt(args["data_path"], cfg))
+    opts = UrialOptions.parse(argv, prog="cut.urial")
+
+    def body() -> None:
+        cfg = config_from_args(opts.flat())
+        if opts.print_prompt:
+            sys.stdout.write(first_prompt(opts.data_path, cfg))
             sys.stdout.flush()
-            return 0
-        urial_file(args["model"], args["data_path"], args["output_file"], cfg)
-    except (ValueError, EngineError) as err:  # ConfigError and DataError are ValueErrors
-        print(f"cut.urial: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a model that cannot be loaded, a disk that cannot be written
-        print(f"cut.urial: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+            return
+        urial_file(opts.model, opts.data_path, opts.output_file, cfg)
+
+    return run_cli("cut.urial", body)
 
 
 if __name__ == "__main__":

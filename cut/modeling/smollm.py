@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from cut.args import Parser
+from cut.args import Options, opt, run_cli
 from cut.data.files import build_dir_atomic
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,9 +31,15 @@ def gguf_folder() -> Path:
 def ensure_smollm2(dest: str | Path = DEFAULT_DEST) -> Path:
     """Return a save_pretrained folder of SmolLM2-135M-Instruct, converting the GGUF the first time."""
     dest = Path(dest)
-    if (dest / "config.json").exists() and (dest / "model.safetensors").exists():
+    if converted(dest):
         return dest
     return convert_gguf(gguf_folder(), GGUF_NAME, dest)
+
+
+def converted(dest: str | Path) -> bool:
+    """Whether `dest` already holds a converted model (the embedded models' common check)."""
+    dest = Path(dest)
+    return (dest / "config.json").exists() and (dest / "model.safetensors").exists()
 
 
 def convert_gguf(src: str | Path, gguf_name: str, dest: Path) -> Path:
@@ -55,12 +62,16 @@ def convert_gguf(src: str | Path, gguf_name: str, dest: Path) -> Path:
     return build_dir_atomic(dest, build)
 
 
+@dataclass
+class SmolLMOptions(Options):
+    """Convert the embedded SmolLM2-135M-Instruct once."""
+
+    dest: str = opt(str(DEFAULT_DEST), "the save_pretrained folder (kept when it is already there)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="cut.smollm", description="Convert the embedded SmolLM2-135M-Instruct once.")
-    p.add_argument("--dest", default=str(DEFAULT_DEST))
-    args = p.parse_args(argv)
-    print(ensure_smollm2(args.dest))
-    return 0
+    opts = SmolLMOptions.parse(argv, prog="cut.smollm")
+    return run_cli("cut.smollm", lambda: print(ensure_smollm2(opts.dest)))
 
 
 if __name__ == "__main__":

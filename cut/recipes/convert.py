@@ -34,10 +34,11 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cut.args import Parser
+from cut.args import Options, opt, run_cli
 from cut.data.files import check_writable, parse_json, write_json_atomic
 from cut.errors import DataError
 
@@ -258,30 +259,33 @@ def convert(
     return rows, counts
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cut.convert", description=__doc__.split("\n")[0])
-    p.add_argument("--format", required=True, choices=FORMATS, help="the released file format")
-    p.add_argument(
-        "--input",
+@dataclass
+class ConvertOptions(Options):
+    """The CUT paper's offline data (Summarization, Shepherd releases) -> cut records."""
+
+    format: str = opt("", "the released file format", choices=FORMATS, required=True)
+    input: str = opt(
+        "",
+        "summarization: critiques.{train,test}.jsonl (or .jsonl.gz); shepherd: human_data_raw.jsonl",
         required=True,
-        help="summarization: critiques.{train,test}.jsonl (or .jsonl.gz); shepherd: human_data_raw.jsonl",
     )
-    p.add_argument("--feedback", help="shepherd only: human_data_for_model.jsonl")
-    p.add_argument("--output_file", required=True, help="the records, a JSON list (written atomically)")
-    return p
+    feedback: str | None = opt(None, "shepherd only: human_data_for_model.jsonl")
+    output_file: str = opt("", "the records, a JSON list (written atomically)", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return ConvertOptions.build_parser("cut.convert")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    try:
-        rows, counts = convert(args.format, args.input, args.output_file, args.feedback)
-    except (ValueError, OSError) as err:  # DataError and ConfigError are ValueErrors
-        print(f"cut.convert: error: {err}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
-    print(f"wrote {len(rows)} records to {args.output_file} ({summary})")
-    return 0
+    opts = ConvertOptions.parse(argv, prog="cut.convert")
+
+    def body() -> None:
+        rows, counts = convert(opts.format, opts.input, opts.output_file, opts.feedback)
+        summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"wrote {len(rows)} records to {opts.output_file} ({summary})")
+
+    return run_cli("cut.convert", body)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cut.args import Parser, integer
+from cut.args import Options, Parser, integer, opt, run_cli
 from cut.data.files import write_json_atomic
 from cut.data.records import Record, build_examples, classify, load_records, read_raw, validate
+from cut.errors import ConfigError
 from cut.training.config import load_yaml, parse_config
 
 SPARK = " ▁▂▃▄▅▆▇█"
@@ -324,21 +325,48 @@ def print_loss(run: str, curve: dict[str, list[float]]) -> None:
 # ---------------------------------------------------------------- the run
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="cut.demo", description="CUT on the embedded SmolLM2-135M-Instruct.")
-    p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument(
-        "--demo_dir",
-        default="saved_models/demo",
-        help="each run goes to DEMO_DIR/<flag source>/{adapter,merged}; report.json to DEMO_DIR",
+@dataclass
+class DemoOptions(Options):
+    """CUT on the embedded SmolLM2-135M-Instruct."""
+
+    demo_dir: str = opt(
+        "saved_models/demo",
+        "each run goes to DEMO_DIR/<flag source>/{adapter,merged}; report.json to DEMO_DIR",
     )
-    p.add_argument("--skip_train", action="store_true", help="only report on an earlier run")
-    p.add_argument("--build_data", metavar="JUDGED", help="only pick the demo data from a judged file")
-    p.add_argument("--data_out", default="data/demo_judgments.json", help="where --build_data writes")
-    p.add_argument("--n_negative", type=integer(1, 100_000), default=16, help="negatives --build_data picks")
-    p.add_argument("--n_positive", type=integer(0, 100_000), default=6, help="positives --build_data picks")
-    p.add_argument("--tokenizer", default=DEMO_TOKENIZER, help="counts --build_data's response tokens")
-    args, extra = p.parse_known_args(argv)  # extra flags go to cut.train
+    skip_train: bool = opt(False, "only report on an earlier run")
+    build_data: str | None = opt(None, "only pick the demo data from a judged file", metavar="JUDGED")
+    data_out: str = opt("data/demo_judgments.json", "where --build_data writes")
+    n_negative: int = opt(16, "negatives --build_data picks", parse=integer(1, 100_000))
+    n_positive: int = opt(6, "positives --build_data picks", parse=integer(0, 100_000))
+    tokenizer: str = opt(DEMO_TOKENIZER, "counts --build_data's response tokens")
+
+
+TRAIN_CONFIG = "configs/demo.yaml"
+
+
+def parse_args(argv: list[str] | None) -> tuple[Parser, DemoOptions, str, list[str]]:
+    """The demo's options, cut.train's config (--config: the demo hands it, and every flag it does
+    not know, to cut.train) and those extra flags."""
+    parser = DemoOptions.build_parser("cut.demo")
+    for action in parser._actions:
+        if action.dest == "config":
+            action.help = f"cut.train's YAML config for both runs (default: {TRAIN_CONFIG!r})"
+    known, extra = parser.parse_known_args(argv)  # extra flags go to cut.train
+    values = vars(known)
+    train_config = values.pop("config", TRAIN_CONFIG)
+    try:
+        opts = DemoOptions.from_sources({}, values)
+    except ConfigError as err:
+        parser.error(str(err))
+    return parser, opts, train_config, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, args, train_config, extra = parse_args(argv)
+    return run_cli("cut.demo", lambda: run_demo(p, args, train_config, extra))
+
+
+def run_demo(p: Parser, args: DemoOptions, train_config: str, extra: list[str]) -> int:
     if args.build_data:
         picked = build_data(args.build_data, args.data_out, args.n_negative, args.n_positive, args.tokenizer)
         kinds = defaultdict(lambda: [0, 0])
@@ -359,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         run: ["--output_dir", str(adapters[run]), "--flag_source", run, "--overwrite_output_dir", "true"]
         for run in RUNS
     }
-    cfg = parse_config(["--config", args.config, *extra, *flags_for["ratio"]]).to_dict()
+    cfg = parse_config(["--config", train_config, *extra, *flags_for["ratio"]]).to_dict()
     start = time.time()
     seconds: dict[str, float] = {}
 
@@ -370,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         for k, run in enumerate(RUNS):
             t = _stage(f"{2 + k}/4 CUT training (LoRA), flag_source={run}, then merge")
-            _run([sys.executable, "-m", "cut.train", "--config", args.config, *extra, *flags_for[run]])
+            _run([sys.executable, "-m", "cut.train", "--config", train_config, *extra, *flags_for[run]])
             seconds[f"train_{run}"] = round(time.time() - t, 1)
             t = time.time()
             _run(

@@ -27,10 +27,11 @@ import importlib
 import logging
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cut.args import INT_MAX, Parser, integer, number
+from cut.args import INT_MAX, Options, integer, number, opt, run_cli
 from cut.data.files import check_writable, write_json_atomic
 from cut.errors import ConfigError, EngineError
 from cut.modeling.loading import (
@@ -170,57 +171,44 @@ def evaluate(
     return out
 
 
+@dataclass
+class HarnessOptions(Options):
+    """Ranking-based evaluation through lm-eval (cut lm-eval)."""
+
+    model: str = opt("", "a merged model folder (or hub name), or a cut.train adapter folder", required=True)
+    tasks: str = opt(
+        "paper", "paper (arc_challenge:25, hellaswag:10, mmlu:5, truthfulqa_mc2:0) or task[:shots],..."
+    )
+    output_file: str = opt("", "JSON: lm-eval's results and one headline number per task", required=True)
+    num_fewshot: int | None = opt(None, "shots of tasks given without :shots", parse=integer(0, 1000))
+    include_path: str | None = opt(None, "a folder of lm-eval task YAML files (local tasks)")
+    limit: float | None = opt(
+        None, "documents per task (a fraction if < 1)", parse=number(0, None, lo_open=True)
+    )
+    batch_size: int = opt(8, "documents per forward", parse=integer(1, 4096))
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N", parse=device_option)
+    dtype: str = opt("auto", "auto: bf16 on a GPU, else fp32", choices=DTYPES)
+    seed: int = opt(1234, "lm-eval's seeds (few-shot draws)", parse=integer(0, INT_MAX))
+    trust_remote_code: bool = opt(False, "allow model code from the model folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="cut.lm_eval", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--model", required=True, help="a merged model folder (or hub name), or a cut.train adapter folder"
-    )
-    p.add_argument(
-        "--tasks",
-        default="paper",
-        help="paper (arc_challenge:25, hellaswag:10, mmlu:5, truthfulqa_mc2:0) or task[:shots],... (default paper)",
-    )
-    p.add_argument(
-        "--output_file", required=True, help="JSON: lm-eval's results and one headline number per task"
-    )
-    p.add_argument("--num_fewshot", type=integer(0, 1000), help="shots of tasks given without :shots")
-    p.add_argument("--include_path", help="a folder of lm-eval task YAML files (local tasks)")
-    p.add_argument(
-        "--limit", type=number(0, None, lo_open=True), help="documents per task (a fraction if < 1)"
-    )
-    p.add_argument("--batch_size", type=integer(1, 4096), default=8)
-    p.add_argument("--device", type=device_option, default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help="auto: bf16 on a GPU, else fp32")
-    p.add_argument("--seed", type=integer(0, INT_MAX), default=1234, help="lm-eval's seeds (few-shot draws)")
-    p.add_argument("--trust_remote_code", action="store_true")
-    return p
+    return HarnessOptions.build_parser("cut.lm_eval")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser().parse_args(argv)
-    try:
-        tasks = parse_tasks(args.tasks)
-        check_writable(args.output_file, "output_file")
-        out = evaluate(
-            args.model,
-            tasks,
-            num_fewshot=args.num_fewshot,
-            include_path=args.include_path,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            device=args.device,
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-            seed=args.seed,
-        )
-    except (ValueError, EngineError) as err:  # ConfigError is a ValueError
-        print(f"cut.lm_eval: error: {err}", file=sys.stderr)
-        return 2
-    write_json_atomic(args.output_file, out)
-    for task, h in out["headline"].items():
-        print(f"{task}: {h['metric']} {h['value']:.4f}")
-    return 0
+    opts = HarnessOptions.parse(argv, prog="cut.lm_eval")
+
+    def body() -> None:
+        tasks = parse_tasks(opts.tasks)
+        check_writable(opts.output_file, "output_file")
+        settings = {k: v for k, v in opts.flat().items() if k not in ("model", "tasks", "output_file")}
+        out = evaluate(opts.model, tasks, **settings)
+        write_json_atomic(opts.output_file, out)
+        for task, h in out["headline"].items():
+            print(f"{task}: {h['metric']} {h['value']:.4f}")
+
+    return run_cli("cut.lm_eval", body)
 
 
 if __name__ == "__main__":

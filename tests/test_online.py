@@ -272,7 +272,8 @@ def test_late_settings_at_their_default_keep_the_fingerprint(tiny_model, tmp_pat
 
 
 def test_forward_prediction_trains_positives_and_every_judgment(tmp_path):
-    from cut.loop.online import PERFECT, build_training_file
+    from cut.loop.objectives import PERFECT
+    from cut.loop.online import build_training_file
 
     judged = [
         {"instruction": "Say hi.", "input": "", "output": "Hello", "judgment": None},

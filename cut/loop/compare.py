@@ -39,53 +39,38 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cut.args import INT_MAX, Parser, integer
+from cut.args import INT_MAX, integer, opt, run_cli
 from cut.data.files import write_bytes_atomic, write_json_atomic
 from cut.errors import ConfigError, DataError
 from cut.evaluation.stats import mcnemar_exact
+from cut.loop import objectives
+from cut.loop.config import LoopArgs
 from cut.loop.online import (
-    RECIPES,
     STAGES,
     OnlineConfig,
     check_pool_size,
     check_same_run,
+    ensure_base_model,
     headline,
     load_config,
     read_problems,
-    recipe_keys,
 )
 
 logger = logging.getLogger("cut.loop.compare")
 
-# name -> (objective, train overrides[, loop setting overrides])
-VARIANTS: dict[str, tuple] = {
-    "cut": ("cut", {}),
-    "cut_spans": ("cut", {"flag_source": "spans"}),
-    "sft": ("sft", {}),
-    "hindsight": ("hindsight", {}),
-    "dpo": ("dpo", {}),
-    "kto": ("kto", {}),
-    "ilf": ("ilf", {}),  # the model rewrites failing answers given the judgment; passing rewrites by MLE
-    # forward prediction: positives by MLE + the model learns to write the judgment
-    "forward": ("forward", {}),
-    # judgment-using objectives with no MLE on failing text (issue 20)
-    "cut_npo": (  # positives by MLE; span tokens of negatives pushed below the round's start model (NPO)
-        "cut",
-        {"flag_source": "spans", "unlikelihood": "npo", "weight_unflagged": 0, "weight_align_n": 0},
-    ),
-    "span_dpo": ("dpo", {"rejected_tokens": "spans"}),  # DPO whose rejected side counts the span tokens
-    "span_kto": ("kto", {"rejected_tokens": "spans"}),  # KTO whose undesirable side counts the span tokens
-}
-# every preference recipe's own train keys: never inherited by a variant from the base config
-RECIPE_KEYS = frozenset(k for objective in RECIPES for k in recipe_keys(objective))
+# name -> (loop objective, train overrides, loop setting overrides): the objectives declared in
+# cut.loop.objectives, as they were when this module loaded (variant_config reads the registry itself)
+VARIANTS: dict[str, tuple] = objectives.variants()
 SHARED = (("round_0", "eval.json"), ("round_1", "responses.json"))
 
 
-def variant_config(base: OnlineConfig, name: str, variants: dict[str, tuple] = VARIANTS) -> OnlineConfig:
-    objective, train, *rest = variants[name]  # a third element: loop settings (e.g. positive_share)
+def variant_config(base: OnlineConfig, name: str, variants: dict[str, tuple] | None = None) -> OnlineConfig:
+    """The online config that runs objective `name` in its own subfolder of base.output_dir;
+    `variants` (name -> (objective, train[, loop settings])) defaults to the objectives registry."""
+    objective, train, *rest = variants[name] if variants is not None else objectives.variant(name)
     # a preference recipe's own settings (dpo_beta, rejected_tokens, ...) in the base config belong to
     # the base's objective: a variant names its own, so `dpo` stays plain DPO whatever the base says
-    shared = {k: v for k, v in base.train.items() if k not in RECIPE_KEYS}
+    shared = {k: v for k, v in base.train.items() if k not in objectives.all_recipe_keys()}
     cfg = dataclasses.replace(
         base,
         **(rest[0] if rest else {}),
@@ -94,8 +79,8 @@ def variant_config(base: OnlineConfig, name: str, variants: dict[str, tuple] = V
         train={**shared, **train},
         generate=dataclasses.replace(base.generate),
     )
-    if objective == "hindsight":
-        cfg.train.pop("misalign", None)
+    for key in objectives.get(objective).implied:  # the objective sets it (hindsight: misalign)
+        cfg.train.pop(key, None)
     return cfg
 
 
@@ -108,21 +93,10 @@ def share(first: Path, other: Path) -> None:
             shutil.copyfile(src, dst)
 
 
-def ensure_base_model(base: OnlineConfig) -> None:
-    """The embedded SmolLM2 is converted on first use when the config names its default folder."""
-    from cut.modeling.smollm import ensure_smollm2
-
-    if (
-        base.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
-        and not Path(base.base_model).exists()
-    ):
-        ensure_smollm2(base.base_model)
-
-
 def run_all(
     base: OnlineConfig,
     names: list[str],
-    variants: dict[str, tuple] = VARIANTS,
+    variants: dict[str, tuple] | None = None,
     split: str = "held-out",
 ) -> dict[str, Any]:
     from cut.loop.online import run
@@ -159,7 +133,7 @@ def run_all(
     return report
 
 
-def preflight(base: OnlineConfig, names: list[str], variants: dict[str, tuple] = VARIANTS) -> None:
+def preflight(base: OnlineConfig, names: list[str], variants: dict[str, tuple] | None = None) -> None:
     """Every objective's settings, the folder it would resume and the pool's size for all rounds,
     checked before the first objective loads a model (not when round r of objective k gets there)."""
     pool, _ = read_problems(base)
@@ -361,41 +335,55 @@ def write_report(root: Path, report: dict[str, Any], split: str = "held-out") ->
     print(markdown(report), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from cut.llm.client import quiet_http_logs
+def run_or_report(
+    base: OnlineConfig,
+    names: list[str],
+    variants: dict[str, tuple] | None = None,
+    split: str = "held-out",
+    report_only: bool = False,
+) -> None:
+    """Run every objective (cut compare, cut tune), or with report_only rewrite the report from
+    the runs already in base.output_dir."""
+    if report_only:
+        root = Path(base.output_dir)
+        check_has_runs(root, names)
+        write_report(root, collect(root, names, base.rounds), split)
+        return
+    ensure_base_model(base)
+    run_all(base, names, variants, split)
 
-    quiet_http_logs()
-    p = Parser(prog="cut.compare", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="the online loop's YAML (cut.online)")
-    p.add_argument(
-        "--objectives",
-        default=",".join(VARIANTS),
-        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all; the first one samples round 1)",
+
+@dataclasses.dataclass
+class CompareArgs(LoopArgs):
+    """Run the online loop once per objective on identical data and compare them on the held-out set."""
+
+    objectives: str = opt(
+        ",".join(VARIANTS),
+        f"comma-separated, from {', '.join(VARIANTS)} (default: all; the first one samples round 1)",
     )
-    p.add_argument("--output_dir", help="override the config's output_dir (each objective in a subfolder)")
-    p.add_argument("--rounds", type=integer(1, INT_MAX), help="override the number of rounds")
-    p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
-    args = p.parse_args(argv)
-    names = [n.strip() for n in args.objectives.split(",") if n.strip()]
-    try:
-        unknown = [n for n in names if n not in VARIANTS]
+    output_dir: str | None = opt(None, "override the config's output_dir (each objective in a subfolder)")
+    rounds: int | None = opt(None, "override the number of rounds", parse=integer(1, INT_MAX))
+    report_only: bool = opt(False, "rewrite the table and chart from the runs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = CompareArgs.parse(argv, prog="cut.compare")
+
+    def body() -> None:
+        from cut.llm.client import quiet_http_logs
+
+        quiet_http_logs()
+        names = [n.strip() for n in args.objectives.split(",") if n.strip()]
+        known = objectives.variants()
+        unknown = [n for n in names if n not in known]
         if unknown or not names or len(set(names)) != len(names):
             raise ConfigError(
-                f"--objectives: {', '.join(unknown) or 'empty or repeated'}; choose from {', '.join(VARIANTS)}"
+                f"--objectives: {', '.join(unknown) or 'empty or repeated'}; choose from {', '.join(known)}"
             )
         base = load_config(args.config, {"output_dir": args.output_dir, "rounds": args.rounds})
-        if args.report_only:
-            root = Path(base.output_dir)
-            check_has_runs(root, names)
-            write_report(root, collect(root, names, base.rounds))
-            return 0
-        ensure_base_model(base)
-        run_all(base, names)
-    except (ConfigError, DataError) as err:
-        print(f"cut.compare: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        run_or_report(base, names, report_only=args.report_only)
+
+    return run_cli("cut.compare", body)
 
 
 if __name__ == "__main__":

@@ -45,23 +45,22 @@ from typing import Any
 
 import yaml
 
-from cut.args import INT_MAX, Parser, integer
+from cut.args import INT_MAX, integer, opt, run_cli
 from cut.data.files import check_writable, write_json_atomic
 from cut.errors import ConfigError, DataError
 from cut.judges.judge import JudgeConfig
+from cut.loop import objectives
+from cut.loop.config import LoopArgs, load_dataclass
+from cut.loop.objectives import recipe_keys
 from cut.modeling.generate import GenerateConfig, Sampling
 from cut.modeling.loading import DTYPES
-from cut.tasks.arithmetic import extract_final_answer
+from cut.tasks.registry import TASKS
 from cut.training.config import FIELDS as TRAIN_FIELDS
 from cut.training.config import TrainConfig, coerce
 
 logger = logging.getLogger("cut.loop.online")
 
 STAGES = ("sample", "generate", "judge", "refine", "build", "train", "merge", "eval")
-TASKS = ("arithmetic", "instructions")
-OBJECTIVES = ("cut", "sft", "hindsight", "dpo", "kto", "ilf", "forward")
-# objectives trained by a preference recipe: its module and the train-section keys it adds to cut.train's
-RECIPES = {"dpo": "cut.baselines.dpo", "kto": "cut.baselines.kto"}
 TRAIN_OWNED = {"base_model", "data_path", "output_dir"}  # set by the loop, per round
 # settings added after runs existed: left out of a round's fingerprint while at their default, so
 # those runs resume
@@ -127,16 +126,18 @@ class OnlineConfig:
                 raise ConfigError(f"online: missing required option {name}")
         if self.task not in TASKS:
             raise ConfigError(f"online: task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"online: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
-            )
+        names = objectives.loop_objectives()
+        if self.objective not in names:
+            raise ConfigError(f"online: objective must be one of {', '.join(names)}, got {self.objective!r}")
         if self.merge_dtype not in DTYPES:
             raise ConfigError(
                 f"online: merge_dtype must be one of {', '.join(DTYPES)}, got {self.merge_dtype!r}"
             )
-        if self.objective == "hindsight" and self.train.get("misalign") not in (None, False):
-            raise ConfigError("online: objective hindsight means train.misalign false; leave it unset")
+        for key, value in objectives.get(self.objective).implied.items():
+            if self.train.get(key) not in (None, value):
+                raise ConfigError(
+                    f"online: objective {self.objective} means train.{key} {json.dumps(value)}; leave it unset"
+                )
         unknown = set(self.train) - set(TRAIN_FIELDS) - set(recipe_keys(self.objective))
         if unknown:
             raise ConfigError(f"online: unknown train option(s): {', '.join(sorted(map(str, unknown)))}")
@@ -169,7 +170,7 @@ class OnlineConfig:
         if own:  # the recipe's own options, checked by its options class
             from importlib import import_module
 
-            mod = import_module(RECIPES[self.objective])
+            mod = import_module(objectives.get(self.objective).recipe)
             try:
                 mod.OPTIONS(**{mod.YAML_KEYS[k]: v for k, v in own.items()})
             except ConfigError as err:
@@ -205,15 +206,6 @@ class OnlineConfig:
                 setattr(self, name, {})
             elif not isinstance(value, kind):
                 raise ConfigError(f"online: {name} must be a mapping of options, got {type(value).__name__}")
-
-
-def recipe_keys(objective: str) -> tuple[str, ...]:
-    """The YAML keys a preference recipe adds to the train section (dpo_beta, rejected_tokens, ...)."""
-    if objective not in RECIPES:
-        return ()
-    from importlib import import_module
-
-    return tuple(import_module(RECIPES[objective]).YAML_KEYS)
 
 
 def run_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -275,20 +267,8 @@ def check_pool_size(cfg: OnlineConfig, pool: list[dict]) -> None:
 
 
 def load_config(path: str, overrides: dict[str, Any]) -> OnlineConfig:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(OnlineConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(map(str, unknown)))}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = OnlineConfig(**data)
-    cfg.validate()
-    return cfg
+    """The loop's YAML with `overrides` (None values ignored) on top, validated."""
+    return load_dataclass(OnlineConfig, path, overrides)
 
 
 # ---------------------------------------------------------------- files and the manifest
@@ -307,18 +287,7 @@ def read_problems(cfg: OnlineConfig) -> tuple[list[dict], list[dict]]:
         heldout = [
             {**raw, **clean} for raw, clean in zip(rows, validate_instructions(rows, source), strict=True)
         ]
-        if cfg.task == "arithmetic":
-            for i, r in enumerate(heldout):
-                if extract_final_answer(str(r.get("reference", ""))) is None:
-                    raise DataError(f"{source}: record {i}, field 'reference': missing or not a number")
-        else:
-            from cut.tasks.constraints import validate
-
-            for i, r in enumerate(heldout):
-                where = f"{source}: record {i}, field 'constraints'"
-                if not isinstance(r.get("constraints"), list) or not r["constraints"]:
-                    raise DataError(f"{where}: missing or not a non-empty list")
-                r["constraints"] = [validate(c, where) for c in r["constraints"]]
+        heldout = TASKS[cfg.task].check_heldout(heldout, source)  # the task's own fields
     return pool, heldout
 
 
@@ -396,32 +365,6 @@ def sample_instructions(pool: list[dict], n: int, round_index: int, seed: int, k
         raise ConfigError(f"the pool has {len(pool)} instructions; {round_index} rounds of {n} need {hi}")
     picked = [pool[i] for i in order[lo:hi]]
     return [{**r, "sample": j} for r in picked for j in range(k)] if k > 1 else picked
-
-
-# forward prediction (Weston 2016; a baseline of the CUT paper): the model learns to produce the
-# judgment of an answer; our own wording
-CRITIQUE_PROMPT = (
-    "{instruction}{input}\n\nAn answer to this request was:\n{output}\n\n"
-    "Judge the answer: say what is wrong with it, or that it is perfect."
-)
-PERFECT = "The answer is perfect."
-
-
-def critique_records(rows: list[dict]) -> list[dict]:
-    """One record per judged answer whose response is its judgment (PERFECT for a positive)."""
-    return [
-        {
-            "instruction": CRITIQUE_PROMPT.format(
-                instruction=r["instruction"],
-                input=f"\n\n{r['input']}" if r.get("input") else "",
-                output=r["output"],
-            ),
-            "input": "",
-            "output": r["judgment"] if r.get("judgment") is not None else PERFECT,
-            "judgment": None,
-        }
-        for r in rows
-    ]
 
 
 def refine_requests(judged: list[dict], tries: int) -> list[dict]:
@@ -515,18 +458,13 @@ def build_training_file(
         "train_negatives": neg,
         "train_positives": len(keep) - neg,
     }
-    if objective in ("sft", "ilf"):  # ilf: the positives and the rewrites that passed
-        keep = [r for r in keep if r.get("judgment") is None] + list(rewrites or [])
-        counts.update(train_records=len(keep), train_negatives=0)
-        if objective == "ilf":
-            counts["train_rewrites"] = len(rewrites or [])
-        if not keep:
-            raise DataError(f"{judged}: no positive response this round; {objective} has nothing to train on")
-    elif objective == "forward":  # the positives by MLE, and every judgment predicted from its answer
-        keep = [r for r in keep if r.get("judgment") is None] + critique_records(keep)
-        counts.update(
-            train_records=len(keep), train_negatives=0, train_critiques=len(keep) - counts["train_positives"]
-        )
+    obj = objectives.get(objective)
+    if obj.records is not None:  # the objective's own selection (sft: the positives only)
+        try:
+            keep, more = obj.records(keep, list(rewrites or []) if obj.refines else None)
+        except DataError as err:
+            raise DataError(f"{judged}: {err}; {objective} has nothing to train on") from None
+        counts.update(more)
     elif positive_share > 0:
         keep, dropped = down_sample_negatives(keep, positive_share, seed)
         counts.update(
@@ -542,7 +480,7 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
     adapter = rnd.dir / "adapter"
     if (adapter / "metrics.json").exists():  # it finished before the manifest was updated: keep it
         return summarise_training(adapter)
-    from cut.training.train import die_with_parent_hook, output_dir_in_use
+    from cut.training.runs import die_with_parent_hook, output_dir_in_use
 
     if output_dir_in_use(adapter):  # e.g. a trainer left by a loop killed on another machine
         raise ConfigError(f"{adapter} is locked by a training process that still runs; stop it first")
@@ -550,14 +488,14 @@ def train_round(cfg: OnlineConfig, rnd: Round, model_in: str) -> dict[str, Any]:
         shutil.rmtree(adapter)
     train_cfg = {
         **cfg.train,
-        **({"misalign": False} if cfg.objective == "hindsight" else {}),
+        **objectives.get(cfg.objective).implied,
         "base_model": model_in,
         "data_path": str(rnd.dir / "train.json"),
         "output_dir": str(adapter),
     }
     conf = rnd.dir / "train_config.yaml"
     conf.write_text(yaml.safe_dump(train_cfg, sort_keys=False))
-    module = RECIPES.get(cfg.objective, "cut.train")
+    module = objectives.get(cfg.objective).recipe
     if cfg.nproc_per_node > 1:
         cmd = [
             sys.executable,
@@ -622,38 +560,7 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
 def score_heldout(task: str, heldout: list[dict], texts: list[str]) -> dict[str, Any]:
     """accuracy (arithmetic: right final number; instructions: every constraint holds strictly),
     the task's other figures, and one answer per prompt with its `correct`."""
-    if task == "arithmetic":
-        from cut.tasks.arithmetic import answers_match, extract_final_answer
-
-        right = [
-            answers_match(extract_final_answer(t), str(r["reference"]))
-            for t, r in zip(texts, heldout, strict=True)
-        ]
-        extra: dict[str, Any] = {}
-        keep = ("reference",)
-    else:
-        from cut.tasks.instructions import score
-
-        extra = score(heldout, texts)
-        per_prompt = extra.pop("per_prompt")
-        right = [p["strict"] for p in per_prompt]
-        keep = ("constraints",)
-    return {
-        "accuracy": sum(right) / len(right),
-        "correct": sum(right),
-        "total": len(right),
-        **extra,
-        "answers": [
-            {
-                "instruction": r["instruction"],
-                "input": r.get("input") or "",
-                "output": t,
-                **{k: r[k] for k in keep if k in r},
-                "correct": bool(ok),
-            }
-            for r, t, ok in zip(heldout, texts, right, strict=True)
-        ],
-    }
+    return TASKS[task].score_answers(heldout, texts)
 
 
 def release_memory() -> None:
@@ -719,7 +626,7 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
     def refine():
         """ilf: the current model rewrites each failing answer given its judgment (refine_tries
         samples), the judge judges the rewrites against the original instruction."""
-        if cfg.objective != "ilf":
+        if not objectives.get(cfg.objective).refines:
             return {}
         judged = json.loads((d / "judged.json").read_text())
         requests = refine_requests(judged, cfg.refine_tries)
@@ -761,7 +668,8 @@ def run_round(cfg: OnlineConfig, index: int, model_in: str, pool: list[dict], he
         }
 
     def build():
-        rewrites = json.loads((d / "refined.json").read_text()) if cfg.objective == "ilf" else None
+        refines = objectives.get(cfg.objective).refines
+        rewrites = json.loads((d / "refined.json").read_text()) if refines else None
         return build_training_file(
             d / "judged.json",
             d / "train.json",
@@ -880,43 +788,46 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from cut.llm.client import quiet_http_logs
+@dataclass
+class OnlineArgs(LoopArgs):
+    """Online CUT: generate -> judge -> CUT-train -> merge, round after round, resumable."""
 
-    quiet_http_logs()
-    p = Parser(prog="cut.online", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--config", required=True, help="YAML: OnlineConfig fields, with generate / judge / train sections"
-    )
-    p.add_argument("--output_dir", help="override the config's output_dir")
-    p.add_argument("--rounds", type=integer(1, INT_MAX), help="override the number of rounds")
-    p.add_argument("--base_model", help="override the round-1 model")
-    args = p.parse_args(argv)
-    try:
+    CONFIG_HELP = "YAML: OnlineConfig fields, with generate / judge / train sections"
+
+    output_dir: str | None = opt(None, "override the config's output_dir")
+    rounds: int | None = opt(None, "override the number of rounds", parse=integer(1, INT_MAX))
+    base_model: str | None = opt(None, "override the round-1 model")
+
+
+def ensure_base_model(cfg: OnlineConfig) -> None:
+    """The embedded SmolLM2 is converted on first use when the config names its default folder."""
+    if cfg.base_model.startswith("saved_models/SmolLM2-135M-Instruct") and not Path(cfg.base_model).exists():
+        from cut.modeling.smollm import ensure_smollm2
+
+        ensure_smollm2(cfg.base_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = OnlineArgs.parse(argv, prog="cut.online")
+
+    def body() -> None:
+        from cut.llm.client import quiet_http_logs
+
+        quiet_http_logs()
         cfg = load_config(
             args.config, {"output_dir": args.output_dir, "rounds": args.rounds, "base_model": args.base_model}
         )
         check_writable(cfg.output_dir, "output_dir")  # before a download, too
-        if (
-            cfg.base_model.startswith("saved_models/SmolLM2-135M-Instruct")
-            and not Path(cfg.base_model).exists()
-        ):
-            from cut.modeling.smollm import ensure_smollm2
+        ensure_base_model(cfg)
+        try:
+            run(cfg)
+        except subprocess.CalledProcessError as err:  # a child's failure: exit 1, as a failed OS call
+            raise ChildProcessError(
+                f"a stage failed ({' '.join(map(str, err.cmd))}: exit {err.returncode}); "
+                "fix it and rerun the same command to continue"
+            ) from None
 
-            ensure_smollm2(cfg.base_model)
-        run(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"cut.online: error: {err}", file=sys.stderr)
-        return 2
-    except subprocess.CalledProcessError as err:
-        print(
-            f"cut.online: error: a stage failed ({' '.join(map(str, err.cmd))}: exit {err.returncode}); "
-            "fix it and rerun the same command to continue",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return run_cli("cut.online", body)
 
 
 if __name__ == "__main__":

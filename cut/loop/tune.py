@@ -32,12 +32,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from cut.args import INT_MAX, Parser
+from cut.args import INT_MAX, opt, run_cli
 from cut.data.files import check_writable, write_json_atomic
-from cut.errors import ConfigError, DataError
-from cut.loop.online import OBJECTIVES, OnlineConfig, load_config, read_problems
+from cut.errors import ConfigError
+from cut.loop.config import LoopArgs, read_config
+from cut.loop.objectives import loop_objectives
+from cut.loop.online import OnlineConfig, load_config, read_problems
 
 logger = logging.getLogger("cut.loop.tune")
 
@@ -63,15 +63,8 @@ def validation_split(pool: list[dict], size: int, seed: int, reserved: int) -> l
 
 def read_trials(path: str) -> dict[str, Any]:
     """The trials file, every value checked: ConfigError names the file (and the trial)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read trials: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a trials file is a mapping with output_dir, validation_size, trials")
-    unknown = set(data) - {"output_dir", "validation_size", "trials"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(sorted(map(str, unknown)))}")
+    shape = "a trials file is a mapping with output_dir, validation_size, trials"
+    data = read_config(path, ("output_dir", "validation_size", "trials"), "trials", shape)
     output_dir = data.get("output_dir") or ""
     if not isinstance(output_dir, str):
         raise ConfigError(f"{path}: output_dir must be a folder name, got {output_dir!r}")
@@ -93,8 +86,8 @@ def read_trials(path: str) -> dict[str, Any]:
             raise ConfigError(
                 f"{where}: settings are 'objective', 'train', {', '.join(map(repr, LOOP_SETTINGS))} only"
             )
-        if spec.get("objective", "cut") not in OBJECTIVES:
-            raise ConfigError(f"{where}: objective must be one of {', '.join(OBJECTIVES)}")
+        if spec.get("objective", "cut") not in loop_objectives():
+            raise ConfigError(f"{where}: objective must be one of {', '.join(loop_objectives())}")
         if not isinstance(spec.get("train", {}), dict):
             raise ConfigError(f"{where}: 'train' must be a mapping of train options")
         trials[name] = spec
@@ -147,30 +140,25 @@ def prepare(
     return base, variants
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    p = Parser(prog="cut.tune", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="the online loop's YAML (cut.online)")
-    p.add_argument("--trials", required=True, help="YAML: output_dir, validation_size, trials")
-    p.add_argument("--output_dir", help="override the trials file's output_dir")
-    p.add_argument("--report_only", action="store_true", help="rewrite the table and chart from the runs")
-    args = p.parse_args(argv)
-    from cut.loop.compare import check_has_runs, collect, ensure_base_model, run_all, write_report
+@dataclasses.dataclass
+class TuneArgs(LoopArgs):
+    """Try training knobs on a validation split of the pool, never on the held-out set."""
 
-    try:
+    trials: str = opt("", "YAML: output_dir, validation_size, trials", required=True)
+    output_dir: str | None = opt(None, "override the trials file's output_dir")
+    report_only: bool = opt(False, "rewrite the table and chart from the runs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = TuneArgs.parse(argv, prog="cut.tune")
+
+    def body() -> None:
+        from cut.loop.compare import run_or_report
+
         base, variants = prepare(args.config, args.trials, args.output_dir, write=not args.report_only)
-        names = list(variants)
-        if args.report_only:
-            root = Path(base.output_dir)
-            check_has_runs(root, names)
-            write_report(root, collect(root, names, 1), "validation")
-            return 0
-        ensure_base_model(base)
-        run_all(base, names, variants, "validation")
-    except (ConfigError, DataError) as err:
-        print(f"cut.tune: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        run_or_report(base, list(variants), variants, "validation", args.report_only)
+
+    return run_cli("cut.tune", body)
 
 
 if __name__ == "__main__":

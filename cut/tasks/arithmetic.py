@@ -12,10 +12,15 @@ from __future__ import annotations
 import random
 import re
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
-from cut.args import SEED, Parser, integer
+from cut.args import SEED, Options, integer, opt, run_cli
 from cut.data.files import write_json_atomic
+from cut.errors import DataError
+from cut.tasks.task import Task
 
 NAMES = [
     "Ana",
@@ -115,20 +120,56 @@ def answers_match(predicted: str | None, reference: str) -> bool:
     return p is not None and r is not None and p == r
 
 
+def generate(seed: int = 0, n_pool: int = 600, n_heldout: int = 100) -> dict[str, list[dict]]:
+    """The pool and the held-out set; no pool problem is a held-out one."""
+    heldout = make_problems(n_heldout, seed=seed + 1)
+    pool = make_problems(n_pool, seed=seed, exclude={r["instruction"] for r in heldout})
+    return {"pool": pool, "heldout": heldout}
+
+
+def check_heldout_record(record: dict, source: str, i: int) -> dict:
+    """A held-out problem needs a numeric `reference`."""
+    if extract_final_answer(str(record.get("reference", ""))) is None:
+        raise DataError(f"{source}: record {i}, field 'reference': missing or not a number")
+    return record
+
+
+def score(records: Sequence[dict], outputs: Sequence[str]) -> tuple[list[bool], dict[str, Any]]:
+    """Per problem: the final number stated equals the reference (no other figures)."""
+    right = [
+        answers_match(extract_final_answer(t), str(r["reference"]))
+        for t, r in zip(outputs, records, strict=True)
+    ]
+    return right, {}
+
+
+TASK = Task(
+    generate=generate, judge="reference", check=check_heldout_record, score=score, keep=("reference",)
+)
+
+
+@dataclass
+class ArithmeticOptions(Options):
+    """Write the arithmetic pool and held-out set."""
+
+    pool: str = opt("data/arithmetic_pool.json", "the pool file written")
+    heldout: str = opt("data/arithmetic_heldout.json", "the held-out file written")
+    n_pool: int = opt(600, "problems in the pool", parse=integer(1, MAX_PROBLEMS))
+    n_heldout: int = opt(100, "problems in the held-out set", parse=integer(1, MAX_PROBLEMS))
+    seed: int = opt(0, "the pool's seed (the held-out set's is seed + 1)", lo=0, hi=2**32 - 1, parse=SEED)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="cut.tasks.arithmetic", description="Write the arithmetic pool and held-out set.")
-    p.add_argument("--pool", default="data/arithmetic_pool.json")
-    p.add_argument("--heldout", default="data/arithmetic_heldout.json")
-    p.add_argument("--n_pool", type=integer(1, MAX_PROBLEMS), default=600)
-    p.add_argument("--n_heldout", type=integer(1, MAX_PROBLEMS), default=100)
-    p.add_argument("--seed", type=SEED, default=0)
-    args = p.parse_args(argv)
-    heldout = make_problems(args.n_heldout, seed=args.seed + 1)
-    pool = make_problems(args.n_pool, seed=args.seed, exclude={r["instruction"] for r in heldout})
-    write_json_atomic(args.heldout, heldout)
-    write_json_atomic(args.pool, pool)
-    print(f"wrote {len(pool)} pool problems to {args.pool}, {len(heldout)} held-out to {args.heldout}")
-    return 0
+    args = ArithmeticOptions.parse(argv, prog="cut.tasks.arithmetic")
+
+    def body() -> None:
+        made = generate(args.seed, args.n_pool, args.n_heldout)
+        pool, heldout = made["pool"], made["heldout"]
+        write_json_atomic(args.heldout, heldout)
+        write_json_atomic(args.pool, pool)
+        print(f"wrote {len(pool)} pool problems to {args.pool}, {len(heldout)} held-out to {args.heldout}")
+
+    return run_cli("cut.tasks.arithmetic", body)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,17 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cut.args import SEED, Parser
+from cut.args import SEED, Options, opt, run_cli
 from cut.data.files import write_json_atomic
 from cut.data.records import check_object, read_raw, text_field
 from cut.errors import DataError
 from cut.tasks import constraints
 from cut.tasks.base_tasks import HELDOUT, TRAIN
+from cut.tasks.task import Task
 
 N_CONSTRAINTS = (1, 2, 3)
 N_WEIGHTS = (0.45, 0.35, 0.20)
@@ -163,6 +165,36 @@ def read_task_file(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def generate(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """The pool and the held-out set (disjoint base tasks)."""
+    return {"pool": make_pool(seed), "heldout": make_heldout(seed)}
+
+
+def check_heldout_record(record: dict, source: str, i: int) -> dict:
+    """A held-out prompt needs a non-empty list of valid `constraints` (normalised in place)."""
+    where = f"{source}: record {i}, field 'constraints'"
+    if not isinstance(record.get("constraints"), list) or not record["constraints"]:
+        raise DataError(f"{where}: missing or not a non-empty list")
+    record["constraints"] = [constraints.validate(c, where) for c in record["constraints"]]
+    return record
+
+
+def score_prompts(records: Sequence[dict], outputs: Sequence[str]) -> tuple[list[bool], dict[str, Any]]:
+    """Per prompt: every constraint holds strictly; and IFEval's figures (`score` less per_prompt)."""
+    figures = score(records, outputs)
+    per_prompt = figures.pop("per_prompt")
+    return [p["strict"] for p in per_prompt], figures
+
+
+TASK = Task(
+    generate=generate,
+    judge="verifier",
+    check=check_heldout_record,
+    score=score_prompts,
+    keep=("constraints",),
+)
+
+
 def write(out: str | Path, seed: int) -> dict[str, list[dict]]:
     """Write both files under `out`; returns the records by split."""
     made = {"train": make_pool(seed), "heldout": make_heldout(seed)}
@@ -171,16 +203,24 @@ def write(out: str | Path, seed: int) -> dict[str, list[dict]]:
     return made
 
 
+@dataclass
+class InstructionsOptions(Options):
+    """Write the verifiable-instruction pool and held-out set (or --check the shipped ones)."""
+
+    out: str = opt("data", "folder for instructions_pool.json / _heldout.json")
+    seed: int = opt(0, "the seed of both files", lo=0, hi=2**32 - 1, parse=SEED)
+    # (a field named `check` would hide Options.check: the flag is --check all the same)
+    check_only: bool = opt(False, "exit 1 if the files in --out differ from a rerun", flags=("--check",))
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(
-        prog="cut.tasks.instructions",
-        description="Write the verifiable-instruction pool and held-out set (or --check the shipped ones).",
-    )
-    p.add_argument("--out", default="data", help="folder for instructions_pool.json / _heldout.json")
-    p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--check", action="store_true", help="exit 1 if the files in --out differ from a rerun")
-    args = p.parse_args(argv)
-    if args.check:
+    args = InstructionsOptions.parse(argv, prog="cut.tasks.instructions")
+    return run_cli("cut.tasks.instructions", lambda: write_or_check(args))
+
+
+def write_or_check(args: InstructionsOptions) -> int:
+    """Write both files (and print the type counts), or with --check compare them with a rerun."""
+    if args.check_only:
         with tempfile.TemporaryDirectory() as tmp:  # same writer, so the bytes compare exactly
             write(tmp, args.seed)
             stale = [

@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
-from cut.args import Parser, integer
+from cut.args import integer, opt, run_cli
 from cut.data.files import write_text_atomic
 from cut.errors import ConfigError
+from cut.loop.config import LoopArgs, load_dataclass
 from cut.modeling.loading import DTYPES
 from cut.training.config import FIELDS as TRAIN_FIELDS
 from cut.training.config import TrainConfig, coerce
@@ -90,19 +91,7 @@ class IterateConfig:
 
 def load_config(path: str, overrides: dict[str, Any] | None = None) -> IterateConfig:
     """The YAML file, with `overrides` (None values ignored) on top; validated."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of option names to values")
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(IterateConfig)})
-    if unknown:
-        raise ConfigError(f"{path}: unknown option(s): {', '.join(map(str, unknown))}")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    cfg = IterateConfig(**data)
-    cfg.validate()
-    return cfg
+    return load_dataclass(IterateConfig, path, overrides)
 
 
 @dataclass(frozen=True)
@@ -208,35 +197,33 @@ def _call(cmd: list[str], env: dict[str, str], what: str) -> None:
     # the child dies with this process, even by SIGKILL, as in cut.online
     done = subprocess.run(cmd, env=env, preexec_fn=die_with_parent_hook())
     if done.returncode:
-        raise RuntimeError(f"{what} failed (exit {done.returncode}); rerun the same command to continue")
+        # a child's failure: exit 1, as a failed OS call
+        raise ChildProcessError(f"{what} failed (exit {done.returncode}); rerun the same command to continue")
 
 
-def build_parser():
-    p = Parser(prog="cut.iterate", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML with the IterateConfig keys")
-    p.add_argument("--base_model", help="override: the model of iteration 1")
-    p.add_argument("--output_dir", help="override: where the iterations go")
-    p.add_argument("--nproc_per_node", type=integer(1, 4096), help="override: training processes")
-    p.add_argument("--dry_run", action="store_true", help="print each iteration's commands and stop")
-    return p
+@dataclass
+class IterateArgs(LoopArgs):
+    """CUT rounds on judged files given in advance: the paper's online recipe replayed on its data."""
+
+    CONFIG_HELP = "YAML with the IterateConfig keys"
+
+    base_model: str | None = opt(None, "override: the model of iteration 1")
+    output_dir: str | None = opt(None, "override: where the iterations go")
+    nproc_per_node: int | None = opt(None, "override: training processes", parse=integer(1, 4096))
+    dry_run: bool = opt(False, "print each iteration's commands and stop")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = vars(build_parser().parse_args(argv))
-    dry = args.pop("dry_run")
-    try:
-        cfg = load_config(args.pop("config"), args)
-        merged = run(cfg, dry_run=dry)
-    except ValueError as err:  # ConfigError, DataError
-        print(f"cut.iterate: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"cut.iterate: error: {err}", file=sys.stderr)
-        return 1
-    if not dry:
-        print(f"final model: {merged[-1]}")
-    return 0
+    args = IterateArgs.parse(argv, prog="cut.iterate")
+
+    def body() -> None:
+        overrides = {"base_model": args.base_model, "output_dir": args.output_dir}
+        cfg = load_config(args.config, {**overrides, "nproc_per_node": args.nproc_per_node})
+        merged = run(cfg, dry_run=args.dry_run)
+        if not args.dry_run:
+            print(f"final model: {merged[-1]}")
+
+    return run_cli("cut.iterate", body)
 
 
 if __name__ == "__main__":

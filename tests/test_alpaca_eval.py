@@ -19,30 +19,13 @@ from cut.data.files import decode_json_fields
 from cut.judges.judge import main as judge_main
 from cut.modeling.generate import main as generate_main
 
-from fake_openai import FakeOpenAI
+from helpers import UsageFake
 
 REPO = Path(__file__).resolve().parent.parent
 HELDOUT = REPO / "data" / "instructions_heldout.json"
 ANNOTATOR = REPO / "configs" / "alpaca_eval" / "cut_judge" / "configs.yaml"
 N = 4
 STRONG, WEAK = "Reference answer, strong.", "Reference answer, weak."
-
-
-class UsageFake(FakeOpenAI):
-    """The fake server with a `usage` block, which alpaca_eval reads (vLLM's server sends one)."""
-
-    def send_content(self, h, content):
-        message = {"role": "assistant", "content": content}
-        self.send_json(
-            h,
-            200,
-            {},
-            {
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53},
-            },
-        )
 
 
 def prefer(body: dict) -> str:

@@ -50,6 +50,7 @@ from cut.judges.judge import JudgeConfig
 
 from conftest import REPO
 from fake_openai import FakeOpenAI
+from helpers import UsageFake, cli_args, task_key, write
 
 ASPECTS = SCORE_ASPECTS
 
@@ -83,17 +84,6 @@ def answers(n: int, generator: str = "model-a", long: bool = False, **extra) -> 
             }
         )
     return rows
-
-
-def write(path: Path, rows) -> str:
-    path.write_text(json.dumps(rows))
-    return str(path)
-
-
-def task_key(body: dict) -> str:
-    """task-N of the question; a re-ask (3 messages) is filed as task-N/reask."""
-    task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
-    return task if len(body["messages"]) == 1 else task + "/reask"
 
 
 def scores_for(i: int) -> dict[str, int]:
@@ -796,23 +786,6 @@ def alpaca_eval(monkeypatch):
     return pytest.importorskip("alpaca_eval")
 
 
-class UsageFake(FakeOpenAI):
-    """The fake server with a `usage` block, which alpaca_eval reads (vLLM's server sends one)."""
-
-    def send_content(self, h, content):
-        message = {"role": "assistant", "content": content}
-        self.send_json(
-            h,
-            200,
-            {},
-            {
-                "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 50, "completion_tokens": 3, "total_tokens": 53},
-            },
-        )
-
-
 def test_alpaca_eval_client_config_parses_with_its_own_loader(alpaca_eval):
     from alpaca_eval import utils
     from alpaca_eval.decoders.openai import _get_backwards_compatible_configs
@@ -1033,18 +1006,16 @@ def test_score_run_with_a_just_eval_template_matches_just_eval_report(tmp_path):
     assert "na" not in recs[1]["evaluation"]
     assert "N/A replies: scored 5" in (tmp_path / "run" / "report.md").read_text()
 
+    def rerun(name: str, **kw) -> tuple[dict, dict]:
+        """The same replies again into tmp_path / name, with other settings: the summary and the hits."""
+        with judge_server(default=lambda body: replies[task_key(body).split("/")[0]]) as fake:
+            cfg = EvaluateConfig(
+                mode="score", output_dir=str(tmp_path / name), input_file=inp, prompt_file=path, **kw
+            )
+            return run_judged(cfg, judge_cfg(fake)), fake.hits
+
     # skip: the N/A aspects leave the depth mean (n 4), the others keep all six
-    with judge_server(default=lambda body: replies[task_key(body).split("/")[0]]) as fake:
-        skipped = run_judged(
-            EvaluateConfig(
-                mode="score",
-                output_dir=str(tmp_path / "skip"),
-                input_file=inp,
-                prompt_file=path,
-                na_score="skip",
-            ),
-            judge_cfg(fake),
-        )
+    skipped, _ = rerun("skip", na_score="skip")
     kept = [scores_for(i)["depth"] for i in range(6) if i % 3]
     assert skipped["aspects"]["depth"]["n"] == 4
     assert skipped["aspects"]["depth"]["mean"] == pytest.approx(sum(kept) / 4, abs=1e-4)
@@ -1052,19 +1023,8 @@ def test_score_run_with_a_just_eval_template_matches_just_eval_report(tmp_path):
     assert results(tmp_path / "skip")[0]["evaluation"]["scores"]["depth"] is None
 
     # fail: an N/A reply is unreadable: asked again, then a failure, never a score
-    with judge_server(default=lambda body: replies[task_key(body).split("/")[0]]) as fake:
-        failed = run_judged(
-            EvaluateConfig(
-                mode="score",
-                output_dir=str(tmp_path / "fail"),
-                input_file=inp,
-                prompt_file=path,
-                na_score="fail",
-                parse_retries=1,
-            ),
-            judge_cfg(fake),
-        )
-        assert fake.hits["task-0/reask"] == 1
+    failed, hits = rerun("fail", na_score="fail", parse_retries=1)
+    assert hits["task-0/reask"] == 1
     assert (failed["n_ok"], failed["n_failed"]) == (4, 2)
     assert results(tmp_path / "fail")[0]["evaluation"]["error"].startswith(
         "unparseable: score for aspect 'depth' is N/A"
@@ -1354,35 +1314,10 @@ def test_cli_takes_a_just_eval_template_a_system_prompt_and_an_na_policy(tmp_pat
         return je_reply({**dict.fromkeys(JE_ASPECTS, 4), "engagement": "N/A"}, fence=False)
 
     with FakeOpenAI(default=reply) as fake:
-        argv = [
-            "--mode",
-            "score",
-            "--input_file",
-            inp,
-            "--output_dir",
-            str(tmp_path / "r"),
-            "--judge",
-            "openai",
-        ]
-        argv += [
-            "--base_url",
-            fake.base_url,
-            "--model",
-            "m",
-            "--prompt_file",
-            path,
-            "--prompt_format",
-            "just-eval",
-        ]
-        argv += [
-            "--system_prompt",
-            "You judge answers.",
-            "--na_score",
-            "skip",
-            "--aspects",
-            "depth,engagement",
-        ]
-        argv += ["--group_by", "none", "--resamples", "100"]
+        argv = cli_args(mode="score", input_file=inp, output_dir=tmp_path / "r", judge="openai")
+        argv += cli_args(base_url=fake.base_url, model="m", prompt_file=path, prompt_format="just-eval")
+        argv += cli_args(system_prompt="You judge answers.", na_score="skip", aspects="depth,engagement")
+        argv += cli_args(group_by="none", resamples=100)
         assert main(argv) == 0
         assert len(fake.bodies) == 3 and all(len(b["messages"]) == 2 for b in fake.bodies)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

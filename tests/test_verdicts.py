@@ -26,6 +26,8 @@ from cut.evaluation.verdicts import (
 from cut.judges.judge import JudgeConfig
 from cut.modeling.loading import load_model, load_tokenizer
 
+from helpers import cli_args, write
+
 
 def rows_of(n: int, generator: str, long: bool = False) -> list[dict]:
     return [
@@ -37,11 +39,6 @@ def rows_of(n: int, generator: str, long: bool = False) -> list[dict]:
         }
         for i in range(n)
     ]
-
-
-def write(path, rows) -> str:
-    path.write_text(json.dumps(rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +197,7 @@ def test_pairwise_run_end_to_end_keeps_the_swap(tmp_path, tiny_chat_model):
 
 def test_probability_verdicts_need_a_local_judge(tmp_path, capsys):
     inp = write(tmp_path / "gen.json", rows_of(2, "m"))
-    args = [
-        "--mode",
-        "score",
-        "--input_file",
-        inp,
-        "--output_dir",
-        str(tmp_path / "r"),
-        "--verdict",
-        "probabilities",
-    ]
+    args = cli_args(mode="score", input_file=inp, output_dir=tmp_path / "r", verdict="probabilities")
     with pytest.raises(SystemExit) as exc:
         main([*args, "--judge", "openai", "--base_url", "http://127.0.0.1:9/v1", "--model", "x"])
     assert exc.value.code == 2 and "use --judge local" in capsys.readouterr().err

@@ -113,8 +113,9 @@ class OnlineConfig:
     # > 0: a round's negatives are down-sampled (seeded) so positives make at least this share of
     # the training records (the paper's online rounds were 71-77% positive); 0 keeps every negative
     positive_share: float = 0.0
-    generate: Any = field(default_factory=dict)  # a flat mapping in YAML; a GenerateConfig once validated
-    judge: Any = field(default_factory=dict)  # a mapping in YAML; a JudgeConfig once validated
+    # cut generate's and cut judge's options: mappings in YAML, their config classes once validated
+    generate: GenerateConfig | dict[str, Any] = field(default_factory=dict)  # a flat mapping in YAML
+    judge: JudgeConfig | dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

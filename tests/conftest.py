@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny seeded models (built by `cut.tiny`, no download) and a few judgment records."""
+"""Shared fixtures: tiny seeded models (built by `cut.tiny`, no download) and a few judgment records.
+Plain helpers several test files share (tiny configs, CLI words, fakes) are in helpers.py."""
 
 from __future__ import annotations
 

@@ -728,16 +728,16 @@ def test_no_gate_sends_the_ablation_prompt(tmp_path, no_proxy):
 def test_a_pass_through_task_never_reaches_the_server(tmp_path, no_proxy):
     """The shipped criteria and labels from another classifier (--task_field category): the 11 tasks
     the release leaves alone, `default` and an unknown label (-> default) are never sent."""
+    labelled = [  # (instruction, output, category)
+        ("Write a story about a fox.", "Once, a fox.", "story_generation"),
+        ("Title this essay.", "On Foxes", "Title Generation"),
+        ("Hello there.", "Hi!", "default"),
+        ("Tell me a riddle.", "What has keys?", "riddles"),
+        ("Pretend to be a pirate.", "Arr.", "roleplay"),
+    ]
     rows_in = [
-        {
-            "instruction": "rec-0: Write a story about a fox.",
-            "output": "Once, a fox.",
-            "category": "story_generation",
-        },
-        {"instruction": "rec-1: Title this essay.", "output": "On Foxes", "category": "Title Generation"},
-        {"instruction": "rec-2: Hello there.", "output": "Hi!", "category": "default"},
-        {"instruction": "rec-3: Tell me a riddle.", "output": "What has keys?", "category": "riddles"},
-        {"instruction": "rec-4: Pretend to be a pirate.", "output": "Arr.", "category": "roleplay"},
+        {"instruction": f"rec-{i}: {instruction}", "output": output, "category": category}
+        for i, (instruction, output, category) in enumerate(labelled)
     ]
     with fake_llm() as fake:
         src = write_records(tmp_path / "data.json", rows_in)

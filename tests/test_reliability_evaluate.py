@@ -22,9 +22,9 @@ from cut.evaluation.aspects import PAIRWISE_ASPECTS, SCORE_ASPECTS, ParseError, 
 from cut.evaluation.evaluate import EvaluateConfig, run_judged
 from cut.evaluation.report import esc
 from cut.judges.judge import JudgeConfig, OpenAIJudge, judge_file
+from cut.llm.completer import NUMBER_RULES, LocalCompleter
 
 from fake_openai import FakeOpenAI
-from helpers import cli_args, task_key, write
 
 ASPECTS = SCORE_ASPECTS
 GOOD = {a: {"reason": f"why {a}", "score": 4} for a in ASPECTS}
@@ -40,6 +40,17 @@ def answers(n: int, **extra) -> list[dict]:
     return [
         {"instruction": f"task-{i}: explain item {i}", "output": f"Answer {i}.", **extra} for i in range(n)
     ]
+
+
+def write(path: Path, rows) -> str:
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def task_key(body: dict) -> str:
+    """task-N of the question; a re-ask (3 messages) is filed as task-N/reask."""
+    task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
+    return task if len(body["messages"]) == 1 else task + "/reask"
 
 
 def good_reply(body: dict) -> str:
@@ -71,7 +82,7 @@ def no_model(monkeypatch) -> None:
     monkeypatch.setattr(cut.modeling.loading, "load_model", fail)
     monkeypatch.setattr(cut.modeling.loading, "load_tokenizer", fail)
     monkeypatch.setattr(judge, "make_judge", fail)
-    monkeypatch.setattr(evaluate, "make_judge", fail)
+    monkeypatch.setattr(evaluate, "make_completer", fail)
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,7 +90,8 @@ def no_model(monkeypatch) -> None:
 # --------------------------------------------------------------------------------------------
 
 BAD = ["nan", "inf", "-1", "abc", "99999999999999999999"]
-# option -> whether 0 is a bad value for it too
+# option -> whether 0 is a bad value for it too; the judge's: every number of cut.llm's backend options
+JUDGE_NUMBERS = {name: rule in ("int>=1", ">0") for name, rule in NUMBER_RULES.items()}
 EVALUATE_NUMBERS = {
     "parse_retries": False,
     "seed": False,
@@ -87,23 +99,8 @@ EVALUATE_NUMBERS = {
     "limit": True,
     "min_score": True,
     "positive_score": True,
-    "concurrency": True,
-    "timeout": True,
-    "max_retries": False,
-    "backoff": False,
-    "max_tokens": True,
-    "batch_size": True,
-    "max_new_tokens": True,
+    **JUDGE_NUMBERS,
     "na_score": True,  # a number in [1, 5], or skip / fail
-}
-JUDGE_NUMBERS = {
-    "concurrency": True,
-    "timeout": True,
-    "max_retries": False,
-    "backoff": False,
-    "max_tokens": True,
-    "batch_size": True,
-    "max_new_tokens": True,
 }
 
 
@@ -117,35 +114,27 @@ def fake():
         yield server
 
 
-@pytest.mark.parametrize("option, value", table(EVALUATE_NUMBERS), ids=lambda x: str(x))
-def test_evaluate_refuses_a_bad_number_at_parse_time(option, value, fake, tmp_path, capsys, monkeypatch):
+NUMBER_CASES = [("evaluate", *case) for case in table(EVALUATE_NUMBERS)]
+NUMBER_CASES += [("judge", *case) for case in table(JUDGE_NUMBERS)]
+
+
+@pytest.mark.parametrize("tool, option, value", NUMBER_CASES, ids=lambda x: str(x))
+def test_a_bad_number_is_refused_at_parse_time(tool, option, value, fake, tmp_path, capsys, monkeypatch):
     no_model(monkeypatch)
     inp = write(tmp_path / "gen.json", answers(2))
     out = tmp_path / "out"
-    argv = ["--mode", "score", "--input_file", inp, "--output_dir", str(out), "--judge", "openai"]
-    argv += ["--base_url", fake.base_url, "--model", "m", f"--{option}", value]
+    if tool == "evaluate":
+        main, argv = evaluate.main, ["--mode", "score", "--input_file", inp, "--output_dir", str(out)]
+    else:
+        main, argv = judge.main, ["--input_file", inp, "--output_file", str(out / "judged.json")]
+    argv += ["--judge", "openai", "--base_url", fake.base_url, "--model", "m", f"--{option}", value]
     before = sum(fake.hits.values())
     with pytest.raises(SystemExit) as exc:
-        evaluate.main(argv)
+        main(argv)
     assert exc.value.code == 2
     one_line(capsys.readouterr().err, f"--{option}")
     assert not out.exists() and sum(fake.hits.values()) == before, "written or asked"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.json"]
-
-
-@pytest.mark.parametrize("option, value", table(JUDGE_NUMBERS), ids=lambda x: str(x))
-def test_judge_refuses_a_bad_number_at_parse_time(option, value, fake, tmp_path, capsys, monkeypatch):
-    no_model(monkeypatch)
-    inp = write(tmp_path / "gen.json", answers(2))
-    out = tmp_path / "out" / "judged.json"
-    argv = ["--input_file", inp, "--output_file", str(out), "--judge", "openai"]
-    argv += ["--base_url", fake.base_url, "--model", "m", f"--{option}", value]
-    before = sum(fake.hits.values())
-    with pytest.raises(SystemExit) as exc:
-        judge.main(argv)
-    assert exc.value.code == 2
-    one_line(capsys.readouterr().err, f"--{option}")
-    assert not out.parent.exists() and sum(fake.hits.values()) == before, "written or asked"
 
 
 def test_edge_values_still_parse():
@@ -187,17 +176,17 @@ def test_seed_minus_one_is_refused_before_any_request(fake, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize(
-    "flag, target, named",
+    "flag, target",
     [
-        ("--to_judgments", "input", "--to_judgments"),
-        ("--to_judgments", "link", "--to_judgments"),
-        ("--to_judgments", "summary", "--to_judgments"),
-        ("--cache_file", "input", "--cache_file"),
-        ("--to_judgments", "prompt", "--to_judgments"),
+        ("--to_judgments", "input"),
+        ("--to_judgments", "link"),
+        ("--to_judgments", "summary"),
+        ("--cache_file", "input"),
+        ("--to_judgments", "prompt"),
     ],
 )
 def test_an_output_naming_an_input_is_refused_before_any_work(
-    flag, target, named, fake, tmp_path, capsys, monkeypatch
+    flag, target, fake, tmp_path, capsys, monkeypatch
 ):
     inp = tmp_path / "gen.json"
     write(inp, answers(3))
@@ -218,7 +207,7 @@ def test_an_output_naming_an_input_is_refused_before_any_work(
     before = sum(fake.hits.values())
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
-    one_line(err, named)
+    one_line(err, flag)
     assert "outputs are never inputs" in err
     assert inp.read_bytes() == original and prompt.read_text().startswith("Task")
     assert not out.exists() and sum(fake.hits.values()) == before
@@ -417,7 +406,7 @@ def test_evaluate_ignores_unreadable_replies_cached_by_an_earlier_version(tmp_pa
     inp = write(tmp_path / "gen.json", answers(2))
     cfg = EvaluateConfig(mode="score", output_dir=str(tmp_path / "r"), input_file=inp, parse_retries=0)
     with judge_server() as fake:
-        client = evaluate.make_asker(judge_cfg(fake), str(tmp_path / "r" / "cache.jsonl")).client
+        client = evaluate.make_asker(judge_cfg(fake), str(tmp_path / "r" / "cache.jsonl")).completer.client
         prompts = [
             [{"role": "user", "content": q}]
             for q in evaluate.score_job(cfg, evaluate.rubric("score"), []).questions
@@ -516,21 +505,6 @@ def two_runs(tmp_path_factory):
     return root
 
 
-@pytest.fixture()
-def runs(two_runs, tmp_path) -> Path:
-    """A copy of the two scored runs (r1, r2) to break."""
-    shutil.copytree(two_runs, tmp_path / "runs")
-    return tmp_path / "runs"
-
-
-def compare_refused(runs: Path, out: Path, capsys, named: Path) -> str:
-    """cut.evaluate --mode compare of r1 and r2 exits 2 with one line naming the file `named`."""
-    assert evaluate.main(cli_args(mode="compare", runs=[runs / "r1", runs / "r2"], output_dir=out)) == 2
-    err = capsys.readouterr().err
-    one_line(err, str(named))
-    return err
-
-
 def _set(d: dict, dotted: str, value) -> dict:
     *head, last = dotted.split(".")
     for k in head:
@@ -563,12 +537,28 @@ MALFORMED_SUMMARY = [
 @pytest.mark.parametrize(
     "field, value, named", MALFORMED_SUMMARY, ids=[m[0] + "-" + str(m[1])[:8] for m in MALFORMED_SUMMARY]
 )
-def test_compare_names_the_file_and_field_of_a_malformed_summary(field, value, named, runs, tmp_path, capsys):
+def test_compare_names_the_file_and_field_of_a_malformed_summary(
+    field, value, named, two_runs, tmp_path, capsys
+):
+    runs = tmp_path / "runs"
+    shutil.copytree(two_runs, runs)
     path = runs / "r2" / "summary.json"
     summary = json.loads(path.read_text())
     _set(summary, field, value)
     path.write_text(json.dumps(summary))
-    assert named in compare_refused(runs, tmp_path / "c", capsys, path)
+    argv = [
+        "--mode",
+        "compare",
+        "--runs",
+        str(runs / "r1"),
+        str(runs / "r2"),
+        "--output_dir",
+        str(tmp_path / "c"),
+    ]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    one_line(err, str(path))
+    assert named in err
     assert not (tmp_path / "c").exists()
 
 
@@ -576,17 +566,45 @@ def test_compare_names_the_file_and_field_of_a_malformed_summary(field, value, n
     "text, named",
     [("[]", "expected a JSON object"), ("{", "not valid JSON"), ("[" * 100_000, "nested too deep")],
 )
-def test_compare_on_a_summary_that_is_not_an_object(text, named, runs, tmp_path, capsys):
+def test_compare_on_a_summary_that_is_not_an_object(text, named, two_runs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(two_runs, runs)
     (runs / "r1" / "summary.json").write_text(text)
-    assert named in compare_refused(runs, tmp_path / "c", capsys, runs / "r1" / "summary.json")
+    argv = [
+        "--mode",
+        "compare",
+        "--runs",
+        str(runs / "r1"),
+        str(runs / "r2"),
+        "--output_dir",
+        str(tmp_path / "c"),
+    ]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    one_line(err, str(runs / "r1" / "summary.json"))
+    assert named in err
 
 
-def test_compare_names_a_malformed_results_record(runs, tmp_path, capsys):
+def test_compare_names_a_malformed_results_record(two_runs, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(two_runs, runs)
     path = runs / "r2" / "results.json"
     results = json.loads(path.read_text())
     del results["records"][2]["evaluation"]["scores"]["depth"]
     path.write_text(json.dumps(results))
-    assert "'records[2].evaluation.scores.depth'" in compare_refused(runs, tmp_path / "c", capsys, path)
+    argv = [
+        "--mode",
+        "compare",
+        "--runs",
+        str(runs / "r1"),
+        str(runs / "r2"),
+        "--output_dir",
+        str(tmp_path / "c"),
+    ]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    one_line(err, str(path))
+    assert "'records[2].evaluation.scores.depth'" in err
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,13 +621,13 @@ def test_local_judge_refuses_a_prompt_longer_than_its_context(tmp_path, tiny_cha
     rows[1]["output"] = "word " * 2000  # thousands of tokens; the tiny judge reads 512
     inp = write(tmp_path / "gen.json", rows)
     asked: list[str] = []
-    original = judge.LocalJudge.generate
+    original = LocalCompleter.generate
 
     def spy(self, texts, on_batch=None):
         asked.extend(texts)
         return original(self, texts, on_batch)
 
-    monkeypatch.setattr(judge.LocalJudge, "generate", spy)
+    monkeypatch.setattr(LocalCompleter, "generate", spy)
     cfg = EvaluateConfig(
         mode="score", output_dir=str(tmp_path / "r"), input_file=inp, prompt_file=str(short), parse_retries=0
     )

@@ -34,9 +34,9 @@ report counts it; or skip, or fail). --subset picks records by their `dataset` f
 Just-Eval-Instruct file is split as Just-Eval splits it (its 200 red-teaming records for safety,
 the other 800 for score). --system_prompt sends a system message before every question.
 
-The judge is cut.judge's: `--judge openai` is any OpenAI-compatible endpoint through cut.llm
-(bounded concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judge local` a
-transformers model loaded and decoded as cut.judge's LocalJudge does (greedy, batched); with
+The judge is a cut.llm completer: `--judge openai` is any OpenAI-compatible endpoint (bounded
+concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judge local` a
+transformers model (greedy, batched); its options are cut.llm's LLMOptions; with
 `--verdict probabilities` a local judge is not decoded: each aspect's verdict is read from its
 next-token probabilities right after the start of the JSON reply (cut.evaluation.verdicts), which
 a judge too small to write the rubric's JSON can still give. A reply is
@@ -72,7 +72,7 @@ import random
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -96,12 +96,14 @@ from cut.evaluation.aspects import (
     render,
     rubric,
 )
-from cut.judges.judge import JUDGE_TYPES, JudgeConfig, make_judge
+from cut.judges.judge import JudgeConfig
 from cut.llm.client import Answer, Message, number_problems, quiet_http_logs
+from cut.llm.completer import TYPES, Completer, LLMOptions, LocalCompleter, make_completer
 
 logger = logging.getLogger("cut.evaluation")
 
 MODES = ("score", "safety", "pairwise", "compare")
+JUDGES = ("openai", "local")  # the judges that evaluate: cut.llm backends
 VERDICTS = ("generate", "probabilities")  # how a local judge's verdict is read (cut.evaluation.verdicts)
 JUDGED_MODES = ("score", "safety", "pairwise")
 AUTO_GROUPS = ("task", "category", "source", "dataset", "topic", "type", "difficulty", "subset")
@@ -240,73 +242,23 @@ class Asker(Protocol):
     ) -> list[Answer]: ...
 
 
-class ClientAsker:
-    """An OpenAI-compatible endpoint through cut.llm (the client of cut.judge's OpenAIJudge).
+class CompleterAsker:
+    """A cut.llm Completer (the judge), greedy. An API backend never caches a reply `readable`
+    refuses and asks again for a cached one it refuses, so a rerun retries what failed; a local
+    backend refuses a prompt that does not fit its context with max_new_tokens (cutting it could
+    hide the task from the judge)."""
 
-    `readable(reply)` says whether a reply can be read: one that cannot is never cached, and a
-    cached one that cannot is asked again, so a rerun retries what failed."""
-
-    def __init__(self, client, name: str, readable: Callable[[str], bool] | None = None) -> None:
-        self.client, self.name, self.readable = client, name, readable
-
-    def ask(self, prompts, progress=None) -> list[Answer]:
-        return self.client.complete(prompts, progress, accept=self.readable)
-
-
-class LocalAsker:
-    """A transformers model, loaded and decoded by cut.judge's LocalJudge (greedy, batched)."""
-
-    def __init__(self, judge) -> None:
-        self.judge, self.name = judge, judge.name
-
-    def text(self, messages: list[Message]) -> str:
-        if self.judge.chat:
-            return self.judge.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        return "\n\n".join(m["content"] for m in messages)  # no template: the turns one after another
+    def __init__(self, completer: Completer, readable: Callable[[str], bool] | None = None) -> None:
+        self.completer, self.name, self.readable = completer, completer.name, readable
 
     def ask(self, prompts, progress=None) -> list[Answer]:
-        """The judge's replies; a prompt that does not fit its context with max_new_tokens is
-        refused with the reason (cutting it would hide the task from the judge)."""
-        texts = [self.text(p) for p in prompts]
-        answers: list[Answer] = [(None, reason) for reason in self.too_long(texts)]
-        fits = [i for i, (_, reason) in enumerate(answers) if reason is None]
-        if progress and len(fits) < len(texts):
-            progress(len(texts) - len(fits))
-        if not fits:
-            return answers
-        on_batch = (lambda idx, _texts: progress(len(idx))) if progress else None
-        for i, text in zip(fits, self.judge.generate([texts[i] for i in fits], on_batch), strict=True):
-            answers[i] = (text, None)
-        return answers
-
-    def too_long(self, texts: list[str]) -> list[str | None]:
-        """Per text, why it cannot be asked whole (None: it can)."""
-        from cut.modeling.generate import context_length, tokenize_prompts
-
-        judge = self.judge
-        limit = context_length(judge.model.config, judge.tokenizer)
-        if limit is None:
-            return [None] * len(texts)
-        room = limit - judge.max_new_tokens
-        if room < 1:
-            raise ConfigError(
-                f"max_new_tokens={judge.max_new_tokens} leaves no room for a prompt in the judge's "
-                f"context of {limit} tokens"
-            )
-        rows = tokenize_prompts(judge.tokenizer, texts, add_special_tokens=not judge.chat)
-        return [
-            None
-            if len(row) <= room
-            else f"prompt too long: {len(row)} tokens; it does not fit the judge's context of {limit} "
-            f"with max_new_tokens {judge.max_new_tokens} (a cut prompt could hide the task)"
-            for row in rows
-        ]
+        if isinstance(self.completer, LocalCompleter):
+            return self.completer.complete(prompts, progress, whole=True)
+        return self.completer.complete(prompts, progress, self.readable)
 
 
 def judge_name(cfg: JudgeConfig, verdict: str = "generate") -> str:
-    """The name a judge of cfg will have (cut.judge's), known before it loads."""
+    """The name a judge of cfg will have (its completer's), known before it loads."""
     return f"{cfg.kind}:{cfg.model}" + ("/probabilities" if verdict == "probabilities" else "")
 
 
@@ -324,19 +276,20 @@ def make_asker(
     rub=None,
     na: float | str = NA_DEFAULT,
 ) -> Asker:
-    """cut.judge's judge of cfg (openai or local), as prompts-in, replies-out; a local one read
-    through its next-token probabilities with verdict "probabilities" (needs the rubric)."""
-    if cfg.kind not in ("openai", "local"):
+    """The judge of cfg (openai or local: a cut.llm Completer), as prompts-in, replies-out; a local
+    one read through its next-token probabilities with verdict "probabilities" (needs the rubric).
+    An openai judge caches in cfg.cache_file, else default_cache_file ('' for none)."""
+    if cfg.kind not in JUDGES:
         raise ConfigError(f"the evaluation judge is openai or local, got {cfg.kind!r}")
     check_verdict(cfg, verdict)
-    judge = make_judge(cfg, default_cache_file)
-    if cfg.kind == "local" and verdict == "probabilities":
+    cache = default_cache_file if cfg.cache_file is None else cfg.cache_file or None
+    backend = LLMOptions(**{f.name: getattr(cfg, f.name) for f in fields(LLMOptions)})
+    completer = make_completer(cfg.kind, backend, cache)
+    if verdict == "probabilities":
         from cut.evaluation.verdicts import ProbabilityAsker
 
-        return ProbabilityAsker(judge, rub, LocalAsker(judge).text)
-    if cfg.kind == "local":
-        return LocalAsker(judge)
-    return ClientAsker(judge.client, judge.name, readable(rub, na) if rub is not None else None)
+        return ProbabilityAsker(completer, rub)
+    return CompleterAsker(completer, readable(rub, na) if rub is not None else None)
 
 
 def parser_of(rub: Rubric, na: float | str = NA_DEFAULT) -> Callable[[str], tuple]:
@@ -560,16 +513,22 @@ def setup_of(
 SETUP_BEFORE = {"prompt_format": "cut", "system_prompt_sha256": None, "na_score": None}
 
 
+def read_json(path: Path, what: str, hint: str = "") -> Any:
+    """A JSON file this module wrote; DataError when it cannot be read: `what` says what a file
+    nested too deep is not, `hint` what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deep; {what}{hint}") from None
+
+
 def read_results(path: Path, setup: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"setup", "records", ...} of an earlier run (empty records when there is none)."""
     if not path.exists():
         return {"setup": setup, "records": []}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err}); move it away") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deep; not a results file; move it away") from None
+    data = read_json(path, "not a results file", "; move it away")
     if not (
         isinstance(data, dict)
         and isinstance(data.get("records"), list)
@@ -1043,7 +1002,6 @@ def write_judgments(rows: list[dict], rub: Rubric, name: str, cfg: EvaluateConfi
 
 
 PROG = "cut.evaluation.evaluate"
-JUDGES = ("openai", "local")
 
 
 def _na_score(text: str) -> float | str:
@@ -1054,21 +1012,14 @@ def _na_score(text: str) -> float | str:
 
 
 @dataclass
-class JudgeFlags(Options):
-    """The judge's options (cut.judge's JudgeConfig; kind is --judge) and how its verdict is read."""
+class JudgeFlags(LLMOptions):
+    """The judge (cut.llm's backend options, with cut evaluate's defaults) and how its verdict is read."""
 
     judge: str | None = opt(None, "an OpenAI-compatible endpoint or a local model", choices=JUDGES)
-    base_url: str | None = opt(None, "openai: the API root, e.g. http://localhost:8000/v1")
-    model: str | None = opt(None, "openai: the model name; local: a model folder")
-    api_key_env: str = opt("OPENAI_API_KEY", "environment variable holding the API key")
-    concurrency: int = opt(8, "openai: requests in flight at most", parse=JUDGE_TYPES["concurrency"])
-    timeout: float = opt(120.0, "openai: seconds per request", parse=JUDGE_TYPES["timeout"])
-    max_retries: int = opt(5, "openai: retries of a transient fault", parse=JUDGE_TYPES["max_retries"])
-    backoff: float = opt(1.0, "openai: first retry delay in seconds (doubles)", parse=JUDGE_TYPES["backoff"])
-    max_tokens: int = opt(1024, "openai: max_tokens of a reply", parse=JUDGE_TYPES["max_tokens"])
+    timeout: float = opt(120.0, "openai: seconds per request", parse=TYPES["timeout"])
+    max_tokens: int = opt(1024, "openai: max_tokens of a reply", parse=TYPES["max_tokens"])
     cache_file: str | None = opt(None, "openai: reply cache (None: <output_dir>/cache.jsonl; '' for none)")
-    batch_size: int = opt(8, "local: prompts per generate call", parse=JUDGE_TYPES["batch_size"])
-    max_new_tokens: int = opt(512, "local: tokens per reply at most", parse=JUDGE_TYPES["max_new_tokens"])
+    max_new_tokens: int = opt(512, "local: tokens per reply at most", parse=TYPES["max_new_tokens"])
     verdict: str = opt(
         "generate",
         "local: read the judge's decoded JSON (generate) or, per aspect, its next-token "
@@ -1121,8 +1072,7 @@ class EvaluateOptions(Options):
     )
     subset: str = opt(
         "auto",
-        "records by their `dataset`: safety (Just-Eval-Instruct's red-teaming sources), regular "
-        "(the others), all; auto: Just-Eval's split of a file that holds both, else all",
+        "records by `dataset`: safety, regular (the rest), all; auto: Just-Eval's split",
         choices=SUBSETS,
     )
     safety_datasets: list[str] = opt(
@@ -1161,8 +1111,7 @@ class EvaluateOptions(Options):
         j = self.judge
         if not j.judge:
             raise ConfigError(f"mode {cfg.mode} needs --judge openai or --judge local")
-        kept = {f.name for f in fields(JudgeConfig)} - {"kind", "prompt_file"}
-        judge = JudgeConfig(kind=j.judge, **{k: v for k, v in asdict(j).items() if k in kept})
+        judge = JudgeConfig(kind=j.judge, **j.backend())
         check_verdict(judge, cfg.verdict)
         return cfg, judge
 

@@ -199,13 +199,21 @@ def _save(fig, path: Path) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
-def score_figure(summary: dict[str, Any], path: Path) -> bool:
+def _aspect_chart(summary: dict[str, Any], margin: float):
+    """(figure, axes, the aspects, their bars' y positions, the first on top) of a chart with one
+    bar per aspect; None without matplotlib."""
     aspects = list(summary["aspects"])
-    fig = _figure(7, 0.5 * len(aspects) + 1.6)
+    fig = _figure(7, 0.5 * len(aspects) + margin)
     if fig is None:
+        return None
+    return fig, fig.add_subplot(), aspects, list(range(len(aspects)))[::-1]
+
+
+def score_figure(summary: dict[str, Any], path: Path) -> bool:
+    chart = _aspect_chart(summary, 1.6)
+    if chart is None:
         return False
-    ax = fig.add_subplot()
-    ys = list(range(len(aspects)))[::-1]
+    fig, ax, aspects, ys = chart
     for y, a in zip(ys, aspects, strict=True):
         s = summary["aspects"][a]
         if s["mean"] is None:
@@ -226,12 +234,10 @@ def score_figure(summary: dict[str, Any], path: Path) -> bool:
 
 
 def pair_figure(summary: dict[str, Any], path: Path) -> bool:
-    aspects = list(summary["aspects"])
-    fig = _figure(7, 0.5 * len(aspects) + 1.8)
-    if fig is None:
+    chart = _aspect_chart(summary, 1.8)
+    if chart is None:
         return False
-    ax = fig.add_subplot()
-    ys = list(range(len(aspects)))[::-1]
+    fig, ax, aspects, ys = chart
     colours = {"win": "#55a868", "tie": "#bbbbbb", "lose": "#c44e52"}
     for y, a in zip(ys, aspects, strict=True):
         s, left = summary["aspects"][a], 0.0
@@ -270,17 +276,12 @@ def write_report(summary: dict[str, Any], folder: str | Path) -> None:
 def read_run(folder: str) -> tuple[dict, list[dict]]:
     """(summary, results records) of a score / safety run folder; DataError names the file and
     the field of anything that is not what cut.evaluation.evaluate writes."""
-    from cut.evaluation.evaluate import RESULTS, SUMMARY, read_results
+    from cut.evaluation.evaluate import RESULTS, SUMMARY, read_json, read_results
 
     path = Path(folder) / SUMMARY
     if not path.exists():
         raise DataError(f"{folder}: no {SUMMARY}; give the --output_dir of a score or safety run")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise DataError(f"{path}: JSON nested too deep; not a summary of cut.evaluation") from None
+    summary = read_json(path, "not a summary of cut.evaluation")
     check_summary(summary, path)
     results = Path(folder) / RESULTS
     records = read_results(results)["records"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -132,12 +132,11 @@ def reply(mode: str, aspects: Sequence[str], readings: list[tuple[list[float], f
 
 
 class ProbabilityAsker:
-    """cut.judge's LocalJudge read through its next-token probabilities (see the module docstring).
+    """A local judge (cut.llm's LocalCompleter) read through its next-token probabilities (see the
+    module docstring). Every reply parses, so the evaluation never re-asks; the batch size is the judge's."""
 
-    Every reply parses, so the evaluation never re-asks; the batch size is the judge's."""
-
-    def __init__(self, judge, rubric: Rubric, text: Callable[[list[Message]], str]) -> None:
-        self.judge, self.rubric, self.text = judge, rubric, text
+    def __init__(self, judge, rubric: Rubric) -> None:
+        self.judge, self.rubric, self.text = judge, rubric, judge.text
         self.name = f"{judge.name}/probabilities"
         tok = judge.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)

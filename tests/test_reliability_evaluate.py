@@ -25,6 +25,7 @@ from cut.judges.judge import JudgeConfig, OpenAIJudge, judge_file
 from cut.llm.completer import NUMBER_RULES, LocalCompleter
 
 from fake_openai import FakeOpenAI
+from helpers import cli_args, task_key, write
 
 ASPECTS = SCORE_ASPECTS
 GOOD = {a: {"reason": f"why {a}", "score": 4} for a in ASPECTS}
@@ -40,17 +41,6 @@ def answers(n: int, **extra) -> list[dict]:
     return [
         {"instruction": f"task-{i}: explain item {i}", "output": f"Answer {i}.", **extra} for i in range(n)
     ]
-
-
-def write(path: Path, rows) -> str:
-    path.write_text(json.dumps(rows))
-    return str(path)
-
-
-def task_key(body: dict) -> str:
-    """task-N of the question; a re-ask (3 messages) is filed as task-N/reask."""
-    task = re.search(r"task-\d+", body["messages"][0]["content"]).group(0)
-    return task if len(body["messages"]) == 1 else task + "/reask"
 
 
 def good_reply(body: dict) -> str:
@@ -505,6 +495,21 @@ def two_runs(tmp_path_factory):
     return root
 
 
+@pytest.fixture()
+def runs(two_runs, tmp_path) -> Path:
+    """A copy of the two scored runs (r1, r2) to break."""
+    shutil.copytree(two_runs, tmp_path / "runs")
+    return tmp_path / "runs"
+
+
+def compare_refused(runs: Path, out: Path, capsys, named: Path) -> str:
+    """cut.evaluate --mode compare of r1 and r2 exits 2 with one line naming the file `named`."""
+    assert evaluate.main(cli_args(mode="compare", runs=[runs / "r1", runs / "r2"], output_dir=out)) == 2
+    err = capsys.readouterr().err
+    one_line(err, str(named))
+    return err
+
+
 def _set(d: dict, dotted: str, value) -> dict:
     *head, last = dotted.split(".")
     for k in head:
@@ -537,28 +542,12 @@ MALFORMED_SUMMARY = [
 @pytest.mark.parametrize(
     "field, value, named", MALFORMED_SUMMARY, ids=[m[0] + "-" + str(m[1])[:8] for m in MALFORMED_SUMMARY]
 )
-def test_compare_names_the_file_and_field_of_a_malformed_summary(
-    field, value, named, two_runs, tmp_path, capsys
-):
-    runs = tmp_path / "runs"
-    shutil.copytree(two_runs, runs)
+def test_compare_names_the_file_and_field_of_a_malformed_summary(field, value, named, runs, tmp_path, capsys):
     path = runs / "r2" / "summary.json"
     summary = json.loads(path.read_text())
     _set(summary, field, value)
     path.write_text(json.dumps(summary))
-    argv = [
-        "--mode",
-        "compare",
-        "--runs",
-        str(runs / "r1"),
-        str(runs / "r2"),
-        "--output_dir",
-        str(tmp_path / "c"),
-    ]
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    one_line(err, str(path))
-    assert named in err
+    assert named in compare_refused(runs, tmp_path / "c", capsys, path)
     assert not (tmp_path / "c").exists()
 
 
@@ -566,45 +555,17 @@ def test_compare_names_the_file_and_field_of_a_malformed_summary(
     "text, named",
     [("[]", "expected a JSON object"), ("{", "not valid JSON"), ("[" * 100_000, "nested too deep")],
 )
-def test_compare_on_a_summary_that_is_not_an_object(text, named, two_runs, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    shutil.copytree(two_runs, runs)
+def test_compare_on_a_summary_that_is_not_an_object(text, named, runs, tmp_path, capsys):
     (runs / "r1" / "summary.json").write_text(text)
-    argv = [
-        "--mode",
-        "compare",
-        "--runs",
-        str(runs / "r1"),
-        str(runs / "r2"),
-        "--output_dir",
-        str(tmp_path / "c"),
-    ]
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    one_line(err, str(runs / "r1" / "summary.json"))
-    assert named in err
+    assert named in compare_refused(runs, tmp_path / "c", capsys, runs / "r1" / "summary.json")
 
 
-def test_compare_names_a_malformed_results_record(two_runs, tmp_path, capsys):
-    runs = tmp_path / "runs"
-    shutil.copytree(two_runs, runs)
+def test_compare_names_a_malformed_results_record(runs, tmp_path, capsys):
     path = runs / "r2" / "results.json"
     results = json.loads(path.read_text())
     del results["records"][2]["evaluation"]["scores"]["depth"]
     path.write_text(json.dumps(results))
-    argv = [
-        "--mode",
-        "compare",
-        "--runs",
-        str(runs / "r1"),
-        str(runs / "r2"),
-        "--output_dir",
-        str(tmp_path / "c"),
-    ]
-    assert evaluate.main(argv) == 2
-    err = capsys.readouterr().err
-    one_line(err, str(path))
-    assert "'records[2].evaluation.scores.depth'" in err
+    assert "'records[2].evaluation.scores.depth'" in compare_refused(runs, tmp_path / "c", capsys, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import yaml
 from safetensors.torch import load_file
 
 from cut.training.config import TrainConfig
-from cut.training.train import LOCK_NAME, main, output_dir_in_use, run
-from cut.training.trainer import STAGING, checkpoint_complete, list_checkpoints
+from cut.training.runs import LOCK_NAME, STAGING, checkpoint_complete, list_checkpoints, output_dir_in_use
+from cut.training.train import main, run
 
 from conftest import REPO
 from helpers import start, tiny_train_config
@@ -119,7 +119,7 @@ def test_resume_true_skips_incomplete_checkpoints(tiny_model, tiny_data, tmp_pat
     fake_cut_off_save(out / "checkpoint-4", out / "checkpoint-6")
     fake_cut_off_save(out / "checkpoint-4", out / "checkpoint-8", empty=True)
 
-    with caplog.at_level(logging.INFO, logger="cut.train"):
+    with caplog.at_level(logging.INFO, logger="cut.training"):
         metrics = run(tiny_config(tiny_model, tiny_data, out, max_steps=6, resume_from_checkpoint="true"))
     assert "skipping" in caplog.text and "checkpoint-6" in caplog.text and "checkpoint-8" in caplog.text
     assert f"resuming from {out / 'checkpoint-4'}" in caplog.text
@@ -214,7 +214,7 @@ def test_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(
     finally:
         sigkill(proc)
     assert (out / LOCK_NAME).read_text().strip() == str(proc.pid) and not output_dir_in_use(out)
-    with caplog.at_level(logging.WARNING, logger="cut.train"):
+    with caplog.at_level(logging.WARNING, logger="cut.training"):
         assert main(["--config", str(conf), "--overwrite_output_dir", "--max_steps", "1"]) == 0
     assert f"taking over the lock left by pid {proc.pid}" in caplog.text
     assert (out / "metrics.json").exists() and not (out / LOCK_NAME).exists()
@@ -225,7 +225,7 @@ def test_online_will_not_delete_a_folder_a_live_trainer_holds(tmp_path):
 
     from cut.errors import ConfigError
     from cut.loop.online import train_round
-    from cut.training.train import OutputLock
+    from cut.training.runs import OutputLock
 
     held = OutputLock(tmp_path / "adapter")
     try:
@@ -427,7 +427,7 @@ def test_write_failures_at_the_end_are_named_and_a_rerun_finishes_the_run(
         raise OSError(errno.EFBIG, "File too large", str(path))
 
     monkeypatch.setattr(train_mod, "write_json_atomic", metrics_too_large)
-    with caplog.at_level(logging.WARNING, logger="cut.train"):
+    with caplog.at_level(logging.WARNING, logger="cut.training"):
         assert main(["--config", str(conf), "--resume_from_checkpoint", "true"]) == 1
     assert "0 steps to train; writing its weights as the final adapter" in caplog.text
     assert (
@@ -491,7 +491,7 @@ def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path
 
 def test_dpo_refuses_another_runs_folder_and_a_locked_one(tiny_model, tmp_path, capsys):
     from cut.training.dpo import main as dpo_main
-    from cut.training.train import OutputLock
+    from cut.training.runs import OutputLock
 
     from test_dpo import JUDGED
 

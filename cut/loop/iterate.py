@@ -191,7 +191,7 @@ def run(cfg: IterateConfig, dry_run: bool = False) -> list[Path]:
 
 
 def _call(cmd: list[str], env: dict[str, str], what: str) -> None:
-    from cut.training.train import die_with_parent_hook
+    from cut.training.runs import die_with_parent_hook
 
     logger.info("%s\n$ %s", what, " ".join(cmd))
     # the child dies with this process, even by SIGKILL, as in cut.online

@@ -43,9 +43,8 @@ from cut.errors import ConfigError, DataError
 from cut.modeling import loading as models
 from cut.training.config import TrainConfig, add_local_rank
 from cut.training.loss import CUTLossConfig
+from cut.training.runs import check_output_dir, claim_output_dir
 from cut.training.train import (
-    check_output_dir,
-    claim_output_dir,
     limit_cutoff,
     process_rank,
     resolve_precision,

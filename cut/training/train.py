@@ -9,8 +9,8 @@ Bad data stops before any model is loaded. The resolved config is written to
 output_dir/cut_config.yaml first; the adapter (or full model), tokenizer, the README.md model card (cut.card)
 and metrics.json last.
 
-Failure behaviour: an output_dir that holds another run is refused unless --overwrite_output_dir
-(clear it) or --resume_from_checkpoint; metrics.json is removed when a run starts, so it exists
+Failure behaviour (the run folder's safety lives in cut.training.runs): an output_dir that holds
+another run is refused unless --overwrite_output_dir (clear it) or --resume_from_checkpoint; metrics.json is removed when a run starts, so it exists
 only for a finished run; output_dir/.cut.lock (flock'd, holding the pid) keeps a second trainer
 out; checkpoints appear only when complete, and `true` resumes from the newest complete one. A
 write that fails mid-run (a full disk, a file-size limit) is one line naming the file, exit 1;
@@ -19,26 +19,19 @@ the final adapter is staged and moved into output_dir only when whole.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import gc
-import json
 import logging
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from cut.args import run_cli, setup_logging
 from cut.data.files import write_json_atomic, write_text_atomic
 from cut.data.pairs import CUTCollator, padding_ratio, sequence_lengths, tokenize_example
 from cut.data.records import build_examples, load_records
@@ -49,15 +42,23 @@ from cut.modeling.card import training_card
 from cut.modeling.loading import resolve_dtype
 from cut.training.config import TrainConfig, parse_config
 from cut.training.loss import CUTLossConfig
-from cut.training.trainer import (
+from cut.training.runs import (
     STAGING,
-    CUTTrainer,
+    WriteFailed,
+    check_output_dir,
+    check_resume_has_work,
     checkpoint_complete,
-    checkpoint_step,
+    claim_output_dir,
     clean_checkpoint_leftovers,
-    install_cut_forward,
+    die_with_launcher,
+    exit_without_teardown,
     list_checkpoints,
+    resume_target,
+    save_final,
+    shutdown_distributed,
+    writing,
 )
+from cut.training.trainer import CUTTrainer, install_cut_forward
 
 logger = logging.getLogger("cut.training.train")
 
@@ -279,77 +280,6 @@ def training_arguments(cfg: TrainConfig, has_val: bool):
     return args
 
 
-def resume_target(cfg: TrainConfig) -> tuple[str | None, Path | None]:
-    """(Trainer checkpoint to resume, adapter file to seed the LoRA weights from), found before
-    anything loads. `true` takes the newest complete checkpoint-N of output_dir and skips, with a
-    warning, any whose save was cut off; an explicit incomplete checkpoint is an error."""
-    value = cfg.resume_from_checkpoint
-    if not value:
-        return None, None
-    if value.lower() == "true":
-        found = list_checkpoints(cfg.output_dir)
-        complete = [p for p in found if checkpoint_complete(p)]
-        for p in found:
-            if p not in complete:
-                logger.warning(
-                    "skipping %s: incomplete (no readable trainer_state.json; its save was cut off)", p
-                )
-        if not complete:
-            what = (
-                f"only incomplete ones ({', '.join(p.name for p in found)})"
-                if found
-                else "no checkpoint-* folder"
-            )
-            raise ConfigError(f"resume_from_checkpoint=true: {what} in {cfg.output_dir}")
-        logger.info("resuming from %s", complete[-1])
-        return str(complete[-1]), None
-    path = Path(value)
-    if checkpoint_complete(path):
-        return str(path), None
-    checkpoint_files = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
-    if checkpoint_step(path) is not None or any((path / f).exists() for f in checkpoint_files):
-        raise ConfigError(
-            f"resume_from_checkpoint={value}: an incomplete checkpoint (no readable trainer_state.json; "
-            "its save was cut off); name an earlier one, or pass true for the newest complete one"
-        )
-    adapter = path / "adapter_model.safetensors"
-    if adapter.exists() and not cfg.full_finetune:
-        return None, adapter
-    raise ConfigError(f"resume_from_checkpoint={value}: neither a Trainer checkpoint nor an adapter folder")
-
-
-def check_resume_has_work(cfg: TrainConfig, checkpoint: str | None) -> None:
-    """A resume from a checkpoint already at the run's end trains 0 steps. Into a finished run
-    (metrics.json present) that is an error: it would replace the run's metrics with
-    `train_loss 0.0` and its adapter with the same weights, and it is found before anything loads
-    or output_dir is touched. Without metrics.json it is a warning and the run goes on: the final
-    save was cut off (a kill, a full disk) after the last checkpoint, and this rerun writes the
-    adapter from that checkpoint, which is how such a run is finished."""
-    if checkpoint is None:
-        return
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
-    if cfg.max_steps > 0:
-        done, end = step >= cfg.max_steps, f"max_steps={cfg.max_steps}"
-    else:
-        done, end = epoch >= cfg.num_epochs - 1e-6, f"num_epochs={cfg.num_epochs:g}"
-    if not done:
-        return
-    where = f"{checkpoint} is at step {step} (epoch {epoch:g}), the end of this run ({end})"
-    if (Path(cfg.output_dir) / "metrics.json").exists():
-        raise ConfigError(
-            f"resume_from_checkpoint: {where}, and {cfg.output_dir} holds the finished run "
-            "(metrics.json): nothing left to train; raise max_steps / num_epochs to train on, "
-            "or use another output_dir"
-        )
-    logger.warning(
-        "resume_from_checkpoint: %s: 0 steps to train; writing its weights as the final %s "
-        "(train_loss in metrics.json will read 0)",
-        where,
-        "model" if cfg.full_finetune else "adapter",
-    )
-
-
 def seed_adapter(model, adapter: Path) -> None:
     """A bare adapter folder seeds the LoRA weights only; optimiser and schedule start fresh."""
     from peft import set_peft_model_state_dict
@@ -357,130 +287,6 @@ def seed_adapter(model, adapter: Path) -> None:
 
     set_peft_model_state_dict(model, load_file(str(adapter)))
     logger.info("seeded the LoRA weights from %s; optimiser and schedule start fresh", adapter)
-
-
-# what marks a folder as holding a run (of cut.train or a preference baseline)
-RUN_FILES = (
-    "cut_config.yaml",
-    "dpo_config.yaml",
-    "kto_config.yaml",
-    "metrics.json",
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-)
-LOCK_NAME = ".cut.lock"
-
-
-def previous_run(out: Path) -> list[str]:
-    """The files and checkpoints in `out` that belong to a run."""
-    if not out.is_dir():
-        return []
-    return [n for n in RUN_FILES if (out / n).exists()] + [p.name for p in list_checkpoints(out)]
-
-
-def check_output_dir(cfg: TrainConfig, resumable: bool = True) -> None:
-    """A folder holding another run is refused unless the user says to overwrite it or resume it;
-    resumable False (a tool that saves no checkpoints) leaves resuming out of the advice."""
-    out = Path(cfg.output_dir)
-    resumes_here = cfg.resume_from_checkpoint.lower() == "true" or (
-        cfg.resume_from_checkpoint and out.resolve() in Path(cfg.resume_from_checkpoint).resolve().parents
-    )
-    if cfg.overwrite_output_dir and resumes_here:
-        raise ConfigError(
-            "overwrite_output_dir would delete the checkpoint resume_from_checkpoint names: choose one"
-        )
-    found = previous_run(out)
-    if found and not (cfg.overwrite_output_dir or cfg.resume_from_checkpoint):
-        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
-        resume = "--resume_from_checkpoint true to continue it, " if resumable else ""
-        raise ConfigError(
-            f"output_dir {out} holds another run ({shown}); pass --overwrite_output_dir true to replace "
-            f"it, {resume}or choose another output_dir"
-        )
-
-
-class OutputLock:
-    """output_dir/.cut.lock, held with flock by the training process and holding its pid.
-
-    The kernel drops a flock when its process dies, however it dies, so a lock file left by a
-    killed run is free: it is taken over with a warning naming the dead pid. A live holder makes
-    a second trainer into the same folder a ConfigError. Released (the file removed) on exit."""
-
-    def __init__(self, out: Path):
-        self.created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        self.out, self.path = out, out / LOCK_NAME
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise ConfigError(
-                    f"output_dir {out} is in use by another training process (pid {holder}, {self.path}); "
-                    "wait for it to finish or choose another output_dir"
-                ) from None
-            try:  # the holder may have removed the file between our open and flock
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        stale = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        if stale:
-            logger.warning(
-                "output_dir %s: taking over the lock left by pid %s, which no longer runs", out, stale
-            )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd: int | None = fd
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
-        if self.created and not any(self.out.iterdir()):  # a run refused before writing anything
-            self.out.rmdir()
-
-
-def output_dir_in_use(out: Path) -> bool:
-    """Whether a live process holds output_dir's lock (a probe: takes and drops the flock)."""
-    try:
-        fd = os.open(out / LOCK_NAME, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def claim_output_dir(cfg: TrainConfig) -> OutputLock:
-    """Lock output_dir, clear it when asked to overwrite, drop leftovers of a killed save, and
-    remove metrics.json: from now on its presence means this run finished."""
-    out = Path(cfg.output_dir)
-    lock = OutputLock(out)
-    try:
-        if cfg.overwrite_output_dir:
-            gone = [p for p in out.iterdir() if p.name != LOCK_NAME]
-            for p in gone:
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-            if gone:
-                logger.warning("overwrite_output_dir: cleared %d entries of %s", len(gone), out)
-        clean_checkpoint_leftovers(out)
-        (out / "metrics.json").unlink(missing_ok=True)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
 
 
 def build_trainer(cfg: TrainConfig) -> tuple[CUTTrainer, dict[str, int]]:
@@ -571,68 +377,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             lock.release()
 
 
-class WriteFailed(Exception):
-    """Writing an output failed mid-run: a full disk, a quota or file-size limit."""
-
-
-# errno values that mean the file system took no more, not a bug
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS}
-
-
-def write_failure(err: BaseException) -> tuple[str | None, str] | None:
-    """(file, reason) when `err` is a failed write, else None. Besides OSError, torch's zip writer
-    raises a bare RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos", or
-    "PytorchStreamWriter failed writing file") and safetensors a SafetensorError ("I/O error: ...
-    (os error 28)"); neither says which file."""
-    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
-        return err.filename, os.strerror(err.errno).lower()
-    text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    if isinstance(err, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text):
-        return None, f"torch's file writer failed, most likely no space left on device ({text})"
-    if type(err).__name__ == "SafetensorError" and "os error" in text:
-        code = text.rsplit("os error", 1)[1].strip(" )")
-        if code.isdigit() and int(code) in _WRITE_ERRNOS:
-            return None, os.strerror(int(code)).lower()
-    return None
-
-
-@contextmanager
-def writing(what: Path | Callable[[], Path]):
-    """Turn a failed write while producing `what` (or what it returns, asked after the failure)
-    into WriteFailed naming the file."""
-    try:
-        yield
-    except Exception as err:
-        found = write_failure(err)
-        if found is None:
-            raise
-        path, reason = found
-        where = path or (what() if callable(what) else what)
-        raise WriteFailed(f"could not write {where}: {reason}") from err
-
-
-def save_final(trainer: CUTTrainer, out: Path) -> None:
-    """The adapter (or model) and tokenizer go to output_dir/.staging/final and are moved into
-    output_dir once all are written: a save cut off by a full disk or a kill leaves no half-written
-    adapter beside the run's files (and `clean_checkpoint_leftovers` removes the staged one)."""
-    staged = out / STAGING / "final"
-    if trainer.args.should_save and staged.exists():
-        shutil.rmtree(staged)
-    trainer.save_model(str(staged))
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save:
-        for p in sorted(staged.iterdir()):
-            dst = out / p.name
-            if dst.is_dir() and not dst.is_symlink():
-                shutil.rmtree(dst)
-            os.replace(p, dst)
-        staged.rmdir()
-        try:
-            (out / STAGING).rmdir()
-        except OSError:  # a checkpoint is being staged beside it
-            pass
-
-
 def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     with writing(out / "cut_config.yaml"):
@@ -661,91 +405,23 @@ def _train(cfg: TrainConfig, checkpoint: str | None, adapter: Path | None) -> di
     return metrics
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent_hook():
-    """A `preexec_fn` for a child that must not outlive this process: in the child, Linux's
-    prctl(PR_SET_PDEATHSIG, SIGKILL) makes the kernel kill it when its parent dies, SIGKILL
-    included (the parent gets no chance to clean up). If the parent died before the call, the
-    child exits at once. None off Linux. libc is resolved here, in the parent, before the fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
-
-
-def _die_with_launcher() -> None:
-    """cut.online sets CUT_DIE_WITH_PARENT: a torchrun worker then dies with torchrun as torchrun
-    dies with cut.online (a direct child has it already from `die_with_parent_hook`)."""
-    if os.environ.get("CUT_DIE_WITH_PARENT") == "1" and sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the launcher is already gone
-            os._exit(1)
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO if process_rank() == 0 else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _die_with_launcher()
-    try:
-        cfg = parse_config(argv)
-        run(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"cut.train: error: {err}", file=sys.stderr)
-        return 2
-    except WriteFailed as err:  # refused input is 2; a run that failed while writing is 1
-        print(f"cut.train: error: {err}", file=sys.stderr)
-        return 1
-    _shutdown_distributed()
-    return 0
+    """Refused input (options, data, output_dir) is exit 2; a run that failed while writing is 1."""
+    setup_logging(logging.INFO if process_rank() == 0 else logging.WARNING)
+    die_with_launcher()
 
+    def body() -> None:
+        run(parse_config(argv))
+        shutdown_distributed()
 
-def _shutdown_distributed() -> None:
-    """Every rank waits for the others, then the process groups are torn down while Python is
-    fully alive: the Trainer and the DeepSpeed engine hold them through reference cycles, so they
-    are collected first."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def _exit_without_teardown(code: int) -> None:
-    """Leave a distributed run without interpreter teardown. A gloo worker thread still holding
-    tensors when the interpreter finalises takes the GIL and aborts the process (SIGABRT,
-    "terminate called without an active exception"; seen in about 1 of 10 ZeRO-3 runs on CPU).
-    By now every output is written atomically and the process groups are destroyed; what atexit
-    would still do is flush logs and close a wandb run, which is done here."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    return run_cli("cut.train", body)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m cut.train` and `cut train`: a distributed run leaves without interpreter teardown."""
     code = main(argv)
     if world_size() > 1:
-        _exit_without_teardown(code)
+        exit_without_teardown(code)
     return code
 
 

@@ -26,17 +26,12 @@ run falls back to padded micro-batches with a warning.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
-import os
-import re
-import shutil
 import sys
 import types
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +47,7 @@ from transformers.masking_utils import (
 from cut.data.pairs import pack, unpack
 from cut.errors import ConfigError
 from cut.training.loss import CUTLossConfig, Role, label_logprobs
+from cut.training.runs import AtomicCheckpoints
 
 METRICS = ("mle", "ul", "flagged")
 logger = logging.getLogger(__name__)
@@ -412,91 +408,6 @@ def _setup_packing(lm, input_ids: torch.Tensor) -> bool:
         problem,
     )
     return False
-
-
-STAGING = ".staging"  # output_dir/.staging/checkpoint-N: a checkpoint being written
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = _CHECKPOINT.fullmatch(path.name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """output_dir's checkpoint-N folders, complete or not, by step."""
-    found = [p for p in Path(run_dir).glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_complete(path: str | os.PathLike) -> bool:
-    """A Trainer checkpoint is complete when its trainer_state.json (written last) reads as JSON."""
-    try:
-        return isinstance(json.loads((Path(path) / "trainer_state.json").read_text()), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def clean_checkpoint_leftovers(run_dir: str | os.PathLike) -> None:
-    """Remove what a killed save or rotation left: .staging/ and .old-checkpoint-N folders."""
-    for p in [Path(run_dir) / STAGING, *Path(run_dir).glob(".old-checkpoint-*")]:
-        if p.is_dir():
-            logger.info("removing %s, left by a save that was cut off", p)
-            shutil.rmtree(p)
-
-
-def _retire(path: Path) -> None:
-    """Rename out of sight first, then delete: a kill mid-delete leaves no half checkpoint-N."""
-    old = path.with_name(f".old-{path.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    os.rename(path, old)
-    shutil.rmtree(old)
-
-
-class AtomicCheckpoints:
-    """Trainer mixin: a checkpoint-N folder appears in output_dir only once it is complete.
-
-    transformers' `_save_checkpoint` writes the model, optimiser, scheduler, RNG states and
-    trainer_state.json (last) one file at a time straight into output_dir/checkpoint-N, so a kill
-    mid-save leaves a folder that `get_last_checkpoint` would pick. Here it writes into
-    output_dir/.staging/ (it asks `_get_output_dir` for the run folder, the one hook needed);
-    every process then waits, and the main process renames the finished folder into place (one
-    rename on one file system) and deletes the oldest beyond save_total_limit, each renamed out
-    of sight before it is deleted. `clean_checkpoint_leftovers` clears what a kill leaves."""
-
-    _staging = False
-
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, STAGING) if self._staging else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = Path(super()._get_output_dir(trial))
-        name = f"checkpoint-{self.state.global_step}"
-        staged = run_dir / STAGING / name
-        if self.args.should_save and staged.exists():  # a save of this step that was cut off
-            shutil.rmtree(staged)
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()  # every rank's shards and RNG state are written
-        if self.args.should_save:
-            if (run_dir / name).exists():  # an earlier run's checkpoint of the same step
-                _retire(run_dir / name)
-            os.rename(staged, run_dir / name)
-            try:
-                (run_dir / STAGING).rmdir()
-            except OSError:
-                pass
-            limit = self.args.save_total_limit
-            if limit and limit > 0:  # among complete ones: an incomplete one resumes nothing
-                for old in [p for p in list_checkpoints(run_dir) if checkpoint_complete(p)][:-limit]:
-                    _retire(old)
-        self.accelerator.wait_for_everyone()
 
 
 class CUTTrainer(AtomicCheckpoints, Trainer):

@@ -12,8 +12,8 @@ import torch
 
 from cut import gemma
 from cut.errors import ConfigError
+from cut.modeling.forward import PACKED, target_logprobs, use_packed_attention
 from cut.modeling.tiny import small_config, train_tokenizer
-from cut.training.trainer import PACKED, target_logprobs, use_packed_attention
 
 from conftest import REPO
 from test_train import tiny_config

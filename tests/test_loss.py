@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from cut import loss as loss_mod
-from cut.training.loss import Role, cut_loss, label_logprobs, log1mexp
+from cut.modeling import forward as forward_mod
+from cut.modeling.forward import label_logprobs
+from cut.training.loss import Role, cut_loss, log1mexp
 
 FLOOR = 1e-5  # 1 - p is floored here before the log
 
@@ -589,7 +590,7 @@ def test_label_logprobs_transform_matters():
 @pytest.mark.parametrize("budget, expected_chunk", [(3 * V, 3), (V - 1, 1)])
 def test_label_logprobs_automatic_chunk(monkeypatch, budget, expected_chunk):
     """chunk_size=0 takes CHUNK_ELEMENTS // vocab_size rows, at least 1."""
-    monkeypatch.setattr(loss_mod, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(forward_mod, "CHUNK_ELEMENTS", budget)
     lin, hidden, labels, _ = _setup()
     head = CountingHead(lin)
     out = label_logprobs(hidden, head, labels, V, chunk_size=0)

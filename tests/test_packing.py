@@ -17,15 +17,10 @@ import pytest
 import torch
 
 from cut.data.pairs import CUTCollator
+from cut.modeling.forward import PACKED, check_packing, target_logprobs, use_packed_attention
 from cut.modeling.tiny import small_config
 from cut.training.config import load_yaml
-from cut.training.trainer import (
-    PACKED,
-    check_packing,
-    install_cut_forward,
-    target_logprobs,
-    use_packed_attention,
-)
+from cut.training.trainer import install_cut_forward
 
 from helpers import tiny_train_config
 

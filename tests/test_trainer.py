@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from cut import trainer as cut_trainer
 from cut.errors import ConfigError
+from cut.modeling import forward as cut_forward
+from cut.modeling.forward import check_head_path, target_logprobs
 from cut.modeling.tiny import small_config
 from cut.training.train import main
-from cut.training.trainer import check_head_path, target_logprobs
 
 V = 96
 
@@ -97,7 +97,7 @@ def test_an_unknown_logit_post_processing_is_caught(name, monkeypatch):
     """Without the transform the head path is wrong, and the check says so instead of training."""
     lm = _model(name)
     ids, mask, pos, tgt = _batch()
-    monkeypatch.setattr(cut_trainer, "logit_transform", lambda config: None)
+    monkeypatch.setattr(cut_forward, "logit_transform", lambda config: None)
     with pytest.raises(ConfigError, match="post-processes its logits") as err:
         check_head_path(lm, lm.forward, ids, mask, pos, tgt)
     print(err.value)
@@ -138,7 +138,7 @@ def test_the_check_on_a_packed_row_catches_a_wrong_head_and_reads_only_sequence_
     row["input_ids"][0, int(cu[1])] = -1  # sequence 1 is never read
     assert check_head_path(lm, lm.forward, row["input_ids"], None, ppos, ptgt, n=3, cu_seq_lens=cu) < 1e-5
     assert lm.training
-    monkeypatch.setattr(cut_trainer, "logit_transform", lambda config: None)
+    monkeypatch.setattr(cut_forward, "logit_transform", lambda config: None)
     with pytest.raises(ConfigError, match="post-processes its logits"):
         check_head_path(lm, lm.forward, row["input_ids"], None, ppos, ptgt, cu_seq_lens=cu)
 
@@ -180,7 +180,7 @@ def test_training_stops_with_a_named_error_when_the_head_path_is_wrong(
     assert main(argv) == 0  # the known softcap passes the check
     assert json.loads((out / "metrics.json").read_text())["train"]["train_loss"] > 0
 
-    monkeypatch.setattr(cut_trainer, "logit_transform", lambda config: None)
+    monkeypatch.setattr(cut_forward, "logit_transform", lambda config: None)
     out2 = tmp_path / "out2"
     assert main(argv[:5] + [str(out2)] + argv[6:]) == 2
     err = capsys.readouterr().err

@@ -15,14 +15,12 @@ judged context, so p(y_t|x,j) / p(y_t|x) is one subtraction of log-probs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 
 class Role(IntEnum):
@@ -37,8 +35,6 @@ COMBINES = ("mean", "sum")
 FLAG_SOURCES = ("ratio", "spans", "both")
 UNLIKELIHOODS = ("ul", "npo")
 
-# one chunk of logits holds at most this many float32 elements (64 MiB)
-CHUNK_ELEMENTS = 1 << 24
 # 1 - p is floored here before the log, as the released code nudges exact zeros by 1e-5
 ONE_MINUS_P_FLOOR = 1e-5
 
@@ -200,39 +196,3 @@ def cut_loss(
     else:  # the released code's mean of the two terms where both are present
         loss = (mle + ul) / 2 if has_mle and has_ul else mle + ul
     return CUTLoss(loss, mle.detach(), ul.detach(), flagged.detach(), n_mle, n_ul)
-
-
-def _label_logp_chunk(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, transform) -> Tensor:
-    logits = head(hidden).float()  # (C, V): one chunk only
-    if transform is not None:
-        logits = transform(logits)
-    # log-softmax at the label, never log(softmax)
-    return logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def label_logprobs(
-    hidden: Tensor,
-    head: Callable[[Tensor], Tensor],
-    labels: Tensor,
-    vocab_size: int,
-    chunk_size: int = 0,
-    transform: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """log p(label) for each row of `hidden` (N, H), without materialising (N, V) logits.
-
-    The output head runs over chunks of rows; each chunk's float32 logits live only inside that
-    chunk and are recomputed in backward (activation checkpointing), so peak extra memory is one
-    chunk of `chunk_size x vocab_size` floats instead of N x V. `head` is called as a module so
-    that ZeRO-3 gathers its weight and LoRA on the head still applies.
-    """
-    if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    if chunk_size <= 0:
-        chunk_size = max(1, CHUNK_ELEMENTS // vocab_size)
-    out = []
-    for h, y in zip(hidden.split(chunk_size), labels.split(chunk_size), strict=True):
-        if torch.is_grad_enabled():
-            out.append(checkpoint(_label_logp_chunk, head, h, y, transform, use_reentrant=False))
-        else:
-            out.append(_label_logp_chunk(head, h, y, transform))
-    return torch.cat(out)

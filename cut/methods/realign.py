@@ -921,6 +921,8 @@ def realign_file(
 ) -> dict[str, Any]:
     """Realign every record of input_file into output_file (resumed, written after each chunk);
     returns the counts (see count()). length: cfg.tokenizer's, loaded here when not given."""
+    from cut.modeling.generate import log_resume  # torch, loaded when a run starts
+
     check_output_path(output_file, input_file)
     criteria = load_criteria(cfg.criteria)
     records = read_inputs(input_file, cfg)
@@ -928,13 +930,9 @@ def realign_file(
     tag = {"rewriter": rewriter.name, "criteria": criteria.source, **cfg.settings()}
     rows = match_earlier(records, read_earlier(output_file), tag)
     pending = [i for i, row in enumerate(rows) if row is None]
-    logger.info(
-        "%d of %d records already done in %s; %d to realign (%s)",
-        len(records) - len(pending),
-        len(records),
-        output_file,
-        len(pending),
-        "tasks from field " + repr(cfg.task_field) if cfg.task_field else "tasks by the rewriter",
+    tasks = "tasks from field " + repr(cfg.task_field) if cfg.task_field else "tasks by the rewriter"
+    log_resume(
+        logger, len(records), len(pending), output_file, "already done in %s", "to realign (%s)", tasks
     )
     logger.info(
         "gate %s; %d sample(s) at temperature %g, the longest kept; %s filters; lengths in %s",

@@ -307,6 +307,22 @@ def pretokenised_trainer(base: type, span_key: str, rows, rejected_tokens: str) 
     return Pretokenised
 
 
+def preference_trainer(
+    base: type, span_key: str, rows, cfg: TrainConfig, opts: Any, args, features, tokenizer
+):
+    """TRL's `base` trainer on cut's tokenised `features`: a LoRA adapter (lora_config) around the
+    policy (load_policy), span masks as `pretokenised_trainer` says."""
+    from datasets import Dataset
+
+    return pretokenised_trainer(base, span_key, rows, opts.rejected_tokens)(
+        model=load_policy(cfg),
+        args=args,
+        train_dataset=Dataset.from_list(features),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
+
+
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
@@ -370,7 +386,7 @@ def load_policy(cfg: TrainConfig):
 
 def build_trainer(cfg: TrainConfig, opts: DPOOptions):
     """Validate, pair and tokenise the data, load the model and wire TRL's trainer; nothing trains yet."""
-    from datasets import Dataset
+    from trl import DPOTrainer
 
     tokenizer = setup(cfg, "DPO")
     features, counts = prepare_data(cfg, opts, tokenizer)
@@ -382,15 +398,8 @@ def build_trainer(cfg: TrainConfig, opts: DPOOptions):
             "prompts (%(pairs_capped_away)d over the cap left out); too long %(too_long)d; train %(train_pairs)d",
             counts,
         )
-    args = dpo_arguments(cfg, opts)
-    from trl import DPOTrainer
-
-    trainer = pretokenised_trainer(DPOTrainer, "rejected_span", _rejected_rows, opts.rejected_tokens)(
-        model=load_policy(cfg),
-        args=args,
-        train_dataset=Dataset.from_list(features),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+    trainer = preference_trainer(
+        DPOTrainer, "rejected_span", _rejected_rows, cfg, opts, dpo_arguments(cfg, opts), features, tokenizer
     )
     return trainer, counts
 

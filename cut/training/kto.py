@@ -31,11 +31,9 @@ from cut.training.config import TrainConfig
 from cut.training.dpo import (
     RecipeOptions,
     beta_option,
-    load_policy,
     logger,
-    lora_config,
     parse_config,
-    pretokenised_trainer,
+    preference_trainer,
     rejected_tokens_option,
     save_configs,
     setup,
@@ -116,8 +114,7 @@ def _undesirable_rows(examples: list[dict[str, Any]]) -> list[tuple[int, dict[st
 
 def build_trainer(cfg: TrainConfig, opts: KTOOptions):
     """Validate, tokenise the records, load the model and wire TRL's KTOTrainer; nothing trains yet."""
-    from datasets import Dataset
-    from trl import KTOConfig
+    from trl import KTOConfig, KTOTrainer
 
     tokenizer = setup(cfg, "KTO")
     features, counts = prepare_data(cfg, tokenizer)
@@ -142,14 +139,8 @@ def build_trainer(cfg: TrainConfig, opts: KTOOptions):
     # so a micro-batch mixes prompts and its mismatched pairs are other prompts' answers
     random.Random(cfg.seed).shuffle(features)
     data = add_kl_completions(features, cfg.micro_batch_size)
-    from trl import KTOTrainer
-
-    trainer = pretokenised_trainer(KTOTrainer, "completion_span", _undesirable_rows, opts.rejected_tokens)(
-        model=load_policy(cfg),
-        args=args,
-        train_dataset=Dataset.from_list(data),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+    trainer = preference_trainer(
+        KTOTrainer, "completion_span", _undesirable_rows, cfg, opts, args, data, tokenizer
     )
     return trainer, counts
 

@@ -50,7 +50,6 @@ from cut.data.templates import Template, load_template, resolve_template_name, t
 from cut.errors import ConfigError, DataError
 from cut.modeling.loading import (
     DTYPES,
-    canonical_dtype,
     check_model_path,
     device_option,
     load_model,
@@ -74,7 +73,15 @@ TAIL_MARGIN = 64
 
 
 @dataclass
-class InspectOptions(Options):
+class Placement(Options):
+    """Where the models of an analysis run and in which dtype (cut inspect's and cut tds's options)."""
+
+    dtype: str = opt("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (every model goes there).", parse=device_option)
+
+
+@dataclass
+class InspectOptions(Placement):
     """See what a judgment flags: p(y_t|x,j) / p(y_t|x) for every response token of every negative."""
 
     data_path: str = opt("", "Judged records: .json list, .jsonl or a datasets folder.", required=True)
@@ -98,8 +105,6 @@ class InspectOptions(Options):
     )
     micro_batch_size: int = opt(8, "Negatives per forward (each is two sequences).", parse=integer(1, 4096))
     limit: int = opt(0, "Score only the first N negatives of the file; 0 = all.", parse=integer(0, INT_MAX))
-    dtype: str = opt("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N.", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("data_path", "model", "output_dir"):
@@ -113,8 +118,7 @@ class InspectOptions(Options):
             raise ConfigError(f"cutoff_len must be >= 2, got {self.cutoff_len}")
         if self.limit < 0:
             raise ConfigError(f"limit must be >= 0 (0 = all), got {self.limit}")
-        self.check_fields()
-        canonical_dtype(self.dtype)
+        self.check_fields()  # dtype among DTYPES, device usable here, numbers in range
 
     def check_paths(self) -> None:
         """The models are there and the output folder can be one (before anything loads)."""
@@ -273,7 +277,7 @@ def score_batch(
     takes (e.g. position_ids of a packed batch) travels along. `check` compares the target-only
     head path with the model's own forward first (cut.trainer.check_head_path).
     """
-    from cut.training.trainer import check_head_path, target_logprobs  # imports transformers.Trainer: seconds
+    from cut.modeling.forward import check_head_path, target_logprobs  # imports transformers: seconds
 
     batch = CUTCollator(pad_token_id)(features)
     device = lm.get_output_embeddings().weight.device

@@ -82,23 +82,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cut.analysis.page import render_page
-from cut.analysis.ratios import check_matplotlib, check_output_folder, rounded, run_analysis
-from cut.args import INT_MAX, Options, integer, opt
+from cut.analysis.ratios import Placement, check_matplotlib, check_output_folder, rounded, run_analysis
+from cut.args import INT_MAX, integer, opt
 from cut.data.files import check_writable, write_bytes_atomic, write_json_atomic, write_text_atomic
 from cut.data.pairs import response_char_ranges, response_ids
 from cut.data.records import read_raw, text_field
 from cut.data.templates import Template, load_template, resolve_template_name
 from cut.errors import ConfigError, DataError
 from cut.modeling.generate import BATCH_SIZE, NEW_TOKENS, Sampling, generate_texts, validate_instructions
-from cut.modeling.loading import (
-    DTYPES,
-    canonical_dtype,
-    check_model_path,
-    device_option,
-    load_model,
-    load_tokenizer,
-    model_name,
-)
+from cut.modeling.loading import check_model_path, load_model, load_tokenizer, model_name
 
 logger = logging.getLogger("cut.analysis.tds")
 
@@ -125,7 +117,7 @@ COLOURS = {"unshifted": "#cbd5e1", "marginal": "#f59e0b", "shifted": "#dc2626"}
 
 
 @dataclass
-class TDSOptions(Options):
+class TDSOptions(Placement):
     """Token distribution shift: where an aligned model departs from its base, token by token."""
 
     base_model: str = opt("", "Base model folder or name, or a LoRA adapter folder.", required=True)
@@ -161,8 +153,6 @@ class TDSOptions(Options):
     cutoff_len: int = opt(
         4096, "Maximum tokens of prompt + answer; longer answers lose their end.", parse=integer(2, 2**20)
     )
-    dtype: str = opt("auto", "auto (bf16 on a GPU, else fp32) | bf16 | fp16 | fp32.", choices=tuple(DTYPES))
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N (both models go there).", parse=device_option)
 
     def __post_init__(self) -> None:
         for name in ("base_model", "aligned_model", "data_path", "output_dir"):
@@ -179,8 +169,7 @@ class TDSOptions(Options):
         for name, low in (("batch_size", 1), ("max_new_tokens", 1), ("cutoff_len", 2), ("limit", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        self.check_fields()
-        canonical_dtype(self.dtype)
+        self.check_fields()  # dtype among DTYPES, device usable here, numbers in range
 
     def check_paths(self) -> None:
         """Both models are there and the output folder can be one (before anything loads)."""
@@ -363,7 +352,7 @@ def _answer_hidden(
     lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int, check: bool
 ) -> Tensor:
     """(N, H): the decoder states that predict each answer token, from one forward of the batch."""
-    from cut.training.trainer import check_head_path, decoder_hidden  # imports transformers.Trainer: seconds
+    from cut.modeling.forward import check_head_path, decoder_hidden  # imports transformers: seconds
 
     ids, mask, pos = _padded(prompts, answers, pad_id)
     device = lm.get_output_embeddings().weight.device
@@ -398,7 +387,7 @@ def score_ids(
     answers (longest first), heads in chunks (see chunked_shift). `base` and `aligned` may be
     the same model object. `check` compares the head path with each model's own forward once.
     same_text: (V,) token ids matched by their text in topk_kl (decoded_token_ids); None: by id."""
-    from cut.training.trainer import logit_transform
+    from cut.modeling.forward import logit_transform
 
     if not len(prompts_base) == len(prompts_aligned) == len(answers):
         raise ValueError("prompts_base, prompts_aligned and answers differ in length")

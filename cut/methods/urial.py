@@ -29,7 +29,9 @@ whose prompt leaves less room in the model's context ends there, as under vLLM. 
 cleaned as URIAL cleans it: every ``` removed, "<|endoftext|>" made a space, whitespace stripped
 (--keep_fences removes only the answer block's own closing fence and a cut-off turn header). A base
 model has no chat template: the prompt is plain text, and the tokenizer adds its own special tokens
-(its BOS, once). --engine vllm generates with vLLM as URIAL does (token ids in, stop strings out).
+(its BOS, once). --engine vllm generates with vLLM as URIAL does (token ids in, stop strings out),
+with cut generate's engine options (--enforce_eager, --max_model_len, --gpu_memory_utilization,
+--kv_cache_gb: one EngineOptions declaration for both tools).
 
 Input: a .json list, .jsonl or datasets folder of records with a non-empty string `instruction`, an
 optional string `input` (after the instruction and a blank line) and an optional `history`: a list
@@ -573,9 +575,8 @@ def urial_file(
     check_writable(output_file, "output_file")
     if cfg.engine == "vllm":
         require_vllm()
-    meta = answer_meta(cfg.generator or f"{model_name(model)}+urial", data_path, cfg.sampling, prompt.tag)
-    if cfg.dataset:
-        meta["dataset"] = cfg.dataset
+    generator = cfg.generator or f"{model_name(model)}+urial"
+    meta = answer_meta(generator, cfg.dataset, data_path, cfg.sampling, prompt.tag)
     meta.update(stop=list(cfg.stop), keep_fences=cfg.keep_fences)
     position = {id(rec): i for i, rec in enumerate(inputs)}
 

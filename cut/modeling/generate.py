@@ -509,6 +509,7 @@ def generate_texts(
     on_batch: OnBatch | None = None,
     progress: bool = True,
     stop: Sequence[str] = (),
+    engine: str = "hf",
 ) -> list[str]:
     """Answer prompts with a transformers model, in batches; returns texts in prompt order.
 
@@ -516,11 +517,18 @@ def generate_texts(
     prompt. `on_batch(indices, texts)` is called after each batch. The model's train/eval mode and
     the global torch RNG are restored afterwards, so an evaluator may call this mid-training.
     With `stop` strings, each answer ends at its first stop string (cut before it), each row of a
-    batch on its own; without, the output is unchanged.
+    batch on its own; without, the output is unchanged. engine vllm: `model` is a vllm.LLM
+    (generate_texts_vllm; no stop strings there).
     """
     sampling = sampling or Sampling()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if engine == "vllm":
+        if stop:
+            raise ConfigError("stop strings are the hf engine's (cut.urial hands its own to vLLM)")
+        return _vllm_texts(
+            model, tokenizer, prompts, sampling, add_special_tokens, batch_size, on_batch, progress
+        )
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
     rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
     gen_config = sampling.generation_config(pad_id_of(tokenizer), eos_ids_of(model, tokenizer) or None)
@@ -551,20 +559,15 @@ def require_vllm():
         raise EngineError(VLLM_MISSING) from None
 
 
-def generate_texts_vllm(
-    llm,
-    tokenizer,
-    prompts: list[str],
-    sampling: Sampling | None = None,
-    *,
-    add_special_tokens: bool = True,
-    batch_size: int = 8,
-    on_batch: OnBatch | None = None,
-    progress: bool = True,
-) -> list[str]:
+def generate_texts_vllm(llm, tokenizer, prompts: list[str], *args: Any, **kwargs: Any) -> list[str]:
     """The same as generate_texts with a vllm.LLM; token ids go in, so prompts match exactly."""
+    return generate_texts(llm, tokenizer, prompts, *args, engine="vllm", **kwargs)
+
+
+def _vllm_texts(
+    llm, tokenizer, prompts, sampling, add_special_tokens, batch_size, on_batch, progress
+) -> list[str]:
     vllm = require_vllm()
-    sampling = sampling or Sampling()
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
     rows = fit_prompts(rows, vllm_context(llm), sampling.max_new_tokens, tokenizer)
 
@@ -727,12 +730,13 @@ def read_instructions(
 
 
 def answer_meta(
-    generator: str, data_path: str | None, sampling: Sampling, prompt_template: str
+    generator: str, dataset: str | None, data_path: str | None, sampling: Sampling, prompt_template: str
 ) -> dict[str, Any]:
-    """The fields every answer record of a run carries (read back to resume only a matching run)."""
+    """The fields every answer record of a run carries (read back to resume only a matching run);
+    dataset: the name given, else the input file's stem."""
     return {
         "generator": generator,
-        "dataset": Path(data_path).stem if data_path else "records",
+        "dataset": dataset or (Path(data_path).stem if data_path else "records"),
         **sampling.meta(),
         "prompt_template": prompt_template,
     }
@@ -772,9 +776,9 @@ def generate_file(
 
     tokenizer = load_tokenizer(model, cfg.trust_remote_code)
     template = load_template(resolve_template_name(cfg.prompt_template_name, model, tokenizer), tokenizer)
-    meta = answer_meta(cfg.generator or model_name(model), data_path, cfg.sampling, template.name)
-    if cfg.dataset:
-        meta["dataset"] = cfg.dataset
+    meta = answer_meta(
+        cfg.generator or model_name(model), cfg.dataset, data_path, cfg.sampling, template.name
+    )
 
     def run(pending: list[dict[str, Any]], on_batch: OnBatch) -> None:
         prompts = [template.plain(rec["instruction"], rec["input"]) for rec in pending]

@@ -170,7 +170,7 @@ def test_every_fixture_file_loads_and_renders(prompt_files):
 
 def test_turn_format_option_overrides_urials_rule(prompt_files, caplog):
     path = str(prompt_files["inst_help_v3.txt"])
-    with caplog.at_level("WARNING", logger="cut.urial"):
+    with caplog.at_level("WARNING", logger="cut.methods.urial"):
         urials = load_urial_prompt(path)
     assert urials.turn_format == "backticks"  # what URIAL ran, '# User:' headers notwithstanding
     assert "its examples use '# User:' headers but the queries are written with '# Query:'" in caplog.text

@@ -57,7 +57,7 @@ def test_cut_train_packs_gemma3_micro_batches_longer_than_the_window(
     out = tmp_path / "out"
     cfg = tiny_config(tiny_gemma3, tiny_data, out, max_steps=2)
     assert cfg.packing
-    with caplog.at_level(logging.INFO, logger="cut.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="cut"):
         metrics = run(cfg)
     log = caplog.text
     assert f"attention {PACKED}sdpa keeps sequences apart" in log

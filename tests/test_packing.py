@@ -254,7 +254,7 @@ def test_an_architecture_that_mixes_packed_sequences_trains_padded(batches, capl
     print(f"MPT: leak {leak:.3g}, shift {shift:.3g}")
     assert leak > 1e-2
     install_cut_forward(lm, threshold=1.0, weight_unlike=1.0)
-    with caplog.at_level(logging.WARNING, logger="cut.trainer"):
+    with caplog.at_level(logging.WARNING, logger="cut.modeling.forward"):
         b = lm(**packed)
     assert "training on padded micro-batches instead" in caplog.text and "MptForCausalLM" in caplog.text
     a = lm(**padded)

@@ -474,8 +474,8 @@ def test_online_refuses_an_unwritable_output_dir_before_any_model_loads(tmp_path
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(cut.models, "load_model", no_loading)
-    monkeypatch.setattr(cut.models, "load_tokenizer", no_loading)
+    monkeypatch.setattr(cut.modeling.loading, "load_model", no_loading)
+    monkeypatch.setattr(cut.modeling.loading, "load_tokenizer", no_loading)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")  # a folder under a regular file cannot be made, not even by root
     conf = write_online_config(tmp_path, tmp_path / "no-model-needed")

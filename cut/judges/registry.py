@@ -7,9 +7,10 @@ progress)`, `requires` (the JudgeConfig fields it cannot do without) and a class
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from cut.args import opt
 from cut.errors import ConfigError
@@ -50,6 +51,15 @@ class JudgeConfig(LLMOptions):
             raise ConfigError("; ".join(problems))
         if "base_url" in judge.requires:
             self.client_config()  # checks base_url
+
+    # the order of the settings in a run's record (online_config.json): kind first, as before the
+    # backend options moved to LLMOptions, so a run writes the same file
+    RECORD_ORDER: ClassVar[tuple[str, ...]] = ("kind", "base_url", "model", "api_key_env", "prompt_file")
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        first = {k: values.pop(k) for k in self.RECORD_ORDER}
+        return {**first, **values}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "judge") -> JudgeConfig:

@@ -746,7 +746,10 @@ def run(cfg: OnlineConfig) -> dict[str, Any]:
     pool, heldout = read_problems(cfg)
     check_pool_size(cfg, pool)  # before round 1, not when the pool runs out
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / "online_config.json", dataclasses.asdict(cfg))
+    record = dataclasses.asdict(cfg)
+    if isinstance(cfg.judge, JudgeConfig):
+        record["judge"] = cfg.judge.to_dict()
+    write_json_atomic(root / "online_config.json", record)
     start = time.time()
     scores0 = baseline_scores(cfg, heldout)
     if scores0 is not None:

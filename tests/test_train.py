@@ -267,7 +267,7 @@ def test_schedule_warns_when_warmup_never_ends(caplog):
     cfg = TrainConfig(base_model="m", data_path="d", batch_size=16, num_epochs=3, learning_rate=4e-4)
     s = schedule(cfg, 240)  # 15 steps per epoch
     assert s == {"optimizer_steps": 45, "warmup_steps": 100, "peak_learning_rate": pytest.approx(1.8e-4)}
-    with caplog.at_level(logging.WARNING, logger="cut.train"):
+    with caplog.at_level(logging.WARNING, logger="cut.training.train"):
         log_schedule(cfg, 240)
     assert "reaches the run's 45 optimiser steps" in caplog.text and "peaks at 0.00018" in caplog.text
 
@@ -275,7 +275,7 @@ def test_schedule_warns_when_warmup_never_ends(caplog):
     assert schedule(ratio, 240)["warmup_steps"] == 5
     assert training_arguments(ratio, False).get_warmup_steps(45) == 5  # what the Trainer will use
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="cut.train"):
+    with caplog.at_level(logging.WARNING, logger="cut.training.train"):
         log_schedule(ratio, 240)
     assert "reaches" not in caplog.text
 

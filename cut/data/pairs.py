@@ -23,13 +23,22 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import torch
 
 from cut.data.records import Example
 from cut.data.templates import Template
-from cut.training.loss import Role
+
+
+class Role(IntEnum):
+    """The role of a target token in the CUT loss (cut.training.loss, which imports it from here:
+    the collator assigns the roles, the loss reads them)."""
+
+    ALIGN_P = 0  # x -> y for a positive record: MLE
+    ALIGN_N = 1  # (x, j) -> y for a negative record: MLE
+    MISALIGN_N = 2  # x -> y for a negative record: UL where the judgment explains the token
 
 
 def tokenize_example(

@@ -16,20 +16,12 @@ judged context, so p(y_t|x,j) / p(y_t|x) is one subtraction of log-probs.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from enum import IntEnum
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-
-class Role(IntEnum):
-    """The role of a target token (see the module docstring)."""
-
-    ALIGN_P = 0
-    ALIGN_N = 1
-    MISALIGN_N = 2
-
+from cut.data.pairs import Role  # the roles the collator assigns (see the module docstring)
 
 COMBINES = ("mean", "sum")
 FLAG_SOURCES = ("ratio", "spans", "both")

@@ -26,10 +26,6 @@ from transformers import Trainer
 from cut.data.pairs import unpack
 from cut.errors import ConfigError
 from cut.modeling.forward import check_head_path, setup_packing, target_logprobs
-
-# re-exported for cut.analysis, which imported them from here
-from cut.modeling.forward import decoder_hidden as decoder_hidden
-from cut.modeling.forward import logit_transform as logit_transform
 from cut.training.loss import CUTLossConfig, Role
 from cut.training.runs import AtomicCheckpoints
 

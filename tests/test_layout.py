@@ -193,3 +193,30 @@ def test_every_module_imports_absolutely():
         if isinstance(node, ast.ImportFrom) and node.level
     ]
     assert not relative, relative
+
+
+# the parts in import order: a module imports only from its own part and the parts before it
+PART_ORDER = [
+    "errors", "args", "resources", "data", "modeling", "training", "llm", "tasks", "judges",
+    "methods", "evaluation", "loop", "analysis", "recipes", "cli", "__init__",
+]  # fmt: skip
+
+
+def part_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "cut":
+        return None
+    return "__init__" if len(parts) == 1 else parts[1].removesuffix(".py")
+
+
+def test_parts_import_in_one_direction():
+    graph = import_graph()
+    assert set(PART_ORDER) >= {part_of(m) for m in graph if part_of(m)}
+    upward = sorted(
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        if part_of(m)
+        for d in deps
+        if part_of(d) and PART_ORDER.index(part_of(d)) > PART_ORDER.index(part_of(m))
+    )
+    assert not upward, "a part imports one after it (README: Layout):\n" + "\n".join(upward)

@@ -126,7 +126,7 @@ def test_exact_duplicates_are_kept_and_warned(tmp_path, caplog):
     other = {**RECORD, "output": "7", "judgment": None}
     path = tmp_path / "d.json"
     path.write_text(json.dumps([RECORD, other, RECORD, {**RECORD, "input": "x"}, other]))
-    with caplog.at_level(logging.WARNING, logger="cut.records"):
+    with caplog.at_level(logging.WARNING, logger="cut.data.records"):
         records = load_records(str(path))
     assert len(records) == 5
     assert duplicates(records) == [(0, 2), (1, 4)]
@@ -138,7 +138,7 @@ def test_no_warning_without_duplicates(tmp_path, caplog):
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps([RECORD, {**RECORD, "output": "7"}]))
-    with caplog.at_level(logging.WARNING, logger="cut.records"):
+    with caplog.at_level(logging.WARNING, logger="cut.data.records"):
         load_records(str(path))
     assert "duplicate" not in caplog.text
 
@@ -149,7 +149,7 @@ def test_documented_wrapper_is_read_and_logged(tmp_path, caplog, key):
 
     path = tmp_path / "d.json"
     path.write_text(json.dumps({key: [RECORD]}))
-    with caplog.at_level(logging.INFO, logger="cut.records"):
+    with caplog.at_level(logging.INFO, logger="cut.data.records"):
         assert len(load_records(str(path))) == 1
     assert f"reading the 1 records under key '{key}'" in caplog.text
 
@@ -206,7 +206,7 @@ def test_100k_character_instruction_is_cut_to_the_context(tiny_model, tmp_path, 
         return original(model, tokenizer, rows, gen_config)
 
     monkeypatch.setattr(gen, "_generate_batch", spy)
-    with caplog.at_level(logging.WARNING, logger="cut.generate"):
+    with caplog.at_level(logging.WARNING, logger="cut.modeling.generate"):
         rows = gen.generate_file(
             str(tiny_model), str(data), str(tmp_path / "a.json"), max_new_tokens=4, batch_size=2,
             progress=False, device="cpu", dtype="float32", prompt_template_name="alpaca",

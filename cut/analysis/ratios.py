@@ -7,8 +7,8 @@
 CUT flags a response token y_t of a negative record when the judgment explains it: the ratio
 p(y_t|x,j) / p(y_t|x) exceeds the threshold lambda (the paper uses 1.1 or 1.2), and gives flagged
 tokens unlikelihood. This tool scores both contexts of every negative with the training code's
-own tokenisation (`cut.pairs.tokenize_example`), collator and target-only forward
-(`cut.trainer.target_logprobs`), one forward per micro-batch, and writes into --output_dir:
+own tokenisation (`cut.data.pairs.tokenize_example`), collator and target-only forward
+(`cut.modeling.forward.target_logprobs`), one forward per micro-batch, and writes into --output_dir:
 
   index.html    every negative's response tokens coloured by log p(y|x,j) - log p(y|x), flagged
                 tokens underlined, span tokens (the record's `spans`) boxed, numbers on hover;
@@ -150,7 +150,7 @@ class Scored:
 
 
 def flags(lp_plain: Tensor, lp_judged: Tensor, threshold: float) -> Tensor:
-    """The tokens cut.loss.cut_loss flags: p(y|x,j) / p(y|x) > threshold, computed as it does."""
+    """The tokens cut.training.loss.cut_loss flags: p(y|x,j) / p(y|x) > threshold, computed as it does."""
     return (lp_judged - lp_plain).exp() > threshold
 
 
@@ -275,7 +275,7 @@ def score_batch(
 
     The collator's tensors go to `target_logprobs` by name, so whatever it adds that the forward
     takes (e.g. position_ids of a packed batch) travels along. `check` compares the target-only
-    head path with the model's own forward first (cut.trainer.check_head_path).
+    head path with the model's own forward first (cut.modeling.forward.check_head_path).
     """
     from cut.modeling.forward import check_head_path, target_logprobs  # imports transformers: seconds
 

@@ -39,10 +39,10 @@ in the report says how often the answer token is the aligned model's own top tok
 --base_model / --aligned_model: model folders (or hub names) or LoRA adapter folders; the two must
 share a tokenizer (same vocabulary) and output size.
 
-Prompts. The aligned model sees its plain prompt (cut.templates, as in training and cut.generate;
+Prompts. The aligned model sees its plain prompt (cut.data.templates, as in training and cut.generate;
 --prompt_template_name alpaca | chat | a .json template | auto; urial: the URIAL prefix, for a
 base model aligned in context, scoring given answers such as cut urial's). The answer is tokenised once,
-after that prompt (cut.pairs.response_ids), and the very same ids are scored under both models; no
+after that prompt (cut.data.pairs.response_ids), and the very same ids are scored under both models; no
 EOS is added. The base model's context, --base_prompt:
     plain  the same template rendered for the base: chat where the base's tokenizer has a chat
            template, else alpaca (base models usually have none)
@@ -304,7 +304,7 @@ def chunked_shift(
 
     hidden_base, hidden_aligned: (N, H_b), (N, H_a), the states that predict labels (N,);
     head_*: the output heads (called as modules, so LoRA on a head applies); transform_*: a
-    model's logit post-processing (cut.trainer.logit_transform: Gemma's softcap ...).
+    model's logit post-processing (cut.modeling.forward.logit_transform: Gemma's softcap ...).
     chunk_size: positions per chunk; 0 = CHUNK_ELEMENTS // vocab_size. same_text: see topk_kl.
     """
     if chunk_size <= 0:

@@ -8,7 +8,7 @@ is kept); an example whose response cannot fit is dropped and counted.
 
 The collator flattens a micro-batch into sequences plus a flat list of target tokens (position
 of the hidden state that predicts it, its id, its role and, for Misalign-N tokens, the index of
-the same token in the judged context): exactly what `cut.loss.cut_loss` consumes.
+the same token in the judged context): exactly what `cut.training.loss.cut_loss` consumes.
 
 Two layouts of the same sequences and targets:
     padded  input_ids (S, T) right-padded to the longest, attention_mask; tgt_pos into S*T
@@ -16,7 +16,7 @@ Two layouts of the same sequences and targets:
             restarting at 0 per sequence, cu_seq_lens (S+1,) their boundaries; tgt_pos into N
 A micro-batch of judged, plain and positive contexts differs a lot in length, so padding it
 costs 1.2x (1 record) to 2.5x (8 records) the real tokens; packed rows cost exactly the real
-ones. `cut.trainer` keeps attention inside each packed sequence.
+ones. `cut.modeling.forward` keeps attention inside each packed sequence.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def unpack(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A packed row back to right-padded rows: (input_ids (S, T), attention_mask (S, T), tgt_pos).
 
-    For a model that does not keep packed sequences apart (`cut.trainer.check_packing`).
+    For a model that does not keep packed sequences apart (`cut.modeling.forward.check_packing`).
     """
     cu = cu_seq_lens.tolist()
     seqs = [input_ids[0, a:b].tolist() for a, b in zip(cu[:-1], cu[1:], strict=True)]

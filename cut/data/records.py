@@ -26,7 +26,7 @@ config and split, for a name with several). A .json
 object that wraps the list under one key of WRAPPER_KEYS ({"train": [...]}, {"data": [...]},
 {"records": [...]}) is read as that list, and says so; any other object is refused, so a
 {"test": [...]} file never trains silently. Exact duplicate records are kept (they weigh twice)
-and counted in a warning. JSON nested deeper than cut.io.MAX_JSON_DEPTH levels is refused by name.
+and counted in a warning. JSON nested deeper than cut.data.files.MAX_JSON_DEPTH levels is refused by name.
 """
 
 from __future__ import annotations

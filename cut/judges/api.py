@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class OpenAIJudge:
     """An OpenAI-compatible chat endpoint as judge.
 
-    options: the fields of cut.llm.ClientConfig (api_key_env, concurrency, timeout, max_retries,
+    options: the fields of cut.llm.client.ClientConfig (api_key_env, concurrency, timeout, max_retries,
     backoff, max_tokens, temperature, cache_file); cache_file None for no cache (the CLI defaults
     it next to the output).
     """

@@ -10,10 +10,10 @@ Input: what cut.generate writes, a JSON list or JSONL of {instruction, input?, o
 Output: a JSON list of {instruction, input, output, judgment, judge, ...pass-through fields},
 written to a temporary file and renamed. `judgment` is null for a positive and the critique for a
 negative; a failed judgment has a null judgment and a `judge_error` (a short reason), so
-cut.records counts it as failed and never trains on it; when every judgment fails, nothing is
+cut.data.records counts it as failed and never trains on it; when every judgment fails, nothing is
 written and the run stops (exit 2), and its rerun asks again. The output and the answer cache are
 never the input or the prompt file of the same run. A `score` field in the input belongs to
-an earlier judgment and is dropped. Records with an empty response are not written (cut.records
+an earlier judgment and is dropped. Records with an empty response are not written (cut.data.records
 rejects them) and count as failed ("empty response").
 
 The judge answers `Perfect.` or `Mistakes: <every mistake, quoted and corrected>` (DEFAULT_PROMPT,
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from cut.args import opt, run_cli
 from cut.data.files import check_apart, check_writable, decode_json_fields, write_json_atomic
-from cut.data.files import same_file as same_file  # moved to cut.io; still importable from here
+from cut.data.files import same_file as same_file  # moved to cut.data.files; still importable from here
 from cut.data.records import check_object, quoted_spans, read_raw, text_field
 from cut.errors import ConfigError, DataError
 from cut.judges.api import OpenAIJudge as OpenAIJudge
@@ -76,7 +76,7 @@ from cut.llm.completer import LLMOptions
 logger = logging.getLogger("cut.judges.judge")
 
 OWN_FIELDS = {"instruction", "input", "output", "judgment", "judge", "judge_error"}
-# an earlier judge's score would override this judgment in cut.records; its spans mark other text
+# an earlier judge's score would override this judgment in cut.data.records; its spans mark other text
 STALE_FIELDS = {"score", "spans"}
 
 __all__ = [
@@ -135,7 +135,7 @@ def judged_record(record: dict, verdict: Verdict, judge_name: str) -> dict[str, 
 def _check_output_path(path: str) -> None:
     """Before anything is judged: a .json name, in a place that can be written."""
     if Path(path).suffix != ".json":
-        raise ValueError(f"{path}: output_file must end in .json (cut.records reads it as a JSON list)")
+        raise ValueError(f"{path}: output_file must end in .json (cut.data.records reads it as a JSON list)")
     check_writable(path, "output_file")
 
 

@@ -88,7 +88,7 @@ TASK_KEYS = ("description", "criterion", "rewrite", "final_number", "aliases")
 TOP_KEYS = ("tasks", "fallback")
 REWRITERS = ("openai", "local")
 FILTER_SETS = ("all", "released")  # released: ReAlign's code and length filters only
-SCORE_THRESHOLD = 7.0  # cut.records' default: a score at or above it makes a positive
+SCORE_THRESHOLD = 7.0  # cut.data.records' default: a score at or above it makes a positive
 OWN_FIELDS = (
     "rewritten",
     "task",
@@ -872,7 +872,7 @@ def check_output_path(path: str, input_file: str | None = None) -> None:
     """A .json file that can be written, and not the input: the output is rewritten after each chunk
     with the rows done so far, so the input's other records would be gone after a kill."""
     if Path(path).suffix != ".json":
-        raise ConfigError(f"{path}: output_file must end in .json (cut.records reads it as a JSON list)")
+        raise ConfigError(f"{path}: output_file must end in .json (cut.data.records reads it as a JSON list)")
     if input_file is not None and same_file(path, input_file):
         raise ConfigError(
             f"--output_file {path} is the --input_file: realign rewrites its output after each chunk and "

@@ -6,7 +6,7 @@ chunked output head (`label_logprobs`: no full-vocabulary logits are built); `ch
 checks once that this path gives the model's own log-probs (`logit_transform`: the heads that
 post-process logits).
 
-Packed micro-batches (`cut.pairs.pack`: one row, position_ids restarting per sequence,
+Packed micro-batches (`cut.data.pairs.pack`: one row, position_ids restarting per sequence,
 cu_seq_lens) pay for real tokens only. Attention must stay inside each sequence:
 - flash_attention_2/3 (GPU): transformers runs flash-attention varlen from the cu_seq_lens_q/k and
   max_length_q/k keyword arguments, passed through the decoder as its own collator does.
@@ -264,7 +264,7 @@ def target_logprobs(
 ) -> torch.Tensor:
     """log p of each target token: one decoder pass, the output head on target positions only.
 
-    Padded rows come with their attention_mask; a packed row (cut.pairs.pack) with position_ids
+    Padded rows come with their attention_mask; a packed row (cut.data.pairs.pack) with position_ids
     and cu_seq_lens and no mask. tgt_pos indexes the flattened (B*T) hidden states either way.
     """
     hidden = decoder_hidden(lm, input_ids, attention_mask, position_ids, cu_seq_lens)

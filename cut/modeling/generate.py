@@ -7,7 +7,7 @@
 
 Input: a .json list, a .jsonl file or a `datasets` folder of records with a non-empty string
 `instruction` and an optional string `input`; every other field (id, reference, ...) is copied to
-the output. The prompt is the plain prompt of cut.templates, exactly as in training.
+the output. The prompt is the plain prompt of cut.data.templates, exactly as in training.
 
 Output: a JSON list that alpaca_eval reads as is, one record per instruction, in input order:
 {instruction, input, output, generator, dataset, temperature, top_p, repetition_penalty,
@@ -15,7 +15,7 @@ max_new_tokens, seed, prompt_template, ...pass-through fields}. Fields the outpu
 input fields of the same name, but for `dataset`: without --dataset, a record's own `dataset`
 string (AlpacaEval's and Just-Eval's files carry one per record) is kept, else the file's stem.
 A pass-through list or object (a held-out record's `constraints`) is written as its JSON text and
-named in `json_fields` (cut.io.encode_json_fields): alpaca_eval hashes every field and crashes on a
+named in `json_fields` (cut.data.files.encode_json_fields): alpaca_eval hashes every field and crashes on a
 list. cut's readers (cut.judge, this module's input) parse those fields back.
 
 --preset alpaca_eval sets what the CUT release's AlpacaEval generation used (PRESETS below);

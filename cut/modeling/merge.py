@@ -4,7 +4,7 @@
 
 The merge runs in float32 and casts at the end; the folder (model + tokenizer) is written to a
 temporary sibling and renamed, so a crash never leaves a half-written model behind. Its README.md
-is a model card (cut.card) from the adapter's cut_config.yaml and metrics.json.
+is a model card (cut.modeling.card) from the adapter's cut_config.yaml and metrics.json.
 
 A killed merge leaves its temporary sibling (`.NAME.XXXXXXXX`, NAME the output folder's name) or,
 killed between the two renames, the previous model as `.NAME.old-PID`. The next merge into the

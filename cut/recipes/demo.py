@@ -197,7 +197,7 @@ def score_demo(cfg: dict, merged: dict[str, str], micro_batch_size: int = 8) -> 
 
 
 def run_flags(s: Scores, flag_source: str, threshold: float) -> Tensor:
-    """(T,) bool: the tokens a run's unlikelihood targets, as cut.loss.cut_loss picks them, with the
+    """(T,) bool: the tokens a run's unlikelihood targets, as cut.training.loss.cut_loss picks them, with the
     ratio of the base model (the flags of training's first step; later steps recompute it)."""
     ratio = (s.judged - s.plain).exp() > threshold
     if flag_source == "ratio":

@@ -213,7 +213,7 @@ def tokenize_pair(
     a response cannot fit. rejected_span: 1 / 0 per rejected token inside / outside the record's
     spans, [] when it marks none.
 
-    Each response is tokenised after the plain prompt by `cut.pairs.tokenize_example` (the template's
+    Each response is tokenised after the plain prompt by `cut.data.pairs.tokenize_example` (the template's
     special tokens, EOS appended); the shared prompt is then cut from the left so that prompt + the
     longer response fits cutoff_len."""
     feats = [

@@ -6,7 +6,7 @@
     deepspeed --num_gpus 8 --module cut.train ... --deepspeed configs/deepspeed/zero3.json
 
 Bad data stops before any model is loaded. The resolved config is written to
-output_dir/cut_config.yaml first; the adapter (or full model), tokenizer, the README.md model card (cut.card)
+output_dir/cut_config.yaml first; the adapter (or full model), tokenizer, the README.md model card (cut.modeling.card)
 and metrics.json last.
 
 Failure behaviour (the run folder's safety lives in cut.training.runs): an output_dir that holds

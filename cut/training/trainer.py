@@ -42,7 +42,7 @@ def install_cut_forward(
     **settings: Any,
 ) -> None:
     """Make `model(input_ids, attention_mask | position_ids + cu_seq_lens, tgt_*...)` return the
-    CUT loss and its metrics, for padded or packed micro-batches (`cut.pairs.CUTCollator`).
+    CUT loss and its metrics, for padded or packed micro-batches (`cut.data.pairs.CUTCollator`).
 
     `loss` holds the objective's settings (`CUTLossConfig`; or give them as keywords:
     `install_cut_forward(lm, threshold=1.1, weight_unlike=1.0)`). `model` is the causal LM

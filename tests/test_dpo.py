@@ -124,6 +124,8 @@ def test_end_to_end_adapter_metrics_and_merge(tiny_model, tiny_data, tmp_path):
     assert math.isfinite(metrics["train"]["train_loss"])
     assert yaml.safe_load((out / "dpo_config.yaml").read_text())["beta"] == 0.5
     assert yaml.safe_load((out / "cut_config.yaml").read_text())["prompt_template_name"] == "alpaca"
+    card = (out / "README.md").read_text()  # the model card, not PEFT's empty template
+    assert "trained with DPO" in card and "More Information Needed" not in card and str(tiny_model) in card
 
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

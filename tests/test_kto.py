@@ -71,6 +71,8 @@ def test_end_to_end_metrics_and_a_changed_adapter(tiny_model, tiny_data, tmp_pat
     steps = [h for h in metrics["log_history"] if "loss" in h and "train_loss" not in h]
     assert len(steps) == 3 and all(math.isfinite(h["loss"]) for h in steps)
     assert yaml.safe_load((out / "kto_config.yaml").read_text())["beta"] == 0.2
+    card = (out / "README.md").read_text()  # the model card, not PEFT's empty template
+    assert "trained with KTO" in card and "More Information Needed" not in card and "spans" in card
     from safetensors.torch import load_file
 
     lora_b = [v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k]

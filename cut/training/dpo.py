@@ -41,6 +41,7 @@ from cut.data.records import Example, Record, classify, load_records
 from cut.data.templates import Template, load_template
 from cut.errors import ConfigError, DataError
 from cut.modeling import loading as models
+from cut.modeling.card import training_card
 from cut.training.config import TrainConfig, add_local_rank
 from cut.training.loss import CUTLossConfig
 from cut.training.runs import check_output_dir, claim_output_dir
@@ -439,6 +440,10 @@ def _train(cfg: TrainConfig, opts: Any, build, objective: str) -> dict[str, Any]
         **dataclasses.asdict(opts),
     }
     if trainer.is_world_process_zero():
+        # the model card in place of PEFT's empty template (as cut.train writes one); metrics.json last
+        recipe = {"objective": objective, **dataclasses.asdict(opts)}
+        card = training_card(cfg.to_dict(), metrics, recipe=recipe)
+        write_text_atomic(Path(cfg.output_dir) / "README.md", card)
         write_json_atomic(Path(cfg.output_dir) / "metrics.json", metrics)
         logger.info("saved the %s adapter to %s", objective.upper(), cfg.output_dir)
     return metrics

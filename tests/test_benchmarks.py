@@ -51,3 +51,17 @@ def test_packing_benchmark_quick(tmp_path):
     assert (tmp_path / "packing.md").exists() and (tmp_path / "packing.png").exists()
     text = json.dumps(results)
     assert "packed" in text and "padded" in text
+
+
+def test_engines_benchmark_quick(tmp_path):
+    """benchmarks.engines on a tiny model: each engine in its own process, the continuous engine's
+    greedy answers equal the hf engine's, and the table names both."""
+    from benchmarks import engines
+
+    assert engines.main(["--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "engines.json").read_text())
+    hf, cb = report["results"]["hf"], report["results"]["continuous"]
+    assert report["prompts"] == 12 and hf["identical_to_hf"] == 12
+    assert cb["identical_to_hf"] == 12, "generate_batch's greedy answers differ from the hf engine's"
+    assert hf["generate_s"] > 0 and cb["answer_tokens"] == hf["answer_tokens"] > 0
+    assert "| continuous |" in (tmp_path / "engines.md").read_text()

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,26 @@ def test_forward_prediction_trains_positives_and_every_judgment(tmp_path):
     assert [r["output"] for r in rows[1:]] == [PERFECT, "Not loud."]  # the failed judgment is never a target
     assert "Say bye.\n\nloud" in rows[2]["instruction"] and "bye" in rows[2]["instruction"]
     assert counts["train_records"] == 3 and counts["train_critiques"] == 2 and counts["failed_left_out"] == 1
+
+
+def test_one_round_on_the_continuous_engine(tiny_model, tmp_path):
+    """generate.engine continuous: the loop samples, trains, merges and scores through transformers'
+    generate_batch; round 0's held-out answers are the hf engine's greedy answers."""
+    from cut.loop.online import evaluate, load_config
+
+    config = write_online_config(
+        tmp_path, tiny_model, make_problems(16, seed=3), make_problems(6, seed=4),
+        rounds=1, instructions_per_round=8, seed=1,
+        generate_with={"temperature": 1.0, "engine": "continuous"},
+    )  # fmt: skip
+    out, _ = launch(config).communicate(timeout=300)
+    assert "round 1: held-out accuracy" in out, out[-4000:]
+    root = tmp_path / "online"
+    m1 = manifest(root, 1)
+    assert all(v["status"] == "done" for v in m1["stages"].values())
+    assert len(json.loads((root / "round_1" / "responses.json").read_text())) == 8
+    cfg = load_config(str(config), {})
+    heldout = json.loads((tmp_path / "heldout.json").read_text())
+    assert cfg.generate.engine == "continuous"
+    hf = evaluate(str(tiny_model), heldout, replace(cfg, generate=replace(cfg.generate, engine="hf")))
+    assert json.loads((root / "round_0" / "eval.json").read_text())["answers"] == hf["answers"]

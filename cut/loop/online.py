@@ -538,12 +538,13 @@ def summarise_training(adapter: Path) -> dict[str, Any]:
 def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[str, Any]:
     """Greedy answers to the held-out set, scored by the task; `correct` per prompt in `answers`."""
     from cut.data.templates import load_template
-    from cut.modeling.generate import generate_texts
+    from cut.modeling.generate import generate_texts, load_vllm
     from cut.modeling.loading import load_model, load_tokenizer
 
+    g = cfg.generate  # the loop's engine and its settings (the sampling ones are not used here)
     tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path)
-    template = load_template(cfg.generate.prompt_template_name, tokenizer)
+    model = load_vllm(model_path, g) if g.engine == "vllm" else load_model(model_path)
+    template = load_template(g.prompt_template_name, tokenizer)
     prompts = [template.plain(r["instruction"], r.get("input") or "") for r in heldout]
     texts = generate_texts(
         model,
@@ -552,6 +553,7 @@ def evaluate(model_path: str, heldout: list[dict], cfg: OnlineConfig) -> dict[st
         Sampling(max_new_tokens=cfg.eval_max_new_tokens),
         add_special_tokens=template.adds_special_tokens,
         batch_size=cfg.eval_batch_size,
+        engine=g.engine,
     )
     del model
     release_memory()

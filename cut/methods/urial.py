@@ -457,6 +457,11 @@ class UrialConfig:
 
     def __post_init__(self) -> None:
         check_engine(self)
+        if self.engine == "continuous":
+            raise ConfigError(
+                "cut urial: engine continuous (transformers' continuous batching) cannot stop at "
+                "URIAL's stop strings nor apply its repetition penalty; use --engine hf or vllm"
+            )
         check_turn_format(self.turn_format)
         object.__setattr__(self, "stop", check_stop(self.stop))
         low, high = PENALTY_RANGE

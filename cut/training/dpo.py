@@ -4,7 +4,9 @@
 
 The YAML (and the flags) are cut.train's: the file the online loop writes works unchanged. CUT-only
 options (threshold, weight_unlike, flag_source, ...) are accepted and ignored; the YAML may add
-`dpo_beta` and `max_pairs_per_prompt`. Per prompt (same instruction + input), chosen = a positive
+`dpo_beta` and `max_pairs_per_prompt`. TRL's option names mean what they mean to cut.train
+(--num_train_epochs, --gradient_accumulation_steps, ...); DPOConfig's beta is dpo_beta, and its
+loss_type is accepted as sigmoid only (the loss below). Per prompt (same instruction + input), chosen = a positive
 response and rejected = a negative one; every combination, at most max_pairs_per_prompt of them
 (sampled with the seed). Records whose judgment failed are left out.
 
@@ -29,11 +31,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import yaml
 
-from cut.args import Options, coerce_value, group, opt, run_cli, setup_logging
+from cut.args import Options, Parser, coerce_value, group, opt, parse_list, run_cli, setup_logging
 from cut.args import load_yaml as read_yaml
 from cut.data.files import write_json_atomic, write_text_atomic
 from cut.data.pairs import fit_prompt, tokenize_example
@@ -42,7 +44,7 @@ from cut.data.templates import Template, load_template
 from cut.errors import ConfigError, DataError
 from cut.modeling import loading as models
 from cut.modeling.card import training_card
-from cut.training.config import TrainConfig, add_local_rank
+from cut.training.config import TRL_ALIASES, TrainConfig, add_local_rank, add_trl_names, different_values
 from cut.training.loss import CUTLossConfig
 from cut.training.runs import check_output_dir, claim_output_dir
 from cut.training.train import (
@@ -73,12 +75,18 @@ IGNORED = (
 
 
 REJECTED_TOKENS = ("all", "spans")
+TRL_DEST = "trl:"  # the dest of a recipe's TRL flag (--beta), apart from its field's (--dpo_beta)
 
 
 @dataclass
 class RecipeOptions(Options):
     """A preference recipe's own options, coerced and checked when built: cut.online builds them
     from a train section's keys (`yaml_keys`) before any round starts."""
+
+    # TRL's name (DPOConfig / KTOConfig) -> the field it sets: --beta is --dpo_beta
+    TRL_NAMES: ClassVar[dict[str, str]] = {"beta": "beta"}
+    # TRL options the recipe trains at one value -> (that value, what to do for another)
+    TRL_FIXED: ClassVar[dict[str, tuple[Any, str]]] = {}
 
     def __post_init__(self) -> None:
         for name, (_f, tp, _path) in type(self).option_fields().items():
@@ -92,6 +100,76 @@ class RecipeOptions(Options):
             (f.metadata["flags"] or (f"--{n}",))[0][2:]: n for n, (f, _, _) in cls.option_fields().items()
         }
 
+    @classmethod
+    def key_of(cls) -> dict[str, str]:
+        """field -> its YAML key and flag as given (beta -> dpo_beta)."""
+        return {n: k for k, n in cls.yaml_keys().items()}
+
+    @classmethod
+    def extra_keys(cls) -> tuple[str, ...]:
+        return (*cls.yaml_keys(), *cls.TRL_NAMES, *cls.TRL_FIXED)
+
+    @classmethod
+    def add_trl_flags(cls, parser: Parser) -> None:
+        """TRL's names in cut.train's "TRL option names" group, the recipe's own among them. Their
+        dest is TRL_DEST + name, apart from their field's: --beta 0.2 --dpo_beta 0.3 is told apart."""
+        trl = add_trl_names(parser, skip=(*cls.TRL_NAMES, *cls.TRL_FIXED))
+        trl.conflict_handler = "resolve"  # --beta leaves the field's own flags (--dpo_beta stays)
+        for alias, name in cls.TRL_NAMES.items():
+            trl.add_argument(
+                f"--{alias}", dest=TRL_DEST + alias, metavar=alias.upper(), help=f"= --{cls.key_of()[name]}"
+            )
+        for alias, (value, hint) in cls.TRL_FIXED.items():
+            trl.add_argument(
+                f"--{alias}", dest=TRL_DEST + alias, metavar=alias.upper(), help=f"only {value!r}: {hint}"
+            )
+
+    @classmethod
+    def given_names(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """Parsed flags under the names they were given: --dpo_beta as dpo_beta, TRL's --beta as beta."""
+        key = cls.key_of()
+        return {
+            k.removeprefix(TRL_DEST) if k.startswith(TRL_DEST) else key.get(k, k): v for k, v in args.items()
+        }
+
+    @classmethod
+    def split(cls, values: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One source's options (the YAML or the flags, by the names they were given) -> (cut.train's,
+        the recipe's by field name). The recipe's key (dpo_beta) and TRL's name (beta) set one field
+        and must agree; a TRL_FIXED option is accepted at the recipe's value and refused at another."""
+        names = {**cls.TRL_NAMES, **cls.yaml_keys()}
+        fields = cls.option_fields()
+        train: dict[str, Any] = {}
+        recipe: dict[str, Any] = {}
+        given_as: dict[str, tuple[str, Any]] = {}
+        for key, value in values.items():
+            if key in cls.TRL_FIXED:
+                cls.check_fixed(key, value, source)
+            elif key not in names:
+                train[key] = value
+            else:
+                name = names[key]
+                coerced = coerce_value(fields[name][1], key if key == name else f"{key} ({name})", value)
+                if name in recipe and recipe[name] != coerced:
+                    raise different_values(source, name, (key, value), given_as[name])
+                recipe[name], given_as[name] = coerced, (key, value)
+        return train, recipe
+
+    @classmethod
+    def check_fixed(cls, key: str, value: Any, source: str) -> None:
+        """A TRL_FIXED option's value is the recipe's (loss_type sigmoid, or [sigmoid] as TRL's list)."""
+        fixed, hint = cls.TRL_FIXED[key]
+        try:
+            same = (
+                parse_list(value) == [fixed]
+                if isinstance(fixed, str)
+                else coerce_value(type(fixed), key, value) == fixed
+            )
+        except ConfigError:
+            same = False
+        if not same:
+            raise ConfigError(f"{source}: option {key} (TRL) must be {fixed!r} here, got {value!r}: {hint}")
+
 
 def beta_option(help: str, flag: str) -> Any:
     """The preference loss's beta (a flag and YAML key of the recipe's name: --dpo_beta, ...)."""
@@ -104,6 +182,14 @@ def rejected_tokens_option(help: str) -> Any:
 
 @dataclass
 class DPOOptions(RecipeOptions):
+    TRL_FIXED: ClassVar[dict[str, tuple[Any, str]]] = {
+        "loss_type": (
+            "sigmoid",
+            "cut dpo trains the sigmoid DPO loss (Eq. 7, TRL's default loss_type); train another "
+            "(ipo, hinge, ...) with TRL's own `trl dpo`",
+        )
+    }
+
     beta: float = beta_option(
         "DPO beta: how far the policy may move from the reference (Eq. 7).", "--dpo_beta"
     )
@@ -119,12 +205,21 @@ class DPOOptions(RecipeOptions):
 
 def recipe_run(options: type[RecipeOptions]) -> type[Options]:
     """cut.train's options (section `train`) and a recipe's (section `recipe`) as one Options
-    class: the flags and YAML keys of cut.baselines.dpo / kto, with the launcher's --local_rank."""
+    class: the flags and YAML keys of cut.baselines.dpo / kto, with the launcher's --local_rank and
+    TRL's option names (cut.train's and the recipe's own)."""
+
+    def add_extra_flags(cls, parser: Parser) -> None:
+        add_local_rank(parser)
+        options.add_trl_flags(parser)
+
     return dataclasses.make_dataclass(
         f"{options.__name__}Run",
         [("train", TrainConfig, group(TrainConfig)), ("recipe", options, group(options))],
         bases=(Options,),
-        namespace={"add_extra_flags": classmethod(lambda cls, parser: add_local_rank(parser))},
+        namespace={
+            "add_extra_flags": classmethod(add_extra_flags),
+            "extra_keys": classmethod(lambda cls: (*TrainConfig.extra_keys(), *options.extra_keys())),
+        },
     )
 
 
@@ -143,24 +238,23 @@ class Pair(NamedTuple):
 def parse_config(
     argv: list[str] | None = None, options: type[RecipeOptions] = DPOOptions, prog: str = "cut.baselines.dpo"
 ) -> tuple[TrainConfig, Any]:
-    """defaults <- YAML <- flags, as cut.train; the recipe's options come from their flags (a YAML
-    key that differs from the field name, e.g. dpo_beta, is a flag too) or their YAML keys. Every
-    value is checked (the ignored ones too) before a word is logged; the rest is `validate`'s."""
+    """defaults <- YAML <- flags, as cut.train (TRL's names too: TrainConfig.from_sources); the
+    recipe's options come from their flags or YAML keys (dpo_beta, or TRL's beta: `RecipeOptions.split`).
+    Every value is checked (the ignored ones too) before a word is logged; the rest is `validate`'s."""
     run = recipe_run(options)
     description = f"{prog}: a preference baseline on cut's judged records. Flags override --config."
     args = vars(run.build_parser(prog, description).parse_args(argv))
     args.pop("local_rank", None)
     path = args.pop("config", None)
-    values: dict[str, Any] = {}
-    if path:
-        yaml_keys = options.yaml_keys()
-        values = {yaml_keys.get(k, k): v for k, v in read_yaml(path).items()}
-        values = run.flatten(values, path)
-    values.update(args)
-    both = run.from_values(values, check=False)
-    cfg, opts = both.train, both.recipe
+    config_train, config_recipe = options.split(
+        run.flatten(read_yaml(path), path) if path else {}, path or ""
+    )
+    flag_train, flag_recipe = options.split(options.given_names(args), "flags")
+    cfg = TrainConfig.from_sources(config_train, flag_train, path or "")
+    opts = options(**{**config_recipe, **flag_recipe})
     cfg.check_values()
-    ignored = [k for k in IGNORED if k in values]
+    given = {TRL_ALIASES.get(k, (k,))[0] for k in (*config_train, *flag_train)}
+    ignored = [k for k in IGNORED if k in given]
     if ignored:
         logger.info(
             "%s ignores the CUT-only option(s): %s",

@@ -5,8 +5,9 @@
 What a user with pass/fail feedback and few pairs would run (Ethayarajh et al. 2024, KTO): unlike
 DPO it needs no prompt with both a passing and a failing answer, so every sample trains. The YAML
 and flags are cut.train's, as for cut.baselines.dpo (CUT-only options are accepted and ignored);
-the YAML may add `kto_beta`, `desirable_weight` and `rejected_tokens`. Positives are desirable,
-negatives undesirable, failed judgments left out. desirable_weight 0 (the default) sets it from
+the YAML may add `kto_beta`, `desirable_weight` and `rejected_tokens`. TRL's option names work as
+for cut.baselines.dpo: KTOConfig's beta is kto_beta, its desirable_weight is ours (undesirable_weight
+only 1, loss_type only kto). Positives are desirable, negatives undesirable, failed judgments left out. desirable_weight 0 (the default) sets it from
 the data to n_undesirable / n_desirable, the lower end of the range the KTO paper recommends
 (Eq. 8: lambda_D n_D / (lambda_U n_U) in [1, 4/3]), so the two kinds weigh the same in total.
 With rejected_tokens spans an undesirable example's log-ratio sums only the tokens inside its
@@ -19,7 +20,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from cut.args import opt
 from cut.data.pairs import tokenize_example
@@ -43,9 +44,24 @@ from cut.training.train import process_rank, shared_arguments
 
 @dataclass
 class KTOOptions(RecipeOptions):
+    TRL_FIXED: ClassVar[dict[str, tuple[Any, str]]] = {
+        "loss_type": (
+            "kto",
+            "cut kto trains the KTO loss (TRL's default loss_type); for apo_zero_unpaired use `trl kto`",
+        ),
+        "undesirable_weight": (
+            1.0,
+            "cut kto weighs every undesirable example 1: set the balance with --desirable_weight "
+            "(TRL's desirable_weight / undesirable_weight)",
+        ),
+    }
+
     beta: float = beta_option("KTO beta: how far the policy may move from the reference.", "--kto_beta")
     desirable_weight: float = opt(
-        0.0, "Weight of desirable (positive) examples; 0 = n_undesirable / n_desirable from the data.", lo=0
+        0.0,
+        "Weight of desirable (positive) examples, as TRL's KTOConfig.desirable_weight (undesirable ones "
+        "weigh 1); 0 = n_undesirable / n_desirable from the data.",
+        lo=0,
     )
     rejected_tokens: str = rejected_tokens_option(
         "Which tokens of an undesirable response its log-ratio sums: all (KTO) | spans (the "

@@ -705,3 +705,34 @@ def test_continuous_engine_refuses_what_it_cannot_do(tiny_model, questions, tmp_
 
     with pytest.raises(ConfigError, match="cut urial: engine continuous"):
         UrialConfig.from_dict({"engine": "continuous"})
+
+
+def test_engine_auto_is_vllm_where_it_imports_and_reads_the_model(tiny_model, tmp_path, monkeypatch, caplog):
+    from cut.loop.online import OnlineConfig, fingerprint
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm fails, installed or not
+    assert GenerateConfig().engine == "auto"
+    assert gen.resolve_engine("auto", str(tiny_model)) == "hf"
+    assert gen.resolve_engine("continuous", str(tiny_model)) == "continuous"
+    # the loop resolves auto once: a run without vLLM is the hf run it always was (same fingerprint)
+    base = dict(base_model=str(tiny_model), pool="p.json", output_dir=str(tmp_path / "o"))
+    auto, hf = OnlineConfig(**base), OnlineConfig(**base, generate={"engine": "hf"})
+    auto.validate(), hf.validate()
+    assert auto.generate.engine == "hf" and fingerprint(auto) == fingerprint(hf)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # vLLM imports
+    assert gen.resolve_engine("auto", str(tiny_model)) == "vllm"
+    assert gen.resolve_engine("hf", str(tiny_model)) == "hf"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model)}))
+    assert gen.resolve_engine("auto", str(adapter)) == "hf", "vLLM reads no adapter: auto must not pick it"
+
+
+def test_engine_auto_answers_through_vllm_when_it_imports(tiny_chat_model, questions, tmp_path, monkeypatch):
+    calls = fake_vllm_module(monkeypatch, lambda p: " from vllm ")
+    rows = generate_file(
+        str(tiny_chat_model), str(questions), str(tmp_path / "a.json"), prompt_template_name="chat", **FAST
+    )
+    assert calls["init"]["model"] == str(tiny_chat_model)
+    assert {r["output"] for r in rows} == {"from vllm"}

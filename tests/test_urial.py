@@ -397,7 +397,7 @@ def test_defaults_are_urials():
         "auto",
         ("# Query", "# User"),
         False,
-        "hf",
+        "auto",  # vllm (URIAL's runs' engine) where it imports, else hf
     )
     assert _cfg("--sample").sampling.temperature == 0.3
     assert _cfg("--sample", "--temperature", "0.7").sampling.temperature == 0.7

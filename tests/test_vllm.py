@@ -61,3 +61,43 @@ def test_side_venv_runs_vllms_cpu_build_and_cut():
     run = subprocess.run([str(VPY), "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["0.32.0", "0.32.0"]
+
+
+def test_a_loop_round_samples_and_scores_on_vllm(tmp_path):
+    """cut.online with generate.engine vllm (SmolLM2, in .venv-vllm): sampling and held-out scoring
+    go through vLLM, training and merging through cut; round 0's greedy held-out answers are the hf
+    engine's (cut generate --engine hf on the same prompts)."""
+    heldout = json.loads((REPO / "data" / "instructions_heldout.json").read_text())[:8]
+    pool = json.loads((REPO / "data" / "instructions_pool.json").read_text())[:8]
+    (tmp_path / "heldout.json").write_text(json.dumps(heldout))
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    conf = {
+        "base_model": str(SMOLLM),
+        "output_dir": str(tmp_path / "online"),
+        "pool": str(tmp_path / "pool.json"),
+        "heldout": str(tmp_path / "heldout.json"),
+        "task": "instructions",
+        "objective": "cut",
+        "rounds": 1,
+        "instructions_per_round": 4,
+        "eval_max_new_tokens": 32,
+        "judge": {"kind": "verifier"},
+        "generate": {
+            "engine": "vllm", "kv_cache_gb": 1, "prompt_template_name": "chat",
+            "max_new_tokens": 32, "temperature": 0.7, "top_p": 0.9,
+        },
+        "train": {"prompt_template_name": "chat", "cutoff_len": 256, "batch_size": 4, "micro_batch_size": 4, "max_steps": 1},
+    }  # fmt: skip
+    (tmp_path / "online.yaml").write_text(json.dumps(conf))
+    argv = [str(VPY), "-m", "cut.online", "--config", str(tmp_path / "online.yaml")]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = tmp_path / "online"
+    stages = json.loads((root / "round_1" / "manifest.json").read_text())["stages"]
+    assert all(v["status"] == "done" for v in stages.values()), stages
+    assert len(json.loads((root / "round_1" / "responses.json").read_text())) == 4
+    assert (root / "round_1" / "eval.json").exists()
+    scored = [a["output"] for a in json.loads((root / "round_0" / "eval.json").read_text())["answers"]]
+    hf = _generate("hf", tmp_path / "heldout.json", tmp_path / "hf.json", "--prompt_template_name", "chat",
+                   "--max_new_tokens", "32")  # fmt: skip
+    assert scored == hf

@@ -52,7 +52,7 @@ from cut.judges.judge import JudgeConfig
 from cut.loop import objectives
 from cut.loop.config import LoopArgs, load_dataclass
 from cut.loop.objectives import recipe_keys
-from cut.modeling.generate import GenerateConfig, Sampling
+from cut.modeling.generate import GenerateConfig, Sampling, resolve_engine
 from cut.modeling.loading import DTYPES
 from cut.tasks.registry import TASKS
 from cut.training.config import FIELDS as TRAIN_FIELDS
@@ -162,6 +162,11 @@ class OnlineConfig:
         gen["prompt_template_name"] = self.train["prompt_template_name"] = gen_t or train_t or "chat"
         gen.setdefault("seed", self.seed)  # round r samples with seed + r
         self.generate = GenerateConfig.from_dict(gen, "online: generate")
+        # auto resolved once for the run (every round's model is a merged folder like the base):
+        # the engine it stands for is the run's setting, in its fingerprint and online_config.json
+        self.generate = dataclasses.replace(
+            self.generate, engine=resolve_engine(self.generate.engine, self.base_model)
+        )
         try:  # the whole train section must make a valid run, before any round starts
             probe = TrainConfig(**self.train, base_model="-", data_path="-", output_dir="-")
             probe.validate()

@@ -2,7 +2,7 @@
 
     python -m cut.urial --model DIR --data_path questions.json --output_file out.json \
         [--urial_prompt FILE] [--turn_format auto|backticks|v5|v6] [--stop TEXT ...] [--keep_fences] \
-        [--engine hf|vllm] [--print_prompt] [--batch_size 8] [--max_new_tokens 2048] \
+        [--engine auto|hf|vllm] [--print_prompt] [--batch_size 8] [--max_new_tokens 2048] \
         [--temperature 0 | --sample] [--top_p 1.0] [--repetition_penalty 1.1] [--seed 42] [--limit N]
 
 Lin et al., "The Unlocking Spell on Base LLMs: Rethinking Alignment via In-Context Learning"
@@ -77,6 +77,7 @@ from cut.modeling.generate import (
     load_vllm,
     read_instructions,
     require_vllm,
+    resolve_engine,
     run_batches,
     tokenize_prompts,
     validate_instructions,
@@ -439,7 +440,7 @@ class UrialConfig:
     turn_format: str = "auto"  # auto: URIAL's rule (by the file's name) | backticks | v5 | v6
     stop: tuple[str, ...] = STOP  # an answer ends before the first of these
     keep_fences: bool = False  # False: every ``` removed from the answer, as URIAL does
-    engine: str = "hf"  # hf | vllm
+    engine: str = "auto"  # auto (vllm where it imports, else hf) | hf | vllm
     batch_size: int = 8
     generator: str | None = None  # name in the output (default: "<model folder>+urial")
     dataset: str | None = None  # dataset name in the output (default: the input file's stem)
@@ -575,6 +576,7 @@ def urial_file(
     output file and the engine are all checked before the model loads."""
     cfg = cfg or UrialConfig.from_dict(options)
     check_model_path(model)
+    cfg = dataclasses.replace(cfg, engine=resolve_engine(cfg.engine, model))
     inputs, source = _inputs(data_path, records, cfg)
     prompt = load_urial_prompt(cfg.urial_prompt, cfg.turn_format)
     check_writable(output_file, "output_file")

@@ -19,6 +19,10 @@ A reply is one of
   a callable   called with the request body: 200 with the string it returns
 An answer in `answers` or `default` may also be a callable of the request body.
 
+`logprobs(body)` (none by default: no "logprobs" in any reply, as before) chooses per request what
+a 200 answer carries as choices[0].logprobs.content: None for none, else [(token, {alternative:
+logprob, ...}), ...], sent as OpenAI does (each token's own logprob, its top_logprobs listed).
+
 Recorded: hits (Counter of keys), auth (each request's Authorization header, None when absent),
 bodies (the JSON bodies), max_inflight (the most requests being answered at once). A GET (where a
 followed redirect would land) is recorded as key "GET <path>" and answered 405.
@@ -55,11 +59,13 @@ class FakeOpenAI:
         key: Callable[[dict], str] = last_content,
         delay: float = 0.0,
         slow: float = 0.6,
+        logprobs: Callable[[dict], list[tuple[str, dict[str, float]]] | None] | None = None,
     ) -> None:
         self.scripts = {k: list(v) for k, v in (scripts or {}).items()}
         self.answers = dict(answers or {})
         self.default, self.key = default, key
         self.delay, self.slow = delay, slow
+        self.logprobs = logprobs
         self.hits: Counter[str] = Counter()
         self.auth: list[str | None] = []
         self.bodies: list[dict] = []
@@ -122,9 +128,9 @@ class FakeOpenAI:
 
     def reply(self, h: BaseHTTPRequestHandler, reply: Reply, key: str, body: dict) -> None:
         if callable(reply):
-            return self.send_content(h, reply(body))
+            return self.send_answer(h, reply(body), body)
         if reply in ("ok", "slow"):
-            return self.send_content(h, self.answer(key, body))
+            return self.send_answer(h, self.answer(key, body), body)
         if reply == "notjson":
             return self.send(h, 200, {}, b"<html>502 bad gateway</html>")
         if reply == "nochoices":
@@ -134,6 +140,16 @@ class FakeOpenAI:
         status, headers = reply if isinstance(reply, tuple) else (reply, {})
         sent = (h.headers.get("Authorization") or "").removeprefix("Bearer ")
         self.send_json(h, int(status), headers, {"error": {"message": f"Incorrect API key provided: {sent}"}})
+
+    def send_answer(self, h: BaseHTTPRequestHandler, content: str, body: dict) -> None:
+        """A 200 answer to `body`: send_content's, with the tokens' logprobs where `logprobs` gives any."""
+        tokens = self.logprobs(body) if self.logprobs else None
+        if tokens is None:
+            return self.send_content(h, content)
+        message = {"role": "assistant", "content": content}
+        logprobs = {"content": [wire_token(t, alts) for t, alts in tokens]}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}
+        self.send_json(h, 200, {}, {"choices": [choice]})
 
     def send_content(self, h: BaseHTTPRequestHandler, content: str | None) -> None:
         message = {"role": "assistant", "content": content}
@@ -150,3 +166,10 @@ class FakeOpenAI:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+
+def wire_token(token: str, alternatives: dict[str, float]) -> dict:
+    """One entry of OpenAI's logprobs.content: the token, its logprob, its top_logprobs."""
+    top = [{"token": a, "logprob": lp, "bytes": list(a.encode())} for a, lp in alternatives.items()]
+    own = alternatives.get(token, min(alternatives.values(), default=0.0))
+    return {"token": token, "logprob": own, "bytes": list(token.encode()), "top_logprobs": top}

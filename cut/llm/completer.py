@@ -38,6 +38,9 @@ differs (cut evaluate's timeout 120) overrides that one field in its own subclas
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +60,9 @@ from cut.llm.client import (
 )
 
 Accept = Callable[[str], bool]
+TOP_LOGPROBS = 20  # alternatives per token: OpenAI's most, and vLLM's default max_logprobs
+NO_LOGPROBS = "no logprobs in the reply"
+Token = tuple[str, list[tuple[str, float]]]  # (the token, [(an alternative, its logprob), ...])
 
 # the largest value of each numeric backend option; the smallest are in NUMBER_RULES
 LIMITS = {
@@ -163,8 +169,92 @@ class ApiCompleter:
         """The answers; call: temperature=, sample= (see the module doc)."""
         return self.client.complete(list(prompts), progress, accept, **call)
 
+    def top_logprobs(
+        self,
+        prompts: Sequence[Prompt],
+        k: int = TOP_LOGPROBS,
+        max_tokens: int | None = None,
+        continue_reply: bool = False,
+        progress: Progress | None = None,
+    ) -> list[Answer]:
+        """Per prompt, its greedy reply's tokens each with its k most probable alternatives, as the
+        JSON text of [[token, [[candidate, logprob], ...]], ...] (read it with `reply_tokens`), or
+        (None, a reason): NO_LOGPROBS when the server sends none. max_tokens None: the config's.
+        continue_reply: the prompt's last message is the start of the assistant's reply, which the
+        server continues (vLLM's continue_final_message) instead of starting a new turn. Cached,
+        retried and run concurrently as complete()'s answers are, under keys of their own."""
+        config = self.client.config
+        if max_tokens is not None:
+            config = dataclasses.replace(config, max_tokens=max_tokens)
+        with LogprobsClient(config, k, continue_reply) as client:
+            return client.complete(list(prompts), progress, temperature=0.0)
+
     def close(self) -> None:
         self.client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# a reply's top_logprobs (probability verdicts from a served judge: cut.evaluation.verdicts)
+# --------------------------------------------------------------------------------------------
+
+
+class LogprobsClient(LLMClient):
+    """cut.llm's client, its requests also asking for `logprobs` and `top_logprobs` (and with
+    continue_reply, vLLM's continue_final_message); an answer is the reply's tokens with their
+    alternatives as JSON (ApiCompleter.top_logprobs), cached under a key that includes the request."""
+
+    def __init__(self, config: ClientConfig, k: int, continue_reply: bool = False) -> None:
+        super().__init__(config)
+        self.k, self.continue_reply = k, continue_reply
+        self.request: dict[str, Any] = {"logprobs": True, "top_logprobs": k}
+        if continue_reply:  # vLLM's chat template options; OpenAI's API has no prefilled reply
+            self.request["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        # LLMClient.ask sends through this client's `with_raw_response.create` (an attribute openai
+        # builds once per client): wrapped, it asks for the logprobs too and keeps the reply's body,
+        # per thread, for ask() below; openai's own retries run inside it
+        self._reply = threading.local()
+        sender = self._openai.chat.completions.with_raw_response
+        plain = sender.create
+
+        def create(**kw: Any) -> Any:
+            raw = plain(**kw, **self.request)
+            self._reply.body = raw.http_response.content
+            return raw
+
+        sender.create = create
+
+    def cache_key(self, prompt: Prompt, temperature: float | None = None, sample: int | None = None) -> str:
+        plain = super().cache_key(prompt, temperature, sample)
+        asked = f"{plain} top_logprobs {self.k} continue_reply {self.continue_reply}"
+        return hashlib.sha256(asked.encode()).hexdigest()
+
+    def ask(self, prompt: Prompt, stop: Any = None, temperature: float | None = None) -> Answer:
+        """LLMClient.ask (its request, retries and reasons), answering the tokens' JSON, or NO_LOGPROBS."""
+        self._reply.body = None
+        text, reason = super().ask(prompt, stop, temperature)
+        if text is None:
+            return None, reason
+        tokens = _tokens(self._reply.body)
+        return (json.dumps(tokens), None) if tokens else (None, NO_LOGPROBS)
+
+
+def _tokens(raw: bytes) -> list[Token] | None:
+    """choices[0].logprobs.content of a reply as [(token, [(alternative, logprob), ...])], None
+    when it has none; an alternative listed twice (vLLM adds the chosen token) counts once."""
+    try:
+        content = json.loads(raw)["choices"][0]["logprobs"]["content"]
+        out = []
+        for t in content:
+            seen = {(a["token"], float(a["logprob"])): None for a in t.get("top_logprobs") or []}
+            out.append((t["token"], list(seen)))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return out or None
+
+
+def reply_tokens(text: str) -> list[Token]:
+    """The tokens of an answer of ApiCompleter.top_logprobs."""
+    return [(t, [(a, p) for a, p in alts]) for t, alts in json.loads(text)]
 
 
 class LocalCompleter:

@@ -21,7 +21,11 @@ The interface (`Completer`, either backend):
     makes one completer at 0.7 and asks `temperature=0.0` for the greedy calls.
 
 `ApiCompleter` wraps cut.llm.client.LLMClient (retries, bounded concurrency, the JSONL answer
-cache, the API key from the environment); its `client` is that client. `LocalCompleter` loads a
+cache, the API key from the environment); its `client` is that client. Its `top_logprobs(prompts,
+k)` answers each prompt's greedy reply as its tokens, each with the k most probable alternatives the
+server lists (`logprobs` / `top_logprobs`, as OpenAI and vLLM's server return them; NO_LOGPROBS from a
+server that sends none), through the same cache under keys of their own; `continue_reply=True`
+has vLLM continue a started assistant turn (its `continue_final_message`). `LocalCompleter` loads a
 causal LM (cut.modeling.loading) and decodes in left-padded batches (cut.modeling.generate); a
 prompt is the model's chat template over its messages, or, without a template, the messages'
 contents joined by a blank line. Its `model`, `tokenizer`, `chat`, `batch_size`, `max_new_tokens`

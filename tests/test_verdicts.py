@@ -14,7 +14,7 @@ import torch
 
 from cut.errors import ConfigError
 from cut.evaluation.aspects import SCORE_ASPECTS, parse_pairwise, parse_scores
-from cut.evaluation.evaluate import EvaluateConfig, main, run_judged
+from cut.evaluation.evaluate import EvaluateConfig, run_judged
 from cut.evaluation.verdicts import (
     WINNERS,
     option_probabilities,
@@ -26,7 +26,7 @@ from cut.evaluation.verdicts import (
 from cut.judges.judge import JudgeConfig
 from cut.modeling.loading import load_model, load_tokenizer
 
-from helpers import cli_args, write
+from helpers import write
 
 
 def rows_of(n: int, generator: str, long: bool = False) -> list[dict]:
@@ -195,13 +195,9 @@ def test_pairwise_run_end_to_end_keeps_the_swap(tmp_path, tiny_chat_model):
     assert summary["n_failed"] == 0
 
 
-def test_probability_verdicts_need_a_local_judge(tmp_path, capsys):
+def test_probability_verdicts_options_that_do_not_go_together(tmp_path):
+    # a served judge is read through its server's top_logprobs: tests/test_served_verdicts.py
     inp = write(tmp_path / "gen.json", rows_of(2, "m"))
-    args = cli_args(mode="score", input_file=inp, output_dir=tmp_path / "r", verdict="probabilities")
-    with pytest.raises(SystemExit) as exc:
-        main([*args, "--judge", "openai", "--base_url", "http://127.0.0.1:9/v1", "--model", "x"])
-    assert exc.value.code == 2 and "use --judge local" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="probability verdicts have none"):
         EvaluateConfig(
             mode="score", output_dir="x", input_file=inp, verdict="probabilities", to_judgments="j.json"

@@ -10,8 +10,9 @@ to one fixed reply (served.steer: their generation_config's sequence_bias) carry
 score or rewrite through the server and the whole CLI path.
 
 Probability verdicts: `transformers serve` (5.x) returns no `logprobs` / `top_logprobs` (asserted
-below, so a release that adds them shows here), and cut reads probability verdicts from a local
-model only; `--verdict probabilities` with a served judge stops with an error naming --judge local.
+below, so a release that adds them shows here), so `--verdict probabilities` with it as the judge
+stops with an error naming the server and --judge local; a server that returns them is read in
+tests/test_served_verdicts.py (the fake server) and tests/test_vllm_server.py (vLLM's, opt-in).
 """
 
 from __future__ import annotations

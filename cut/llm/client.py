@@ -323,9 +323,9 @@ class LLMClient:
                 messages=as_messages(prompt),
                 temperature=c.temperature if temperature is None else temperature,
                 max_tokens=c.max_tokens,
+                **self.extra_request(),
             )
-            content = _content(raw.http_response.content)
-            return (content, None) if content is not None else (None, MALFORMED)
+            return self.answer_of(raw.http_response.content)
         except _Interrupted:
             return None, "interrupted"
         # never str(err): openai's messages quote the error body
@@ -339,6 +339,15 @@ class LLMClient:
             _current.call = None
         retries = call.attempts - 1
         return None, f"{reason} after {retries} retries" if retries > 0 else reason
+
+    def extra_request(self) -> dict[str, Any]:
+        """Fields a subclass adds to every request (cut.llm.completer's LogprobsClient: logprobs)."""
+        return {}
+
+    def answer_of(self, body: bytes) -> Answer:
+        """The answer a 2xx reply's body gives: its message's content, or MALFORMED."""
+        content = _content(body)
+        return (content, None) if content is not None else (None, MALFORMED)
 
     # httpx event hooks: they run in the thread of the ask() that sends the request
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -213,32 +212,21 @@ class LogprobsClient(LLMClient):
         self.request: dict[str, Any] = {"logprobs": True, "top_logprobs": k}
         if continue_reply:  # vLLM's chat template options; OpenAI's API has no prefilled reply
             self.request["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
-        # LLMClient.ask sends through this client's `with_raw_response.create` (an attribute openai
-        # builds once per client): wrapped, it asks for the logprobs too and keeps the reply's body,
-        # per thread, for ask() below; openai's own retries run inside it
-        self._reply = threading.local()
-        sender = self._openai.chat.completions.with_raw_response
-        plain = sender.create
-
-        def create(**kw: Any) -> Any:
-            raw = plain(**kw, **self.request)
-            self._reply.body = raw.http_response.content
-            return raw
-
-        sender.create = create
 
     def cache_key(self, prompt: Prompt, temperature: float | None = None, sample: int | None = None) -> str:
         plain = super().cache_key(prompt, temperature, sample)
         asked = f"{plain} top_logprobs {self.k} continue_reply {self.continue_reply}"
         return hashlib.sha256(asked.encode()).hexdigest()
 
-    def ask(self, prompt: Prompt, stop: Any = None, temperature: float | None = None) -> Answer:
-        """LLMClient.ask (its request, retries and reasons), answering the tokens' JSON, or NO_LOGPROBS."""
-        self._reply.body = None
-        text, reason = super().ask(prompt, stop, temperature)
+    def extra_request(self) -> dict[str, Any]:
+        return self.request
+
+    def answer_of(self, body: bytes) -> Answer:
+        """The reply's tokens with their alternatives as JSON, or NO_LOGPROBS (or LLMClient's reason)."""
+        text, reason = super().answer_of(body)
         if text is None:
             return None, reason
-        tokens = _tokens(self._reply.body)
+        tokens = _tokens(body)
         return (json.dumps(tokens), None) if tokens else (None, NO_LOGPROBS)
 
 

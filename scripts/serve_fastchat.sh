@@ -25,7 +25,8 @@ if [ ! -f "$stamp" ]; then
   pipq torch==2.13.0
   echo "torch==2.13.0" > "$VENV/constraints.txt"
   pipq -c "$VENV/constraints.txt" "fschat[model_worker]==0.2.36" openai
-  "$VPY" -c "import fastchat.serve.model_worker" || { echo "serve_fastchat: fschat did not install" >&2; exit 1; }
+  # importing the worker opens its log file in $LOGDIR (default: the working directory)
+  LOGDIR=$VENV "$VPY" -c "import fastchat.serve.model_worker" || { echo "serve_fastchat: fschat did not install" >&2; exit 1; }
   touch "$stamp"
 fi
 "$VPY" -c "import importlib.metadata as md; print('serve_fastchat: ' + ', '.join(f'{n} {md.version(n)}' for n in ('fschat', 'torch', 'transformers')))"

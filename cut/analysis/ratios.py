@@ -218,7 +218,7 @@ def token_texts(
 
 
 def bounded(example: Example, tokenizer, cutoff_len: int) -> Example:
-    """The example with every prompt field (instruction, input, judgment) longer than
+    """The example with every prompt field (instruction, input, judgment, each history turn) longer than
     PROMPT_CHARS_PER_TOKEN * cutoff_len characters cut to that many from its end, where those
     characters alone make more than cutoff_len + TAIL_MARGIN tokens; other fields stay whole.
 
@@ -237,8 +237,10 @@ def bounded(example: Example, tokenizer, cutoff_len: int) -> Example:
 
     r = example.record
     fields = {"instruction": tail(r.instruction), "input": tail(r.input), "judgment": tail(r.judgment)}
-    if all(fields[k] is getattr(r, k) for k in fields):
+    history = tuple((role, tail(text)) for role, text in r.history)  # chat turns, each a prompt field
+    if all(fields[k] is getattr(r, k) for k in fields) and history == r.history:
         return example
+    fields["history"] = history
     judgment = fields["judgment"] if example.judgment == r.judgment else tail(example.judgment)
     return Example(dataclasses.replace(r, **fields), judgment)
 

@@ -12,8 +12,10 @@ training text: such records are dropped, or trained as positives if asked, and c
 Two other shapes are read as the same records (TRL's dataset formats):
   - chat: {"messages": [{"role": "system"?, ...}, {"role": "user", ...}, ..., {"role": "assistant",
     "content": the judged response}]}: the last turn is the output, the last user turn the
-    instruction, and any turns before it (system included) the input, one "role: content" a line
-    (cut's templates are single-turn). The judgment and the other fields sit beside `messages`.
+    instruction, and any turns before it (system included) the record's `history`, (role, content)
+    pairs. The chat template renders the history as the conversation it is; `input` holds the same
+    turns flattened, one "role: content" a line, for the templates that have no turns (alpaca,
+    alpaca_input, .json files). The judgment and the other fields sit beside `messages`.
   - prompt / completion (TRL's prompt-completion and unpaired-preference files): prompt is the
     instruction (a string, or chat turns read as above), completion the output (a string or one
     assistant turn). A `label` (TRL's KTO format) true is a positive (a judgment beside it is
@@ -51,6 +53,7 @@ FAILED_JUDGMENTS = {"$ERROR$"}
 WRAPPER_KEYS = ("train", "data", "records")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")  # what `datasets` reads as records
 PERFECT = re.compile(r"^(?:(?:the|this) (?:response|answer|output) is )?perfect$")
+Turns = tuple[tuple[str, str], ...]  # chat turns as (role, content)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Record:
     index: int = -1  # position in the source file
     judge_error: str | None = None  # why the judge failed (cut.judge writes it); never training text
     spans: tuple[tuple[int, int], ...] = ()  # character ranges [start, end) of the output that are wrong
+    # chat records: the (role, content) turns before the last user turn, system first; `input` holds
+    # them flattened for the templates without turns
+    history: Turns = ()
 
 
 @dataclass(frozen=True)
@@ -219,21 +225,23 @@ def _turns(source: str, i: int, name: str, value: Any) -> list[tuple[str, str]]:
     return out
 
 
-def _prompt_of(source: str, i: int, name: str, turns: list[tuple[str, str]]) -> tuple[str, str]:
-    """(instruction, input) of chat turns that end with a user turn: the last user turn, and the
-    turns before it one "role: content" a line."""
+def _prompt_of(source: str, i: int, name: str, turns: list[tuple[str, str]]) -> tuple[str, str, Turns]:
+    """(instruction, input, history) of chat turns that end with a user turn: the last user turn,
+    the turns before it one "role: content" a line, and those turns as they are."""
     if turns[-1][0] != "user":
         raise DataError(f"{source}: record {i}, field '{name}': the prompt must end with a user turn")
-    return turns[-1][1], "\n".join(f"{role}: {text}" for role, text in turns[:-1])
+    history = tuple(turns[:-1])
+    return turns[-1][1], "\n".join(f"{role}: {text}" for role, text in history), history
 
 
-def normalise(source: str, i: int, raw: dict) -> dict:
-    """A chat or prompt/completion record as an instruction/input/output one (see the module doc)."""
+def normalise(source: str, i: int, raw: dict) -> tuple[dict, Turns]:
+    """A chat or prompt/completion record as an instruction/input/output one (see the module doc),
+    and the turns before its last user turn (none for a record without turns)."""
     shape = (
         "messages" if "messages" in raw else "prompt" if ("prompt" in raw or "completion" in raw) else None
     )
     if shape is None:
-        return raw
+        return raw, ()
     clash = [k for k in ("instruction", "input", "output") if k in raw]
     if clash:
         raise DataError(
@@ -247,15 +255,16 @@ def normalise(source: str, i: int, raw: dict) -> dict:
                 f"{source}: record {i}, field 'messages': the last turn must be the assistant's "
                 "(the judged response), after a user turn"
             )
-        out["instruction"], out["input"] = _prompt_of(source, i, "messages", turns[:-1])
+        out["instruction"], out["input"], history = _prompt_of(source, i, "messages", turns[:-1])
         out["output"] = turns[-1][1]
-        return out
+        return out, history
     prompt, completion = raw.get("prompt"), raw.get("completion")
     for name, value in (("prompt", prompt), ("completion", completion)):
         if value is None:
             raise DataError(f"{source}: record {i}, field '{name}': missing")
+    history: Turns = ()
     if isinstance(prompt, list):
-        out["instruction"], out["input"] = _prompt_of(
+        out["instruction"], out["input"], history = _prompt_of(
             source, i, "prompt", _turns(source, i, "prompt", prompt)
         )
     else:
@@ -282,13 +291,13 @@ def normalise(source: str, i: int, raw: dict) -> dict:
                 f"{source}: record {i}, field 'judgment': label false needs the critique of the completion "
                 "(CUT trains a negative against what was wrong with it); judge the file with `cut judge` first"
             )
-    return out
+    return out, history
 
 
 def validate(rows: Iterable[Any], source: str) -> list[Record]:
     records = []
     for i, raw in enumerate(rows):
-        raw = normalise(source, i, check_object(source, i, raw))
+        raw, history = normalise(source, i, check_object(source, i, raw))
         score = raw.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise DataError(
@@ -306,6 +315,7 @@ def validate(rows: Iterable[Any], source: str) -> list[Record]:
                 index=i,
                 judge_error=str(raw["judge_error"]) if raw.get("judge_error") else None,
                 spans=span_field(source, i, raw),
+                history=history,
             )
         )
     if not records:

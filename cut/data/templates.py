@@ -5,7 +5,11 @@
   and the no-input prompts are used.
 - alpaca_input: the same pair with an `### Input:` section for records that have an input (the
   classic Alpaca layout; its judged variant is this project's).
-- chat:   the tokenizer's own chat template; the judgment goes into the user turn.
+- chat:   the tokenizer's own chat template; the judgment goes into the user turn. A record with
+  turns before its last user turn (`Record.history`, from a chat file) is rendered as that
+  conversation, [*history, user turn]; the judgment goes into the last user turn, and the user
+  turn holds the instruction alone (the record's `input` is those turns flattened). The other
+  templates have no turns: they get the flattened `input` as any record's input.
 - a path to a .json file with keys prompt_input, prompt_no_input, prompt_input_judge and
   prompt_no_input_judge (format fields {instruction}, {input}, {judgment}).
 Generation (cut.generate) uses the same plain prompt as training.
@@ -17,7 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cut.data.records import Record
+from cut.data.records import Record, Turns
 from cut.errors import ConfigError
 
 ALPACA = {
@@ -58,36 +62,42 @@ class Template:
         """Whether the tokenizer should add its own BOS (a chat template writes its own)."""
         return self.formats is not None
 
-    def plain(self, instruction: str, input: str = "") -> str:
+    def plain(self, instruction: str, input: str = "", history: Turns = ()) -> str:
         instruction, input = self._fold(instruction, input)
         if self.formats is None:
-            return self._chat(_user_turn(instruction, input))
+            return self._chat(history, _user_turn(instruction, input, history))
         key = "prompt_input" if input else "prompt_no_input"
         return self.formats[key].format(instruction=instruction, input=input)
 
-    def judged(self, instruction: str, input: str, judgment: str) -> str:
+    def judged(self, instruction: str, input: str, judgment: str, history: Turns = ()) -> str:
         instruction, input = self._fold(instruction, input)
         if self.formats is None:
-            return self._chat(_user_turn(instruction, input) + CHAT_JUDGED_SUFFIX.format(judgment=judgment))
+            user = _user_turn(instruction, input, history) + CHAT_JUDGED_SUFFIX.format(judgment=judgment)
+            return self._chat(history, user)
         key = "prompt_input_judge" if input else "prompt_no_input_judge"
         return self.formats[key].format(instruction=instruction, input=input, judgment=judgment)
 
     def prompts(self, record: Record, judgment: str | None) -> tuple[str, str | None]:
-        plain = self.plain(record.instruction, record.input)
-        judged = None if judgment is None else self.judged(record.instruction, record.input, judgment)
+        """The plain and (with a judgment) judged contexts of a record, its turns included."""
+        r = record
+        plain = self.plain(r.instruction, r.input, r.history)
+        judged = None if judgment is None else self.judged(r.instruction, r.input, judgment, r.history)
         return plain, judged
 
     def _fold(self, instruction: str, input: str) -> tuple[str, str]:
         return (f"{instruction}\n{input}", "") if self.fold_input and input else (instruction, input)
 
-    def _chat(self, user: str) -> str:
+    def _chat(self, history: Turns, user: str) -> str:
+        turns = [{"role": role, "content": text} for role, text in history]
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            [*turns, {"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )
 
 
-def _user_turn(instruction: str, input: str) -> str:
-    return f"{instruction}\n\n{input}" if input else instruction
+def _user_turn(instruction: str, input: str, history: Turns = ()) -> str:
+    """The last user turn's text: with turns before it, `input` is those turns flattened and the
+    conversation already holds them."""
+    return f"{instruction}\n\n{input}" if input and not history else instruction
 
 
 def trained_template(model_dir: str) -> str | None:

